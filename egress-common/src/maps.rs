@@ -1,0 +1,171 @@
+//! Keys and values of the kernel maps. Map *names* live in [`names`] so the loader and the kernel
+//! programs cannot drift apart.
+
+/// Names of the maps in the kernel object.
+pub mod names {
+    pub const CGROUP_POLICY: &str = "CGROUP_POLICY";
+    pub const POLICY_INFO: &str = "POLICY_INFO";
+    pub const RULES_V4: &str = "RULES_V4";
+    pub const RULES_V6: &str = "RULES_V6";
+    pub const PORT_TABLES: &str = "PORT_TABLES";
+    pub const SETTINGS: &str = "SETTINGS";
+    pub const EVENTS: &str = "EVENTS";
+    pub const COUNTERS: &str = "COUNTERS";
+    pub const POLICY_STATS: &str = "POLICY_STATS";
+    pub const UDP_PEERS: &str = "UDP_PEERS";
+    pub const FLOWS_SEEN: &str = "FLOWS_SEEN";
+}
+
+/// Capacity of the cgroup id -> policy slot map.
+pub const MAX_CGROUPS: u32 = 65_536;
+/// Policy slots; twice the number of policies a file may hold, so a reload can fill fresh slots
+/// while the old ones still serve traffic.
+pub const MAX_POLICY_SLOTS: u32 = 8_192;
+/// Capacity of each CIDR trie (all policies together).
+pub const MAX_CIDRS_V4: u32 = 1 << 20;
+pub const MAX_CIDRS_V6: u32 = 1 << 18;
+/// Distinct port tables (all policies together).
+pub const MAX_PORT_TABLES: u32 = 65_536;
+/// Port-specific rules one destination prefix can be subject to.
+pub const MAX_PORT_RULES: usize = 32;
+/// Deepest cgroup level the kernel programs look at when searching for a policy.
+pub const MAX_CGROUP_LEVEL: u32 = 31;
+/// Stateful UDP: remembered peers that spoke first.
+pub const MAX_UDP_PEERS: u32 = 65_536;
+/// Flows already reported (sendmsg and packet hooks report a flow once, not per packet).
+pub const MAX_FLOWS_SEEN: u32 = 65_536;
+/// Ring buffer size in bytes (a power of two multiple of the page size).
+pub const EVENTS_RING_BYTES: u32 = 1 << 22;
+
+/// Data part of an IPv4 trie key: the policy slot (big endian) then the address.
+/// The trie prefix length is `32 + cidr_prefix_len`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct RuleKeyV4 {
+    pub policy: [u8; 4],
+    pub addr: [u8; 4],
+}
+
+/// Data part of an IPv6 trie key; prefix length `32 + cidr_prefix_len`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct RuleKeyV6 {
+    pub policy: [u8; 4],
+    pub addr: [u8; 16],
+}
+
+/// Bits of the trie key taken by the policy slot.
+pub const POLICY_KEY_BITS: u32 = 32;
+
+/// What a trie leaf decides for destinations under its prefix.
+///
+/// The port-specific rules that can apply (from this prefix and every shorter one of the same
+/// policy) are checked first, in priority order, from `PORT_TABLES[port_table]`; if none matches,
+/// `fallback_action` with `fallback_rule` decides. `port_table == 0` means there are none.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Decision {
+    pub fallback_rule: u32,
+    pub port_table: u32,
+    pub fallback_action: u8,
+    pub _pad: [u8; 3],
+}
+
+/// One port-specific rule inside a [`PortTable`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct PortRule {
+    pub rule: u32,
+    pub port_lo: u16,
+    pub port_hi: u16,
+    /// `proto::ANY`, `proto::TCP`, `proto::UDP` or `proto::ICMP`.
+    pub proto: u8,
+    pub action: u8,
+    /// 1 when the rule names ports: then only flows that have a port (TCP, UDP) can match.
+    pub has_ports: u8,
+    pub _pad: u8,
+}
+
+/// Port-specific rules checked in order; the first that matches decides.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct PortTable {
+    pub len: u32,
+    pub rules: [PortRule; MAX_PORT_RULES],
+}
+
+/// Per policy slot: what happens when no rule contains the destination, and how verdicts apply.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct PolicyInfo {
+    /// Non-zero when the slot is in use.
+    pub active: u8,
+    pub default_action: u8,
+    pub mode: u8,
+    pub _pad: u8,
+}
+
+/// Global settings written by the daemon (index 0 of `SETTINGS`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Settings {
+    /// Bit `n` set when some cgroup at level `n` has a policy: the programs skip the other levels.
+    pub policy_levels: u32,
+    pub _pad: u32,
+}
+
+/// Indexes of the per-CPU `COUNTERS` array.
+pub mod counter {
+    /// Events that did not fit in the ring buffer.
+    pub const EVENTS_DROPPED: u32 = 0;
+    pub const COUNT: u32 = 4;
+}
+
+/// Per-CPU flow counts of one policy slot (`POLICY_STATS[slot]`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct PolicyStats {
+    pub allowed: u64,
+    pub blocked: u64,
+    pub audited: u64,
+}
+
+/// Key of the stateful-UDP peer map: a socket and a peer that sent to it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct PeerKey {
+    pub cookie: u64,
+    pub addr: [u8; 16],
+    pub port: u16,
+    pub family: u8,
+    pub _pad: [u8; 5],
+}
+
+/// Key of the map of flows already reported.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    pub cookie: u64,
+    pub policy: u32,
+    pub rule: u32,
+    pub addr: [u8; 16],
+    pub port: u16,
+    pub protocol: u8,
+    pub verdict: u8,
+    pub _pad: [u8; 4],
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::*;
+    unsafe impl aya::Pod for RuleKeyV4 {}
+    unsafe impl aya::Pod for RuleKeyV6 {}
+    unsafe impl aya::Pod for Decision {}
+    unsafe impl aya::Pod for PortRule {}
+    unsafe impl aya::Pod for PortTable {}
+    unsafe impl aya::Pod for PolicyInfo {}
+    unsafe impl aya::Pod for Settings {}
+    unsafe impl aya::Pod for PolicyStats {}
+    unsafe impl aya::Pod for PeerKey {}
+    unsafe impl aya::Pod for FlowKey {}
+}

@@ -1,0 +1,171 @@
+//! cgroup v2 file system: where it is mounted, cgroup ids, and the cgroups `egress exec` makes.
+
+use std::{
+    fs,
+    io::{self, BufRead},
+    os::unix::fs::MetadataExt,
+    path::{Path, PathBuf},
+};
+
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum CgroupError {
+    #[error("no cgroup v2 file system is mounted (looked for type cgroup2 in /proc/self/mountinfo)")]
+    NoCgroup2,
+    #[error("cannot read /proc/self/mountinfo: {0}")]
+    MountInfo(#[source] io::Error),
+    #[error("cgroup {path} does not exist")]
+    Missing { path: PathBuf },
+    #[error("{action} {path}: {source}")]
+    Io {
+        action: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+}
+
+fn io_error<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> CgroupError + 'a {
+    move |source| CgroupError::Io { action, path: path.to_path_buf(), source }
+}
+
+/// The cgroup2 hierarchy of this machine.
+#[derive(Clone, Debug)]
+pub struct Hierarchy {
+    mount: PathBuf,
+}
+
+impl Hierarchy {
+    /// Finds the cgroup2 mount in `/proc/self/mountinfo` (`/sys/fs/cgroup` on unified hosts,
+    /// `/sys/fs/cgroup/unified` on hybrid ones).
+    pub fn discover() -> Result<Self, CgroupError> {
+        let file = fs::File::open("/proc/self/mountinfo").map_err(CgroupError::MountInfo)?;
+        for line in io::BufReader::new(file).lines() {
+            let line = line.map_err(CgroupError::MountInfo)?;
+            if let Some(mount) = cgroup2_mount_point(&line) {
+                return Ok(Self { mount: PathBuf::from(mount) });
+            }
+        }
+        Err(CgroupError::NoCgroup2)
+    }
+
+    pub fn mount(&self) -> &Path {
+        &self.mount
+    }
+
+    /// Absolute directory of a cgroup given relative to the mount (`system.slice/x.service`).
+    pub fn dir(&self, relative: &str) -> PathBuf {
+        self.mount.join(relative.trim_start_matches('/'))
+    }
+
+    /// Path relative to the mount, as policies and events name cgroups; `/` for the root.
+    pub fn relative(&self, dir: &Path) -> String {
+        match dir.strip_prefix(&self.mount) {
+            Ok(rel) if rel.as_os_str().is_empty() => "/".to_string(),
+            Ok(rel) => rel.display().to_string(),
+            Err(_) => dir.display().to_string(),
+        }
+    }
+
+    /// Opens an existing cgroup: its directory, id and depth below the root.
+    pub fn open(&self, relative: &str) -> Result<Cgroup, CgroupError> {
+        let dir = self.dir(relative);
+        let meta = fs::metadata(&dir).map_err(|e| match e.kind() {
+            io::ErrorKind::NotFound => CgroupError::Missing { path: dir.clone() },
+            _ => CgroupError::Io { action: "stat", path: dir.clone(), source: e },
+        })?;
+        let level = dir
+            .strip_prefix(&self.mount)
+            .map(|rel| rel.components().count() as u32)
+            .unwrap_or(0);
+        Ok(Cgroup { relative: self.relative(&dir), dir, id: meta.ino(), level })
+    }
+
+    /// Creates a cgroup (and its parents) and opens it.
+    pub fn create(&self, relative: &str) -> Result<Cgroup, CgroupError> {
+        let dir = self.dir(relative);
+        fs::create_dir_all(&dir).map_err(io_error("create cgroup", &dir))?;
+        self.open(relative)
+    }
+}
+
+fn cgroup2_mount_point(mountinfo_line: &str) -> Option<&str> {
+    // Fields: id parent major:minor root mount-point options [optional...] - fstype source ...
+    let (before, after) = mountinfo_line.split_once(" - ")?;
+    if after.split_whitespace().next()? != "cgroup2" {
+        return None;
+    }
+    before.split_whitespace().nth(4)
+}
+
+/// One cgroup directory.
+#[derive(Clone, Debug)]
+pub struct Cgroup {
+    pub dir: PathBuf,
+    /// Path relative to the cgroup2 mount.
+    pub relative: String,
+    /// The kernel's cgroup id (the directory's inode number).
+    pub id: u64,
+    /// Depth below the root cgroup (the root is level 0).
+    pub level: u32,
+}
+
+impl Cgroup {
+    pub fn file(&self) -> Result<fs::File, CgroupError> {
+        fs::File::open(&self.dir).map_err(io_error("open cgroup", &self.dir))
+    }
+
+    /// Moves a process into this cgroup.
+    pub fn add_process(&self, pid: u32) -> Result<(), CgroupError> {
+        let procs = self.dir.join("cgroup.procs");
+        fs::write(&procs, pid.to_string()).map_err(io_error("write", &procs))
+    }
+
+    /// Kills every process left in the cgroup and removes it. Waits briefly for the kernel to
+    /// let go of exiting processes, since rmdir fails while any remain.
+    pub fn kill_and_remove(&self) -> Result<(), CgroupError> {
+        let kill = self.dir.join("cgroup.kill");
+        if kill.exists() {
+            let _ = fs::write(&kill, "1");
+        }
+        let mut last = None;
+        for _ in 0..200 {
+            match fs::remove_dir(&self.dir) {
+                Ok(()) => return Ok(()),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+                Err(e) => last = Some(e),
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        Err(CgroupError::Io {
+            action: "remove cgroup",
+            path: self.dir.clone(),
+            source: last.unwrap_or_else(|| io::Error::other("busy")),
+        })
+    }
+}
+
+/// The cgroup2 path (relative to the mount) of a running process, from `/proc/PID/cgroup`.
+pub fn cgroup_of_process(pid: u32) -> io::Result<String> {
+    let text = fs::read_to_string(format!("/proc/{pid}/cgroup"))?;
+    text.lines()
+        .find_map(|line| line.strip_prefix("0::"))
+        .map(|p| p.trim_start_matches('/').to_string())
+        .ok_or_else(|| io::Error::other("no cgroup v2 entry"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_cgroup2_in_mountinfo_lines() {
+        let hybrid = "41 31 0:38 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw";
+        let unified = "30 23 0:26 / /sys/fs/cgroup rw,nosuid shared:4 - cgroup2 cgroup2 rw,nsdelegate";
+        let v1 = "32 31 0:29 / /sys/fs/cgroup/cpu rw,relatime - cgroup cgroup rw,cpu";
+        assert_eq!(cgroup2_mount_point(hybrid), Some("/sys/fs/cgroup/unified"));
+        assert_eq!(cgroup2_mount_point(unified), Some("/sys/fs/cgroup"));
+        assert_eq!(cgroup2_mount_point(v1), None);
+    }
+}

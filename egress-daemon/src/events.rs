@@ -1,0 +1,177 @@
+//! The event pipeline: raw [`FlowEvent`]s from the ring buffer become [`FlowRecord`]s with
+//! names (policy, rule, cgroup) and wall-clock time, ready for the output sinks.
+
+use std::{
+    collections::HashMap,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    path::Path,
+    time::{Duration, SystemTime},
+};
+
+use egress_common::{family, proto, rule_id, verdict, FlowEvent};
+use serde::Serialize;
+
+use crate::cgroup::Hierarchy;
+
+/// One flow decision, as shown to people and machines.
+#[derive(Clone, Debug, Serialize)]
+pub struct FlowRecord {
+    #[serde(serialize_with = "crate::output::serialize_time")]
+    pub time: SystemTime,
+    pub verdict: &'static str,
+    pub policy: String,
+    pub rule: String,
+    pub cgroup: String,
+    pub pid: u32,
+    pub comm: String,
+    pub uid: u32,
+    pub protocol: String,
+    pub dst: IpAddr,
+    pub dport: u16,
+}
+
+/// Names of what one policy slot holds.
+#[derive(Clone, Debug)]
+pub struct SlotNames {
+    pub policy: String,
+    pub rules: Vec<String>,
+}
+
+/// Everything needed to name the ids an event carries. Slots of earlier generations stay known
+/// so that events raised just before a reload still get their names.
+pub struct Catalog {
+    slots: HashMap<u32, SlotNames>,
+    cgroups: HashMap<u64, String>,
+    hierarchy: Hierarchy,
+    boot_to_wall: Duration,
+}
+
+impl Catalog {
+    pub fn new(hierarchy: Hierarchy) -> Self {
+        Self { slots: HashMap::new(), cgroups: HashMap::new(), hierarchy, boot_to_wall: boot_epoch() }
+    }
+
+    pub fn name_slot(&mut self, slot: u32, names: SlotNames) {
+        self.slots.insert(slot, names);
+    }
+
+    pub fn name_cgroup(&mut self, id: u64, relative: String) {
+        self.cgroups.insert(id, relative);
+    }
+
+    /// Decodes one ring buffer item; `None` when it is too short to be an event.
+    pub fn record(&mut self, bytes: &[u8]) -> Option<FlowRecord> {
+        if bytes.len() < size_of::<FlowEvent>() {
+            return None;
+        }
+        // SAFETY: FlowEvent is plain old data and the length is checked; read_unaligned copes
+        // with any alignment of the ring buffer slot.
+        let event: FlowEvent = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
+        Some(self.describe(&event))
+    }
+
+    fn describe(&mut self, event: &FlowEvent) -> FlowRecord {
+        let names = self.slots.get(&event.policy);
+        let policy = names.map_or_else(|| format!("slot {}", event.policy), |n| n.policy.clone());
+        let rule = match event.rule {
+            rule_id::DEFAULT => "default".to_string(),
+            rule_id::REPLY => "reply".to_string(),
+            index => names
+                .and_then(|n| n.rules.get(index as usize).cloned())
+                .unwrap_or_else(|| format!("rule {index}")),
+        };
+        FlowRecord {
+            time: SystemTime::UNIX_EPOCH + self.boot_to_wall + Duration::from_nanos(event.boot_ns),
+            verdict: verdict_name(event.verdict),
+            policy,
+            rule,
+            cgroup: self.cgroup_name(event.cgroup_id),
+            pid: event.pid,
+            comm: comm_name(&event.comm),
+            uid: event.uid,
+            protocol: protocol_name(event.protocol, event.family),
+            dst: address(event),
+            dport: event.dport,
+        }
+    }
+
+    fn cgroup_name(&mut self, id: u64) -> String {
+        if let Some(name) = self.cgroups.get(&id) {
+            return name.clone();
+        }
+        // A descendant of a bound cgroup: look for it below the bound ones, then remember it.
+        let roots: Vec<String> = self.cgroups.values().cloned().collect();
+        let found = roots
+            .iter()
+            .find_map(|root| find_cgroup_dir(&self.hierarchy.dir(root), id, 8))
+            .map(|dir| self.hierarchy.relative(&dir))
+            .unwrap_or_else(|| format!("cgroup-id:{id}"));
+        self.cgroups.insert(id, found.clone());
+        found
+    }
+}
+
+fn find_cgroup_dir(dir: &Path, id: u64, depth: u32) -> Option<std::path::PathBuf> {
+    use std::os::unix::fs::MetadataExt;
+    let entries = std::fs::read_dir(dir).ok()?;
+    for entry in entries.flatten() {
+        let Ok(meta) = entry.metadata() else { continue };
+        if !meta.is_dir() {
+            continue;
+        }
+        if meta.ino() == id {
+            return Some(entry.path());
+        }
+        if depth > 0 {
+            if let Some(found) = find_cgroup_dir(&entry.path(), id, depth - 1) {
+                return Some(found);
+            }
+        }
+    }
+    None
+}
+
+/// Wall-clock time of boot, so `CLOCK_BOOTTIME` stamps convert to real time.
+fn boot_epoch() -> Duration {
+    let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
+    now.saturating_sub(clock(libc::CLOCK_BOOTTIME))
+}
+
+fn clock(id: libc::clockid_t) -> Duration {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: valid pointer to a timespec; clock_gettime cannot fail for this clock id.
+    unsafe { libc::clock_gettime(id, &mut ts) };
+    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+}
+
+pub fn verdict_name(value: u8) -> &'static str {
+    match value {
+        verdict::ALLOWED => "allowed",
+        verdict::AUDIT => "audit",
+        _ => "blocked",
+    }
+}
+
+fn protocol_name(protocol: u8, fam: u8) -> String {
+    match protocol {
+        proto::TCP => "tcp".into(),
+        proto::UDP => "udp".into(),
+        proto::ICMP if fam == family::INET6 => "icmp6".into(),
+        proto::ICMP => "icmp".into(),
+        other => format!("ip-proto-{other}"),
+    }
+}
+
+fn comm_name(comm: &[u8; 16]) -> String {
+    let end = comm.iter().position(|&b| b == 0).unwrap_or(comm.len());
+    String::from_utf8_lossy(&comm[..end]).into_owned()
+}
+
+fn address(event: &FlowEvent) -> IpAddr {
+    if event.family == family::INET6 {
+        IpAddr::V6(Ipv6Addr::from(event.daddr))
+    } else {
+        let [a, b, c, d, ..] = event.daddr;
+        IpAddr::V4(Ipv4Addr::new(a, b, c, d))
+    }
+}

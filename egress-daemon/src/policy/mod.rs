@@ -1,0 +1,14 @@
+//! Policies: the model, the YAML parser, the compiler to kernel map entries, and the reference
+//! evaluator the compiled maps must agree with.
+
+pub mod compile;
+pub mod model;
+pub mod parse;
+pub mod reference;
+
+pub use compile::{compile_set, protocol_number, CompileError, CompiledPolicy, CompiledSet};
+pub use model::{Action, Mode, Policy, PolicySet, PortRange, Protocol, Rule};
+pub use parse::{parse_policy_file, parse_policy_str, ConfigError};
+
+#[cfg(test)]
+mod tests;

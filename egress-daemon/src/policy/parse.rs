@@ -1,0 +1,534 @@
+//! Reading policy files: YAML in, [`PolicySet`] out, every error pointing at a line and column.
+//!
+//! Values are checked while they are read, so `serde_norway` attaches the position of the offending
+//! scalar to the error; checks across the fields of a rule run inside the rule's visitor and get
+//! the position of the rule. Checks across policies use positions captured with [`Located`].
+
+use std::{
+    collections::HashMap, convert::Infallible, fmt, marker::PhantomData, net::IpAddr, path::Path,
+};
+
+use ipnet::{IpNet, Ipv4Net};
+use serde::{
+    de::{self, value::MapAccessDeserializer, Deserializer, MapAccess, SeqAccess, Visitor},
+    Deserialize,
+};
+
+use super::model::{Action, Mode, Policy, PolicySet, PortRange, Protocol, Rule};
+
+/// A policy file that cannot be used, and where the problem is.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConfigError {
+    pub file: String,
+    /// 1-based; 0 when the error has no position (the file could not be read).
+    pub line: usize,
+    pub column: usize,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.line == 0 {
+            write!(f, "{}: {}", self.file, self.message)
+        } else {
+            write!(
+                f,
+                "{}:{}:{}: {}",
+                self.file, self.line, self.column, self.message
+            )
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// Reads and checks the policy file at `path`.
+pub fn parse_policy_file(path: &Path) -> Result<PolicySet, ConfigError> {
+    let file = path.display().to_string();
+    let text = std::fs::read_to_string(path).map_err(|err| ConfigError {
+        file: file.clone(),
+        line: 0,
+        column: 0,
+        message: format!("cannot read the policy file: {err}"),
+    })?;
+    parse_policy_str(&text, &file)
+}
+
+/// Checks a policy file's text; `file` names it in errors.
+pub fn parse_policy_str(text: &str, file: &str) -> Result<PolicySet, ConfigError> {
+    let doc: FileDoc = serde_norway::from_str(text).map_err(|err| yaml_error(&err, file))?;
+    doc.into_set(file)
+}
+
+/// Turns `serde_norway`'s `path: message at line L column C` into a [`ConfigError`].
+fn yaml_error(err: &serde_norway::Error, file: &str) -> ConfigError {
+    let mut message = err.to_string();
+    let Some(at) = err.location() else {
+        return ConfigError {
+            file: file.to_owned(),
+            line: 0,
+            column: 0,
+            message,
+        };
+    };
+    let suffixes = [
+        format!(" at line {} column {}", at.line(), at.column()),
+        format!(" at position {}", at.index()),
+    ];
+    if let Some((start, len)) = suffixes
+        .iter()
+        .find_map(|s| message.find(s.as_str()).map(|start| (start, s.len())))
+    {
+        message.replace_range(start..start + len, "");
+    }
+    ConfigError {
+        file: file.to_owned(),
+        line: at.line(),
+        column: at.column(),
+        message,
+    }
+}
+
+/// The top level of a policy file.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileDoc {
+    policies: Vec<PolicyDoc>,
+    #[serde(default, rename = "settings")]
+    _settings: Option<SettingsDoc>,
+}
+
+/// Global settings; none are defined yet.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SettingsDoc {}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PolicyDoc {
+    name: Located<Name>,
+    cgroup: Located<CgroupPath>,
+    #[serde(default = "default_action")]
+    default: Checked<Action>,
+    #[serde(default)]
+    mode: Checked<Mode>,
+    #[serde(default)]
+    rules: Vec<Rule>,
+}
+
+fn default_action() -> Checked<Action> {
+    Checked(Action::Deny)
+}
+
+impl FileDoc {
+    fn into_set(self, file: &str) -> Result<PolicySet, ConfigError> {
+        let names = self.policies.iter().map(|p| (&p.name.value.0, &p.name));
+        check_unique(names, "name", file, |name, first| {
+            format!("duplicate policy name `{name}` (first at line {first})")
+        })?;
+        let cgroups = self.policies.iter().map(|p| (&p.cgroup.value.0, &p.cgroup));
+        check_unique(cgroups, "cgroup", file, |cgroup, first| {
+            format!("cgroup `{cgroup}` already has the policy at line {first}; a cgroup takes one policy")
+        })?;
+        let policies = self
+            .policies
+            .into_iter()
+            .map(PolicyDoc::into_policy)
+            .collect();
+        Ok(PolicySet { policies })
+    }
+}
+
+impl PolicyDoc {
+    fn into_policy(self) -> Policy {
+        Policy {
+            name: self.name.value.0,
+            cgroup: self.cgroup.value.0,
+            default: self.default.0,
+            mode: self.mode.0,
+            rules: self.rules,
+        }
+    }
+}
+
+/// Fails at the second policy whose `field` repeats an earlier one's.
+fn check_unique<'a, T: 'a>(
+    values: impl Iterator<Item = (&'a String, &'a Located<T>)>,
+    field: &str,
+    file: &str,
+    message: impl Fn(&str, usize) -> String,
+) -> Result<(), ConfigError> {
+    let mut first_line = HashMap::new();
+    for (index, (value, at)) in values.enumerate() {
+        if let Some(first) = first_line.insert(value.as_str(), at.line) {
+            return Err(ConfigError {
+                file: file.to_owned(),
+                line: at.line,
+                column: at.column,
+                message: format!("policies[{index}].{field}: {}", message(value, first)),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// What a rule mapping holds before its fields are checked against each other.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RuleDoc {
+    allow: Option<Located<IpNet>>,
+    deny: Option<Located<IpNet>>,
+    #[serde(default)]
+    protocol: Checked<Protocol>,
+    #[serde(default)]
+    ports: Ports,
+}
+
+impl RuleDoc {
+    fn into_rule(self) -> Result<Rule, &'static str> {
+        let (action, net) = match (self.allow, self.deny) {
+            (Some(net), None) => (Action::Allow, net),
+            (None, Some(net)) => (Action::Deny, net),
+            (Some(_), Some(_)) => return Err("a rule takes `allow` or `deny`, not both"),
+            (None, None) => return Err("a rule needs `allow: CIDR` or `deny: CIDR`"),
+        };
+        let protocol = self.protocol.0;
+        if protocol == Protocol::Icmp && !self.ports.0.is_empty() {
+            return Err("icmp has no ports: leave out `ports` or use protocol tcp or udp");
+        }
+        Ok(Rule {
+            action,
+            net: net.value,
+            protocol,
+            ports: self.ports.0,
+            line: net.line,
+        })
+    }
+}
+
+impl<'de> Deserialize<'de> for Rule {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_map(RuleVisitor)
+    }
+}
+
+struct RuleVisitor;
+
+impl<'de> Visitor<'de> for RuleVisitor {
+    type Value = Rule;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a rule: a mapping with `allow` or `deny`")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Rule, A::Error> {
+        // Checked inside the visitor so that serde_norway gives the error the rule's position.
+        let doc = RuleDoc::deserialize(MapAccessDeserializer::new(map))?;
+        doc.into_rule().map_err(de::Error::custom)
+    }
+}
+
+/// `ports:` is one port or range, or a list of them.
+#[derive(Default)]
+struct Ports(Vec<PortRange>);
+
+impl<'de> Deserialize<'de> for Ports {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_any(PortsVisitor)
+    }
+}
+
+struct PortsVisitor;
+
+impl<'de> Visitor<'de> for PortsVisitor {
+    type Value = Ports;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a port, a port range like 8000-8080, or a list of them")
+    }
+
+    fn visit_str<E: de::Error>(self, text: &str) -> Result<Ports, E> {
+        let range = PortRange::parse(text).map_err(E::custom)?;
+        Ok(Ports(vec![range]))
+    }
+
+    fn visit_u64<E: de::Error>(self, port: u64) -> Result<Ports, E> {
+        self.visit_str(&port.to_string())
+    }
+
+    fn visit_i64<E: de::Error>(self, port: i64) -> Result<Ports, E> {
+        self.visit_str(&port.to_string())
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Ports, A::Error> {
+        let mut ranges = Vec::new();
+        while let Some(Checked(range)) = seq.next_element::<Checked<PortRange>>()? {
+            ranges.push(range);
+        }
+        if ranges.is_empty() {
+            return Err(de::Error::custom(
+                "the port list is empty; leave out `ports` to match every port",
+            ));
+        }
+        Ok(Ports(ranges))
+    }
+}
+
+/// A value written as one YAML scalar and checked as it is read, so that errors point at it.
+trait Scalar: Sized {
+    /// Completes "expected ..." in type errors.
+    const EXPECTING: &'static str;
+
+    fn parse(text: &str) -> Result<Self, String>;
+}
+
+/// A [`Scalar`] read from YAML.
+#[derive(Default)]
+struct Checked<T>(T);
+
+impl<'de, T: Scalar> Deserialize<'de> for Checked<T> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer
+            .deserialize_str(ScalarVisitor(PhantomData))
+            .map(Checked)
+    }
+}
+
+struct ScalarVisitor<T>(PhantomData<T>);
+
+impl<'de, T: Scalar> Visitor<'de> for ScalarVisitor<T> {
+    type Value = T;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(T::EXPECTING)
+    }
+
+    fn visit_str<E: de::Error>(self, text: &str) -> Result<T, E> {
+        T::parse(text).map_err(E::custom)
+    }
+
+    fn visit_u64<E: de::Error>(self, number: u64) -> Result<T, E> {
+        self.visit_str(&number.to_string())
+    }
+
+    fn visit_i64<E: de::Error>(self, number: i64) -> Result<T, E> {
+        self.visit_str(&number.to_string())
+    }
+}
+
+/// A [`Scalar`] and where it was written (1-based; 0 when the position is unknown).
+struct Located<T> {
+    value: T,
+    line: usize,
+    column: usize,
+}
+
+/// Message of the error [`Located`] provokes to learn a position.
+const CAPTURED: &str = "position captured";
+
+impl<'de, T: Scalar> Deserialize<'de> for Located<T> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        // serde_norway has no spans, but it stamps the position of the scalar being read on any
+        // error its visitor returns. So the visitor stores the value and fails on purpose, and the
+        // position is read back from the error. Only scalars: one event, so nothing is left half
+        // read when the error is dropped.
+        let mut value = None;
+        let Err(err) = deserializer.deserialize_str(Capture { value: &mut value });
+        match value {
+            Some(value) => {
+                let (line, column) = position_in(&err.to_string());
+                Ok(Located {
+                    value,
+                    line,
+                    column,
+                })
+            }
+            None => Err(err),
+        }
+    }
+}
+
+struct Capture<'a, T> {
+    value: &'a mut Option<T>,
+}
+
+impl<'de, T: Scalar> Visitor<'de> for Capture<'_, T> {
+    type Value = Infallible;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(T::EXPECTING)
+    }
+
+    fn visit_str<E: de::Error>(self, text: &str) -> Result<Infallible, E> {
+        *self.value = Some(T::parse(text).map_err(E::custom)?);
+        Err(E::custom(CAPTURED))
+    }
+
+    fn visit_u64<E: de::Error>(self, number: u64) -> Result<Infallible, E> {
+        self.visit_str(&number.to_string())
+    }
+
+    fn visit_i64<E: de::Error>(self, number: i64) -> Result<Infallible, E> {
+        self.visit_str(&number.to_string())
+    }
+}
+
+/// `(line, column)` from `serde_norway`'s `... at line L column C`, `(0, 0)` when absent.
+fn position_in(message: &str) -> (usize, usize) {
+    let Some((_, at)) = message.rsplit_once(" at line ") else {
+        return (0, 0);
+    };
+    let Some((line, column)) = at.split_once(" column ") else {
+        return (0, 0);
+    };
+    match (line.parse(), column.trim_end().parse()) {
+        (Ok(line), Ok(column)) => (line, column),
+        _ => (0, 0),
+    }
+}
+
+impl Scalar for Action {
+    const EXPECTING: &'static str = "allow or deny";
+
+    fn parse(text: &str) -> Result<Self, String> {
+        match text.to_ascii_lowercase().as_str() {
+            "allow" => Ok(Action::Allow),
+            "deny" => Ok(Action::Deny),
+            _ => Err(format!("unknown action `{text}`; expected allow or deny")),
+        }
+    }
+}
+
+impl Scalar for Mode {
+    const EXPECTING: &'static str = "enforce or audit";
+
+    fn parse(text: &str) -> Result<Self, String> {
+        match text.to_ascii_lowercase().as_str() {
+            "enforce" => Ok(Mode::Enforce),
+            "audit" => Ok(Mode::Audit),
+            _ => Err(format!("unknown mode `{text}`; expected enforce or audit")),
+        }
+    }
+}
+
+impl Scalar for Protocol {
+    const EXPECTING: &'static str = "tcp, udp, icmp or any";
+
+    fn parse(text: &str) -> Result<Self, String> {
+        match text.to_ascii_lowercase().as_str() {
+            "any" => Ok(Protocol::Any),
+            "tcp" => Ok(Protocol::Tcp),
+            "udp" => Ok(Protocol::Udp),
+            "icmp" => Ok(Protocol::Icmp),
+            _ => Err(format!(
+                "unknown protocol `{text}`; expected tcp, udp, icmp or any"
+            )),
+        }
+    }
+}
+
+impl Scalar for PortRange {
+    const EXPECTING: &'static str = "a port or a port range like 8000-8080";
+
+    fn parse(text: &str) -> Result<Self, String> {
+        let (lo, hi) = match text.split_once('-') {
+            Some((lo, hi)) => (port(lo, text)?, port(hi, text)?),
+            None => (port(text, text)?, port(text, text)?),
+        };
+        if lo > hi {
+            return Err(format!(
+                "port range {text} is reversed; did you mean {hi}-{lo}?"
+            ));
+        }
+        Ok(PortRange { lo, hi })
+    }
+}
+
+/// One port of `whole` (a port or a range).
+fn port(text: &str, whole: &str) -> Result<u16, String> {
+    match text.trim().parse::<u32>() {
+        Ok(0) => Err(format!(
+            "port 0 in `{whole}` is not a port; ports are 1-65535"
+        )),
+        Ok(port) => u16::try_from(port)
+            .map_err(|_| format!("port {port} in `{whole}` is out of range; ports are 1-65535")),
+        Err(_) => Err(format!(
+            "`{whole}` is not a port or a port range like 8000-8080"
+        )),
+    }
+}
+
+impl Scalar for IpNet {
+    const EXPECTING: &'static str = "an IP address or CIDR";
+
+    fn parse(text: &str) -> Result<Self, String> {
+        let net = if text.contains('/') {
+            text.parse::<IpNet>().ok()
+        } else {
+            text.parse::<IpAddr>().ok().map(IpNet::from)
+        };
+        let net = net.ok_or_else(|| format!("`{text}` is not an IPv4 or IPv6 address or CIDR"))?;
+        if net != net.trunc() {
+            return Err(format!(
+                "{text} has host bits set; did you mean {}?",
+                net.trunc()
+            ));
+        }
+        Ok(unmap(net))
+    }
+}
+
+/// The IPv4 CIDR equal to a CIDR inside `::ffff:0:0/96`, other CIDRs as they are: the kernel
+/// judges v4-mapped destinations with the IPv4 rules.
+pub(crate) fn unmap(net: IpNet) -> IpNet {
+    let IpNet::V6(v6) = net else { return net };
+    match (
+        v6.prefix_len().checked_sub(96),
+        v6.network().to_ipv4_mapped(),
+    ) {
+        (Some(len), Some(addr)) => Ipv4Net::new(addr, len).map_or(net, IpNet::V4),
+        _ => net,
+    }
+}
+
+/// A policy's name: anything but empty.
+struct Name(String);
+
+impl Scalar for Name {
+    const EXPECTING: &'static str = "a policy name";
+
+    fn parse(text: &str) -> Result<Self, String> {
+        if text.trim().is_empty() {
+            return Err("the policy name is empty".to_owned());
+        }
+        Ok(Name(text.to_owned()))
+    }
+}
+
+/// A cgroup path relative to the cgroup2 mount, normalised to `a/b/c`.
+struct CgroupPath(String);
+
+impl Scalar for CgroupPath {
+    const EXPECTING: &'static str = "a cgroup path relative to the cgroup2 mount";
+
+    fn parse(text: &str) -> Result<Self, String> {
+        if text.starts_with('/') {
+            return Err(format!(
+                "cgroup path `{text}` must be relative to the cgroup2 mount (no leading `/`)"
+            ));
+        }
+        let parts: Vec<&str> = text
+            .split('/')
+            .filter(|p| !p.is_empty() && *p != ".")
+            .collect();
+        if parts.contains(&"..") {
+            return Err(format!("cgroup path `{text}` must not contain `..`"));
+        }
+        if parts.is_empty() {
+            return Err(
+                "the cgroup path is empty; name a cgroup below the cgroup2 mount".to_owned(),
+            );
+        }
+        Ok(CgroupPath(parts.join("/")))
+    }
+}

@@ -1,0 +1,869 @@
+//! Parser errors with their positions, the compiler's output, and property tests holding the
+//! compiled maps (through a model of the kernel lookup) to the reference evaluator.
+
+use std::{
+    collections::HashSet,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+};
+
+use egress_common::{
+    action, proto, rule_id, Decision, PolicyInfo, PortRule, MAX_POLICY_SLOTS, MAX_PORT_RULES,
+    POLICY_KEY_BITS,
+};
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
+use proptest::prelude::*;
+
+use super::*;
+
+fn parse(text: &str) -> PolicySet {
+    match parse_policy_str(text, "p.yaml") {
+        Ok(set) => set,
+        Err(err) => panic!("{err}"),
+    }
+}
+
+fn parse_err(text: &str) -> ConfigError {
+    match parse_policy_str(text, "p.yaml") {
+        Ok(set) => panic!("parsed, expected an error: {set:?}"),
+        Err(err) => err,
+    }
+}
+
+/// Asserts the error's position and that its message contains `needle`.
+#[track_caller]
+fn assert_error(text: &str, line: usize, column: usize, needle: &str) {
+    let err = parse_err(text);
+    assert_eq!((err.line, err.column), (line, column), "{err}");
+    assert!(err.message.contains(needle), "{err:?} lacks {needle:?}");
+    assert_eq!(
+        err.to_string(),
+        format!("p.yaml:{line}:{column}: {}", err.message)
+    );
+}
+
+fn net(text: &str) -> IpNet {
+    text.parse().expect("test CIDR")
+}
+
+/// One policy named `demo` whose rules are `rules` (indented under `rules:`).
+fn with_rules(rules: &str) -> String {
+    format!("policies:\n  - name: demo\n    cgroup: demo\n    rules:\n{rules}")
+}
+
+const EXAMPLE: &str = "\
+policies:
+  - name: demo
+    cgroup: egress-demo
+    default: allow
+    mode: audit
+    rules:
+      - allow: 127.0.0.1
+        protocol: tcp
+        ports: [80, 8000-8080]
+      - deny: 127.0.0.0/8
+      - allow: ::ffff:10.0.0.0/104
+        protocol: icmp
+      - allow: 2001:db8::/32
+        protocol: udp
+        ports: \"53\"
+  - name: other
+    cgroup: /a/b/
+    rules: []
+";
+
+#[test]
+fn parses_the_example() {
+    let text = EXAMPLE.replace("/a/b/", "a//./b/");
+    let set = parse(&text);
+    assert_eq!(set.policies.len(), 2);
+    let demo = &set.policies[0];
+    assert_eq!(
+        (demo.name.as_str(), demo.cgroup.as_str()),
+        ("demo", "egress-demo")
+    );
+    assert_eq!((demo.default, demo.mode), (Action::Allow, Mode::Audit));
+    let texts: Vec<String> = demo.rules.iter().map(Rule::text).collect();
+    assert_eq!(
+        texts,
+        [
+            "allow 127.0.0.1/32 tcp ports 80,8000-8080",
+            "deny 127.0.0.0/8",
+            "allow 10.0.0.0/8 icmp",
+            "allow 2001:db8::/32 udp ports 53",
+        ]
+    );
+    let lines: Vec<usize> = demo.rules.iter().map(|r| r.line).collect();
+    assert_eq!(lines, [7, 10, 11, 13]);
+    assert_eq!(
+        demo.rules[0].ports,
+        [
+            PortRange { lo: 80, hi: 80 },
+            PortRange { lo: 8000, hi: 8080 }
+        ]
+    );
+    assert_eq!(
+        demo.summary(),
+        "demo: cgroup egress-demo, default allow, mode audit, 4 rules (3 IPv4, 1 IPv6)"
+    );
+    let other = &set.policies[1];
+    assert_eq!(other.cgroup, "a/b");
+    assert_eq!((other.default, other.mode), (Action::Deny, Mode::Enforce));
+    assert!(other.rules.is_empty());
+}
+
+#[test]
+fn accepts_flow_style_and_single_ports() {
+    let set = parse(&with_rules(
+        "      - {deny: 10.0.0.0/8, protocol: TCP, ports: 22}\n      - {allow: 10.0.0.0/8, ports: 1-1024}\n",
+    ));
+    let rules = &set.policies[0].rules;
+    assert_eq!(rules[0].text(), "deny 10.0.0.0/8 tcp ports 22");
+    assert_eq!(rules[1].ports, [PortRange { lo: 1, hi: 1024 }]);
+    assert_eq!(rules[1].line, 6);
+}
+
+#[test]
+fn accepts_empty_settings() {
+    let set = parse("settings: {}\npolicies: []\n");
+    assert!(set.policies.is_empty());
+    parse("settings:\npolicies: []\n");
+}
+
+#[test]
+fn normalises_v4_mapped_cidrs() {
+    let set = parse(&with_rules(
+        "      - deny: ::ffff:0:0/96\n      - allow: ::ffff:192.168.1.7\n      - allow: ::/0\n",
+    ));
+    let nets: Vec<IpNet> = set.policies[0].rules.iter().map(|r| r.net).collect();
+    assert_eq!(nets, [net("0.0.0.0/0"), net("192.168.1.7/32"), net("::/0")]);
+}
+
+#[test]
+fn error_host_bits_points_at_the_cidr() {
+    assert_error(
+        &with_rules("      - allow: 10.0.0.1/8\n"),
+        5,
+        16,
+        "policies[0].rules[0].allow: 10.0.0.1/8 has host bits set; did you mean 10.0.0.0/8?",
+    );
+    assert_error(
+        &with_rules("      - deny: 2001:db8::1/32\n"),
+        5,
+        15,
+        "did you mean 2001:db8::/32?",
+    );
+}
+
+#[test]
+fn error_bad_address_points_at_it() {
+    assert_error(
+        &with_rules("      - allow: 10.0.0.0/33\n"),
+        5,
+        16,
+        "not an IPv4 or IPv6",
+    );
+    assert_error(
+        &with_rules("      - allow: example.com\n"),
+        5,
+        16,
+        "not an IPv4 or IPv6",
+    );
+}
+
+#[test]
+fn error_reversed_range_points_at_it() {
+    let rules =
+        "      - allow: 10.0.0.0/8\n        protocol: tcp\n        ports: [80, 9000-8000]\n";
+    assert_error(
+        &with_rules(rules),
+        7,
+        21,
+        "policies[0].rules[0].ports[1]: port range 9000-8000 is reversed; did you mean 8000-9000?",
+    );
+    let block =
+        "      - allow: 10.0.0.0/8\n        ports:\n          - 22\n          - \"9000-8000\"\n";
+    assert_error(&with_rules(block), 8, 13, "is reversed");
+}
+
+#[test]
+fn error_port_zero_and_out_of_range() {
+    assert_error(
+        &with_rules("      - allow: 10.0.0.0/8\n        ports: 0\n"),
+        6,
+        16,
+        "port 0",
+    );
+    assert_error(
+        &with_rules("      - allow: 10.0.0.0/8\n        ports: [0-80]\n"),
+        6,
+        17,
+        "port 0",
+    );
+    assert_error(
+        &with_rules("      - allow: 10.0.0.0/8\n        ports: [70000]\n"),
+        6,
+        17,
+        "port 70000 in `70000` is out of range",
+    );
+    assert_error(
+        &with_rules("      - allow: 10.0.0.0/8\n        ports: [-5]\n"),
+        6,
+        17,
+        "not a port",
+    );
+    assert_error(
+        &with_rules("      - allow: 10.0.0.0/8\n        ports: []\n"),
+        6,
+        16,
+        "port list is empty",
+    );
+}
+
+#[test]
+fn error_unknown_key_points_at_the_key() {
+    assert_error(
+        &with_rules("      - allow: 10.0.0.0/8\n        proto: tcp\n"),
+        6,
+        9,
+        "policies[0].rules[0]: unknown field `proto`",
+    );
+    assert_error(
+        "policies:\n  - name: demo\n    cgroup: demo\n    defualt: deny\n",
+        4,
+        5,
+        "unknown field `defualt`",
+    );
+    assert_error("policies: []\npolicy: []\n", 2, 1, "unknown field `policy`");
+    assert_error(
+        "settings:\n  level: 3\npolicies: []\n",
+        2,
+        3,
+        "unknown field `level`",
+    );
+}
+
+#[test]
+fn error_bad_keywords_point_at_the_value() {
+    assert_error(
+        &with_rules("      - allow: 10.0.0.0/8\n        protocol: sctp\n"),
+        6,
+        19,
+        "unknown protocol `sctp`",
+    );
+    assert_error(
+        "policies:\n  - name: a\n    cgroup: a\n    mode: loud\n",
+        4,
+        11,
+        "unknown mode",
+    );
+    assert_error(
+        "policies:\n  - name: a\n    cgroup: a\n    default: maybe\n",
+        4,
+        14,
+        "unknown action",
+    );
+}
+
+#[test]
+fn error_rule_shape_points_at_the_rule() {
+    assert_error(
+        &with_rules("      - allow: 10.0.0.0/8\n        protocol: icmp\n        ports: [80]\n"),
+        5,
+        9,
+        "policies[0].rules[0]: icmp has no ports",
+    );
+    assert_error(
+        &with_rules(
+            "      - allow: 10.0.0.0/8\n      - allow: 10.0.0.0/8\n        deny: 10.0.0.0/8\n",
+        ),
+        6,
+        9,
+        "policies[0].rules[1]: a rule takes `allow` or `deny`, not both",
+    );
+    assert_error(
+        &with_rules("      - protocol: tcp\n"),
+        5,
+        9,
+        "needs `allow: CIDR` or `deny: CIDR`",
+    );
+    assert_error(&with_rules("      - 10.0.0.0/8\n"), 5, 9, "expected a rule");
+}
+
+#[test]
+fn error_names_and_cgroups() {
+    let two = "policies:\n  - name: web\n    cgroup: a/b\n  - name: web\n    cgroup: c\n";
+    assert_error(
+        two,
+        4,
+        11,
+        "policies[1].name: duplicate policy name `web` (first at line 2)",
+    );
+    let same_cgroup = "policies:\n  - name: a\n    cgroup: x/y\n  - name: b\n    cgroup: x//y/\n";
+    assert_error(
+        same_cgroup,
+        5,
+        13,
+        "policies[1].cgroup: cgroup `x/y` already has the policy at line 3",
+    );
+    assert_error(
+        "policies:\n  - name: \"\"\n    cgroup: a\n",
+        2,
+        11,
+        "policy name is empty",
+    );
+    assert_error(
+        "policies:\n  - name: a\n    cgroup: /sys/fs/cgroup/a\n",
+        3,
+        13,
+        "must be relative",
+    );
+    assert_error(
+        "policies:\n  - name: a\n    cgroup: a/../b\n",
+        3,
+        13,
+        "must not contain `..`",
+    );
+    assert_error(
+        "policies:\n  - name: a\n    cgroup: ./\n",
+        3,
+        13,
+        "cgroup path is empty",
+    );
+    assert_error("policies:\n  - name: a\n", 2, 5, "missing field `cgroup`");
+}
+
+#[test]
+fn error_yaml_syntax_has_a_position() {
+    let err = parse_err("policies:\n  - name: a\n   cgroup: [\n");
+    assert!(err.line >= 2, "{err}");
+    assert!(err.column >= 1, "{err}");
+    assert!(
+        !err.message
+            .contains(&format!("at line {} column {}", err.line, err.column)),
+        "{err}"
+    );
+}
+
+#[test]
+fn unreadable_file_has_no_position() {
+    let path = std::path::Path::new("/nonexistent/egress/policy.yaml");
+    let err = match parse_policy_file(path) {
+        Ok(_) => panic!("read a missing file"),
+        Err(err) => err,
+    };
+    assert_eq!((err.line, err.column), (0, 0));
+    assert!(
+        err.to_string()
+            .starts_with("/nonexistent/egress/policy.yaml: cannot read"),
+        "{err}"
+    );
+}
+
+fn rule(action: Action, cidr: &str, protocol: Protocol, ports: &[(u16, u16)]) -> Rule {
+    let ports = ports.iter().map(|&(lo, hi)| PortRange { lo, hi }).collect();
+    Rule {
+        action,
+        net: net(cidr),
+        protocol,
+        ports,
+        line: 0,
+    }
+}
+
+fn policy(rules: Vec<Rule>) -> Policy {
+    Policy {
+        name: "demo".to_owned(),
+        cgroup: "demo".to_owned(),
+        default: Action::Deny,
+        mode: Mode::Enforce,
+        rules,
+    }
+}
+
+fn compile(set: &PolicySet, slots: &[u32], first_table_id: u32) -> CompiledSet {
+    match compile_set(set, slots, first_table_id) {
+        Ok(compiled) => compiled,
+        Err(err) => panic!("{err}"),
+    }
+}
+
+#[test]
+fn compiles_nested_cidrs() {
+    let set = PolicySet {
+        policies: vec![policy(vec![
+            rule(Action::Allow, "10.0.0.0/8", Protocol::Tcp, &[(80, 80)]),
+            rule(Action::Deny, "10.1.0.0/16", Protocol::Any, &[]),
+            rule(Action::Allow, "10.1.2.0/24", Protocol::Udp, &[]),
+            rule(Action::Allow, "2001:db8::/32", Protocol::Any, &[]),
+        ])],
+    };
+    let compiled = compile(&set, &[7], 5);
+    let policy = &compiled.policies[0];
+    assert_eq!(
+        policy.info,
+        PolicyInfo {
+            active: 1,
+            default_action: action::DENY,
+            mode: egress_common::mode::ENFORCE,
+            _pad: 0
+        }
+    );
+    let slot = 7u32.to_be_bytes();
+    let leaf = |fallback_action, fallback_rule, port_table| Decision {
+        fallback_rule,
+        port_table,
+        fallback_action,
+        _pad: [0; 3],
+    };
+    let v4: Vec<(u32, [u8; 4], [u8; 4], Decision)> = policy
+        .v4
+        .iter()
+        .map(|(len, key, d)| (*len, key.policy, key.addr, *d))
+        .collect();
+    assert_eq!(
+        v4,
+        [
+            (
+                40,
+                slot,
+                [10, 0, 0, 0],
+                leaf(action::DENY, rule_id::DEFAULT, 5)
+            ),
+            (48, slot, [10, 1, 0, 0], leaf(action::DENY, 1, 0)),
+            (56, slot, [10, 1, 2, 0], leaf(action::DENY, 1, 6)),
+        ]
+    );
+    assert_eq!(policy.v6.len(), 1);
+    assert_eq!(policy.v6[0].0, POLICY_KEY_BITS + 32);
+    assert_eq!(policy.v6[0].2, leaf(action::ALLOW, 3, 0));
+    let tables: Vec<(u32, Vec<PortRule>)> = compiled
+        .port_tables
+        .iter()
+        .map(|(id, t)| (*id, t.rules[..t.len as usize].to_vec()))
+        .collect();
+    let port_rule = |rule, port_lo, port_hi, proto, has_ports| PortRule {
+        rule,
+        port_lo,
+        port_hi,
+        proto,
+        action: action::ALLOW,
+        has_ports,
+        _pad: 0,
+    };
+    assert_eq!(
+        tables,
+        [
+            (5, vec![port_rule(0, 80, 80, proto::TCP, 1)]),
+            (6, vec![port_rule(2, 0, 65535, proto::UDP, 0)]),
+        ]
+    );
+}
+
+#[test]
+fn shares_identical_port_tables_across_policies() {
+    let rules = vec![
+        rule(Action::Allow, "10.0.0.0/8", Protocol::Tcp, &[(443, 443)]),
+        rule(
+            Action::Allow,
+            "192.168.0.0/16",
+            Protocol::Tcp,
+            &[(443, 443)],
+        ),
+    ];
+    let mut other = policy(rules.clone());
+    other.name = "other".to_owned();
+    let set = PolicySet {
+        policies: vec![policy(rules), other],
+    };
+    let compiled = compile(&set, &[1, 2], 1);
+    // Rule ids differ (0 and 1), so each policy has two tables and the second policy reuses them.
+    assert_eq!(compiled.port_tables.len(), 2);
+    let tables = |p: &CompiledPolicy| p.v4.iter().map(|e| e.2.port_table).collect::<Vec<_>>();
+    assert_eq!(tables(&compiled.policies[0]), [1, 2]);
+    assert_eq!(tables(&compiled.policies[1]), [1, 2]);
+}
+
+#[test]
+fn rejects_too_many_port_rules() {
+    let mut rules: Vec<Rule> = (1..=MAX_PORT_RULES as u16)
+        .map(|p| rule(Action::Allow, "10.0.0.0/8", Protocol::Tcp, &[(p, p)]))
+        .collect();
+    let set = PolicySet {
+        policies: vec![policy(rules.clone())],
+    };
+    assert!(compile_set(&set, &[0], 1).is_ok());
+    rules.push(rule(Action::Deny, "10.1.0.0/16", Protocol::Udp, &[]));
+    let set = PolicySet {
+        policies: vec![policy(rules)],
+    };
+    let err = compile_set(&set, &[0], 1).expect_err("33 port rules");
+    assert_eq!(
+        err,
+        CompileError::TooManyPortRules {
+            policy: "demo".to_owned(),
+            cidr: net("10.1.0.0/16"),
+            count: 33
+        }
+    );
+    assert!(
+        err.to_string()
+            .contains("policy demo: destinations in 10.1.0.0/16"),
+        "{err}"
+    );
+}
+
+#[test]
+fn rejects_bad_slots_and_table_ids() {
+    let set = PolicySet {
+        policies: vec![policy(vec![]), policy(vec![])],
+    };
+    assert_eq!(
+        compile_set(&set, &[0], 1).err(),
+        Some(CompileError::SlotCount {
+            policies: 2,
+            slots: 1
+        })
+    );
+    assert_eq!(
+        compile_set(&set, &[3, 3], 1).err(),
+        Some(CompileError::BadSlot(3))
+    );
+    assert_eq!(
+        compile_set(&set, &[0, MAX_POLICY_SLOTS], 1).err(),
+        Some(CompileError::BadSlot(MAX_POLICY_SLOTS))
+    );
+    assert_eq!(
+        compile_set(&set, &[0, 1], 0).err(),
+        Some(CompileError::ZeroTableId)
+    );
+}
+
+#[test]
+fn reference_ranks_prefix_then_deny_then_order() {
+    let p = policy(vec![
+        rule(Action::Allow, "10.0.0.0/8", Protocol::Any, &[]),
+        rule(Action::Deny, "10.0.0.0/8", Protocol::Tcp, &[(22, 22)]),
+        rule(Action::Allow, "10.0.0.0/24", Protocol::Tcp, &[(22, 22)]),
+        rule(Action::Allow, "10.0.0.0/24", Protocol::Icmp, &[]),
+        rule(Action::Allow, "10.0.0.0/24", Protocol::Tcp, &[(1, 100)]),
+    ]);
+    let at = |a: [u8; 4]| IpAddr::from(a);
+    assert_eq!(
+        reference::evaluate(&p, at([10, 9, 0, 1]), proto::TCP, 22),
+        (Action::Deny, Some(1))
+    );
+    assert_eq!(
+        reference::evaluate(&p, at([10, 9, 0, 1]), proto::UDP, 22),
+        (Action::Allow, Some(0))
+    );
+    assert_eq!(
+        reference::evaluate(&p, at([10, 0, 0, 1]), proto::TCP, 22),
+        (Action::Allow, Some(2))
+    );
+    let mapped = IpAddr::V6(Ipv4Addr::new(10, 0, 0, 1).to_ipv6_mapped());
+    assert_eq!(
+        reference::evaluate(&p, mapped, proto::ICMPV6, 0),
+        (Action::Allow, Some(3))
+    );
+    assert_eq!(
+        reference::evaluate(&p, at([11, 0, 0, 1]), proto::TCP, 22),
+        (Action::Deny, None)
+    );
+}
+
+/// Bits `[0, bits)` of `a` and `b` are equal.
+fn prefix_equal(a: &[u8], b: &[u8], bits: u32) -> bool {
+    let whole = (bits / 8) as usize;
+    let rest = bits % 8;
+    a[..whole] == b[..whole] && (rest == 0 || (a[whole] ^ b[whole]) >> (8 - rest) == 0)
+}
+
+/// The kernel's lookup (`egress-ebpf/src/policy.rs`): the longest prefix in the tries (holding
+/// every policy of the set) for slot and destination, its port table, then the policy default.
+fn kernel_judge(
+    set: &CompiledSet,
+    slot: u32,
+    info: PolicyInfo,
+    flow: (IpAddr, u8, u16),
+) -> (u8, u32) {
+    let (dst, protocol, port) = flow;
+    // As sock_addr.rs builds the flow.
+    let protocol = if protocol == proto::ICMPV6 {
+        proto::ICMP
+    } else {
+        protocol
+    };
+    let port = if protocol == proto::ICMP { 0 } else { port };
+    let mut lookup = slot.to_be_bytes().to_vec();
+    let entries: Vec<(u32, Vec<u8>, &Decision)> = match dst.to_canonical() {
+        IpAddr::V4(a) => {
+            lookup.extend(a.octets());
+            let all = set.policies.iter().flat_map(|p| &p.v4);
+            all.map(|(len, k, d)| (*len, [k.policy.as_slice(), &k.addr].concat(), d))
+                .collect()
+        }
+        IpAddr::V6(a) => {
+            lookup.extend(a.octets());
+            let all = set.policies.iter().flat_map(|p| &p.v6);
+            all.map(|(len, k, d)| (*len, [k.policy.as_slice(), &k.addr].concat(), d))
+                .collect()
+        }
+    };
+    let leaf = entries
+        .iter()
+        .filter(|(len, key, _)| prefix_equal(key, &lookup, *len))
+        .max_by_key(|(len, ..)| *len);
+    let Some((_, _, decision)) = leaf else {
+        return (info.default_action, rule_id::DEFAULT);
+    };
+    if decision.port_table != 0 {
+        if let Some((_, table)) = set
+            .port_tables
+            .iter()
+            .find(|(id, _)| *id == decision.port_table)
+        {
+            let mut i = 0;
+            while i < MAX_PORT_RULES {
+                if i as u32 >= table.len {
+                    break;
+                }
+                let r = &table.rules[i];
+                let proto_matches = r.proto == proto::ANY || r.proto == protocol;
+                let port_matches =
+                    r.has_ports == 0 || (port != 0 && r.port_lo <= port && port <= r.port_hi);
+                if proto_matches && port_matches {
+                    return (r.action, r.rule);
+                }
+                i += 1;
+            }
+        }
+    }
+    (decision.fallback_action, decision.fallback_rule)
+}
+
+fn reference_judge(policy: &Policy, flow: (IpAddr, u8, u16)) -> (u8, u32) {
+    let (decided, rule) = reference::evaluate(policy, flow.0, flow.1, flow.2);
+    let decided = if decided == Action::Allow {
+        action::ALLOW
+    } else {
+        action::DENY
+    };
+    (decided, rule.map_or(rule_id::DEFAULT, |i| i as u32))
+}
+
+/// Properties of the output beyond the lookups: unique trie keys, table ids as promised.
+fn check_shape(compiled: &CompiledSet, first_table_id: u32) {
+    let mut keys = HashSet::new();
+    for p in &compiled.policies {
+        for (len, key, _) in &p.v4 {
+            assert!(
+                keys.insert((*len, key.policy, key.addr.to_vec())),
+                "duplicate key"
+            );
+        }
+        for (len, key, _) in &p.v6 {
+            assert!(
+                keys.insert((*len, key.policy, key.addr.to_vec())),
+                "duplicate key"
+            );
+        }
+    }
+    let ids: Vec<u32> = compiled.port_tables.iter().map(|(id, _)| *id).collect();
+    let expected: Vec<u32> = (first_table_id..).take(ids.len()).collect();
+    assert_eq!(ids, expected);
+    let contents: HashSet<Vec<PortRule>> = compiled
+        .port_tables
+        .iter()
+        .map(|(_, t)| t.rules[..t.len as usize].to_vec())
+        .collect();
+    assert_eq!(contents.len(), ids.len(), "duplicate port tables");
+    for p in &compiled.policies {
+        let leaves = p.v4.iter().map(|e| e.2).chain(p.v6.iter().map(|e| e.2));
+        for d in leaves {
+            assert!(
+                d.port_table == 0 || ids.contains(&d.port_table),
+                "missing table"
+            );
+        }
+    }
+}
+
+fn net_strategy() -> impl Strategy<Value = IpNet> {
+    let v4 = |x: u8, len: u8| {
+        IpNet::V4(
+            Ipv4Net::new(Ipv4Addr::new(10, 0, 0, x), len)
+                .expect("len")
+                .trunc(),
+        )
+    };
+    let v6 = |addr: Ipv6Addr, len: u8| Ipv6Net::new(addr, len).expect("len").trunc();
+    let mapped = |x: u8| Ipv4Addr::new(10, 0, 0, x).to_ipv6_mapped();
+    let v4_lens = prop::sample::select(vec![0u8, 8, 16, 24, 25, 26, 28, 30, 31, 32]);
+    let v6_lens = prop::sample::select(vec![0u8, 32, 64, 120, 124, 126, 128]);
+    let mapped_lens = prop::sample::select(vec![96u8, 104, 120, 124, 127, 128]);
+    prop_oneof![
+        6 => (any::<u8>(), v4_lens).prop_map(move |(x, len)| v4(x, len)),
+        2 => (any::<u8>(), v6_lens).prop_map(move |(x, len)| {
+            IpNet::V6(v6(Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, u16::from(x)), len))
+        }),
+        // As the parser stores them, and (only possible from code) as written.
+        2 => (any::<u8>(), mapped_lens.clone())
+            .prop_map(move |(x, len)| parse::unmap(IpNet::V6(v6(mapped(x), len)))),
+        1 => (any::<u8>(), mapped_lens).prop_map(move |(x, len)| IpNet::V6(v6(mapped(x), len))),
+    ]
+}
+
+fn rule_strategy() -> impl Strategy<Value = Rule> {
+    let protocols = prop::sample::select(vec![
+        Protocol::Any,
+        Protocol::Tcp,
+        Protocol::Udp,
+        Protocol::Icmp,
+    ]);
+    let range = prop::sample::select(vec![
+        (22, 22),
+        (53, 53),
+        (80, 80),
+        (443, 443),
+        (80, 443),
+        (8000, 8080),
+    ]);
+    let ports = prop_oneof![
+        2 => Just(Vec::new()),
+        1 => prop::collection::vec(range, 1..=3),
+    ];
+    (any::<bool>(), net_strategy(), protocols, ports).prop_map(|(allow, net, protocol, ports)| {
+        let ports = if protocol == Protocol::Icmp {
+            Vec::new()
+        } else {
+            ports
+        };
+        Rule {
+            action: if allow { Action::Allow } else { Action::Deny },
+            net,
+            protocol,
+            ports: ports
+                .into_iter()
+                .map(|(lo, hi)| PortRange { lo, hi })
+                .collect(),
+            line: 0,
+        }
+    })
+}
+
+fn policy_strategy() -> impl Strategy<Value = Policy> {
+    // At most 10 rules of at most 3 ranges: never more than MAX_PORT_RULES per leaf.
+    (
+        prop::collection::vec(rule_strategy(), 0..=10),
+        any::<bool>(),
+        any::<bool>(),
+    )
+        .prop_map(|(rules, allow, audit)| Policy {
+            name: "p".to_owned(),
+            cgroup: "p".to_owned(),
+            default: if allow { Action::Allow } else { Action::Deny },
+            mode: if audit { Mode::Audit } else { Mode::Enforce },
+            rules,
+        })
+}
+
+fn flow_strategy() -> impl Strategy<Value = (IpAddr, u8, u16)> {
+    let dst = prop_oneof![
+        4 => any::<u8>().prop_map(|x| IpAddr::from([10, 0, 0, x])),
+        1 => Just(IpAddr::from([10, 0, 1, 1])),
+        1 => Just(IpAddr::from([11, 0, 0, 1])),
+        2 => any::<u8>().prop_map(|x| IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, u16::from(x)))),
+        1 => Just(IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb9, 0, 0, 0, 0, 0, 1))),
+        2 => any::<u8>().prop_map(|x| IpAddr::V6(Ipv4Addr::new(10, 0, 0, x).to_ipv6_mapped())),
+    ];
+    let with_port = (
+        prop::sample::select(vec![proto::TCP, proto::UDP]),
+        prop::sample::select(vec![
+            0u16, 22, 53, 79, 80, 81, 443, 444, 8000, 8050, 8080, 8081, 65535,
+        ]),
+    );
+    // The kernel reports port 0 for protocols without ports.
+    let portless =
+        prop::sample::select(vec![proto::ICMP, proto::ICMPV6, 132]).prop_map(|p| (p, 0u16));
+    let protocol_port = prop_oneof![3 => with_port, 1 => portless];
+    (dst, protocol_port).prop_map(|(dst, (protocol, port))| (dst, protocol, port))
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(4000))]
+
+    #[test]
+    fn kernel_lookup_agrees_with_reference(
+        policies in prop::collection::vec(policy_strategy(), 1..=3),
+        base_slot in 0u32..8000,
+        slot_step in 1u32..50,
+        first_table_id in 1u32..1000,
+        flows in prop::collection::vec(flow_strategy(), 48),
+    ) {
+        let slots: Vec<u32> = (0..policies.len() as u32).map(|i| base_slot + i * slot_step).collect();
+        let set = PolicySet { policies };
+        let compiled = compile(&set, &slots, first_table_id);
+        check_shape(&compiled, first_table_id);
+        for ((policy, compiled_policy), &slot) in set.policies.iter().zip(&compiled.policies).zip(&slots) {
+            for &flow in &flows {
+                let kernel = kernel_judge(&compiled, slot, compiled_policy.info, flow);
+                prop_assert_eq!(kernel, reference_judge(policy, flow), "flow {:?}", flow);
+            }
+        }
+    }
+
+    /// Mangled versions of a valid file fail with a position inside the file, never a panic.
+    #[test]
+    fn mangled_files_fail_cleanly(at in 0usize..EXAMPLE.len(), cut in 0usize..12, insert in "[ -~\n]{0,6}") {
+        let mut text = EXAMPLE.to_owned();
+        let at = (0..=at).rev().find(|&i| text.is_char_boundary(i)).unwrap_or(0);
+        let end = (at + cut).min(text.len());
+        text.replace_range(at..end, &insert);
+        if let Err(err) = parse_policy_str(&text, "p.yaml") {
+            let lines = text.lines().count() + 1;
+            prop_assert!(err.line >= 1 && err.line <= lines, "{}", err);
+            prop_assert!(err.column >= 1, "{}", err);
+        }
+    }
+}
+
+#[test]
+fn compiles_100k_cidrs() {
+    let mut state = 0x9e37_79b9_7f4a_7c15_u64;
+    let mut next = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    let rules: Vec<Rule> = (0..100_000)
+        .map(|i| {
+            let r = next();
+            let len = 16 + (r % 17) as u8;
+            let addr = Ipv4Addr::from((r >> 32) as u32);
+            let tcp = i % 10 == 0;
+            Rule {
+                action: if r & 1 == 0 {
+                    Action::Allow
+                } else {
+                    Action::Deny
+                },
+                net: IpNet::V4(Ipv4Net::new(addr, len).expect("len").trunc()),
+                protocol: if tcp { Protocol::Tcp } else { Protocol::Any },
+                ports: if tcp {
+                    vec![PortRange { lo: 443, hi: 443 }]
+                } else {
+                    Vec::new()
+                },
+                line: i + 1,
+            }
+        })
+        .collect();
+    let distinct: HashSet<IpNet> = rules.iter().map(|r| r.net).collect();
+    let set = PolicySet {
+        policies: vec![policy(rules)],
+    };
+    let compiled = compile(&set, &[0], 1);
+    assert_eq!(compiled.policies[0].v4.len(), distinct.len());
+    check_shape(&compiled, 1);
+}

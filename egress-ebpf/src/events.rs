@@ -1,0 +1,93 @@
+//! Flow events into the ring buffer, and the counters that make losses visible.
+
+use aya_ebpf::helpers::{
+    bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_uid_gid,
+    generated::bpf_ktime_get_boot_ns,
+};
+use egress_common::{counter, verdict, FlowEvent, FlowKey};
+
+use crate::{
+    maps::{COUNTERS, EVENTS, FLOWS_SEEN, POLICY_STATS},
+    policy::{Flow, Judgement},
+};
+
+/// Who sent the flow, as far as the hook can tell.
+pub struct Sender {
+    pub cgroup_id: u64,
+    /// Socket cookie, 0 when none.
+    pub cookie: u64,
+    /// Owner uid of the socket where the hook knows it better than the current task.
+    pub socket_uid: Option<u32>,
+}
+
+/// Counts the flow and reports it, unless `once` is set and the same socket already reported
+/// the same decision for this destination (sendmsg and packet hooks run per datagram).
+#[inline(always)]
+pub fn report(slot: u32, flow: &Flow, judgement: &Judgement, hook: u8, sender: &Sender, once: bool) {
+    if once {
+        let key = FlowKey {
+            cookie: sender.cookie,
+            policy: slot,
+            rule: judgement.rule,
+            addr: flow.addr,
+            port: flow.port,
+            protocol: flow.protocol,
+            verdict: judgement.verdict,
+            _pad: [0; 4],
+        };
+        if FLOWS_SEEN.get_ptr(&key).is_some() {
+            return;
+        }
+        let _ = FLOWS_SEEN.insert(&key, &0, 0);
+    }
+    count_flow(slot, judgement.verdict);
+
+    let Some(mut entry) = EVENTS.reserve::<FlowEvent>(0) else {
+        bump(counter::EVENTS_DROPPED);
+        return;
+    };
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let uid = sender
+        .socket_uid
+        .unwrap_or(bpf_get_current_uid_gid() as u32);
+    let event = FlowEvent {
+        // SAFETY: a helper without arguments.
+        boot_ns: unsafe { bpf_ktime_get_boot_ns() },
+        cgroup_id: sender.cgroup_id,
+        policy: slot,
+        rule: judgement.rule,
+        pid: (pid_tgid >> 32) as u32,
+        uid,
+        daddr: flow.addr,
+        dport: flow.port,
+        family: flow.family,
+        protocol: flow.protocol,
+        verdict: judgement.verdict,
+        hook,
+        _pad: [0; 2],
+        comm: bpf_get_current_comm().unwrap_or([0; 16]),
+    };
+    entry.write(event);
+    entry.submit(0);
+}
+
+#[inline(always)]
+fn count_flow(slot: u32, verdict: u8) {
+    if let Some(stats) = POLICY_STATS.get_ptr_mut(slot) {
+        // SAFETY: per-CPU value, no other writer on this CPU while the program runs.
+        let stats = unsafe { &mut *stats };
+        match verdict {
+            verdict::ALLOWED => stats.allowed += 1,
+            verdict::AUDIT => stats.audited += 1,
+            _ => stats.blocked += 1,
+        }
+    }
+}
+
+#[inline(always)]
+fn bump(index: u32) {
+    if let Some(value) = COUNTERS.get_ptr_mut(index) {
+        // SAFETY: per-CPU value, no other writer on this CPU while the program runs.
+        unsafe { *value += 1 };
+    }
+}

@@ -1,0 +1,23 @@
+//! egress kernel programs.
+//!
+//! `sock_addr` judges TCP and UDP at the system call (connect, sendmsg) so refused flows fail at
+//! once with EPERM; `skb` is the per-packet backstop for everything else that leaves a socket of
+//! a covered cgroup (raw sockets, ICMP). Both share the policy lookup in `policy`.
+#![no_std]
+#![no_main]
+
+mod events;
+mod maps;
+mod policy;
+mod skb;
+mod sock_addr;
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 4] = *b"GPL\0";

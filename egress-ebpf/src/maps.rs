@@ -1,0 +1,49 @@
+//! Every map the kernel programs use. Names must match `egress_common::names`.
+
+use aya_ebpf::{
+    bindings::BPF_F_NO_PREALLOC,
+    macros::map,
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
+};
+use egress_common::{
+    Decision, FlowKey, PeerKey, PolicyInfo, PolicyStats, PortTable, RuleKeyV4, RuleKeyV6,
+    Settings, EVENTS_RING_BYTES, MAX_CGROUPS, MAX_CIDRS_V4, MAX_CIDRS_V6, MAX_FLOWS_SEEN,
+    MAX_POLICY_SLOTS, MAX_PORT_TABLES, MAX_UDP_PEERS,
+};
+
+/// cgroup id -> policy slot.
+#[map]
+pub static CGROUP_POLICY: HashMap<u64, u32> = HashMap::with_max_entries(MAX_CGROUPS, 0);
+
+#[map]
+pub static POLICY_INFO: Array<PolicyInfo> = Array::with_max_entries(MAX_POLICY_SLOTS, 0);
+
+#[map]
+pub static RULES_V4: LpmTrie<RuleKeyV4, Decision> = LpmTrie::with_max_entries(MAX_CIDRS_V4, 0);
+
+#[map]
+pub static RULES_V6: LpmTrie<RuleKeyV6, Decision> = LpmTrie::with_max_entries(MAX_CIDRS_V6, 0);
+
+#[map]
+pub static PORT_TABLES: HashMap<u32, PortTable> =
+    HashMap::with_max_entries(MAX_PORT_TABLES, BPF_F_NO_PREALLOC);
+
+#[map]
+pub static SETTINGS: Array<Settings> = Array::with_max_entries(1, 0);
+
+#[map]
+pub static EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_RING_BYTES, 0);
+
+#[map]
+pub static COUNTERS: PerCpuArray<u64> =
+    PerCpuArray::with_max_entries(egress_common::counter::COUNT, 0);
+
+#[map]
+pub static POLICY_STATS: PerCpuArray<PolicyStats> =
+    PerCpuArray::with_max_entries(MAX_POLICY_SLOTS, 0);
+
+#[map]
+pub static UDP_PEERS: LruHashMap<PeerKey, u8> = LruHashMap::with_max_entries(MAX_UDP_PEERS, 0);
+
+#[map]
+pub static FLOWS_SEEN: LruHashMap<FlowKey, u8> = LruHashMap::with_max_entries(MAX_FLOWS_SEEN, 0);

@@ -1,0 +1,71 @@
+//! `cargo xtask`: the developer entry point for egress (setup, build, test, run, bench).
+//!
+//! Everything here shells out to the same tools a person would type; the value is in doing the
+//! steps in the right order with the right environment on a fresh Debian machine.
+
+mod bench;
+mod build;
+mod run;
+mod setup;
+mod sys;
+mod test;
+mod workspace;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Developer tasks for egress.
+#[derive(Debug, Parser)]
+#[command(name = "cargo xtask", bin_name = "cargo xtask")]
+struct Cli {
+    #[command(subcommand)]
+    command: Task,
+}
+
+#[derive(Debug, Subcommand)]
+enum Task {
+    /// Install what the build and the tests need on Debian 12 (idempotent; needs root).
+    Setup {
+        /// Also install the tools `cargo xtask bench` compares against.
+        #[arg(long)]
+        bench: bool,
+    },
+    /// Check the toolchain, then build target/release/egress.
+    Build,
+    /// Set up, build, then run the unit and integration tests (integration tests need root).
+    Test {
+        /// Run only the unit tests (`--lib`); the only way to test without root.
+        #[arg(long)]
+        unit_only: bool,
+        /// Passed to `cargo test` as they are, e.g. `-- connect4 -- --nocapture`.
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+    /// Set up, build, create the demo cgroup and run the daemon with config/egress.yaml.
+    Run {
+        /// Passed to `egress run`, e.g. `--log-format json`.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Benchmarks (not yet implemented).
+    Bench,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Task::Setup { bench } => setup::setup_command(bench),
+        Task::Build => build::build_command(),
+        Task::Test { unit_only, args } => test::test_command(unit_only, &args),
+        Task::Run { args } => run::run_command(&args),
+        Task::Bench => bench::bench_command(),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
