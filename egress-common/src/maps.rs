@@ -11,7 +11,7 @@ pub mod names {
     pub const SETTINGS: &str = "SETTINGS";
     pub const EVENTS: &str = "EVENTS";
     pub const COUNTERS: &str = "COUNTERS";
-    pub const POLICY_STATS: &str = "POLICY_STATS";
+    pub const BINDING_STATS: &str = "BINDING_STATS";
     pub const UDP_PEERS: &str = "UDP_PEERS";
     pub const FLOWS_SEEN: &str = "FLOWS_SEEN";
 }
@@ -105,13 +105,26 @@ pub struct PolicyInfo {
     pub _pad: u8,
 }
 
-/// Global settings written by the daemon (index 0 of `SETTINGS`).
+/// Global settings written by the daemon (index 0 of `SETTINGS`). Only `policy_levels` is read
+/// by the kernel; the rest is the daemon's own state, kept in the pinned map across restarts.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct Settings {
     /// Bit `n` set when some cgroup at level `n` has a policy: the programs skip the other levels.
     pub policy_levels: u32,
-    pub _pad: u32,
+    /// Generation of the policies in force (see the daemon's loader).
+    pub generation: u32,
+    /// Dropped events a daemon has already reported.
+    pub dropped_reported: u64,
+}
+
+/// Value of `CGROUP_POLICY`: the policy slot of a cgroup, and where its flows are counted.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct CgroupBinding {
+    pub slot: u32,
+    /// Index into `BINDING_STATS`.
+    pub stats: u32,
 }
 
 /// Indexes of the per-CPU `COUNTERS` array.
@@ -121,7 +134,7 @@ pub mod counter {
     pub const COUNT: u32 = 4;
 }
 
-/// Per-CPU flow counts of one policy slot (`POLICY_STATS[slot]`).
+/// Per-CPU flow counts of one bound cgroup (`BINDING_STATS[binding.stats]`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct PolicyStats {
@@ -165,6 +178,7 @@ mod pod {
     unsafe impl aya::Pod for PortTable {}
     unsafe impl aya::Pod for PolicyInfo {}
     unsafe impl aya::Pod for Settings {}
+    unsafe impl aya::Pod for CgroupBinding {}
     unsafe impl aya::Pod for PolicyStats {}
     unsafe impl aya::Pod for PeerKey {}
     unsafe impl aya::Pod for FlowKey {}

@@ -1,9 +1,10 @@
-//! The control plane: turns a parsed policy file into enforcement on cgroups (compile, attach,
-//! install) and keeps the names events need in step with what is installed.
+//! The control plane: puts a parsed policy file in force on cgroups (compile, install) and keeps
+//! the bindings and the names events need in step with the cgroups that come and go.
 
 use std::{
     collections::HashMap,
     sync::{Arc, Mutex, MutexGuard},
+    time::SystemTime,
 };
 
 use anyhow::{bail, Context};
@@ -16,86 +17,141 @@ use crate::{
     policy::{compile::compile_set, model::PolicySet},
 };
 
-/// A policy bound to the cgroup it governs.
+/// A policy (index into the set) bound to a cgroup it governs.
+#[derive(Clone, Debug)]
 pub struct Binding {
     pub policy: usize,
     pub cgroup: Cgroup,
 }
 
-/// What is enforced where, for status output.
+/// A cgroup bound to a policy of the active set.
 #[derive(Clone, Debug)]
-pub struct Enforced {
-    pub policy: String,
-    pub cgroup: String,
-    pub slot: u32,
+pub struct Bound {
+    pub relative: String,
+    pub policy: usize,
+    pub workload: Option<String>,
+}
+
+/// The policy file in force.
+pub struct Active {
+    pub set: PolicySet,
+    pub slots: Vec<u32>,
+    pub source: String,
+    pub loaded_at: SystemTime,
+    pub bound: HashMap<u64, Bound>,
+}
+
+/// Kernel state plus what the daemon knows about it.
+pub struct State {
+    pub enforcer: Enforcer,
+    pub active: Option<Active>,
 }
 
 /// Shared handle on the kernel state and the event catalog.
 #[derive(Clone)]
 pub struct Engine {
-    enforcer: Arc<Mutex<Enforcer>>,
+    state: Arc<Mutex<State>>,
     catalog: Arc<Mutex<Catalog>>,
 }
 
 impl Engine {
     pub fn new(enforcer: Enforcer, catalog: Catalog) -> Self {
-        Self { enforcer: Arc::new(Mutex::new(enforcer)), catalog: Arc::new(Mutex::new(catalog)) }
+        Self {
+            state: Arc::new(Mutex::new(State { enforcer, active: None })),
+            catalog: Arc::new(Mutex::new(catalog)),
+        }
     }
 
-    pub fn enforcer(&self) -> MutexGuard<'_, Enforcer> {
-        self.enforcer.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    pub fn state(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     pub fn catalog(&self) -> MutexGuard<'_, Catalog> {
         self.catalog.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
+    /// Attaches the kernel programs to a cgroup (they then see it and its descendants).
+    pub fn attach(&self, cgroup: &Cgroup) -> anyhow::Result<()> {
+        self.state().enforcer.attach(cgroup).with_context(|| format!("attaching to cgroup {}", cgroup.relative))
+    }
+
     /// Puts `set` in force on `bindings`, replacing whatever was enforced before. On error the
     /// previous policies stay in force.
-    pub fn apply(&self, set: &PolicySet, bindings: &[Binding]) -> anyhow::Result<Vec<Enforced>> {
+    pub fn apply(&self, set: PolicySet, source: &str, bindings: &[Binding]) -> anyhow::Result<()> {
         if set.policies.len() > Generation::max_policies() {
             bail!("{} policies; at most {} are supported", set.policies.len(), Generation::max_policies());
         }
         for binding in bindings {
-            if binding.cgroup.level > MAX_CGROUP_LEVEL {
-                bail!("cgroup {} is nested deeper than {MAX_CGROUP_LEVEL} levels", binding.cgroup.relative);
-            }
+            check_depth(&binding.cgroup)?;
         }
-        let mut enforcer = self.enforcer();
-        let generation = enforcer.next_generation();
+        let mut state = self.state();
+        let generation = state.enforcer.next_generation();
         let slots = generation.slots(set.policies.len());
-        let compiled = compile_set(set, &slots, generation.first_table_id()).context("compiling the policies")?;
-
-        for binding in bindings {
-            enforcer
-                .attach(&binding.cgroup)
-                .with_context(|| format!("attaching to cgroup {}", binding.cgroup.relative))?;
-        }
-        let cgroup_slots: HashMap<u64, u32> =
-            bindings.iter().map(|b| (b.cgroup.id, slots[b.policy])).collect();
+        let compiled = compile_set(&set, &slots, generation.first_table_id()).context("compiling the policies")?;
+        let cgroup_slots: HashMap<u64, u32> = bindings.iter().map(|b| (b.cgroup.id, slots[b.policy])).collect();
         let levels = bindings.iter().fold(0u32, |mask, b| mask | 1 << b.cgroup.level);
 
         // Name the new slots before they can raise events.
-        {
-            let mut catalog = self.catalog();
-            for (policy, slot) in set.policies.iter().zip(&slots) {
-                let rules = policy.rules.iter().map(|r| r.text()).collect();
-                catalog.name_slot(*slot, SlotNames { policy: policy.name.clone(), rules });
-            }
-            for binding in bindings {
-                catalog.name_cgroup(binding.cgroup.id, binding.cgroup.relative.clone());
-            }
-        }
-        enforcer
+        self.name_slots(&set, &slots);
+        self.name_cgroups(bindings.iter().map(|b| &b.cgroup));
+        state
+            .enforcer
             .install(generation, &compiled, &slots, &cgroup_slots, levels)
             .context("writing the policies into the kernel maps")?;
-        Ok(bindings
+        let bound = bindings
             .iter()
-            .map(|b| Enforced {
-                policy: set.policies[b.policy].name.clone(),
-                cgroup: b.cgroup.relative.clone(),
-                slot: slots[b.policy],
+            .map(|b| {
+                let workload = crate::matching::workload_of(&b.cgroup.relative);
+                (b.cgroup.id, Bound { relative: b.cgroup.relative.clone(), policy: b.policy, workload })
             })
-            .collect())
+            .collect();
+        state.active = Some(Active { set, slots, source: source.to_string(), loaded_at: SystemTime::now(), bound });
+        Ok(())
     }
+
+    /// Binds one more cgroup (one that appeared after the policies were applied).
+    pub fn bind(&self, binding: &Binding) -> anyhow::Result<()> {
+        check_depth(&binding.cgroup)?;
+        let mut state = self.state();
+        let State { enforcer, active } = &mut *state;
+        let Some(active) = active else { bail!("no policies are loaded") };
+        let slot = *active.slots.get(binding.policy).context("policy index out of range")?;
+        self.name_cgroups([&binding.cgroup]);
+        enforcer.add_level(binding.cgroup.level)?;
+        enforcer.bind(binding.cgroup.id, slot)?;
+        let workload = crate::matching::workload_of(&binding.cgroup.relative);
+        active
+            .bound
+            .insert(binding.cgroup.id, Bound { relative: binding.cgroup.relative.clone(), policy: binding.policy, workload });
+        Ok(())
+    }
+
+    /// Removes the binding of a cgroup that went away; returns what it was bound to.
+    pub fn unbind(&self, cgroup_id: u64) -> Option<Bound> {
+        let mut state = self.state();
+        state.enforcer.unbind(cgroup_id);
+        state.active.as_mut().and_then(|active| active.bound.remove(&cgroup_id))
+    }
+
+    fn name_slots(&self, set: &PolicySet, slots: &[u32]) {
+        let mut catalog = self.catalog();
+        for (policy, slot) in set.policies.iter().zip(slots) {
+            let rules = policy.rules.iter().map(|r| r.text()).collect();
+            catalog.name_slot(*slot, SlotNames { policy: policy.name.clone(), rules });
+        }
+    }
+
+    fn name_cgroups<'a>(&self, cgroups: impl IntoIterator<Item = &'a Cgroup>) {
+        let mut catalog = self.catalog();
+        for cgroup in cgroups {
+            catalog.name_cgroup(cgroup.id, cgroup.relative.clone());
+        }
+    }
+}
+
+fn check_depth(cgroup: &Cgroup) -> anyhow::Result<()> {
+    if cgroup.level > MAX_CGROUP_LEVEL {
+        bail!("cgroup {} is nested deeper than {MAX_CGROUP_LEVEL} levels", cgroup.relative);
+    }
+    Ok(())
 }

@@ -9,16 +9,19 @@ use std::{
 };
 
 use egress_common::{family, proto, rule_id, verdict, FlowEvent};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::cgroup::Hierarchy;
 
-/// One flow decision, as shown to people and machines.
-#[derive(Clone, Debug, Serialize)]
+/// One flow decision, as shown to people and machines (and sent over the control socket).
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct FlowRecord {
-    #[serde(serialize_with = "crate::output::serialize_time")]
-    pub time: SystemTime,
-    pub verdict: &'static str,
+    /// RFC 3339, UTC.
+    pub time: String,
+    /// The same instant, for filtering; not part of the wire format.
+    #[serde(skip, default = "unix_epoch")]
+    pub at: SystemTime,
+    pub verdict: String,
     pub policy: String,
     pub rule: String,
     pub cgroup: String,
@@ -28,6 +31,27 @@ pub struct FlowRecord {
     pub protocol: String,
     pub dst: IpAddr,
     pub dport: u16,
+    /// The container (`docker:3f2a9c1b0d4e`) or systemd unit of the cgroup, where known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workload: Option<String>,
+}
+
+/// A cgroup's path and what runs in it.
+#[derive(Clone, Debug)]
+struct CgroupName {
+    relative: String,
+    workload: Option<String>,
+}
+
+impl CgroupName {
+    fn new(relative: String) -> Self {
+        let workload = crate::matching::workload_of(&relative);
+        Self { relative, workload }
+    }
+}
+
+fn unix_epoch() -> SystemTime {
+    SystemTime::UNIX_EPOCH
 }
 
 /// Names of what one policy slot holds.
@@ -41,7 +65,7 @@ pub struct SlotNames {
 /// so that events raised just before a reload still get their names.
 pub struct Catalog {
     slots: HashMap<u32, SlotNames>,
-    cgroups: HashMap<u64, String>,
+    cgroups: HashMap<u64, CgroupName>,
     hierarchy: Hierarchy,
     boot_to_wall: Duration,
 }
@@ -56,7 +80,7 @@ impl Catalog {
     }
 
     pub fn name_cgroup(&mut self, id: u64, relative: String) {
-        self.cgroups.insert(id, relative);
+        self.cgroups.insert(id, CgroupName::new(relative));
     }
 
     /// Decodes one ring buffer item; `None` when it is too short to be an event.
@@ -71,6 +95,7 @@ impl Catalog {
     }
 
     fn describe(&mut self, event: &FlowEvent) -> FlowRecord {
+        let cgroup = self.cgroup_name(event.cgroup_id);
         let names = self.slots.get(&event.policy);
         let policy = names.map_or_else(|| format!("slot {}", event.policy), |n| n.policy.clone());
         let rule = match event.rule {
@@ -80,12 +105,15 @@ impl Catalog {
                 .and_then(|n| n.rules.get(index as usize).cloned())
                 .unwrap_or_else(|| format!("rule {index}")),
         };
+        let at = SystemTime::UNIX_EPOCH + self.boot_to_wall + Duration::from_nanos(event.boot_ns);
         FlowRecord {
-            time: SystemTime::UNIX_EPOCH + self.boot_to_wall + Duration::from_nanos(event.boot_ns),
-            verdict: verdict_name(event.verdict),
+            time: crate::output::rfc3339(at),
+            at,
+            verdict: verdict_name(event.verdict).to_string(),
             policy,
             rule,
-            cgroup: self.cgroup_name(event.cgroup_id),
+            cgroup: cgroup.relative,
+            workload: cgroup.workload,
             pid: event.pid,
             comm: comm_name(&event.comm),
             uid: event.uid,
@@ -95,19 +123,20 @@ impl Catalog {
         }
     }
 
-    fn cgroup_name(&mut self, id: u64) -> String {
+    fn cgroup_name(&mut self, id: u64) -> CgroupName {
         if let Some(name) = self.cgroups.get(&id) {
             return name.clone();
         }
         // A descendant of a bound cgroup: look for it below the bound ones, then remember it.
-        let roots: Vec<String> = self.cgroups.values().cloned().collect();
+        let roots: Vec<String> = self.cgroups.values().map(|name| name.relative.clone()).collect();
         let found = roots
             .iter()
             .find_map(|root| find_cgroup_dir(&self.hierarchy.dir(root), id, 8))
             .map(|dir| self.hierarchy.relative(&dir))
             .unwrap_or_else(|| format!("cgroup-id:{id}"));
-        self.cgroups.insert(id, found.clone());
-        found
+        let name = CgroupName::new(found);
+        self.cgroups.insert(id, name.clone());
+        name
     }
 }
 

@@ -1,19 +1,25 @@
 //! The only code that talks to the kernel: loads the embedded programs, attaches them to
-//! cgroups, and swaps compiled policies into the maps.
+//! cgroups, pins what must outlive the daemon, and swaps compiled policies into the maps.
 
-use std::{collections::HashMap, os::fd::AsFd};
+use std::{
+    collections::HashMap,
+    fs,
+    os::fd::AsFd,
+    path::{Path, PathBuf},
+    time::Duration,
+};
 
 use aya::{
     maps::{lpm_trie::Key, Array, HashMap as BpfHashMap, LpmTrie, MapData, MapError, PerCpuArray, RingBuf},
     programs::{
-        cgroup_skb::CgroupSkbLinkId, cgroup_sock_addr::CgroupSockAddrLinkId, CgroupAttachMode,
-        CgroupSkb, CgroupSkbAttachType, CgroupSockAddr, ProgramError,
+        cgroup_skb::CgroupSkbLinkId, cgroup_sock_addr::CgroupSockAddrLinkId, links::PinnedLink, CgroupAttachMode,
+        links::{FdLink, LinkError}, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr, ProgramError,
     },
-    Ebpf, EbpfError,
+    Ebpf, EbpfError, EbpfLoader,
 };
 use egress_common::{
-    counter, names, Decision, PolicyInfo, PolicyStats, PortTable, RuleKeyV4, RuleKeyV6, Settings,
-    MAX_POLICY_SLOTS, MAX_PORT_TABLES,
+    counter, names, CgroupBinding, Decision, PolicyInfo, PolicyStats, PortTable, RuleKeyV4, RuleKeyV6, Settings,
+    MAX_CGROUPS, MAX_POLICY_SLOTS, MAX_PORT_TABLES,
 };
 use thiserror::Error;
 
@@ -24,9 +30,30 @@ use crate::{
 
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/egress.bpf.o"));
 
-const SOCK_ADDR_PROGRAMS: [&str; 6] =
-    ["connect4", "connect6", "sendmsg4", "sendmsg6", "recvmsg4", "recvmsg6"];
+const SOCK_ADDR_PROGRAMS: [&str; 6] = ["connect4", "connect6", "sendmsg4", "sendmsg6", "recvmsg4", "recvmsg6"];
 const SKB_PROGRAM: &str = "egress_packet";
+
+/// Maps that live in bpffs (under `<pin dir>/maps-v1/`) so enforcement survives the daemon.
+/// The suffix changes whenever a key or value layout changes.
+const PINNED_MAPS: [&str; 11] = [
+    names::CGROUP_POLICY,
+    names::POLICY_INFO,
+    names::RULES_V4,
+    names::RULES_V6,
+    names::PORT_TABLES,
+    names::SETTINGS,
+    names::EVENTS,
+    names::COUNTERS,
+    names::BINDING_STATS,
+    names::UDP_PEERS,
+    names::FLOWS_SEEN,
+];
+const MAPS_DIR: &str = "maps-v1";
+const LINKS_DIR: &str = "links";
+
+/// Time for program runs that read the previous bindings to finish before their slots are
+/// cleared (programs run under RCU; a run takes microseconds).
+const RETIRE_DELAY: Duration = Duration::from_millis(20);
 
 #[derive(Debug, Error)]
 pub enum LoaderError {
@@ -48,6 +75,16 @@ pub enum LoaderError {
         #[source]
         source: MapError,
     },
+    #[error("pinning {path}: {source}")]
+    Pin {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("link: {0}")]
+    Link(#[from] LinkError),
+    #[error("more than {MAX_CGROUPS} cgroups are bound to policies")]
+    TooManyBindings,
     #[error(transparent)]
     Cgroup(#[from] CgroupError),
 }
@@ -60,17 +97,24 @@ fn program_error(name: &'static str) -> impl FnOnce(ProgramError) -> LoaderError
     move |source| LoaderError::Program { name, source }
 }
 
+fn pin_error(path: &Path) -> impl FnOnce(std::io::Error) -> LoaderError + '_ {
+    move |source| LoaderError::Pin { path: path.to_path_buf(), source }
+}
+
 /// Which half of the policy slots and port-table ids a generation of policies uses: a reload
-/// fills the other half, then switches cgroups over one map write each, then clears the old half.
+/// fills the other half, switches cgroups over one map write each, then clears the old half.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Generation(u64);
+pub struct Generation(u32);
 
 impl Generation {
+    fn half(self) -> u32 {
+        self.0 % 2
+    }
     pub fn first_slot(self) -> u32 {
-        (self.0 % 2) as u32 * (MAX_POLICY_SLOTS / 2)
+        self.half() * (MAX_POLICY_SLOTS / 2)
     }
     pub fn first_table_id(self) -> u32 {
-        1 + (self.0 % 2) as u32 * (MAX_PORT_TABLES / 2)
+        1 + self.half() * (MAX_PORT_TABLES / 2)
     }
     pub fn slots(self, count: usize) -> Vec<u32> {
         (0..count as u32).map(|i| self.first_slot() + i).collect()
@@ -78,8 +122,14 @@ impl Generation {
     pub fn max_policies() -> usize {
         (MAX_POLICY_SLOTS / 2) as usize
     }
+    fn owns_slot(self, slot: u32) -> bool {
+        slot / (MAX_POLICY_SLOTS / 2) == self.half()
+    }
+    fn owns_table(self, id: u32) -> bool {
+        id != 0 && (id - 1) / (MAX_PORT_TABLES / 2) == self.half()
+    }
     pub fn next(self) -> Self {
-        Self(self.0 + 1)
+        Self(self.0.wrapping_add(1))
     }
 }
 
@@ -92,92 +142,249 @@ struct Installed {
     tables: Vec<u32>,
 }
 
-enum Link {
+enum LinkId {
     SockAddr(&'static str, CgroupSockAddrLinkId),
     Skb(CgroupSkbLinkId),
+}
+
+/// How the programs are attached to one cgroup: owned by this process (gone when it exits) or
+/// pinned in bpffs (they stay until unpinned).
+enum Attachment {
+    Owned(Vec<LinkId>),
+    Pinned(Vec<PinnedLink>),
+}
+
+/// What `load` found in bpffs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Start {
+    /// No earlier state: new maps were created.
+    Fresh,
+    /// The maps (and the links) of an earlier daemon were found and adopted.
+    Adopted,
+}
+
+/// What to leave behind when the daemon stops cleanly.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum OnExit {
+    /// Enforcement stays in place (programs, links and maps stay pinned).
+    Keep,
+    /// Enforcement is removed with the daemon.
+    Detach,
 }
 
 /// The loaded programs and maps.
 pub struct Enforcer {
     ebpf: Ebpf,
-    links: HashMap<u64, Vec<Link>>,
-    bindings: HashMap<u64, u32>,
+    pin_dir: Option<PathBuf>,
+    attachments: HashMap<u64, Attachment>,
+    bindings: HashMap<u64, CgroupBinding>,
+    free_stats: Vec<u32>,
+    next_stats: u32,
     installed: Installed,
     generation: Generation,
+    has_policies: bool,
 }
 
 impl Enforcer {
-    /// Loads the kernel object and verifies every program (nothing is attached yet).
-    pub fn load() -> Result<Self, LoaderError> {
-        let mut ebpf = Ebpf::load(OBJECT)?;
+    /// Loads the kernel object and verifies every program (nothing is attached yet). With a pin
+    /// directory, the maps live in bpffs and an earlier daemon's maps there are adopted.
+    pub fn load(pin_dir: Option<&Path>) -> Result<(Self, Start), LoaderError> {
+        let mut loader = EbpfLoader::new();
+        let mut start = Start::Fresh;
+        let map_paths: Vec<(&str, PathBuf)> = match pin_dir {
+            Some(dir) => {
+                let maps = dir.join(MAPS_DIR);
+                fs::create_dir_all(&maps).map_err(pin_error(&maps))?;
+                if maps.join(names::CGROUP_POLICY).exists() {
+                    start = Start::Adopted;
+                }
+                PINNED_MAPS.iter().map(|name| (*name, maps.join(name))).collect()
+            }
+            None => Vec::new(),
+        };
+        for (name, path) in &map_paths {
+            loader.map_pin_path(name, path.as_path());
+        }
+        let mut ebpf = loader.load(OBJECT)?;
         for name in SOCK_ADDR_PROGRAMS {
             sock_addr_program(&mut ebpf, name)?.load().map_err(program_error(name))?;
         }
         skb_program(&mut ebpf)?.load().map_err(program_error(SKB_PROGRAM))?;
-        Ok(Self {
+        let mut enforcer = Self {
             ebpf,
-            links: HashMap::new(),
+            pin_dir: pin_dir.map(Path::to_path_buf),
+            attachments: HashMap::new(),
             bindings: HashMap::new(),
+            free_stats: Vec::new(),
+            next_stats: 0,
             installed: Installed::default(),
             generation: Generation::default(),
-        })
+            has_policies: false,
+        };
+        if start == Start::Adopted {
+            enforcer.adopt_state()?;
+        }
+        Ok((enforcer, start))
+    }
+
+    /// Reads back what an earlier daemon left in the pinned maps, so the next install replaces
+    /// it and nothing stale stays behind.
+    fn adopt_state(&mut self) -> Result<(), LoaderError> {
+        let settings = self.settings()?;
+        self.generation = Generation(settings.generation);
+        let current = self.generation;
+        {
+            let cgroups: BpfHashMap<_, u64, CgroupBinding> = self.map_mut(names::CGROUP_POLICY)?;
+            self.bindings = cgroups.iter().filter_map(Result::ok).collect();
+        }
+        self.next_stats = self.bindings.values().map(|b| b.stats + 1).max().unwrap_or(0);
+        let used: std::collections::HashSet<u32> = self.bindings.values().map(|b| b.stats).collect();
+        self.free_stats = (0..self.next_stats).filter(|i| !used.contains(i)).collect();
+        let mut installed = Installed::default();
+        {
+            let v4: LpmTrie<_, RuleKeyV4, Decision> = self.map_mut(names::RULES_V4)?;
+            installed.v4 = v4.keys().filter_map(Result::ok).collect();
+        }
+        {
+            let v6: LpmTrie<_, RuleKeyV6, Decision> = self.map_mut(names::RULES_V6)?;
+            installed.v6 = v6.keys().filter_map(Result::ok).collect();
+        }
+        {
+            let tables: BpfHashMap<_, u32, PortTable> = self.map_mut(names::PORT_TABLES)?;
+            installed.tables = tables.keys().filter_map(Result::ok).filter(|id| current.owns_table(*id)).collect();
+        }
+        installed.slots = (0..MAX_POLICY_SLOTS).filter(|slot| current.owns_slot(*slot)).collect();
+        self.has_policies = !self.bindings.is_empty() || !installed.v4.is_empty() || !installed.v6.is_empty();
+        self.installed = installed;
+        Ok(())
     }
 
     /// The generation the next [`Enforcer::install`] must be compiled for.
     pub fn next_generation(&self) -> Generation {
-        if self.installed.slots.is_empty() && self.bindings.is_empty() {
-            self.generation
-        } else {
+        if self.has_policies {
             self.generation.next()
+        } else {
+            self.generation
         }
     }
 
     /// Attaches every program to `cgroup`; they then see all its traffic and its descendants'.
+    /// With a pin directory the links are pinned there, replacing an earlier daemon's links
+    /// only once the new ones are in place, so enforcement never lapses.
     pub fn attach(&mut self, cgroup: &Cgroup) -> Result<(), LoaderError> {
-        if self.links.contains_key(&cgroup.id) {
+        if self.attachments.contains_key(&cgroup.id) {
             return Ok(());
         }
         let file = cgroup.file()?;
-        let mut links = Vec::new();
-        let result = self.attach_all(file.as_fd(), &mut links);
-        self.links.insert(cgroup.id, links);
-        if result.is_err() {
+        let mut ids = Vec::new();
+        if let Err(error) = self.attach_all(file.as_fd(), &mut ids) {
+            self.attachments.insert(cgroup.id, Attachment::Owned(ids));
             self.detach(cgroup.id);
+            return Err(error);
         }
-        result
+        let attachment = match self.pin_dir.clone() {
+            Some(dir) => Attachment::Pinned(self.pin_links(&dir, cgroup.id, ids)?),
+            None => Attachment::Owned(ids),
+        };
+        self.attachments.insert(cgroup.id, attachment);
+        Ok(())
     }
 
-    fn attach_all(&mut self, cgroup: std::os::fd::BorrowedFd<'_>, links: &mut Vec<Link>) -> Result<(), LoaderError> {
+    fn attach_all(&mut self, cgroup: std::os::fd::BorrowedFd<'_>, ids: &mut Vec<LinkId>) -> Result<(), LoaderError> {
         for name in SOCK_ADDR_PROGRAMS {
             let id = sock_addr_program(&mut self.ebpf, name)?
                 .attach(cgroup, CgroupAttachMode::Single)
                 .map_err(program_error(name))?;
-            links.push(Link::SockAddr(name, id));
+            ids.push(LinkId::SockAddr(name, id));
         }
         let id = skb_program(&mut self.ebpf)?
             .attach(cgroup, CgroupSkbAttachType::Egress, CgroupAttachMode::Single)
             .map_err(program_error(SKB_PROGRAM))?;
-        links.push(Link::Skb(id));
+        ids.push(LinkId::Skb(id));
         Ok(())
+    }
+
+    fn pin_links(&mut self, dir: &Path, cgroup_id: u64, ids: Vec<LinkId>) -> Result<Vec<PinnedLink>, LoaderError> {
+        let links_dir = dir.join(LINKS_DIR);
+        fs::create_dir_all(&links_dir).map_err(pin_error(&links_dir))?;
+        let previous: Vec<PathBuf> = fs::read_dir(&links_dir)
+            .map_err(pin_error(&links_dir))?
+            .filter_map(|entry| entry.ok().map(|e| e.path()))
+            .collect();
+        let stamp = std::process::id();
+        let mut pinned = Vec::new();
+        for id in ids {
+            let (name, link) = match id {
+                LinkId::SockAddr(name, id) => {
+                    let link = sock_addr_program(&mut self.ebpf, name)?.take_link(id).map_err(program_error(name))?;
+                    (name, FdLink::try_from(link)?)
+                }
+                LinkId::Skb(id) => {
+                    let link = skb_program(&mut self.ebpf)?.take_link(id).map_err(program_error(SKB_PROGRAM))?;
+                    (SKB_PROGRAM, FdLink::try_from(link)?)
+                }
+            };
+            let path = links_dir.join(format!("{cgroup_id}-{name}-{stamp}"));
+            let link = link.pin(&path).map_err(|e| LoaderError::Pin {
+                path: path.clone(),
+                source: std::io::Error::other(e.to_string()),
+            })?;
+            pinned.push(link);
+        }
+        // The earlier daemon's links: unpinning and closing them detaches them.
+        for old in previous {
+            match PinnedLink::from_pin(&old) {
+                Ok(link) => drop(link.unpin()),
+                Err(_) => drop(fs::remove_file(&old)),
+            }
+        }
+        Ok(pinned)
     }
 
     /// Detaches the programs from a cgroup (best effort: a cgroup that is gone has no links).
     pub fn detach(&mut self, cgroup_id: u64) {
-        for link in self.links.remove(&cgroup_id).unwrap_or_default() {
-            let result = match link {
-                Link::SockAddr(name, id) => {
-                    sock_addr_program(&mut self.ebpf, name).and_then(|p| p.detach(id).map_err(program_error(name)))
+        match self.attachments.remove(&cgroup_id) {
+            Some(Attachment::Owned(ids)) => {
+                for id in ids {
+                    let result = match id {
+                        LinkId::SockAddr(name, id) => sock_addr_program(&mut self.ebpf, name)
+                            .and_then(|p| p.detach(id).map_err(program_error(name))),
+                        LinkId::Skb(id) => {
+                            skb_program(&mut self.ebpf).and_then(|p| p.detach(id).map_err(program_error(SKB_PROGRAM)))
+                        }
+                    };
+                    if let Err(error) = result {
+                        tracing::warn!(%error, cgroup_id, "detaching");
+                    }
                 }
-                Link::Skb(id) => skb_program(&mut self.ebpf)
-                    .and_then(|p| p.detach(id).map_err(program_error(SKB_PROGRAM))),
-            };
-            if let Err(error) = result {
-                tracing::warn!(%error, cgroup_id, "detaching");
             }
+            Some(Attachment::Pinned(links)) => {
+                for link in links {
+                    drop(link.unpin());
+                }
+            }
+            None => {}
         }
     }
 
-    /// Puts a compiled generation in force: `bindings` maps cgroup ids to the slots the set was
+    /// Stops as asked: with `Keep`, pinned enforcement stays; with `Detach`, links and map pins
+    /// are removed and enforcement ends with this process.
+    pub fn shut_down(&mut self, on_exit: OnExit) {
+        if on_exit == OnExit::Keep {
+            return;
+        }
+        let ids: Vec<u64> = self.attachments.keys().copied().collect();
+        for id in ids {
+            self.detach(id);
+        }
+        if let Some(dir) = &self.pin_dir {
+            drop(fs::remove_dir_all(dir.join(MAPS_DIR)));
+            drop(fs::remove_dir_all(dir.join(LINKS_DIR)));
+            drop(fs::remove_dir(dir));
+        }
+    }
+
+    /// Puts a compiled generation in force: `cgroups` maps cgroup ids to the slots the set was
     /// compiled for, `levels` has bit n set for each bound cgroup at depth n.
     ///
     /// The new rules are written first under fresh slots, then each cgroup is switched with one
@@ -187,34 +394,82 @@ impl Enforcer {
         generation: Generation,
         set: &CompiledSet,
         slots: &[u32],
-        bindings: &HashMap<u64, u32>,
+        cgroups: &HashMap<u64, u32>,
         levels: u32,
     ) -> Result<(), LoaderError> {
         let mut fresh = Installed::default();
-        let written = self.write_generation(set, slots, &mut fresh);
-        if let Err(error) = written {
+        if let Err(error) = self.write_generation(set, slots, &mut fresh) {
             self.remove_generation(&fresh);
             return Err(error);
         }
         let previous_levels = self.settings()?.policy_levels;
-        self.set_levels(previous_levels | levels)?;
-        let stale: Vec<u64> =
-            self.bindings.keys().filter(|id| !bindings.contains_key(id)).copied().collect();
-        {
-            let mut cgroups: BpfHashMap<_, u64, u32> = self.map_mut(names::CGROUP_POLICY)?;
-            for (cgroup_id, slot) in bindings {
-                cgroups.insert(cgroup_id, slot, 0).map_err(map_error(names::CGROUP_POLICY))?;
-            }
-            for id in &stale {
-                let _ = cgroups.remove(id);
-            }
+        self.update_settings(|s| s.policy_levels = previous_levels | levels)?;
+        let stale: Vec<u64> = self.bindings.keys().filter(|id| !cgroups.contains_key(id)).copied().collect();
+        for (cgroup_id, slot) in cgroups {
+            self.bind(*cgroup_id, *slot)?;
         }
-        self.set_levels(levels)?;
+        for id in stale {
+            self.unbind(id);
+        }
+        self.update_settings(|s| {
+            s.policy_levels = levels;
+            s.generation = generation.0;
+        })?;
+        std::thread::sleep(RETIRE_DELAY);
         let old = std::mem::replace(&mut self.installed, fresh);
         self.remove_generation(&old);
-        self.bindings = bindings.clone();
         self.generation = generation;
+        self.has_policies = true;
         Ok(())
+    }
+
+    /// Binds one cgroup to a policy slot of the generation in force (one map write).
+    pub fn bind(&mut self, cgroup_id: u64, slot: u32) -> Result<(), LoaderError> {
+        let stats = match self.bindings.get(&cgroup_id) {
+            Some(existing) => existing.stats,
+            None => self.allocate_stats()?,
+        };
+        let binding = CgroupBinding { slot, stats };
+        let mut cgroups: BpfHashMap<_, u64, CgroupBinding> = self.map_mut(names::CGROUP_POLICY)?;
+        cgroups.insert(cgroup_id, binding, 0).map_err(map_error(names::CGROUP_POLICY))?;
+        self.bindings.insert(cgroup_id, binding);
+        Ok(())
+    }
+
+    /// Adds a level to the set the programs search (for a cgroup bound after an install).
+    pub fn add_level(&mut self, level: u32) -> Result<(), LoaderError> {
+        self.update_settings(|s| s.policy_levels |= 1 << level)
+    }
+
+    /// Removes a cgroup's binding (the cgroup is gone or no longer matches a policy).
+    pub fn unbind(&mut self, cgroup_id: u64) {
+        if let Some(binding) = self.bindings.remove(&cgroup_id) {
+            if let Ok(mut cgroups) = self.map_mut::<BpfHashMap<_, u64, CgroupBinding>>(names::CGROUP_POLICY) {
+                drop(cgroups.remove(&cgroup_id));
+            }
+            if let Ok(mut stats) = self.map_mut::<PerCpuArray<_, PolicyStats>>(names::BINDING_STATS) {
+                let zero = aya::maps::PerCpuValues::try_from(vec![PolicyStats::default(); nr_cpus()]);
+                if let Ok(zero) = zero {
+                    drop(stats.set(binding.stats, zero, 0));
+                }
+            }
+            self.free_stats.push(binding.stats);
+        }
+    }
+
+    pub fn bindings(&self) -> &HashMap<u64, CgroupBinding> {
+        &self.bindings
+    }
+
+    fn allocate_stats(&mut self) -> Result<u32, LoaderError> {
+        if let Some(index) = self.free_stats.pop() {
+            return Ok(index);
+        }
+        if self.next_stats >= MAX_CGROUPS {
+            return Err(LoaderError::TooManyBindings);
+        }
+        self.next_stats += 1;
+        Ok(self.next_stats - 1)
     }
 
     fn write_generation(&mut self, set: &CompiledSet, slots: &[u32], into: &mut Installed) -> Result<(), LoaderError> {
@@ -256,22 +511,22 @@ impl Enforcer {
     fn remove_generation(&mut self, old: &Installed) {
         if let Ok(mut v4) = self.map_mut::<LpmTrie<_, RuleKeyV4, Decision>>(names::RULES_V4) {
             for key in &old.v4 {
-                let _ = v4.remove(key);
+                drop(v4.remove(key));
             }
         }
         if let Ok(mut v6) = self.map_mut::<LpmTrie<_, RuleKeyV6, Decision>>(names::RULES_V6) {
             for key in &old.v6 {
-                let _ = v6.remove(key);
+                drop(v6.remove(key));
             }
         }
         if let Ok(mut tables) = self.map_mut::<BpfHashMap<_, u32, PortTable>>(names::PORT_TABLES) {
             for id in &old.tables {
-                let _ = tables.remove(id);
+                drop(tables.remove(id));
             }
         }
         if let Ok(mut infos) = self.map_mut::<Array<_, PolicyInfo>>(names::POLICY_INFO) {
             for slot in &old.slots {
-                let _ = infos.set(*slot, PolicyInfo::default(), 0);
+                drop(infos.set(*slot, PolicyInfo::default(), 0));
             }
         }
     }
@@ -281,11 +536,11 @@ impl Enforcer {
         settings.get(&0, 0).map_err(map_error(names::SETTINGS))
     }
 
-    fn set_levels(&mut self, levels: u32) -> Result<(), LoaderError> {
+    fn update_settings(&mut self, change: impl FnOnce(&mut Settings)) -> Result<(), LoaderError> {
+        let mut value = self.settings()?;
+        change(&mut value);
         let mut settings: Array<_, Settings> = self.map_mut(names::SETTINGS)?;
-        settings
-            .set(0, Settings { policy_levels: levels, _pad: 0 }, 0)
-            .map_err(map_error(names::SETTINGS))
+        settings.set(0, value, 0).map_err(map_error(names::SETTINGS))
     }
 
     /// The event ring buffer; can be taken once.
@@ -294,22 +549,41 @@ impl Enforcer {
         RingBuf::try_from(map).map_err(map_error(names::EVENTS))
     }
 
-    /// Events the kernel could not put in the ring buffer since the programs were loaded.
-    pub fn dropped_events(&mut self) -> Result<u64, LoaderError> {
+    /// Events the kernel could not put in the ring buffer since the maps were created, and how
+    /// many of those a daemon already reported (kept in the pinned maps across restarts).
+    pub fn dropped_events(&mut self) -> Result<(u64, u64), LoaderError> {
         let counters: PerCpuArray<_, u64> = self.map_mut(names::COUNTERS)?;
         let values = counters.get(&counter::EVENTS_DROPPED, 0).map_err(map_error(names::COUNTERS))?;
-        Ok(values.iter().sum())
+        let total = values.iter().sum();
+        Ok((total, self.settings()?.dropped_reported))
     }
 
-    /// Flow counts of one policy slot, summed over CPUs.
-    pub fn policy_stats(&mut self, slot: u32) -> Result<PolicyStats, LoaderError> {
-        let stats: PerCpuArray<_, PolicyStats> = self.map_mut(names::POLICY_STATS)?;
-        let values = stats.get(&slot, 0).map_err(map_error(names::POLICY_STATS))?;
+    pub fn mark_dropped_reported(&mut self, total: u64) -> Result<(), LoaderError> {
+        self.update_settings(|s| s.dropped_reported = total)
+    }
+
+    /// Flow counts of one bound cgroup, summed over CPUs.
+    pub fn cgroup_stats(&mut self, cgroup_id: u64) -> Result<PolicyStats, LoaderError> {
+        let Some(binding) = self.bindings.get(&cgroup_id).copied() else {
+            return Ok(PolicyStats::default());
+        };
+        let stats: PerCpuArray<_, PolicyStats> = self.map_mut(names::BINDING_STATS)?;
+        let values = stats.get(&binding.stats, 0).map_err(map_error(names::BINDING_STATS))?;
         Ok(values.iter().fold(PolicyStats::default(), |sum, v| PolicyStats {
             allowed: sum.allowed + v.allowed,
             blocked: sum.blocked + v.blocked,
             audited: sum.audited + v.audited,
         }))
+    }
+
+    /// Entries in use and capacity of the maps that fill up with policies.
+    pub fn map_fill(&self) -> Vec<(&'static str, usize, u32)> {
+        vec![
+            (names::RULES_V4, self.installed.v4.len(), egress_common::MAX_CIDRS_V4),
+            (names::RULES_V6, self.installed.v6.len(), egress_common::MAX_CIDRS_V6),
+            (names::PORT_TABLES, self.installed.tables.len(), MAX_PORT_TABLES),
+            (names::CGROUP_POLICY, self.bindings.len(), MAX_CGROUPS),
+        ]
     }
 
     fn map_mut<'a, M>(&'a mut self, name: &'static str) -> Result<M, LoaderError>
@@ -319,6 +593,10 @@ impl Enforcer {
         let map = self.ebpf.map_mut(name).ok_or(LoaderError::MissingMap(name))?;
         M::try_from(map).map_err(map_error(name))
     }
+}
+
+fn nr_cpus() -> usize {
+    aya::util::nr_cpus().unwrap_or(1)
 }
 
 fn sock_addr_program<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut CgroupSockAddr, LoaderError> {

@@ -6,8 +6,6 @@ use std::{
     time::SystemTime,
 };
 
-use serde::Serializer;
-
 use crate::events::FlowRecord;
 
 /// How events are written.
@@ -21,22 +19,31 @@ pub enum LogFormat {
 pub struct EventWriter<W: Write> {
     format: LogFormat,
     out: W,
+    journal: bool,
 }
 
 impl<W: Write> EventWriter<W> {
     pub fn new(format: LogFormat, out: W) -> Self {
-        Self { format, out }
+        Self { format, out, journal: false }
+    }
+
+    /// Prefixes each line with a syslog priority, so the journal files blocked flows as warnings.
+    pub fn with_journal_priorities(mut self, journal: bool) -> Self {
+        self.journal = journal;
+        self
     }
 
     pub fn write(&mut self, record: &FlowRecord) -> io::Result<()> {
-        match self.format {
-            LogFormat::Json => {
-                let mut line = serde_json::to_vec(record)?;
-                line.push(b'\n');
-                self.emit(&line)
-            }
-            LogFormat::Text => self.emit(format!("{}\n", text_line(record)).as_bytes()),
+        let mut line = Vec::with_capacity(256);
+        if self.journal {
+            line.extend_from_slice(crate::service::journal_priority(&record.verdict).as_bytes());
         }
+        match self.format {
+            LogFormat::Json => serde_json::to_writer(&mut line, record)?,
+            LogFormat::Text => line.extend_from_slice(text_line(record).as_bytes()),
+        }
+        line.push(b'\n');
+        self.emit(&line)
     }
 
     /// One write per line, so lines from several writers sharing a stream never interleave.
@@ -48,13 +55,14 @@ impl<W: Write> EventWriter<W> {
     /// Reports events the kernel had to drop since the last notice.
     pub fn write_dropped(&mut self, dropped: u64, total: u64) -> io::Result<()> {
         let time = rfc3339(SystemTime::now());
+        let prefix = if self.journal { "<3>" } else { "" };
         let line = match self.format {
             LogFormat::Json => format!(
-                "{}\n",
+                "{prefix}{}\n",
                 serde_json::json!({"time": time, "notice": "events_dropped", "dropped": dropped, "dropped_total": total})
             ),
             LogFormat::Text => {
-                format!("{time} DROPPED {dropped} events (ring buffer full; {total} since start)\n")
+                format!("{prefix}{time} DROPPED {dropped} events (ring buffer full; {total} since start)\n")
             }
         };
         self.emit(line.as_bytes())
@@ -69,8 +77,8 @@ pub fn text_line(r: &FlowRecord) -> String {
         (IpAddr::V4(dst), port) => format!("{dst}:{port}"),
     };
     format!(
-        "{} {:<7} {:<5} {} {}[{}] uid={} cgroup={} policy={} rule=\"{}\"",
-        rfc3339(r.time),
+        "{} {:<7} {:<5} {} {}[{}] uid={} cgroup={}{} policy={} rule=\"{}\"",
+        r.time,
         r.verdict.to_uppercase(),
         r.protocol,
         destination,
@@ -78,13 +86,10 @@ pub fn text_line(r: &FlowRecord) -> String {
         r.pid,
         r.uid,
         r.cgroup,
+        r.workload.as_deref().map(|w| format!(" workload={w}")).unwrap_or_default(),
         r.policy,
         r.rule
     )
-}
-
-pub fn serialize_time<S: Serializer>(time: &SystemTime, serializer: S) -> Result<S::Ok, S::Error> {
-    serializer.serialize_str(&rfc3339(*time))
 }
 
 /// UTC timestamp with milliseconds, e.g. `2026-11-23T10:01:02.345Z`.

@@ -1,6 +1,6 @@
 //! Moves events from the kernel ring buffer to an output sink, and reports drops.
 
-use std::{io::Write, time::Duration};
+use std::{io::Write, sync::Arc, time::Duration};
 
 use aya::maps::{MapData, RingBuf};
 use tokio::{
@@ -8,7 +8,7 @@ use tokio::{
     sync::watch,
 };
 
-use crate::{engine::Engine, output::EventWriter};
+use crate::{control::history::EventHistory, engine::Engine, output::EventWriter};
 
 /// How often the kernel's dropped-event counter is checked.
 const DROP_CHECK_INTERVAL: Duration = Duration::from_millis(500);
@@ -18,6 +18,7 @@ pub async fn pump<W: Write>(
     ring: RingBuf<MapData>,
     engine: Engine,
     mut writer: EventWriter<W>,
+    history: Option<Arc<EventHistory>>,
     mut stop: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
     // SAFETY: the ring buffer owns its map fd, which stays open and unchanged while the AsyncFd
@@ -30,7 +31,7 @@ pub async fn pump<W: Write>(
         tokio::select! {
             ready = ring.readable_mut() => {
                 let mut guard = ready?;
-                drain(guard.get_inner_mut(), &engine, &mut writer)?;
+                drain(guard.get_inner_mut(), &engine, &mut writer, history.as_deref())?;
                 guard.clear_ready();
             }
             _ = ticker.tick() => drops.check(&engine, &mut writer)?,
@@ -41,42 +42,61 @@ pub async fn pump<W: Write>(
             }
         }
     }
-    drain(ring.get_mut(), &engine, &mut writer)?;
+    drain(ring.get_mut(), &engine, &mut writer, history.as_deref())?;
     drops.check(&engine, &mut writer)?;
     Ok(())
 }
 
-fn drain<W: Write>(ring: &mut RingBuf<MapData>, engine: &Engine, writer: &mut EventWriter<W>) -> std::io::Result<()> {
+fn drain<W: Write>(
+    ring: &mut RingBuf<MapData>,
+    engine: &Engine,
+    writer: &mut EventWriter<W>,
+    history: Option<&EventHistory>,
+) -> std::io::Result<()> {
+    let mut catalog = engine.catalog();
     while let Some(item) = ring.next() {
-        let record = engine.catalog().record(&item);
+        let record = catalog.record(&item);
         drop(item);
         if let Some(record) = record {
             writer.write(&record)?;
+            if let Some(history) = history {
+                history.push(record);
+            }
         }
     }
     Ok(())
 }
 
+/// Reports drops once: the count already reported lives in the (pinned) settings map, so a
+/// restarted daemon reports what was lost while none was running, and nothing twice.
 #[derive(Default)]
 struct DropWatch {
-    reported: u64,
+    started: bool,
 }
 
 impl DropWatch {
     fn check<W: Write>(&mut self, engine: &Engine, writer: &mut EventWriter<W>) -> std::io::Result<()> {
-        let total = match engine.enforcer().dropped_events() {
-            Ok(total) => total,
+        let mut state = engine.state();
+        let (total, reported) = match state.enforcer.dropped_events() {
+            Ok(counts) => counts,
             Err(error) => {
                 tracing::warn!(%error, "reading the dropped-event counter");
                 return Ok(());
             }
         };
-        if total > self.reported {
-            let dropped = total - self.reported;
-            tracing::warn!(dropped, total, "flow events dropped: the ring buffer was full");
+        if total > reported {
+            let dropped = total - reported;
+            if self.started {
+                tracing::warn!(dropped, total, "flow events dropped: the ring buffer was full");
+            } else {
+                tracing::warn!(dropped, total, "flow events were lost while no daemon was reading them");
+            }
             writer.write_dropped(dropped, total)?;
-            self.reported = total;
+            if let Err(error) = state.enforcer.mark_dropped_reported(total) {
+                tracing::warn!(%error, "recording the reported drops");
+            }
         }
+        self.started = true;
         Ok(())
     }
 }

@@ -50,3 +50,40 @@ pub fn check() -> Result<Hierarchy, PreflightError> {
         Err(PreflightError::Unsupported(missing.join(", ")))
     }
 }
+
+/// bpffs magic number (`BPF_FS_MAGIC`).
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+/// Makes sure `pin_dir` lies on a bpffs, mounting one at `/sys/fs/bpf` when nothing is mounted
+/// there yet (systemd hosts have it; minimal machines may not).
+pub fn ensure_bpffs(pin_dir: &std::path::Path) -> anyhow::Result<()> {
+    use anyhow::{bail, Context};
+    let bpffs_root = std::path::Path::new("/sys/fs/bpf");
+    if pin_dir.starts_with(bpffs_root) && !is_bpffs(bpffs_root) {
+        std::fs::create_dir_all(bpffs_root).context("creating /sys/fs/bpf")?;
+        let status = std::process::Command::new("mount")
+            .args(["-t", "bpf", "bpf", "/sys/fs/bpf"])
+            .status()
+            .context("running mount -t bpf")?;
+        if !status.success() {
+            bail!("no bpffs at /sys/fs/bpf and mounting one failed; egress pins its maps and links there");
+        }
+        tracing::info!("mounted bpffs at /sys/fs/bpf");
+    }
+    let existing = pin_dir.ancestors().find(|p| p.exists()).unwrap_or(bpffs_root);
+    if !is_bpffs(existing) {
+        bail!("settings.pin_dir {} is not on a bpffs (mount -t bpf bpf DIR)", pin_dir.display());
+    }
+    Ok(())
+}
+
+fn is_bpffs(path: &std::path::Path) -> bool {
+    let Ok(c_path) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) else {
+        return false;
+    };
+    // SAFETY: statfs fills the zeroed struct; the path is a valid C string.
+    unsafe {
+        let mut stats: libc::statfs = std::mem::zeroed();
+        libc::statfs(c_path.as_ptr(), &mut stats) == 0 && stats.f_type as i64 == BPF_FS_MAGIC
+    }
+}

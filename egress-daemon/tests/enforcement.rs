@@ -13,10 +13,13 @@ use std::{
 use common::*;
 
 fn policy(cgroup: &TestCgroup, default: &str, rules: &str) -> PolicyFile {
-    PolicyFile::new(&format!(
-        "policies:\n  - name: test\n    cgroup: {}\n    default: {default}\n    rules:\n{rules}",
-        cgroup.relative
-    ))
+    PolicyFile::attached_at(
+        Some(&cgroup.relative),
+        &format!(
+            "policies:\n  - name: test\n    cgroup: {}\n    default: {default}\n    rules:\n{rules}",
+            cgroup.relative
+        ),
+    )
 }
 
 const PY_UDP: &str = r#"
@@ -51,7 +54,7 @@ fn tcp_connect_ipv4_allowed_and_refused_with_eperm() {
     let file = policy(&cg, "deny", &format!(
         "      - allow: 127.0.0.1\n        protocol: tcp\n        ports: [{port}]\n      - deny: 127.0.0.0/8\n"
     ));
-    let daemon = Daemon::start(&file.path);
+    let daemon = Daemon::start(&file);
 
     assert_eq!(tcp_connect_from(&cg, "127.0.0.1", port), "ok");
     let started = Instant::now();
@@ -91,7 +94,7 @@ fn tcp_connect_ipv6_and_v4_mapped_follow_the_right_rules() {
     let dual_port = dual.local_addr().expect("addr").port();
     std::thread::spawn(move || for _ in dual.incoming() {});
     let file = policy(&cg, "allow", "      - deny: ::1\n        protocol: tcp\n      - deny: 127.0.0.2\n");
-    let _daemon = Daemon::start(&file.path);
+    let _daemon = Daemon::start(&file);
 
     assert_eq!(tcp_connect_from(&cg, "::1", v6_port), "EPERM");
     // A dual-stack socket reaching an IPv4 address through ::ffff:a.b.c.d is judged as IPv4.
@@ -111,7 +114,7 @@ fn udp_connected_unconnected_and_sendmsg_are_judged() {
     let file = policy(&cg, "deny", &format!(
         "      - allow: 127.0.0.1\n        protocol: udp\n        ports: [{allowed}]\n"
     ));
-    let daemon = Daemon::start(&file.path);
+    let daemon = Daemon::start(&file);
 
     for mode in ["connected", "sendto", "sendmsg"] {
         let ok = stdout_of(&cg.python(PY_UDP, &[mode, "127.0.0.1", &allowed.to_string()]));
@@ -133,7 +136,7 @@ fn unconnected_udp_reports_one_event_per_flow_not_per_datagram() {
     let cg = TestCgroup::new("udpflow");
     let port = udp_echo("127.0.0.1:0");
     let file = policy(&cg, "allow", "      - deny: 127.0.0.9\n");
-    let daemon = Daemon::start(&file.path);
+    let daemon = Daemon::start(&file);
     let script = r#"
 import socket, sys
 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -155,7 +158,7 @@ fn icmp_over_raw_and_unprivileged_ping_sockets() {
     }
     let cg = TestCgroup::new("icmp");
     let file = policy(&cg, "allow", "      - deny: 127.0.0.4\n        protocol: icmp\n");
-    let daemon = Daemon::start(&file.path);
+    let daemon = Daemon::start(&file);
     let script = r#"
 import socket, sys, errno, struct
 kind, host = sys.argv[1], sys.argv[2]
@@ -201,7 +204,7 @@ fn raw_ip_of_any_protocol_is_covered_by_the_packet_hook() {
     }
     let cg = TestCgroup::new("rawip");
     let file = policy(&cg, "deny", "      - allow: 127.0.0.1\n        protocol: tcp\n");
-    let daemon = Daemon::start(&file.path);
+    let daemon = Daemon::start(&file);
     let script = r#"
 import socket, errno
 s = socket.socket(socket.AF_INET, socket.SOCK_RAW, 253)
@@ -224,7 +227,7 @@ fn servers_in_a_default_deny_cgroup_still_answer_their_clients() {
     }
     let cg = TestCgroup::new("stateful");
     let file = policy(&cg, "deny", "");
-    let _daemon = Daemon::start(&file.path);
+    let _daemon = Daemon::start(&file);
     let server = r#"
 import socket, sys
 kind = sys.argv[1]
@@ -301,7 +304,7 @@ except OSError as e:
         .expect("start client");
     let (mut accepted, _) = listener.accept().expect("accept");
     let file = policy(&cg, "deny", "");
-    let _daemon = Daemon::start(&file.path);
+    let _daemon = Daemon::start(&file);
     child.stdin.take().expect("stdin").write_all(b"go\n").expect("resume client");
     accepted.set_read_timeout(Some(Duration::from_secs(3))).expect("timeout");
     let mut buf = [0u8; 5];
@@ -326,7 +329,7 @@ fn hosts_in_a_network_namespace_are_filtered_per_address() {
     }
     std::thread::sleep(Duration::from_millis(400));
     let file = policy(&cg, "deny", "      - allow: 10.213.41.0/24\n        protocol: tcp\n        ports: [8080]\n");
-    let _daemon = Daemon::start(&file.path);
+    let _daemon = Daemon::start(&file);
     assert_eq!(tcp_connect_from(&cg, "10.213.41.2", 8080), "ok");
     assert_eq!(tcp_connect_from(&cg, "fd00:e9e5:41::2", 8080), "EPERM");
     for mut server in servers {

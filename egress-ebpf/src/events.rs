@@ -4,10 +4,10 @@ use aya_ebpf::helpers::{
     bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_uid_gid,
     generated::bpf_ktime_get_boot_ns,
 };
-use egress_common::{counter, verdict, FlowEvent, FlowKey};
+use egress_common::{counter, verdict, CgroupBinding, FlowEvent, FlowKey};
 
 use crate::{
-    maps::{COUNTERS, EVENTS, FLOWS_SEEN, POLICY_STATS},
+    maps::{BINDING_STATS, COUNTERS, EVENTS, FLOWS_SEEN},
     policy::{Flow, Judgement},
 };
 
@@ -23,11 +23,11 @@ pub struct Sender {
 /// Counts the flow and reports it, unless `once` is set and the same socket already reported
 /// the same decision for this destination (sendmsg and packet hooks run per datagram).
 #[inline(always)]
-pub fn report(slot: u32, flow: &Flow, judgement: &Judgement, hook: u8, sender: &Sender, once: bool) {
+pub fn report(binding: &CgroupBinding, flow: &Flow, judgement: &Judgement, hook: u8, sender: &Sender, once: bool) {
     if once {
         let key = FlowKey {
             cookie: sender.cookie,
-            policy: slot,
+            policy: binding.slot,
             rule: judgement.rule,
             addr: flow.addr,
             port: flow.port,
@@ -40,7 +40,7 @@ pub fn report(slot: u32, flow: &Flow, judgement: &Judgement, hook: u8, sender: &
         }
         let _ = FLOWS_SEEN.insert(&key, &0, 0);
     }
-    count_flow(slot, judgement.verdict);
+    count_flow(binding.stats, judgement.verdict);
 
     let Some(mut entry) = EVENTS.reserve::<FlowEvent>(0) else {
         bump(counter::EVENTS_DROPPED);
@@ -54,7 +54,7 @@ pub fn report(slot: u32, flow: &Flow, judgement: &Judgement, hook: u8, sender: &
         // SAFETY: a helper without arguments.
         boot_ns: unsafe { bpf_ktime_get_boot_ns() },
         cgroup_id: sender.cgroup_id,
-        policy: slot,
+        policy: binding.slot,
         rule: judgement.rule,
         pid: (pid_tgid >> 32) as u32,
         uid,
@@ -72,8 +72,8 @@ pub fn report(slot: u32, flow: &Flow, judgement: &Judgement, hook: u8, sender: &
 }
 
 #[inline(always)]
-fn count_flow(slot: u32, verdict: u8) {
-    if let Some(stats) = POLICY_STATS.get_ptr_mut(slot) {
+fn count_flow(index: u32, verdict: u8) {
+    if let Some(stats) = BINDING_STATS.get_ptr_mut(index) {
         // SAFETY: per-CPU value, no other writer on this CPU while the program runs.
         let stats = unsafe { &mut *stats };
         match verdict {

@@ -6,14 +6,14 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
 };
 use egress_common::{
-    Decision, FlowKey, PeerKey, PolicyInfo, PolicyStats, PortTable, RuleKeyV4, RuleKeyV6,
+    CgroupBinding, Decision, FlowKey, PeerKey, PolicyInfo, PolicyStats, PortTable, RuleKeyV4, RuleKeyV6,
     Settings, EVENTS_RING_BYTES, MAX_CGROUPS, MAX_CIDRS_V4, MAX_CIDRS_V6, MAX_FLOWS_SEEN,
     MAX_POLICY_SLOTS, MAX_PORT_TABLES, MAX_UDP_PEERS,
 };
 
 /// cgroup id -> policy slot.
 #[map]
-pub static CGROUP_POLICY: HashMap<u64, u32> = HashMap::with_max_entries(MAX_CGROUPS, 0);
+pub static CGROUP_POLICY: HashMap<u64, CgroupBinding> = HashMap::with_max_entries(MAX_CGROUPS, 0);
 
 #[map]
 pub static POLICY_INFO: Array<PolicyInfo> = Array::with_max_entries(MAX_POLICY_SLOTS, 0);
@@ -39,8 +39,7 @@ pub static COUNTERS: PerCpuArray<u64> =
     PerCpuArray::with_max_entries(egress_common::counter::COUNT, 0);
 
 #[map]
-pub static POLICY_STATS: PerCpuArray<PolicyStats> =
-    PerCpuArray::with_max_entries(MAX_POLICY_SLOTS, 0);
+pub static BINDING_STATS: PerCpuArray<PolicyStats> = PerCpuArray::with_max_entries(MAX_CGROUPS, 0);
 
 #[map]
 pub static UDP_PEERS: LruHashMap<PeerKey, u8> = LruHashMap::with_max_entries(MAX_UDP_PEERS, 0);

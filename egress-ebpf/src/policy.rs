@@ -2,7 +2,7 @@
 
 use aya_ebpf::maps::lpm_trie::Key;
 use egress_common::{
-    action, family, mode, proto, rule_id, verdict, RuleKeyV4, RuleKeyV6, MAX_CGROUP_LEVEL,
+    action, family, mode, proto, rule_id, verdict, CgroupBinding, RuleKeyV4, RuleKeyV6, MAX_CGROUP_LEVEL,
     MAX_PORT_RULES, POLICY_KEY_BITS,
 };
 
@@ -41,10 +41,10 @@ pub fn normalise_protocol(protocol: u8) -> u8 {
     }
 }
 
-/// Policy slot of the nearest cgroup (the sender's own, then its ancestors) that has a policy.
+/// Binding of the nearest cgroup (the sender's own, then its ancestors) that has a policy.
 /// `ancestor(level)` returns the id of the sender's ancestor at that level, 0 above its depth.
 #[inline(always)]
-pub fn policy_of(ancestor: impl Fn(i32) -> u64) -> Option<u32> {
+pub fn policy_of(ancestor: impl Fn(i32) -> u64) -> Option<CgroupBinding> {
     let levels = SETTINGS.get(0).map_or(0, |s| s.policy_levels);
     let mut found = None;
     let mut level = 0u32;
@@ -58,8 +58,8 @@ pub fn policy_of(ancestor: impl Fn(i32) -> u64) -> Option<u32> {
                 break;
             }
             // SAFETY: the value is copied out at once.
-            if let Some(slot) = unsafe { CGROUP_POLICY.get(&id) } {
-                found = Some(*slot);
+            if let Some(binding) = unsafe { CGROUP_POLICY.get(&id) } {
+                found = Some(*binding);
             }
         }
         level += 1;

@@ -35,14 +35,14 @@ pub fn egress_packet(ctx: SkBuffContext) -> i32 {
         return PASS;
     }
     // SAFETY: helper on the program's own context.
-    let Some(slot) = policy_of(|level| unsafe { bpf_skb_ancestor_cgroup_id(skb.cast(), level) })
+    let Some(binding) = policy_of(|level| unsafe { bpf_skb_ancestor_cgroup_id(skb.cast(), level) })
     else {
         return PASS;
     };
     let Some(flow) = parse(&ctx) else {
         return PASS;
     };
-    let judgement = judge(slot, &flow, || false);
+    let judgement = judge(binding.slot, &flow, || false);
     // SAFETY: helpers on the program's own context.
     let sender = unsafe {
         Sender {
@@ -51,7 +51,7 @@ pub fn egress_packet(ctx: SkBuffContext) -> i32 {
             socket_uid: Some(bpf_get_socket_uid(skb.cast())),
         }
     };
-    report(slot, &flow, &judgement, hook::SKB, &sender, true);
+    report(&binding, &flow, &judgement, hook::SKB, &sender, true);
     if judgement.lets_through() {
         PASS
     } else {

@@ -56,20 +56,20 @@ pub fn recvmsg6(ctx: SockAddrContext) -> i32 {
 
 #[inline(always)]
 fn on_send(ctx: &SockAddrContext, socket_family: u8, hook: u8, per_datagram: bool) -> i32 {
-    let Some(slot) = policy_of(current_ancestor) else {
+    let Some(binding) = policy_of(current_ancestor) else {
         return ALLOW;
     };
     let sa = ctx.sock_addr;
     let flow = destination(sa, socket_family);
     let cookie = unsafe { bpf_get_socket_cookie(sa.cast()) };
-    let judgement = judge(slot, &flow, || peer_spoke_first(cookie, &flow));
+    let judgement = judge(binding.slot, &flow, || peer_spoke_first(cookie, &flow));
     let sender = Sender {
         // SAFETY: a helper without arguments.
         cgroup_id: unsafe { bpf_get_current_cgroup_id() },
         cookie,
         socket_uid: None,
     };
-    report(slot, &flow, &judgement, hook, &sender, per_datagram);
+    report(&binding, &flow, &judgement, hook, &sender, per_datagram);
     if judgement.lets_through() {
         ALLOW
     } else {

@@ -44,6 +44,10 @@ pub fn run_command(extra: &[String]) -> Result<()> {
     {
         cmd.arg("--config").arg(workspace::demo_config());
     }
+    // The demo removes its enforcement when stopped, unless asked otherwise.
+    if !extra.iter().any(|arg| arg.starts_with("--on-exit")) {
+        cmd.args(["--on-exit", "detach"]);
+    }
     cmd.args(extra);
     println!("running {}", sys::describe(&cmd));
     // exec: signals (Ctrl-C, SIGTERM) go straight to the daemon, and its exit status is ours.

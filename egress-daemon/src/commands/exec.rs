@@ -37,7 +37,7 @@ pub async fn exec(args: ExecArgs) -> Result<i32, Failure> {
     let cgroup = hierarchy
         .create(&format!("egress-exec-{}", std::process::id()))
         .context("creating the transient cgroup")?;
-    let result = exec_in(&hierarchy, &cgroup, &set, &args).await;
+    let result = exec_in(&hierarchy, &cgroup, set, &args).await;
     if let Err(error) = cgroup.kill_and_remove() {
         tracing::warn!(%error, "removing the transient cgroup");
     }
@@ -47,17 +47,18 @@ pub async fn exec(args: ExecArgs) -> Result<i32, Failure> {
 async fn exec_in(
     hierarchy: &Hierarchy,
     cgroup: &Cgroup,
-    set: &crate::policy::model::PolicySet,
+    set: crate::policy::model::PolicySet,
     args: &ExecArgs,
 ) -> Result<i32, Failure> {
-    let mut enforcer = Enforcer::load().context("loading the kernel programs")?;
+    let (mut enforcer, _) = Enforcer::load(None).context("loading the kernel programs")?;
     let ring = enforcer.take_events()?;
     let engine = Engine::new(enforcer, Catalog::new(hierarchy.clone()));
-    engine.apply(set, &[Binding { policy: 0, cgroup: cgroup.clone() }])?;
+    engine.apply(set, &args.config.display().to_string(), &[Binding { policy: 0, cgroup: cgroup.clone() }])?;
+    engine.attach(cgroup)?;
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let writer = EventWriter::new(args.log_format, io::stderr());
-    let events = tokio::spawn(pipeline::pump(ring, engine.clone(), writer, stop_rx));
+    let events = tokio::spawn(pipeline::pump(ring, engine.clone(), writer, None, stop_rx));
 
     let status = spawn_in_cgroup(cgroup, &args.command)
         .with_context(|| format!("starting {}", args.command.join(" ")))?

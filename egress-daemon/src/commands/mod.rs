@@ -2,7 +2,6 @@
 
 pub mod check;
 pub mod exec;
-pub mod run;
 
 use std::path::Path;
 

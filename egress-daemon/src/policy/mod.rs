@@ -7,7 +7,10 @@ pub mod parse;
 pub mod reference;
 
 pub use compile::{compile_set, protocol_number, CompileError, CompiledPolicy, CompiledSet};
-pub use model::{Action, Mode, Policy, PolicySet, PortRange, Protocol, Rule};
+pub use model::{
+    cgroup_glob_matches, Action, Mode, Policy, PolicySet, PortRange, Protocol, Rule, Selector,
+    Settings,
+};
 pub use parse::{parse_policy_file, parse_policy_str, ConfigError};
 
 #[cfg(test)]

@@ -1,6 +1,6 @@
 //! The policy model: what a policy file means, independent of YAML and of the kernel maps.
 
-use std::fmt;
+use std::{fmt, net::SocketAddr, path::PathBuf};
 
 use egress_common::proto;
 use ipnet::IpNet;
@@ -152,12 +152,126 @@ impl Rule {
     }
 }
 
-/// The rules of one cgroup.
+/// Which cgroups a policy governs.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum Selector {
+    /// A cgroup path or glob relative to the cgroup2 mount, normalised to `a/b/c` (no leading or
+    /// trailing `/`, no empty or `.` components). `*` matches within one path component, `?` one
+    /// character, and a `**` component any number of components.
+    Cgroup(String),
+    /// A systemd unit name such as `nginx.service`: the cgroups named after it.
+    SystemdUnit(String),
+    /// A container id, an id prefix of at least 4 hex digits, or a container name.
+    Container(String),
+}
+
+impl Selector {
+    /// The key used in policy files: `cgroup`, `systemd_unit` or `container`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Selector::Cgroup(_) => "cgroup",
+            Selector::SystemdUnit(_) => "systemd_unit",
+            Selector::Container(_) => "container",
+        }
+    }
+
+    /// The path, glob, unit or container as written (cgroup paths normalised).
+    pub fn value(&self) -> &str {
+        match self {
+            Selector::Cgroup(v) | Selector::SystemdUnit(v) | Selector::Container(v) => v,
+        }
+    }
+
+    /// Whether this is a `cgroup` selector with a wildcard (`*`, `?` or `**`).
+    pub fn is_glob(&self) -> bool {
+        match self {
+            Selector::Cgroup(pattern) => is_glob(pattern),
+            Selector::SystemdUnit(_) | Selector::Container(_) => false,
+        }
+    }
+}
+
+impl fmt::Display for Selector {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} {}", self.kind(), self.value())
+    }
+}
+
+/// Whether a cgroup path or pattern has wildcards.
+pub(crate) fn is_glob(pattern: &str) -> bool {
+    pattern.contains(['*', '?'])
+}
+
+/// Whether a cgroup path (relative, normalised, "" for root) matches a cgroup glob or plain path.
+///
+/// `*` matches any run of characters within one path component (never `/`), `?` exactly one
+/// character, and a component that is exactly `**` matches zero or more whole components. A
+/// pattern without wildcards matches only the identical path. Empty components (doubled, leading
+/// or trailing `/`) are ignored on both sides.
+pub fn cgroup_glob_matches(pattern: &str, path: &str) -> bool {
+    let pattern: Vec<&str> = pattern.split('/').filter(|c| !c.is_empty()).collect();
+    let path: Vec<&str> = path.split('/').filter(|c| !c.is_empty()).collect();
+    wildcard_match(
+        &pattern,
+        &path,
+        |p| *p == "**",
+        |p, c| component_matches(p, c),
+    )
+}
+
+/// Whether one path component matches one pattern component (`*` and `?` wildcards).
+fn component_matches(pattern: &str, component: &str) -> bool {
+    let pattern: Vec<char> = pattern.chars().collect();
+    let component: Vec<char> = component.chars().collect();
+    wildcard_match(
+        &pattern,
+        &component,
+        |p| *p == '*',
+        |p, c| *p == '?' || p == c,
+    )
+}
+
+/// Matches `text` against `pattern`, where `is_star` elements match any run of elements and other
+/// elements match one element as `one` says. The greedy algorithm with one backtrack point: at
+/// most `pattern.len() * text.len()` steps, never exponential.
+fn wildcard_match<P, T>(
+    pattern: &[P],
+    text: &[T],
+    is_star: impl Fn(&P) -> bool,
+    one: impl Fn(&P, &T) -> bool,
+) -> bool {
+    let (mut p, mut t) = (0, 0);
+    // After the last star seen: the pattern index following it and the text index it resumes at.
+    let mut backtrack: Option<(usize, usize)> = None;
+    while t < text.len() {
+        match pattern.get(p) {
+            Some(element) if is_star(element) => {
+                p += 1;
+                backtrack = Some((p, t));
+            }
+            Some(element) if one(element, &text[t]) => {
+                p += 1;
+                t += 1;
+            }
+            _ => match backtrack {
+                Some((after_star, resume)) => {
+                    p = after_star;
+                    t = resume + 1;
+                    backtrack = Some((after_star, resume + 1));
+                }
+                None => return false,
+            },
+        }
+    }
+    pattern[p..].iter().all(is_star)
+}
+
+/// The rules applied to the cgroups a selector names.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Policy {
     pub name: String,
-    /// cgroup v2 path relative to the cgroup2 mount, without leading or trailing `/`.
-    pub cgroup: String,
+    /// Which cgroups the policy governs.
+    pub selector: Selector,
     /// What happens when no rule matches.
     pub default: Action,
     pub mode: Mode,
@@ -165,14 +279,15 @@ pub struct Policy {
 }
 
 impl Policy {
-    /// One line for logs and status output.
+    /// One line for logs and status output, e.g.
+    /// `demo: cgroup egress-demo, default deny, mode enforce, 2 rules (1 IPv4, 1 IPv6)`.
     pub fn summary(&self) -> String {
         let v4 = self.rules.iter().filter(|r| r.net.addr().is_ipv4()).count();
         let v6 = self.rules.len() - v4;
         format!(
-            "{}: cgroup {}, default {}, mode {}, {} rules ({v4} IPv4, {v6} IPv6)",
+            "{}: {}, default {}, mode {}, {} rules ({v4} IPv4, {v6} IPv6)",
             self.name,
-            self.cgroup,
+            self.selector,
             self.default,
             self.mode,
             self.rules.len(),
@@ -180,8 +295,49 @@ impl Policy {
     }
 }
 
-/// Every policy of one policy file.
+/// Default of [`Settings::history`].
+pub const DEFAULT_HISTORY: usize = 10_000;
+/// Largest [`Settings::history`].
+pub const MAX_HISTORY: usize = 10_000_000;
+/// Default of [`Settings::control_socket`].
+pub const DEFAULT_CONTROL_SOCKET: &str = "/run/egress/control.sock";
+/// Default of [`Settings::pin_dir`].
+pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/egress";
+
+/// The daemon's settings: the optional top-level `settings:` of a policy file.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Settings {
+    /// The cgroup the kernel programs are attached to, relative to the cgroup2 mount and
+    /// normalised like cgroup selectors; `""` for the cgroup2 root (the default).
+    pub attach: String,
+    /// Events kept in memory for `egress logs`, `1..=MAX_HISTORY`.
+    pub history: usize,
+    /// Absolute, normalised path of the control socket.
+    pub control_socket: PathBuf,
+    /// A group whose members may use the control socket besides root.
+    pub control_group: Option<String>,
+    /// Where the Prometheus metrics are served; `None`: not served.
+    pub metrics: Option<SocketAddr>,
+    /// Absolute, normalised directory in a bpffs where programs, links and maps are pinned.
+    pub pin_dir: PathBuf,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            attach: String::new(),
+            history: DEFAULT_HISTORY,
+            control_socket: PathBuf::from(DEFAULT_CONTROL_SOCKET),
+            control_group: None,
+            metrics: None,
+            pin_dir: PathBuf::from(DEFAULT_PIN_DIR),
+        }
+    }
+}
+
+/// Everything one policy file says.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct PolicySet {
+    pub settings: Settings,
     pub policies: Vec<Policy>,
 }

@@ -5,7 +5,12 @@
 //! the position of the rule. Checks across policies use positions captured with [`Located`].
 
 use std::{
-    collections::HashMap, convert::Infallible, fmt, marker::PhantomData, net::IpAddr, path::Path,
+    collections::HashMap,
+    convert::Infallible,
+    fmt,
+    marker::PhantomData,
+    net::{IpAddr, Ipv4Addr, SocketAddr},
+    path::{Path, PathBuf},
 };
 
 use ipnet::{IpNet, Ipv4Net};
@@ -14,7 +19,10 @@ use serde::{
     Deserialize,
 };
 
-use super::model::{Action, Mode, Policy, PolicySet, PortRange, Protocol, Rule};
+use super::model::{
+    is_glob, Action, Mode, Policy, PolicySet, PortRange, Protocol, Rule, Selector, Settings,
+    MAX_HISTORY,
+};
 
 /// A policy file that cannot be used, and where the problem is.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -93,21 +101,59 @@ fn yaml_error(err: &serde_norway::Error, file: &str) -> ConfigError {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct FileDoc {
-    policies: Vec<PolicyDoc>,
-    #[serde(default, rename = "settings")]
-    _settings: Option<SettingsDoc>,
+    policies: Vec<PolicyEntry>,
+    #[serde(default)]
+    settings: Option<SettingsDoc>,
 }
 
-/// Global settings; none are defined yet.
+/// `settings:`; every key optional.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct SettingsDoc {}
+struct SettingsDoc {
+    #[serde(default)]
+    attach: Option<Checked<AttachPath>>,
+    #[serde(default)]
+    history: Option<Checked<History>>,
+    #[serde(default)]
+    control_socket: Option<Checked<SocketPath>>,
+    #[serde(default)]
+    control_group: Option<Checked<GroupName>>,
+    #[serde(default)]
+    metrics: Option<Checked<MetricsAddr>>,
+    #[serde(default)]
+    pin_dir: Option<Checked<PinDir>>,
+}
 
+impl SettingsDoc {
+    fn into_settings(self) -> Settings {
+        let defaults = Settings::default();
+        Settings {
+            attach: self.attach.map_or(defaults.attach, |v| v.0 .0),
+            history: self.history.map_or(defaults.history, |v| v.0 .0),
+            control_socket: self
+                .control_socket
+                .map_or(defaults.control_socket, |v| v.0 .0),
+            control_group: self
+                .control_group
+                .map(|v| v.0 .0)
+                .or(defaults.control_group),
+            metrics: self.metrics.map(|v| v.0 .0).or(defaults.metrics),
+            pin_dir: self.pin_dir.map_or(defaults.pin_dir, |v| v.0 .0),
+        }
+    }
+}
+
+/// What a policy mapping holds before its selectors are checked against each other.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct PolicyDoc {
     name: Located<Name>,
-    cgroup: Located<CgroupPath>,
+    #[serde(default)]
+    cgroup: Option<Located<CgroupPattern>>,
+    #[serde(default)]
+    systemd_unit: Option<Located<UnitName>>,
+    #[serde(default)]
+    container: Option<Located<ContainerRef>>,
     #[serde(default = "default_action")]
     default: Checked<Action>,
     #[serde(default)]
@@ -120,54 +166,123 @@ fn default_action() -> Checked<Action> {
     Checked(Action::Deny)
 }
 
-impl FileDoc {
-    fn into_set(self, file: &str) -> Result<PolicySet, ConfigError> {
-        let names = self.policies.iter().map(|p| (&p.name.value.0, &p.name));
-        check_unique(names, "name", file, |name, first| {
-            format!("duplicate policy name `{name}` (first at line {first})")
-        })?;
-        let cgroups = self.policies.iter().map(|p| (&p.cgroup.value.0, &p.cgroup));
-        check_unique(cgroups, "cgroup", file, |cgroup, first| {
-            format!("cgroup `{cgroup}` already has the policy at line {first}; a cgroup takes one policy")
-        })?;
-        let policies = self
-            .policies
-            .into_iter()
-            .map(PolicyDoc::into_policy)
-            .collect();
-        Ok(PolicySet { policies })
+/// The keys that select cgroups, as error messages list them.
+const SELECTOR_KEYS: &str = "`cgroup`, `systemd_unit` or `container`";
+
+/// A checked policy and where its name and selector were written.
+struct PolicyEntry {
+    policy: Policy,
+    name_at: (usize, usize),
+    selector_at: (usize, usize),
+}
+
+impl<'de> Deserialize<'de> for PolicyEntry {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_map(PolicyVisitor)
+    }
+}
+
+struct PolicyVisitor;
+
+impl<'de> Visitor<'de> for PolicyVisitor {
+    type Value = PolicyEntry;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a policy: a mapping with `name`, a selector and `rules`")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<PolicyEntry, A::Error> {
+        // Checked inside the visitor so that serde_norway gives the error the policy's position.
+        let doc = PolicyDoc::deserialize(MapAccessDeserializer::new(map))?;
+        doc.into_entry().map_err(de::Error::custom)
     }
 }
 
 impl PolicyDoc {
-    fn into_policy(self) -> Policy {
-        Policy {
-            name: self.name.value.0,
-            cgroup: self.cgroup.value.0,
-            default: self.default.0,
-            mode: self.mode.0,
-            rules: self.rules,
+    fn into_entry(self) -> Result<PolicyEntry, String> {
+        let mut selectors = Vec::new();
+        if let Some(at) = self.cgroup {
+            selectors.push((Selector::Cgroup(at.value.0), (at.line, at.column)));
         }
+        if let Some(at) = self.systemd_unit {
+            selectors.push((Selector::SystemdUnit(at.value.0), (at.line, at.column)));
+        }
+        if let Some(at) = self.container {
+            selectors.push((Selector::Container(at.value.0), (at.line, at.column)));
+        }
+        if selectors.len() > 1 {
+            let mut keys: Vec<String> = selectors
+                .iter()
+                .map(|(s, _)| format!("`{}`", s.kind()))
+                .collect();
+            let last = keys.pop().unwrap_or_default();
+            return Err(format!(
+                "a policy takes exactly one selector, one of {SELECTOR_KEYS}; this one has {} and {last}",
+                keys.join(", ")
+            ));
+        }
+        let Some((selector, selector_at)) = selectors.pop() else {
+            return Err(format!("a policy needs a selector: one of {SELECTOR_KEYS}"));
+        };
+        Ok(PolicyEntry {
+            policy: Policy {
+                name: self.name.value.0,
+                selector,
+                default: self.default.0,
+                mode: self.mode.0,
+                rules: self.rules,
+            },
+            name_at: (self.name.line, self.name.column),
+            selector_at,
+        })
     }
 }
 
-/// Fails at the second policy whose `field` repeats an earlier one's.
-fn check_unique<'a, T: 'a>(
-    values: impl Iterator<Item = (&'a String, &'a Located<T>)>,
-    field: &str,
+impl FileDoc {
+    fn into_set(self, file: &str) -> Result<PolicySet, ConfigError> {
+        let names = self
+            .policies
+            .iter()
+            .map(|e| (e.policy.name.as_str(), "name", e.name_at));
+        check_unique(names, file, |name, _, first| {
+            format!("duplicate policy name `{name}` (first at line {first})")
+        })?;
+        let selectors = self.policies.iter().map(|e| {
+            let s = &e.policy.selector;
+            ((s.kind(), s.value()), s.kind(), e.selector_at)
+        });
+        check_unique(selectors, file, |(kind, value), _, first| {
+            format!(
+                "{kind} `{value}` already has the policy at line {first}; a selector takes one policy"
+            )
+        })?;
+        Ok(PolicySet {
+            settings: self
+                .settings
+                .map_or_else(Settings::default, SettingsDoc::into_settings),
+            policies: self.policies.into_iter().map(|e| e.policy).collect(),
+        })
+    }
+}
+
+/// Fails at the second policy whose key repeats an earlier one's; `field` is the policy key the
+/// error names, `(line, column)` where it was written.
+fn check_unique<K: Eq + std::hash::Hash>(
+    values: impl Iterator<Item = (K, &'static str, (usize, usize))>,
     file: &str,
-    message: impl Fn(&str, usize) -> String,
+    message: impl Fn(K, &str, usize) -> String,
 ) -> Result<(), ConfigError> {
     let mut first_line = HashMap::new();
-    for (index, (value, at)) in values.enumerate() {
-        if let Some(first) = first_line.insert(value.as_str(), at.line) {
+    for (index, (key, field, (line, column))) in values.enumerate() {
+        if let Some(&first) = first_line.get(&key) {
             return Err(ConfigError {
                 file: file.to_owned(),
-                line: at.line,
-                column: at.column,
-                message: format!("policies[{index}].{field}: {}", message(value, first)),
+                line,
+                column,
+                message: format!("policies[{index}].{field}: {}", message(key, field, first)),
             });
         }
+        first_line.insert(key, line);
     }
     Ok(())
 }
@@ -505,30 +620,253 @@ impl Scalar for Name {
     }
 }
 
-/// A cgroup path relative to the cgroup2 mount, normalised to `a/b/c`.
-struct CgroupPath(String);
+/// The components of a cgroup path relative to the cgroup2 mount, without empty or `.` ones.
+fn cgroup_components<'a>(text: &'a str, what: &str) -> Result<Vec<&'a str>, String> {
+    if text.starts_with('/') {
+        return Err(format!(
+            "{what} `{text}` must be relative to the cgroup2 mount (no leading `/`)"
+        ));
+    }
+    let parts: Vec<&str> = text
+        .split('/')
+        .filter(|p| !p.is_empty() && *p != ".")
+        .collect();
+    if parts.contains(&"..") {
+        return Err(format!("{what} `{text}` must not contain `..`"));
+    }
+    Ok(parts)
+}
 
-impl Scalar for CgroupPath {
-    const EXPECTING: &'static str = "a cgroup path relative to the cgroup2 mount";
+/// A `cgroup:` selector: a path or glob relative to the cgroup2 mount, normalised to `a/b/c`.
+struct CgroupPattern(String);
+
+impl Scalar for CgroupPattern {
+    const EXPECTING: &'static str = "a cgroup path or glob relative to the cgroup2 mount";
 
     fn parse(text: &str) -> Result<Self, String> {
-        if text.starts_with('/') {
-            return Err(format!(
-                "cgroup path `{text}` must be relative to the cgroup2 mount (no leading `/`)"
-            ));
-        }
-        let parts: Vec<&str> = text
-            .split('/')
-            .filter(|p| !p.is_empty() && *p != ".")
-            .collect();
-        if parts.contains(&"..") {
-            return Err(format!("cgroup path `{text}` must not contain `..`"));
-        }
+        let mut parts = cgroup_components(text, "cgroup path")?;
         if parts.is_empty() {
             return Err(
                 "the cgroup path is empty; name a cgroup below the cgroup2 mount".to_owned(),
             );
         }
-        Ok(CgroupPath(parts.join("/")))
+        if let Some(part) = parts.iter().find(|p| p.contains("**") && **p != "**") {
+            return Err(format!(
+                "cgroup glob `{text}`: `**` must be a whole path component (as in `a/**/b`), \
+                 not part of `{part}`; use `*` within a component"
+            ));
+        }
+        // `**/**` means the same as `**`.
+        parts.dedup_by(|a, b| *a == "**" && *b == "**");
+        Ok(CgroupPattern(parts.join("/")))
+    }
+}
+
+/// `settings.attach`: one cgroup, `""` for the cgroup2 root.
+struct AttachPath(String);
+
+impl Scalar for AttachPath {
+    const EXPECTING: &'static str =
+        "a cgroup path relative to the cgroup2 mount, or / for its root";
+
+    fn parse(text: &str) -> Result<Self, String> {
+        if text.trim() == "/" || text.is_empty() {
+            return Ok(AttachPath(String::new()));
+        }
+        let parts = cgroup_components(text, "cgroup path")?;
+        if is_glob(text) {
+            return Err(format!(
+                "`{text}` is a glob; the programs attach to one cgroup (or / for the cgroup2 root)"
+            ));
+        }
+        Ok(AttachPath(parts.join("/")))
+    }
+}
+
+/// Unit types whose units hold processes.
+const UNIT_SUFFIXES: [&str; 4] = [".service", ".scope", ".slice", ".socket"];
+
+/// A `systemd_unit:` selector.
+struct UnitName(String);
+
+impl Scalar for UnitName {
+    const EXPECTING: &'static str = "a systemd unit name like nginx.service";
+
+    fn parse(text: &str) -> Result<Self, String> {
+        if text.contains('/') {
+            return Err(format!(
+                "`{text}` is a path, not a systemd unit name; use `cgroup:` for cgroup paths"
+            ));
+        }
+        if is_glob(text) {
+            return Err(format!(
+                "`{text}`: systemd_unit takes one unit name; use a `cgroup:` glob to match several"
+            ));
+        }
+        let Some(prefix) = UNIT_SUFFIXES.iter().find_map(|s| text.strip_suffix(s)) else {
+            return Err(format!(
+                "`{text}` is not a .service, .scope, .slice or .socket unit; policies select \
+                 the units that run workloads"
+            ));
+        };
+        let valid = |c: char| c.is_ascii_alphanumeric() || ":-_.\\@".contains(c);
+        if prefix.is_empty() || prefix.starts_with(['.', '@']) || !prefix.chars().all(valid) {
+            return Err(format!(
+                "`{text}` is not a systemd unit name: letters, digits and `:-_.\\@` before the suffix"
+            ));
+        }
+        if text.len() > 255 {
+            return Err(format!("unit name `{text}` is longer than 255 characters"));
+        }
+        if prefix.ends_with('@') {
+            return Err(format!(
+                "`{text}` is a template; name an instance like {prefix}NAME{}",
+                &text[prefix.len()..]
+            ));
+        }
+        Ok(UnitName(text.to_owned()))
+    }
+}
+
+/// A `container:` selector: an id, an id prefix of at least 4 hex digits, or a name.
+struct ContainerRef(String);
+
+impl Scalar for ContainerRef {
+    const EXPECTING: &'static str = "a container id, id prefix or name";
+
+    fn parse(text: &str) -> Result<Self, String> {
+        let valid_first = text.starts_with(|c: char| c.is_ascii_alphanumeric());
+        let valid_rest = text
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c));
+        if !valid_first || !valid_rest || text.len() > 255 {
+            return Err(format!(
+                "`{text}` is not a container id or name: a letter or digit, then letters, digits, \
+                 `_`, `.` or `-` (at most 255)"
+            ));
+        }
+        Ok(ContainerRef(text.to_owned()))
+    }
+}
+
+/// `settings.history`.
+struct History(usize);
+
+impl Scalar for History {
+    const EXPECTING: &'static str = "a number of events";
+
+    fn parse(text: &str) -> Result<Self, String> {
+        let number = text
+            .trim()
+            .replace('_', "")
+            .parse::<u64>()
+            .map_err(|_| format!("`{text}` is not a number of events"))?;
+        match usize::try_from(number) {
+            Ok(n) if (1..=MAX_HISTORY).contains(&n) => Ok(History(n)),
+            _ => Err(format!(
+                "history {number} is out of range; keep 1 to {MAX_HISTORY} events"
+            )),
+        }
+    }
+}
+
+/// An absolute path without `..`, normalised (no empty or `.` components, no trailing `/`).
+fn absolute_path(text: &str) -> Result<PathBuf, String> {
+    if !text.starts_with('/') {
+        return Err(format!("`{text}` is not an absolute path"));
+    }
+    let parts: Vec<&str> = text
+        .split('/')
+        .filter(|p| !p.is_empty() && *p != ".")
+        .collect();
+    if parts.contains(&"..") {
+        return Err(format!("path `{text}` must not contain `..`"));
+    }
+    Ok(PathBuf::from(format!("/{}", parts.join("/"))))
+}
+
+/// `settings.control_socket`.
+struct SocketPath(PathBuf);
+
+/// Longest path a Unix socket address holds (`sun_path` less its NUL).
+const MAX_SOCKET_PATH: usize = 107;
+
+impl Scalar for SocketPath {
+    const EXPECTING: &'static str = "an absolute path for the control socket";
+
+    fn parse(text: &str) -> Result<Self, String> {
+        let path = absolute_path(text)?;
+        if text.ends_with('/') || path == Path::new("/") {
+            return Err(format!(
+                "`{text}` names a directory; give the socket's file name, like /run/egress/control.sock"
+            ));
+        }
+        let len = path.as_os_str().len();
+        if len > MAX_SOCKET_PATH {
+            return Err(format!(
+                "socket path `{}` is {len} bytes; a Unix socket path holds at most {MAX_SOCKET_PATH}",
+                path.display()
+            ));
+        }
+        Ok(SocketPath(path))
+    }
+}
+
+/// `settings.pin_dir`.
+struct PinDir(PathBuf);
+
+impl Scalar for PinDir {
+    const EXPECTING: &'static str = "an absolute directory in a bpffs";
+
+    fn parse(text: &str) -> Result<Self, String> {
+        let path = absolute_path(text)?;
+        if path == Path::new("/") {
+            return Err(
+                "pin_dir must be a directory in a bpffs, like /sys/fs/bpf/egress, not /".to_owned(),
+            );
+        }
+        Ok(PinDir(path))
+    }
+}
+
+/// `settings.control_group`: a group name (or number).
+struct GroupName(String);
+
+impl Scalar for GroupName {
+    const EXPECTING: &'static str = "a group name";
+
+    fn parse(text: &str) -> Result<Self, String> {
+        let body = text.strip_suffix('$').unwrap_or(text);
+        let valid_first = body.starts_with(|c: char| c.is_ascii_alphanumeric() || c == '_');
+        let valid_rest = body
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c));
+        if !valid_first || !valid_rest || text.len() > 32 {
+            return Err(format!(
+                "`{text}` is not a group name: a letter, digit or `_`, then letters, digits, \
+                 `_`, `.` or `-` (at most 32)"
+            ));
+        }
+        Ok(GroupName(text.to_owned()))
+    }
+}
+
+/// `settings.metrics`: `ADDRESS:PORT`, or a port alone for 127.0.0.1.
+struct MetricsAddr(SocketAddr);
+
+impl Scalar for MetricsAddr {
+    const EXPECTING: &'static str = "a listen address like 127.0.0.1:9154";
+
+    fn parse(text: &str) -> Result<Self, String> {
+        let text = text.trim();
+        if let Ok(addr) = text.parse::<SocketAddr>() {
+            return Ok(MetricsAddr(addr));
+        }
+        if let Ok(port) = text.parse::<u16>() {
+            return Ok(MetricsAddr(SocketAddr::from((Ipv4Addr::LOCALHOST, port))));
+        }
+        Err(format!(
+            "`{text}` is not a listen address like 127.0.0.1:9154 or [::1]:9154"
+        ))
     }
 }

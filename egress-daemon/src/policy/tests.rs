@@ -77,10 +77,8 @@ fn parses_the_example() {
     let set = parse(&text);
     assert_eq!(set.policies.len(), 2);
     let demo = &set.policies[0];
-    assert_eq!(
-        (demo.name.as_str(), demo.cgroup.as_str()),
-        ("demo", "egress-demo")
-    );
+    assert_eq!(demo.name, "demo");
+    assert_eq!(demo.selector, Selector::Cgroup("egress-demo".to_owned()));
     assert_eq!((demo.default, demo.mode), (Action::Allow, Mode::Audit));
     let texts: Vec<String> = demo.rules.iter().map(Rule::text).collect();
     assert_eq!(
@@ -106,7 +104,8 @@ fn parses_the_example() {
         "demo: cgroup egress-demo, default allow, mode audit, 4 rules (3 IPv4, 1 IPv6)"
     );
     let other = &set.policies[1];
-    assert_eq!(other.cgroup, "a/b");
+    assert_eq!(other.selector, Selector::Cgroup("a/b".to_owned()));
+    assert_eq!(set.settings, Settings::default());
     assert_eq!((other.default, other.mode), (Action::Deny, Mode::Enforce));
     assert!(other.rules.is_empty());
 }
@@ -329,7 +328,12 @@ fn error_names_and_cgroups() {
         13,
         "cgroup path is empty",
     );
-    assert_error("policies:\n  - name: a\n", 2, 5, "missing field `cgroup`");
+    assert_error(
+        "policies:\n  - name: a\n",
+        2,
+        5,
+        "policies[0]: a policy needs a selector: one of `cgroup`, `systemd_unit` or `container`",
+    );
 }
 
 #[test]
@@ -359,6 +363,583 @@ fn unreadable_file_has_no_position() {
     );
 }
 
+/// One policy named `p` with the selector line `selector` (e.g. `cgroup: a`).
+fn with_selector(selector: &str) -> String {
+    format!("policies:\n  - name: p\n    {selector}\n")
+}
+
+/// The selector of the only policy of a file with the selector line `selector`.
+fn selector_of(selector: &str) -> Selector {
+    let set = parse(&with_selector(selector));
+    set.policies[0].selector.clone()
+}
+
+#[test]
+fn parses_each_selector_kind() {
+    let text = "\
+policies:
+  - name: demo
+    cgroup: egress-demo
+  - name: docker
+    cgroup: system.slice//docker-*.scope/
+  - name: kube
+    cgroup: kubepods.slice/**/**
+  - name: nginx
+    systemd_unit: nginx.service
+  - name: web
+    container: web-1
+    default: allow
+    rules:
+      - deny: 10.0.0.0/8
+  - name: by-id
+    container: 0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef
+  - name: by-prefix
+    container: 3f2a
+";
+    let set = parse(text);
+    let selectors: Vec<(&str, &str, bool)> = set
+        .policies
+        .iter()
+        .map(|p| (p.selector.kind(), p.selector.value(), p.selector.is_glob()))
+        .collect();
+    assert_eq!(
+        selectors,
+        [
+            ("cgroup", "egress-demo", false),
+            ("cgroup", "system.slice/docker-*.scope", true),
+            ("cgroup", "kubepods.slice/**", true),
+            ("systemd_unit", "nginx.service", false),
+            ("container", "web-1", false),
+            (
+                "container",
+                "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef",
+                false
+            ),
+            ("container", "3f2a", false),
+        ]
+    );
+    assert_eq!(
+        set.policies[3].selector.to_string(),
+        "systemd_unit nginx.service"
+    );
+    assert_eq!(set.policies[4].selector.to_string(), "container web-1");
+    assert_eq!(
+        set.policies[1].selector.to_string(),
+        "cgroup system.slice/docker-*.scope"
+    );
+    assert_eq!(
+        set.policies[4].summary(),
+        "web: container web-1, default allow, mode enforce, 1 rules (1 IPv4, 0 IPv6)"
+    );
+    assert_eq!(
+        set.policies[0].summary(),
+        "demo: cgroup egress-demo, default deny, mode enforce, 0 rules (0 IPv4, 0 IPv6)"
+    );
+}
+
+#[test]
+fn accepts_selector_variants() {
+    let cases = [
+        ("cgroup: \"**\"", Selector::Cgroup("**".to_owned())),
+        ("cgroup: a/?/b", Selector::Cgroup("a/?/b".to_owned())),
+        ("cgroup: ./a/./b", Selector::Cgroup("a/b".to_owned())),
+        (
+            "cgroup: \"**/x/**/**/y\"",
+            Selector::Cgroup("**/x/**/y".to_owned()),
+        ),
+        (
+            "systemd_unit: getty@tty1.service",
+            Selector::SystemdUnit("getty@tty1.service".to_owned()),
+        ),
+        (
+            "systemd_unit: user-1000.slice",
+            Selector::SystemdUnit("user-1000.slice".to_owned()),
+        ),
+        (
+            "systemd_unit: session-3.scope",
+            Selector::SystemdUnit("session-3.scope".to_owned()),
+        ),
+        (
+            "systemd_unit: sshd.socket",
+            Selector::SystemdUnit("sshd.socket".to_owned()),
+        ),
+        (
+            "systemd_unit: 'dev-x\\x2dy.service'",
+            Selector::SystemdUnit("dev-x\\x2dy.service".to_owned()),
+        ),
+        ("container: 1234", Selector::Container("1234".to_owned())),
+        (
+            "container: my_app.v2",
+            Selector::Container("my_app.v2".to_owned()),
+        ),
+        (
+            "container: 0123456789ab",
+            Selector::Container("0123456789ab".to_owned()),
+        ),
+    ];
+    for (line, expected) in cases {
+        assert_eq!(selector_of(line), expected, "{line}");
+    }
+    assert!(!Selector::SystemdUnit("a*.service".to_owned()).is_glob());
+    assert!(!Selector::Container("x".to_owned()).is_glob());
+}
+
+#[test]
+fn error_cgroup_globs_point_at_the_value() {
+    assert_error(
+        &with_selector("cgroup: kubepods.slice/pod**"),
+        3,
+        13,
+        "policies[0].cgroup: cgroup glob `kubepods.slice/pod**`: `**` must be a whole path component",
+    );
+    assert_error(
+        &with_selector("cgroup: /system.slice/*.scope"),
+        3,
+        13,
+        "must be relative to the cgroup2 mount",
+    );
+    assert_error(
+        &with_selector("cgroup: a/../*"),
+        3,
+        13,
+        "must not contain `..`",
+    );
+    assert_error(
+        &with_selector("cgroup: \"\""),
+        3,
+        13,
+        "cgroup path is empty",
+    );
+}
+
+#[test]
+fn error_unit_names_point_at_the_value() {
+    let cases = [
+        (
+            "nginx",
+            "`nginx` is not a .service, .scope, .slice or .socket unit",
+        ),
+        (
+            "home.mount",
+            "is not a .service, .scope, .slice or .socket unit",
+        ),
+        (
+            "multi-user.target",
+            "is not a .service, .scope, .slice or .socket unit",
+        ),
+        (
+            "system.slice/nginx.service",
+            "is a path, not a systemd unit name; use `cgroup:`",
+        ),
+        ("nginx-*.service", "use a `cgroup:` glob"),
+        (
+            "getty@.service",
+            "is a template; name an instance like getty@NAME.service",
+        ),
+        (".service", "is not a systemd unit name"),
+        ("'ng inx.service'", "is not a systemd unit name"),
+    ];
+    for (value, needle) in cases {
+        let text = with_selector(&format!("systemd_unit: {value}"));
+        assert_error(&text, 3, 19, needle);
+        assert!(parse_err(&text)
+            .message
+            .starts_with("policies[0].systemd_unit: "));
+    }
+    let long = format!("systemd_unit: {}.service", "a".repeat(250));
+    assert_error(&with_selector(&long), 3, 19, "longer than 255");
+}
+
+#[test]
+fn error_container_refs_point_at_the_value() {
+    for value in ["-web", "web/1", "'web 1'", "\"\"", "_web", "wéb", "\"*\""] {
+        assert_error(
+            &with_selector(&format!("container: {value}")),
+            3,
+            16,
+            "policies[0].container: ",
+        );
+    }
+    assert_error(
+        &with_selector(&format!("container: {}", "a".repeat(256))),
+        3,
+        16,
+        "is not a container id or name",
+    );
+}
+
+#[test]
+fn error_selector_count_points_at_the_policy() {
+    assert_error(
+        "policies:\n  - name: p\n    cgroup: a\n    container: web\n",
+        2,
+        5,
+        "policies[0]: a policy takes exactly one selector, one of `cgroup`, `systemd_unit` or \
+         `container`; this one has `cgroup` and `container`",
+    );
+    assert_error(
+        "policies:\n  - name: ok\n    cgroup: ok\n  - systemd_unit: a.service\n    name: p\n    cgroup: a\n    container: b\n",
+        4,
+        5,
+        "policies[1]: a policy takes exactly one selector, one of `cgroup`, `systemd_unit` or \
+         `container`; this one has `cgroup`, `systemd_unit` and `container`",
+    );
+    assert_error(
+        "policies:\n  - {name: p, systemd_unit: a.service, container: b}\n",
+        2,
+        5,
+        "this one has `systemd_unit` and `container`",
+    );
+    assert_error(
+        "policies:\n  - name: p\n    rules: []\n",
+        2,
+        5,
+        "policies[0]: a policy needs a selector: one of `cgroup`, `systemd_unit` or `container`",
+    );
+    assert_error(
+        "policies:\n  - name: p\n    cgroup:\n",
+        2,
+        5,
+        "a policy needs a selector",
+    );
+    assert_error(
+        "policies:\n  - name: p\n    pod: x\n",
+        3,
+        5,
+        "unknown field `pod`, expected one of `name`, `cgroup`, `systemd_unit`, `container`",
+    );
+    assert_error("policies:\n  - cgroup: a\n", 2, 5, "missing field `name`");
+    assert_error("policies:\n  - web\n", 2, 5, "expected a policy");
+}
+
+#[test]
+fn error_duplicate_selectors_point_at_the_second() {
+    assert_error(
+        "policies:\n  - name: a\n    systemd_unit: nginx.service\n  - name: b\n    systemd_unit: nginx.service\n",
+        5,
+        19,
+        "policies[1].systemd_unit: systemd_unit `nginx.service` already has the policy at line 3",
+    );
+    assert_error(
+        "policies:\n  - name: a\n    container: web\n  - name: b\n    cgroup: web\n  - name: c\n    container: web\n",
+        7,
+        16,
+        "policies[2].container: container `web` already has the policy at line 3",
+    );
+    assert_error(
+        "policies:\n  - name: a\n    cgroup: k/**\n  - name: b\n    cgroup: k//**/**/\n",
+        5,
+        13,
+        "policies[1].cgroup: cgroup `k/**` already has the policy at line 3",
+    );
+    // Same value, different kinds: distinct selectors.
+    let set = parse("policies:\n  - name: a\n    container: web\n  - name: b\n    cgroup: web\n");
+    assert_eq!(set.policies.len(), 2);
+}
+
+#[test]
+fn settings_default_when_absent_or_empty() {
+    let defaults = Settings {
+        attach: String::new(),
+        history: 10_000,
+        control_socket: "/run/egress/control.sock".into(),
+        control_group: None,
+        metrics: None,
+        pin_dir: "/sys/fs/bpf/egress".into(),
+    };
+    assert_eq!(Settings::default(), defaults);
+    assert_eq!(PolicySet::default().settings, defaults);
+    for text in [
+        "policies: []\n",
+        "settings:\npolicies: []\n",
+        "settings: {}\npolicies: []\n",
+        "settings:\n  metrics:\n  attach:\npolicies: []\n",
+    ] {
+        assert_eq!(parse(text).settings, defaults, "{text}");
+    }
+}
+
+#[test]
+fn parses_every_setting() {
+    let text = "\
+settings:
+  attach: /egress-test//parent/
+  history: 500
+  control_socket: /run/egress//ctl.sock
+  control_group: adm
+  metrics: 127.0.0.1:9154
+  pin_dir: /sys/fs/bpf/egress-test/
+policies:
+  - name: a
+    cgroup: egress-test/parent/a
+";
+    let text = text.replace("/egress-test//parent/", "egress-test//parent/");
+    let set = parse(&text);
+    assert_eq!(
+        set.settings,
+        Settings {
+            attach: "egress-test/parent".to_owned(),
+            history: 500,
+            control_socket: "/run/egress/ctl.sock".into(),
+            control_group: Some("adm".to_owned()),
+            metrics: Some("127.0.0.1:9154".parse().expect("addr")),
+            pin_dir: "/sys/fs/bpf/egress-test".into(),
+        }
+    );
+    let settings = |lines: &str| parse(&format!("settings:\n{lines}policies: []\n")).settings;
+    assert_eq!(settings("  attach: /\n").attach, "");
+    assert_eq!(settings("  attach: \"\"\n").attach, "");
+    assert_eq!(settings("  attach: ./a/.\n").attach, "a");
+    assert_eq!(settings("  history: 1\n").history, 1);
+    assert_eq!(settings("  history: 10000000\n").history, 10_000_000);
+    assert_eq!(settings("  history: \"10_000\"\n").history, 10_000);
+    assert_eq!(
+        settings("  metrics: 9154\n").metrics,
+        Some("127.0.0.1:9154".parse().expect("addr"))
+    );
+    assert_eq!(
+        settings("  metrics: \"[::1]:9154\"\n").metrics,
+        Some("[::1]:9154".parse().expect("addr"))
+    );
+    assert_eq!(
+        settings("  metrics: 0.0.0.0:80\n").metrics,
+        Some("0.0.0.0:80".parse().expect("addr"))
+    );
+    assert_eq!(
+        settings("  control_group: 100\n").control_group.as_deref(),
+        Some("100")
+    );
+    assert_eq!(
+        settings("  control_group: _egress-ops\n")
+            .control_group
+            .as_deref(),
+        Some("_egress-ops")
+    );
+    // Settings may come after the policies.
+    let set = parse("policies: []\nsettings:\n  history: 7\n");
+    assert_eq!(set.settings.history, 7);
+}
+
+#[test]
+fn error_bad_settings_point_at_the_value() {
+    let cases: &[(&str, usize, &str)] = &[
+        (
+            "attach: /sys/fs/cgroup/x",
+            11,
+            "settings.attach: cgroup path `/sys/fs/cgroup/x` must be relative",
+        ),
+        ("attach: a/../b", 11, "must not contain `..`"),
+        (
+            "attach: system.slice/docker-*.scope",
+            11,
+            "is a glob; the programs attach to one cgroup",
+        ),
+        ("attach: [a]", 11, "invalid type"),
+        (
+            "history: 0",
+            12,
+            "settings.history: history 0 is out of range; keep 1 to 10000000 events",
+        ),
+        ("history: 10000001", 12, "out of range"),
+        (
+            "history: 99999999999999999999999",
+            12,
+            "is not a number of events",
+        ),
+        ("history: -1", 12, "`-1` is not a number of events"),
+        ("history: many", 12, "is not a number of events"),
+        ("history: 1.5", 12, "is not a number of events"),
+        (
+            "control_socket: run/egress.sock",
+            19,
+            "settings.control_socket: `run/egress.sock` is not an absolute path",
+        ),
+        ("control_socket: /run/egress/", 19, "names a directory"),
+        (
+            "control_socket: /run/../etc/x.sock",
+            19,
+            "must not contain `..`",
+        ),
+        ("control_socket: \"\"", 19, "is not an absolute path"),
+        (
+            "control_group: \"adm staff\"",
+            18,
+            "settings.control_group: `adm staff` is not a group name",
+        ),
+        ("control_group: \"\"", 18, "is not a group name"),
+        ("control_group: -adm", 18, "is not a group name"),
+        (
+            "metrics: localhost:9154",
+            12,
+            "settings.metrics: `localhost:9154` is not a listen address",
+        ),
+        ("metrics: 127.0.0.1", 12, "is not a listen address"),
+        ("metrics: 70000", 12, "is not a listen address"),
+        (
+            "metrics: \"127.0.0.1:99999\"",
+            12,
+            "is not a listen address",
+        ),
+        (
+            "pin_dir: sys/fs/bpf/egress",
+            12,
+            "settings.pin_dir: `sys/fs/bpf/egress` is not an absolute path",
+        ),
+        ("pin_dir: /", 12, "not /"),
+        (
+            "pin_dir: /sys/fs/bpf/../egress",
+            12,
+            "must not contain `..`",
+        ),
+    ];
+    for &(line, column, needle) in cases {
+        assert_error(
+            &format!("settings:\n  {line}\npolicies: []\n"),
+            2,
+            column,
+            needle,
+        );
+    }
+    let long = format!("control_socket: /run/{}.sock", "s".repeat(100));
+    assert_error(
+        &format!("settings:\n  {long}\npolicies: []\n"),
+        2,
+        19,
+        "a Unix socket path holds at most 107",
+    );
+    let long = format!("control_group: {}", "g".repeat(33));
+    assert_error(
+        &format!("settings:\n  {long}\npolicies: []\n"),
+        2,
+        18,
+        "at most 32",
+    );
+    assert_error(
+        "settings:\n  history: 5\n  atach: x\npolicies: []\n",
+        3,
+        3,
+        "settings: unknown field `atach`, expected one of `attach`, `history`",
+    );
+    assert_error(
+        "settings: [history]\npolicies: []\n",
+        1,
+        11,
+        "invalid type: sequence",
+    );
+}
+
+#[test]
+fn glob_star_stays_within_a_component() {
+    let m = cgroup_glob_matches;
+    assert!(m(
+        "system.slice/docker-*.scope",
+        "system.slice/docker-3f2a.scope"
+    ));
+    assert!(m(
+        "system.slice/docker-*.scope",
+        "system.slice/docker-.scope"
+    ));
+    assert!(!m(
+        "system.slice/docker-*.scope",
+        "system.slice/docker-a/b.scope"
+    ));
+    assert!(!m(
+        "system.slice/docker-*.scope",
+        "system.slice/docker-3f2a.scope/init"
+    ));
+    assert!(!m("system.slice/docker-*.scope", "docker-3f2a.scope"));
+    assert!(m("*", "a"));
+    assert!(!m("*", "a/b"));
+    assert!(!m("*", ""));
+    assert!(m("a/*", "a/b"));
+    assert!(!m("a/*", "a"));
+    assert!(m("*/*", "x/y"));
+    assert!(m("a*b*c", "abc"));
+    assert!(m("a*b*c", "axxbyybc"));
+    assert!(!m("a*b*c", "axxbyyb"));
+    assert!(m("*.scope", ".scope"));
+}
+
+#[test]
+fn glob_question_mark_is_one_character() {
+    let m = cgroup_glob_matches;
+    assert!(m("pod?", "pod1"));
+    assert!(!m("pod?", "pod"));
+    assert!(!m("pod?", "pod12"));
+    assert!(m("p?d", "pöd"));
+    assert!(!m("a?b", "a/b"));
+    assert!(m("??", "ab"));
+}
+
+#[test]
+fn glob_double_star_spans_whole_components() {
+    let m = cgroup_glob_matches;
+    let kube = "kubepods.slice/**";
+    assert!(m(kube, "kubepods.slice"));
+    assert!(m(kube, "kubepods.slice/kubepods-besteffort.slice"));
+    assert!(m(
+        kube,
+        "kubepods.slice/a.slice/b.slice/cri-containerd-1.scope"
+    ));
+    assert!(!m(kube, "kubepods.slicex"));
+    assert!(!m(kube, "system.slice/kubepods.slice"));
+    assert!(m("**", ""));
+    assert!(m("**", "a/b/c"));
+    assert!(m("**/docker-*.scope", "docker-1.scope"));
+    assert!(m("**/docker-*.scope", "system.slice/docker-1.scope"));
+    assert!(!m("**/docker-*.scope", "system.slice/docker-1.scope/init"));
+    assert!(m("a/**/z", "a/z"));
+    assert!(m("a/**/z", "a/b/c/z"));
+    assert!(!m("a/**/z", "a/b/c/zz"));
+    assert!(m("a/**/b/**/c", "a/x/b/y/b/z/c"));
+    assert!(!m("a/**/b/**/c", "a/x/c"));
+    assert!(m("a/**/*.scope", "a/s.slice/x.scope"));
+    assert!(!m("a/**/*.scope", "a/s.slice"));
+}
+
+#[test]
+fn glob_plain_path_matches_exactly() {
+    let m = cgroup_glob_matches;
+    assert!(m("egress-demo", "egress-demo"));
+    assert!(m("a/b", "a/b"));
+    assert!(!m("a/b", "a"));
+    assert!(!m("a/b", "a/b/c"));
+    assert!(!m("a", "ab"));
+    assert!(!m("a", ""));
+    assert!(m("", ""));
+    assert!(!m("", "a"));
+    // Empty components are ignored on both sides.
+    assert!(m("/a//b/", "a/b"));
+    assert!(m("a/b", "/a/b/"));
+}
+
+/// The glob semantics written as plainly as possible, to test the matcher against.
+fn naive_glob(pattern: &[&str], path: &[&str]) -> bool {
+    fn component(p: &[char], c: &[char]) -> bool {
+        match p.split_first() {
+            None => c.is_empty(),
+            Some(('*', rest)) => (0..=c.len()).any(|i| component(rest, &c[i..])),
+            Some(('?', rest)) => !c.is_empty() && component(rest, &c[1..]),
+            Some((ch, rest)) => c.first() == Some(ch) && component(rest, &c[1..]),
+        }
+    }
+    match pattern.split_first() {
+        None => path.is_empty(),
+        Some((&"**", rest)) => (0..=path.len()).any(|i| naive_glob(rest, &path[i..])),
+        Some((p, rest)) => {
+            path.first().is_some_and(|c| {
+                let p: Vec<char> = p.chars().collect();
+                let c: Vec<char> = c.chars().collect();
+                component(&p, &c)
+            }) && naive_glob(rest, &path[1..])
+        }
+    }
+}
+
+fn components(text: &str) -> Vec<&str> {
+    text.split('/').filter(|c| !c.is_empty()).collect()
+}
+
 fn rule(action: Action, cidr: &str, protocol: Protocol, ports: &[(u16, u16)]) -> Rule {
     let ports = ports.iter().map(|&(lo, hi)| PortRange { lo, hi }).collect();
     Rule {
@@ -373,10 +954,17 @@ fn rule(action: Action, cidr: &str, protocol: Protocol, ports: &[(u16, u16)]) ->
 fn policy(rules: Vec<Rule>) -> Policy {
     Policy {
         name: "demo".to_owned(),
-        cgroup: "demo".to_owned(),
+        selector: Selector::Cgroup("demo".to_owned()),
         default: Action::Deny,
         mode: Mode::Enforce,
         rules,
+    }
+}
+
+fn set_of(policies: Vec<Policy>) -> PolicySet {
+    PolicySet {
+        settings: Settings::default(),
+        policies,
     }
 }
 
@@ -389,14 +977,12 @@ fn compile(set: &PolicySet, slots: &[u32], first_table_id: u32) -> CompiledSet {
 
 #[test]
 fn compiles_nested_cidrs() {
-    let set = PolicySet {
-        policies: vec![policy(vec![
-            rule(Action::Allow, "10.0.0.0/8", Protocol::Tcp, &[(80, 80)]),
-            rule(Action::Deny, "10.1.0.0/16", Protocol::Any, &[]),
-            rule(Action::Allow, "10.1.2.0/24", Protocol::Udp, &[]),
-            rule(Action::Allow, "2001:db8::/32", Protocol::Any, &[]),
-        ])],
-    };
+    let set = set_of(vec![policy(vec![
+        rule(Action::Allow, "10.0.0.0/8", Protocol::Tcp, &[(80, 80)]),
+        rule(Action::Deny, "10.1.0.0/16", Protocol::Any, &[]),
+        rule(Action::Allow, "10.1.2.0/24", Protocol::Udp, &[]),
+        rule(Action::Allow, "2001:db8::/32", Protocol::Any, &[]),
+    ])]);
     let compiled = compile(&set, &[7], 5);
     let policy = &compiled.policies[0];
     assert_eq!(
@@ -472,9 +1058,7 @@ fn shares_identical_port_tables_across_policies() {
     ];
     let mut other = policy(rules.clone());
     other.name = "other".to_owned();
-    let set = PolicySet {
-        policies: vec![policy(rules), other],
-    };
+    let set = set_of(vec![policy(rules), other]);
     let compiled = compile(&set, &[1, 2], 1);
     // Rule ids differ (0 and 1), so each policy has two tables and the second policy reuses them.
     assert_eq!(compiled.port_tables.len(), 2);
@@ -488,14 +1072,10 @@ fn rejects_too_many_port_rules() {
     let mut rules: Vec<Rule> = (1..=MAX_PORT_RULES as u16)
         .map(|p| rule(Action::Allow, "10.0.0.0/8", Protocol::Tcp, &[(p, p)]))
         .collect();
-    let set = PolicySet {
-        policies: vec![policy(rules.clone())],
-    };
+    let set = set_of(vec![policy(rules.clone())]);
     assert!(compile_set(&set, &[0], 1).is_ok());
     rules.push(rule(Action::Deny, "10.1.0.0/16", Protocol::Udp, &[]));
-    let set = PolicySet {
-        policies: vec![policy(rules)],
-    };
+    let set = set_of(vec![policy(rules)]);
     let err = compile_set(&set, &[0], 1).expect_err("33 port rules");
     assert_eq!(
         err,
@@ -514,9 +1094,7 @@ fn rejects_too_many_port_rules() {
 
 #[test]
 fn rejects_bad_slots_and_table_ids() {
-    let set = PolicySet {
-        policies: vec![policy(vec![]), policy(vec![])],
-    };
+    let set = set_of(vec![policy(vec![]), policy(vec![])]);
     assert_eq!(
         compile_set(&set, &[0], 1).err(),
         Some(CompileError::SlotCount {
@@ -760,7 +1338,7 @@ fn policy_strategy() -> impl Strategy<Value = Policy> {
     )
         .prop_map(|(rules, allow, audit)| Policy {
             name: "p".to_owned(),
-            cgroup: "p".to_owned(),
+            selector: Selector::Cgroup("p".to_owned()),
             default: if allow { Action::Allow } else { Action::Deny },
             mode: if audit { Mode::Audit } else { Mode::Enforce },
             rules,
@@ -801,7 +1379,7 @@ proptest! {
         flows in prop::collection::vec(flow_strategy(), 48),
     ) {
         let slots: Vec<u32> = (0..policies.len() as u32).map(|i| base_slot + i * slot_step).collect();
-        let set = PolicySet { policies };
+        let set = set_of(policies);
         let compiled = compile(&set, &slots, first_table_id);
         check_shape(&compiled, first_table_id);
         for ((policy, compiled_policy), &slot) in set.policies.iter().zip(&compiled.policies).zip(&slots) {
@@ -810,6 +1388,15 @@ proptest! {
                 prop_assert_eq!(kernel, reference_judge(policy, flow), "flow {:?}", flow);
             }
         }
+    }
+
+    #[test]
+    fn glob_matcher_agrees_with_naive(
+        pattern in "(\\*\\*|[ab*?]{0,4})(/(\\*\\*|[ab*?]{0,4})){0,4}",
+        path in "[ab]{0,3}(/[ab]{0,3}){0,5}",
+    ) {
+        let expected = naive_glob(&components(&pattern), &components(&path));
+        prop_assert_eq!(cgroup_glob_matches(&pattern, &path), expected);
     }
 
     /// Mangled versions of a valid file fail with a position inside the file, never a panic.
@@ -860,9 +1447,7 @@ fn compiles_100k_cidrs() {
         })
         .collect();
     let distinct: HashSet<IpNet> = rules.iter().map(|r| r.net).collect();
-    let set = PolicySet {
-        policies: vec![policy(rules)],
-    };
+    let set = set_of(vec![policy(rules)]);
     let compiled = compile(&set, &[0], 1);
     assert_eq!(compiled.policies[0].v4.len(), distinct.len());
     check_shape(&compiled, 1);

@@ -126,18 +126,49 @@ fn remove_cgroup_tree(dir: &Path) {
     }
 }
 
-/// A policy file in a temporary directory.
+/// A policy file in a temporary directory, with the settings that keep a test daemon to
+/// itself: programs attached at the test's own cgroup (never the root), its own bpffs pin
+/// directory and control socket. The pins are removed on drop.
 pub struct PolicyFile {
     pub path: PathBuf,
+    pub pin_dir: PathBuf,
+    pub socket: PathBuf,
 }
 
 impl PolicyFile {
-    pub fn new(yaml: &str) -> Self {
-        let dir = std::env::temp_dir().join(unique("egress-test-policy"));
+    /// `policies` is the YAML of the `policies:` list (starting with `policies:`).
+    pub fn new(policies: &str) -> Self {
+        Self::attached_at(None, policies)
+    }
+
+    /// Like `new`, with `settings.attach` set (required for `egress run`).
+    pub fn attached_at(attach: Option<&str>, policies: &str) -> Self {
+        let name = unique("egress-test-policy");
+        let dir = std::env::temp_dir().join(&name);
         fs::create_dir_all(&dir).expect("temp dir");
         let path = dir.join("policy.yaml");
-        fs::write(&path, yaml).expect("write policy");
-        Self { path }
+        let pin_dir = PathBuf::from("/sys/fs/bpf").join(&name);
+        let socket = dir.join("control.sock");
+        let file = Self { path, pin_dir, socket };
+        file.rewrite_with(attach, policies);
+        file
+    }
+
+    pub fn settings(&self, attach: Option<&str>) -> String {
+        let mut settings = format!(
+            "settings:\n  pin_dir: {}\n  control_socket: {}\n",
+            self.pin_dir.display(),
+            self.socket.display()
+        );
+        if let Some(attach) = attach {
+            settings.push_str(&format!("  attach: {attach}\n"));
+        }
+        settings
+    }
+
+    /// Replaces the file (atomically) keeping the test settings.
+    pub fn rewrite_with(&self, attach: Option<&str>, policies: &str) {
+        self.rewrite(&format!("{}{policies}", self.settings(attach)));
     }
 
     pub fn rewrite(&self, yaml: &str) {
@@ -152,6 +183,7 @@ impl Drop for PolicyFile {
         if let Some(dir) = self.path.parent() {
             let _ = fs::remove_dir_all(dir);
         }
+        let _ = fs::remove_dir_all(&self.pin_dir);
     }
 }
 
@@ -164,10 +196,20 @@ pub struct Daemon {
 
 impl Daemon {
     /// Starts the daemon and waits until it says every policy is enforced.
-    pub fn start(config: &Path) -> Self {
+    pub fn start(file: &PolicyFile) -> Self {
+        Self::start_with(file, &[])
+    }
+
+    pub fn start_with(file: &PolicyFile, extra: &[&str]) -> Self {
+        let text = fs::read_to_string(&file.path).expect("read policy");
+        assert!(
+            text.contains("\n  attach: "),
+            "a test daemon must set settings.attach to a cgroup of the test, never the root"
+        );
         let mut child = Command::new(egress_bin())
             .args(["run", "--log-format", "json", "--config"])
-            .arg(config)
+            .arg(&file.path)
+            .args(extra)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()

@@ -1,0 +1,293 @@
+//! `egress run`: the long-running daemon. Ties together the engine (policies in the kernel),
+//! discovery (cgroups coming and going), the event pipeline, the control socket and metrics.
+
+use std::{
+    io,
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex},
+};
+
+use anyhow::Context;
+use tokio::{
+    signal::unix::{signal, SignalKind},
+    sync::{mpsc::UnboundedReceiver, watch},
+};
+
+use crate::{
+    cgroup::{Cgroup, Hierarchy},
+    commands::{load_policies, Failure},
+    control::{
+        self,
+        history::EventHistory,
+        protocol::{CgroupStatus, PolicyStatus, StatusReport},
+    },
+    discovery::{self, Change, ContainerNames, Found},
+    engine::{Binding, Engine},
+    events::Catalog,
+    loader::{Enforcer, OnExit, Start},
+    matching,
+    metrics,
+    output::{EventWriter, LogFormat},
+    pipeline, preflight, service,
+    policy::model::PolicySet,
+};
+
+pub struct RunArgs {
+    pub config: PathBuf,
+    pub log_format: LogFormat,
+    pub on_exit: OnExit,
+}
+
+/// Everything the daemon's parts share.
+#[derive(Clone)]
+pub struct Daemon {
+    pub engine: Engine,
+    pub hierarchy: Hierarchy,
+    pub config: PathBuf,
+    pub history: Arc<EventHistory>,
+    names: Arc<Mutex<ContainerNames>>,
+    attach: String,
+}
+
+pub async fn run(args: RunArgs) -> Result<(), Failure> {
+    let hierarchy = preflight::check()?;
+    let set = load_policies(&args.config)?;
+    let settings = set.settings.clone();
+    preflight::ensure_bpffs(&settings.pin_dir)?;
+    let attach_point = hierarchy
+        .open(&settings.attach)
+        .with_context(|| format!("settings.attach: cgroup {:?}", settings.attach))?;
+
+    let (mut enforcer, start) = Enforcer::load(Some(&settings.pin_dir)).context("loading the kernel programs")?;
+    if start == Start::Adopted {
+        tracing::info!(pins = %settings.pin_dir.display(), "adopting the enforcement an earlier daemon left in place");
+    }
+    let ring = enforcer.take_events()?;
+    let daemon = Daemon {
+        engine: Engine::new(enforcer, Catalog::new(hierarchy.clone())),
+        hierarchy: hierarchy.clone(),
+        config: args.config.clone(),
+        history: Arc::new(EventHistory::new(settings.history)),
+        names: Arc::new(Mutex::new(ContainerNames::default())),
+        attach: settings.attach.clone(),
+    };
+
+    // Watch before the first scan, so a cgroup created in between is not missed.
+    let (changes, _watcher) = discovery::spawn_watcher(hierarchy.mount().to_path_buf(), settings.attach.clone())
+        .context("watching the cgroup tree")?;
+    daemon.apply(set)?;
+    // Policies are in the maps before the programs see any traffic.
+    daemon.engine.attach(&attach_point)?;
+    tracing::info!(config = %args.config.display(), attach = %attach_point.relative, "all policies enforced");
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let writer = EventWriter::new(args.log_format, io::stdout()).with_journal_priorities(service::under_journal());
+    let events = tokio::spawn(pipeline::pump(ring, daemon.engine.clone(), writer, Some(daemon.history.clone()), stop_rx));
+    let control_server = control::server::serve(
+        &settings.control_socket,
+        settings.control_group.clone(),
+        Arc::new(daemon.clone()),
+    )
+    .await
+    .context("starting the control socket")?;
+    let _metrics = match settings.metrics {
+        Some(address) => Some(metrics::serve(address, daemon.clone()).await.context("starting the metrics listener")?),
+        None => None,
+    };
+    service::notify_ready();
+
+    let result = daemon.serve_until_stopped(changes).await;
+    service::notify_stopping();
+    let _ = stop_tx.send(true);
+    events.await.context("event pipeline")??;
+    drop(control_server);
+    if args.on_exit == OnExit::Keep {
+        tracing::info!("stopping; enforcement stays in place (--on-exit keep)");
+    } else {
+        tracing::info!("stopping; removing enforcement (--on-exit detach)");
+    }
+    daemon.engine.state().enforcer.shut_down(args.on_exit);
+    result
+}
+
+impl Daemon {
+    async fn serve_until_stopped(&self, mut changes: UnboundedReceiver<Change>) -> Result<(), Failure> {
+        let mut terminate = signal(SignalKind::terminate())?;
+        let mut interrupt = signal(SignalKind::interrupt())?;
+        let mut hangup = signal(SignalKind::hangup())?;
+        loop {
+            tokio::select! {
+                _ = terminate.recv() => return Ok(()),
+                _ = interrupt.recv() => return Ok(()),
+                _ = hangup.recv() => {
+                    if let Err(message) = self.reload() {
+                        tracing::error!("reload failed, the previous policies stay in force: {message}");
+                    }
+                }
+                change = changes.recv() => match change {
+                    Some(change) => self.on_change(change),
+                    None => {
+                        tracing::error!("the cgroup watcher stopped; new cgroups are no longer discovered");
+                        std::future::pending::<()>().await;
+                    }
+                },
+            }
+        }
+    }
+
+    /// Reloads the policy file; on any error the running policies stay in force.
+    pub fn reload(&self) -> Result<String, String> {
+        service::notify_reloading();
+        let result = load_policies(&self.config)
+            .map_err(|failure| format!("{:#}", failure.error))
+            .and_then(|set| {
+                if set.settings.attach != self.attach {
+                    tracing::warn!("settings.attach changed; it takes effect when the daemon restarts");
+                }
+                let count = set.policies.len();
+                self.apply(set).map_err(|failure| format!("{:#}", failure.error))?;
+                Ok(format!("{count} policies enforced from {}", self.config.display()))
+            });
+        match &result {
+            Ok(summary) => tracing::info!("reloaded: {summary}"),
+            Err(message) => tracing::error!("reload rejected: {message}"),
+        }
+        metrics::count_reload(result.is_ok());
+        service::notify_ready();
+        result
+    }
+
+    /// Matches every existing cgroup below the attach point and puts `set` in force.
+    fn apply(&self, set: PolicySet) -> Result<(), Failure> {
+        let found = discovery::scan(self.hierarchy.mount(), &self.attach).context("scanning the cgroup tree")?;
+        let names = self.refreshed_names(&found);
+        let bindings: Vec<Binding> = found
+            .iter()
+            .filter_map(|f| matching::policy_for(&set, &f.relative, &names).map(|policy| Binding { policy, cgroup: self.cgroup(f) }))
+            .collect();
+        for policy in &set.policies {
+            let count = bindings.iter().filter(|b| set.policies[b.policy].name == policy.name).count();
+            if count == 0 {
+                tracing::warn!(policy = %policy.name, selector = %policy.selector, "no cgroup matches yet; it applies as soon as one appears");
+            } else {
+                tracing::info!(policy = %policy.name, selector = %policy.selector, cgroups = count, "enforcing");
+            }
+        }
+        self.engine.apply(set, &self.config.display().to_string(), &bindings)?;
+        Ok(())
+    }
+
+    fn on_change(&self, change: Change) {
+        match change {
+            Change::Added(found) => {
+                let policy = {
+                    let state = self.engine.state();
+                    let Some(active) = &state.active else { return };
+                    let names = self.refreshed_names(std::slice::from_ref(&found));
+                    matching::policy_for(&active.set, &found.relative, &names)
+                };
+                if let Some(policy) = policy {
+                    let binding = Binding { policy, cgroup: self.cgroup(&found) };
+                    match self.engine.bind(&binding) {
+                        Ok(()) => tracing::info!(cgroup = %found.relative, "new cgroup bound to its policy"),
+                        Err(error) => tracing::error!(cgroup = %found.relative, "binding a new cgroup: {error:#}"),
+                    }
+                }
+            }
+            Change::Removed { relative } => {
+                let id = {
+                    let state = self.engine.state();
+                    state.active.as_ref().and_then(|active| {
+                        active.bound.iter().find(|(_, b)| b.relative == relative).map(|(id, _)| *id)
+                    })
+                };
+                if let Some(id) = id {
+                    self.engine.unbind(id);
+                    tracing::info!(cgroup = %relative, "cgroup removed; its binding is gone");
+                }
+            }
+        }
+    }
+
+    fn cgroup(&self, found: &Found) -> Cgroup {
+        Cgroup {
+            dir: self.hierarchy.dir(&found.relative),
+            relative: if found.relative.is_empty() { "/".to_string() } else { found.relative.clone() },
+            id: found.id,
+            level: found.level,
+        }
+    }
+
+    /// Container names (best effort, from the runtimes' CLIs) and ids seen in `found`.
+    fn refreshed_names(&self, found: &[Found]) -> std::sync::MutexGuard<'_, ContainerNames> {
+        let mut names = self.names.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let ids: Vec<String> = found.iter().filter_map(|f| discovery::container_of(&f.relative)).map(|c| c.id).collect();
+        if !ids.is_empty() || found.len() > 1 {
+            names.note_ids(ids);
+            names.refresh();
+        }
+        names
+    }
+
+    pub fn config_path(&self) -> &Path {
+        &self.config
+    }
+}
+
+impl control::server::ControlHandler for Daemon {
+    fn status(&self) -> StatusReport {
+        let mut state = self.engine.state();
+        let dropped_events = state.enforcer.dropped_events().map(|(total, _)| total).unwrap_or(0);
+        let Some(active) = &state.active else {
+            return StatusReport { attach: self.attach.clone(), dropped_events, ..StatusReport::default() };
+        };
+        let policies = active
+            .set
+            .policies
+            .iter()
+            .enumerate()
+            .map(|(index, p)| PolicyStatus {
+                name: p.name.clone(),
+                selector: p.selector.to_string(),
+                mode: p.mode.as_str().to_string(),
+                default: p.default.as_str().to_string(),
+                rules: p.rules.len(),
+                cgroups: active.bound.values().filter(|b| b.policy == index).count(),
+            })
+            .collect();
+        let bound: Vec<(u64, crate::engine::Bound)> = active.bound.iter().map(|(id, b)| (*id, b.clone())).collect();
+        let modes: Vec<(String, String)> =
+            active.set.policies.iter().map(|p| (p.name.clone(), p.mode.as_str().to_string())).collect();
+        let mut report = StatusReport {
+            config: active.source.clone(),
+            loaded_at: crate::output::rfc3339(active.loaded_at),
+            attach: if self.attach.is_empty() { "/".to_string() } else { self.attach.clone() },
+            dropped_events,
+            policies,
+            cgroups: Vec::new(),
+        };
+        for (id, b) in bound {
+            let stats = state.enforcer.cgroup_stats(id).unwrap_or_default();
+            let (policy, mode) = modes.get(b.policy).cloned().unwrap_or_default();
+            report.cgroups.push(CgroupStatus {
+                cgroup: b.relative,
+                policy,
+                mode,
+                workload: b.workload,
+                allowed: stats.allowed,
+                blocked: stats.blocked,
+                audited: stats.audited,
+            });
+        }
+        report.cgroups.sort_by(|a, b| a.cgroup.cmp(&b.cgroup));
+        report
+    }
+
+    fn reload(&self) -> Result<String, String> {
+        Daemon::reload(self)
+    }
+
+    fn history(&self) -> &EventHistory {
+        &self.history
+    }
+}
