@@ -274,3 +274,37 @@ fn the_systemd_unit_verifies() {
         Err(error) => panic!("systemd-analyze is needed for this test: {error}"),
     }
 }
+
+#[test]
+fn events_raised_while_no_daemon_runs_are_delivered_or_counted_as_lost() {
+    if !privileged() {
+        return;
+    }
+    let cg = TestCgroup::new("lost");
+    let file = file_for(&cg, &one_policy(&cg, ""));
+    let first = Daemon::start(&file);
+    first.signal(libc::SIGKILL);
+    drop(first);
+    // More blocked connects than the ring buffer holds (4 MiB of 80-byte records).
+    let burst = r#"
+import socket, errno
+refused = 0
+for _ in range(70000):
+    s = socket.socket()
+    try:
+        s.connect(("127.0.0.2", 9))
+    except PermissionError:
+        refused += 1
+    s.close()
+print(refused)
+"#;
+    assert_eq!(stdout_of(&cg.python(burst, &[])), "70000");
+    let second = Daemon::start(&file);
+    let notice = second.wait_event(Duration::from_secs(5), |e| e["notice"] == "events_dropped");
+    let dropped = notice["dropped"].as_u64().expect("dropped count");
+    let delivered = second.events().iter().filter(|e| e["verdict"] == "blocked").count() as u64;
+    assert!(dropped > 0, "{notice}");
+    assert!(second.log().contains("lost while no daemon was reading"), "log:\n{}", second.log());
+    assert!(delivered > 40_000, "the buffered events are delivered, got {delivered}");
+    assert_eq!(delivered + dropped, 70_000, "every event is delivered or counted");
+}
