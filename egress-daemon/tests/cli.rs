@@ -11,8 +11,7 @@ use std::{
     io::{BufRead, BufReader, Read, Write},
     net::{TcpListener, TcpStream},
     path::{Path, PathBuf},
-    process::{Child, Command, ExitStatus, Stdio},
-    sync::{mpsc, Arc, Mutex, OnceLock},
+    process::{Command, ExitStatus, Stdio},
     thread,
     time::{Duration, Instant, SystemTime},
 };
@@ -45,7 +44,7 @@ impl Config {
     /// `attach` (a cgroup of the test, never the root), its own pin directory and socket.
     fn for_run(attach: &TestCgroup, policies: &str) -> Self {
         let mut config = Self::new(policies);
-        if features().settings {
+        {
             let pin_dir = PathBuf::from("/sys/fs/bpf").join(common::unique("egress-cli-test"));
             let socket = config.path.with_file_name("control.sock");
             config.rewrite(&format!(
@@ -75,39 +74,11 @@ impl Drop for Config {
     }
 }
 
-/// What this build of `egress` supports beyond the first release, probed once. Later builds
-/// attach `egress run` at `settings.attach` (default: the cgroup2 root) and keep enforcement
-/// pinned after exit unless told otherwise; the tests must pin that down to their own cgroups.
-struct Features {
-    settings: bool,
-    on_exit: bool,
-}
-
-fn features() -> &'static Features {
-    static FEATURES: OnceLock<Features> = OnceLock::new();
-    FEATURES.get_or_init(|| {
-        let probe = Config::new(
-            "settings:\n  attach: egress-cli-probe\npolicies:\n  - name: p\n    cgroup: egress-cli-probe\n",
-        );
-        let settings = Command::new(egress_bin())
-            .arg("check")
-            .arg(&probe.path)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .map(|s| s.success())
-            .unwrap_or(false);
-        let help = Command::new(egress_bin()).args(["run", "--help"]).output().expect("egress run --help");
-        let on_exit = String::from_utf8_lossy(&help.stdout).contains("--on-exit");
-        Features { settings, on_exit }
-    })
-}
-
 /// `egress run [--log-format json] --config F`, made safe for tests on every build: the file
 /// must pin the attach point to a test cgroup where the build knows `settings.attach`, and
 /// enforcement is removed when the daemon stops.
 fn egress_run(config: &Config, json: bool) -> Command {
-    if features().settings {
+    {
         let text = fs::read_to_string(&config.path).unwrap_or_default();
         // Files that cannot parse never reach the kernel; any other must name a test cgroup.
         let attach = text.lines().find_map(|l| l.strip_prefix("  attach: "));
@@ -129,109 +100,20 @@ fn egress_run(config: &Config, json: bool) -> Command {
     if json {
         cmd.args(["--log-format", "json"]);
     }
-    if features().on_exit {
-        cmd.args(["--on-exit", "detach"]);
-    }
+    cmd.args(["--on-exit", "detach"]);
     cmd.arg("--config").arg(&config.path);
     cmd
 }
 
-/// `egress run --log-format json` in the background with its events collected; killed on drop.
-struct RunningDaemon {
-    child: Child,
-    events: Arc<Mutex<Vec<Value>>>,
-    log: Arc<Mutex<String>>,
-}
+/// `egress run --log-format json` for a [`Config`], with its events collected.
+struct RunningDaemon;
 
 impl RunningDaemon {
-    fn start(config: &Config) -> Self {
-        let mut child = egress_run(config, true)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start egress run");
-        let events = Arc::new(Mutex::new(Vec::new()));
-        let log = Arc::new(Mutex::new(String::new()));
-        let stdout = child.stdout.take().unwrap();
-        let sink = events.clone();
-        thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                match serde_json::from_str::<Value>(&line) {
-                    Ok(value) => sink.lock().unwrap().push(value),
-                    Err(_) => sink.lock().unwrap().push(Value::String(line)),
-                }
-            }
-        });
-        let stderr = child.stderr.take().unwrap();
-        let (ready_tx, ready_rx) = mpsc::channel();
-        let log_sink = log.clone();
-        thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if line.contains("all policies enforced") {
-                    let _ = ready_tx.send(());
-                }
-                let mut log = log_sink.lock().unwrap();
-                log.push_str(&line);
-                log.push('\n');
-            }
-        });
-        let mut daemon = Self { child, events, log };
-        if ready_rx.recv_timeout(Duration::from_secs(20)).is_err() {
-            let status = daemon.child.try_wait().ok().flatten();
-            panic!("egress run did not become ready (exit {status:?}); log:\n{}", daemon.log());
-        }
-        daemon
-    }
-
-    fn log(&self) -> String {
-        self.log.lock().unwrap().clone()
-    }
-
-    fn events(&self) -> Vec<Value> {
-        self.events.lock().unwrap().clone()
-    }
-
-    fn wait_event(&self, timeout: Duration, pred: impl Fn(&Value) -> bool) -> Value {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(found) = self.events().into_iter().find(|e| pred(e)) {
-                return found;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "no matching event; got {:#?}\nlog:\n{}",
-                self.events(),
-                self.log()
-            );
-            thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn stop(mut self) -> ExitStatus {
-        // SAFETY: signalling our own child.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        self.child.wait().expect("wait egress run")
+    fn start(config: &Config) -> common::Daemon {
+        common::Daemon::spawn(egress_run(config, true))
     }
 }
 
-impl Drop for RunningDaemon {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            // SIGTERM first so that a build that pins enforcement detaches it (--on-exit detach).
-            // SAFETY: signalling our own child.
-            unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-            for _ in 0..200 {
-                if let Ok(Some(_)) = self.child.try_wait() {
-                    return;
-                }
-                thread::sleep(Duration::from_millis(10));
-            }
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-}
 
 /// What a finished `egress` invocation left behind.
 struct Run {
@@ -661,6 +543,15 @@ fn with_line(base: &str, n: usize, line: &str) -> String {
     lines.join("\n") + "\n"
 }
 
+/// Each case replaces a line of CHECK_BASE: (line, new text, expected column, message fragment).
+fn assert_check_errors(cases: &[(usize, &str, usize, &str)]) {
+    for &(line, text, column, fragment) in cases {
+        let (file, run) = check_text(&with_line(CHECK_BASE, line, text));
+        assert_config_error(&run, &file.path, line, column, fragment);
+        assert!(run.stdout.is_empty(), "no summary for a bad file: {}", run.describe());
+    }
+}
+
 #[test]
 fn check_base_file_is_valid() {
     let (_file, run) = check_text(CHECK_BASE);
@@ -678,11 +569,7 @@ fn check_reports_a_bad_cidr_with_line_and_column() {
         (7, "      - allow: fd00::/129", 16, "`fd00::/129` is not"),
         (7, "      - allow: \"10.0.0.0/8x\"", 16, "`10.0.0.0/8x` is not"),
     ];
-    for (line, text, column, fragment) in cases {
-        let (file, run) = check_text(&with_line(CHECK_BASE, line, text));
-        assert_config_error(&run, &file.path, line, column, fragment);
-        assert!(run.stdout.is_empty(), "no summary for a bad file: {}", run.describe());
-    }
+    assert_check_errors(&cases);
 }
 
 #[test]
@@ -692,10 +579,7 @@ fn check_reports_host_bits_with_line_and_column() {
         (7, "      - allow: fd00::1/64", 16, "fd00::1/64 has host bits set; did you mean fd00::/64?"),
         (7, "      - allow:   192.168.1.1/24", 18, "did you mean 192.168.1.0/24?"),
     ];
-    for (line, text, column, fragment) in cases {
-        let (file, run) = check_text(&with_line(CHECK_BASE, line, text));
-        assert_config_error(&run, &file.path, line, column, fragment);
-    }
+    assert_check_errors(&cases);
 }
 
 #[test]
@@ -707,10 +591,7 @@ fn check_reports_bad_and_reversed_port_ranges_with_line_and_column() {
         (9, "        ports: [80, 8000-70000]", 21, "port 70000 in `8000-70000` is out of range"),
         (16, "        ports: 65536", 16, "port 65536 in `65536` is out of range"),
     ];
-    for (line, text, column, fragment) in cases {
-        let (file, run) = check_text(&with_line(CHECK_BASE, line, text));
-        assert_config_error(&run, &file.path, line, column, fragment);
-    }
+    assert_check_errors(&cases);
 }
 
 #[test]
@@ -720,10 +601,7 @@ fn check_reports_port_zero_with_line_and_column() {
         (9, "        ports: [80, 0]", 21, "port 0 in `0` is not a port"),
         (9, "        ports: [0-80]", 17, "port 0 in `0-80` is not a port"),
     ];
-    for (line, text, column, fragment) in cases {
-        let (file, run) = check_text(&with_line(CHECK_BASE, line, text));
-        assert_config_error(&run, &file.path, line, column, fragment);
-    }
+    assert_check_errors(&cases);
 }
 
 #[test]

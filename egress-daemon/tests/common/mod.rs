@@ -206,10 +206,15 @@ impl Daemon {
             text.contains("\n  attach: "),
             "a test daemon must set settings.attach to a cgroup of the test, never the root"
         );
-        let mut child = Command::new(egress_bin())
-            .args(["run", "--log-format", "json", "--config"])
-            .arg(&file.path)
-            .args(extra)
+        let mut command = Command::new(egress_bin());
+        command.args(["run", "--log-format", "json", "--config"]).arg(&file.path).args(extra);
+        Self::spawn(command)
+    }
+
+    /// Starts `egress run ... --log-format json` as built by the caller and waits until ready.
+    pub fn spawn(mut command: Command) -> Self {
+        let mut child = command
+            .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
@@ -220,9 +225,8 @@ impl Daemon {
         let sink = events.clone();
         thread::spawn(move || {
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if let Ok(value) = serde_json::from_str::<Value>(&line) {
-                    sink.lock().unwrap().push(value);
-                }
+                let value = serde_json::from_str::<Value>(&line).unwrap_or(Value::String(line));
+                sink.lock().unwrap().push(value);
             }
         });
         let stderr = child.stderr.take().expect("stderr");
