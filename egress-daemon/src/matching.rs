@@ -34,8 +34,9 @@ fn selects(selector: &Selector, path: &str, names: &ContainerNames) -> bool {
     match selector {
         Selector::Cgroup(pattern) => cgroup_glob_matches(pattern, path),
         Selector::SystemdUnit(unit) => path.rsplit('/').next() == Some(unit.as_str()),
+        // An id prefix that fits several containers selects none of them.
         Selector::Container(wanted) => {
-            container_of(path).is_some_and(|found| names.ids_for(wanted).iter().any(|id| *id == found.id))
+            container_of(path).is_some_and(|found| names.ids_for(wanted) == [found.id])
         }
     }
 }

@@ -99,6 +99,7 @@ fn each_workload_gets_its_own_policy_and_new_children_are_covered_at_once() {
     assert_eq!(tcp_connect_from(&nginx, "127.0.0.1", port_a), "EPERM");
     assert_eq!(tcp_connect_from(&podman, "127.0.0.1", port_a), "EPERM");
     assert_eq!(tcp_connect_from(&podman, "127.0.0.2", port_a), "ECONNREFUSED");
+    assert_eq!(tcp_connect_from(&pod, "127.0.0.1", port_a), "EPERM", "the glob selects the pod");
     assert_eq!(tcp_connect_from(&cri, "127.0.0.1", port_a), "EPERM", "the pod's policy covers its containers");
     assert_eq!(tcp_connect_from(&unfiltered, "127.0.0.1", port_a), "ok", "no policy up the path: not filtered");
 
