@@ -36,6 +36,9 @@ pub const MAX_UDP_PEERS: u32 = 65_536;
 pub const MAX_FLOWS_SEEN: u32 = 65_536;
 /// Ring buffer size in bytes (a power of two multiple of the page size).
 pub const EVENTS_RING_BYTES: u32 = 1 << 22;
+/// Pending event bytes past which a program wakes the daemon at once; below it the daemon's
+/// drain timer (`pipeline::DRAIN_INTERVAL`) picks events up.
+pub const EVENTS_WAKEUP_BACKLOG_BYTES: u64 = 1 << 18;
 
 /// Data part of an IPv4 trie key: the policy slot (big endian) then the address.
 /// The trie prefix length is `32 + cidr_prefix_len`.

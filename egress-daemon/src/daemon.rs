@@ -259,6 +259,7 @@ impl control::server::ControlHandler for Daemon {
         let modes: Vec<(String, String)> =
             active.set.policies.iter().map(|p| (p.name.clone(), p.mode.as_str().to_string())).collect();
         let mut report = StatusReport {
+            generation: state.enforcer.generation(),
             config: active.source.clone(),
             loaded_at: crate::output::rfc3339(active.loaded_at),
             attach: if self.attach.is_empty() { "/".to_string() } else { self.attach.clone() },

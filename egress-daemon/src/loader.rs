@@ -259,6 +259,11 @@ impl Enforcer {
         Ok(())
     }
 
+    /// The generation of the policies in force (counts reloads, also across restarts).
+    pub fn generation(&self) -> u32 {
+        self.generation.0
+    }
+
     /// The generation the next [`Enforcer::install`] must be compiled for.
     pub fn next_generation(&self) -> Generation {
         if self.has_policies {

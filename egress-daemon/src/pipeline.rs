@@ -12,6 +12,9 @@ use crate::{control::history::EventHistory, engine::Engine, output::EventWriter}
 
 /// How often the kernel's dropped-event counter is checked.
 const DROP_CHECK_INTERVAL: Duration = Duration::from_millis(500);
+/// The kernel programs wake the reader only once a backlog builds up (a wakeup per event would
+/// cost every connect microseconds), so the ring is also drained on this timer.
+pub const DRAIN_INTERVAL: Duration = Duration::from_millis(50);
 
 /// Pumps events until `stop` turns true, then drains what is left and returns.
 pub async fn pump<W: Write>(
@@ -27,8 +30,11 @@ pub async fn pump<W: Write>(
         .map_err(std::io::Error::from)?;
     let mut drops = DropWatch::default();
     let mut ticker = tokio::time::interval(DROP_CHECK_INTERVAL);
+    let mut drain_timer = tokio::time::interval(DRAIN_INTERVAL);
+    drain_timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
+            _ = drain_timer.tick() => drain(ring.get_mut(), &engine, &mut writer, history.as_deref())?,
             ready = ring.readable_mut() => {
                 let mut guard = ready?;
                 drain(guard.get_inner_mut(), &engine, &mut writer, history.as_deref())?;

@@ -1,10 +1,11 @@
 //! Flow events into the ring buffer, and the counters that make losses visible.
 
+use aya_ebpf::bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP};
 use aya_ebpf::helpers::{
     bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_uid_gid,
     generated::bpf_ktime_get_boot_ns,
 };
-use egress_common::{counter, verdict, CgroupBinding, FlowEvent, FlowKey};
+use egress_common::{counter, verdict, CgroupBinding, FlowEvent, FlowKey, EVENTS_WAKEUP_BACKLOG_BYTES as WAKEUP_BACKLOG_BYTES};
 
 use crate::{
     maps::{BINDING_STATS, COUNTERS, EVENTS, FLOWS_SEEN},
@@ -68,7 +69,18 @@ pub fn report(binding: &CgroupBinding, flow: &Flow, judgement: &Judgement, hook:
         comm: bpf_get_current_comm().unwrap_or([0; 16]),
     };
     entry.write(event);
-    entry.submit(0);
+    entry.submit(wakeup_flag());
+}
+
+/// Waking the reader on every event costs microseconds per flow (an irq_work and a reschedule);
+/// the daemon also drains on a short timer, so wake it only once a backlog builds up.
+#[inline(always)]
+fn wakeup_flag() -> u64 {
+    if EVENTS.query(u64::from(BPF_RB_AVAIL_DATA)) >= WAKEUP_BACKLOG_BYTES {
+        u64::from(BPF_RB_FORCE_WAKEUP)
+    } else {
+        u64::from(BPF_RB_NO_WAKEUP)
+    }
 }
 
 #[inline(always)]
