@@ -1,17 +1,43 @@
 //! The CLI side of the control socket: `egress status`, `egress logs`, `egress reload`.
 
-use std::{io::Write, path::Path, time::Duration};
+use std::{
+    fmt::Write as _,
+    io::{self, Write},
+    path::{Path, PathBuf},
+    time::Duration,
+};
 
-use anyhow::{anyhow, bail, Context};
 use tokio::{
-    io::{AsyncBufReadExt, AsyncWriteExt, BufReader},
-    net::UnixStream,
+    io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Lines},
+    net::{
+        unix::{OwnedReadHalf, OwnedWriteHalf},
+        UnixStream,
+    },
 };
 
 use super::protocol::{Request, Response, StatusReport};
 use crate::output::text_line;
 
+/// How long `status` and `reload` wait for the daemon's answer (a reload may query container
+/// runtimes, so it is generous).
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// What went wrong talking to the daemon. [`Daemon`](ControlError::Daemon) is the daemon's own
+/// refusal (a rejected reload: `FILE:LINE:COL: message`); the CLI exits 2 for a rejected reload.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error("cannot reach the egress daemon at {socket}: is it running? ({cause})")]
+    Unreachable { socket: PathBuf, cause: io::Error },
+    #[error("permission denied on {socket}: the control socket is for root and settings.control_group")]
+    NotPermitted { socket: PathBuf },
+    #[error("{0}")]
+    Daemon(String),
+    #[error("talking to the egress daemon at {socket}: {reason}")]
+    Protocol { socket: PathBuf, reason: String },
+}
+
 /// What `egress logs` asks for.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct LogsArgs {
     pub follow: bool,
     pub blocked_only: bool,
@@ -19,49 +45,24 @@ pub struct LogsArgs {
     pub since: Option<Duration>,
 }
 
+/// `egress status`: a table of what is enforced where, or the report as JSON.
 pub async fn status(socket: &Path, json: bool) -> anyhow::Result<()> {
-    let mut responses = ask(socket, &Request::Status).await?;
-    match responses.next().await? {
-        Some(Response::Status(report)) if json => println!("{}", serde_json::to_string_pretty(&report)?),
-        Some(Response::Status(report)) => print!("{}", status_text(&report)),
-        other => bail!(unexpected(other)),
-    }
-    Ok(())
+    let report = fetch_status(socket).await?;
+    let text = if json { serde_json::to_string_pretty(&report)? + "\n" } else { status_text(&report) };
+    print_stdout(&text)
 }
 
+/// `egress reload`: prints the daemon's summary; a rejected file is a [`ControlError::Daemon`]
+/// with the daemon's message.
 pub async fn reload(socket: &Path) -> anyhow::Result<()> {
-    let mut responses = ask(socket, &Request::Reload).await?;
-    match responses.next().await? {
-        Some(Response::Reloaded { message }) => {
-            println!("{message}");
-            Ok(())
-        }
-        other => Err(unexpected(other)),
-    }
+    let (_, message) = request_reload(socket).await?;
+    print_stdout(&format!("{message}\n"))
 }
 
+/// `egress logs`: the matching kept events, then, with `follow`, live ones until the daemon
+/// stops. Events go to stdout, as text or JSON lines; notices go to stderr.
 pub async fn logs(socket: &Path, args: LogsArgs, json: bool) -> anyhow::Result<()> {
-    let request = Request::Logs {
-        follow: args.follow,
-        blocked_only: args.blocked_only,
-        policy: args.policy,
-        since_secs: args.since.map(|d| d.as_secs()),
-    };
-    let mut responses = ask(socket, &request).await?;
-    let mut stdout = std::io::stdout();
-    while let Some(response) = responses.next().await? {
-        match response {
-            Response::Event(record) => {
-                let line = if json { serde_json::to_string(&record)? } else { text_line(&record) };
-                if writeln!(stdout, "{line}").and_then(|()| stdout.flush()).is_err() {
-                    return Ok(()); // the reader went away (`egress logs | head`)
-                }
-            }
-            Response::Notice { message } => eprintln!("egress: {message}"),
-            other => bail!(unexpected(Some(other))),
-        }
-    }
-    Ok(())
+    logs_to(socket, args, json, &mut io::stdout()).await
 }
 
 /// `30s`, `5m`, `2h`, `1d`, `500ms`, or plain seconds.
@@ -69,80 +70,214 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
     let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
     let (number, unit) = text.split_at(split);
-    let value: u64 = number.parse().map_err(|_| format!("`{text}` is not a duration like 30s, 5m, 2h or 1d"))?;
-    let seconds = match unit {
-        "" | "s" => value,
+    let invalid = || format!("`{text}` is not a duration like 30s, 5m, 2h, 1d or 500ms");
+    let value: u64 = number.parse().map_err(|_| invalid())?;
+    let seconds_per_unit = match unit.trim_start() {
         "ms" => return Ok(Duration::from_millis(value)),
-        "m" => value * 60,
-        "h" => value * 3600,
-        "d" => value * 86_400,
-        _ => return Err(format!("unknown unit `{unit}` in `{text}` (use ms, s, m, h or d)")),
+        "" | "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        other => return Err(format!("unknown unit `{other}` in `{text}` (use ms, s, m, h or d)")),
     };
-    Ok(Duration::from_secs(seconds))
+    value.checked_mul(seconds_per_unit).map(Duration::from_secs).ok_or_else(invalid)
 }
 
-fn status_text(report: &StatusReport) -> String {
-    let mut out = format!(
-        "config: {}\nloaded: {}\nattached at: {}\ndropped events: {}\n\n",
-        report.config, report.loaded_at, report.attach, report.dropped_events
-    );
-    out.push_str(&format!("{:<48} {:<16} {:<8} {:>9} {:>9} {:>9}\n", "CGROUP", "POLICY", "MODE", "ALLOWED", "BLOCKED", "AUDIT"));
-    for row in &report.cgroups {
-        let cgroup = match &row.workload {
+/// Asks the daemon for its status report.
+pub async fn fetch_status(socket: &Path) -> anyhow::Result<StatusReport> {
+    let mut connection = Connection::open(socket, &Request::Status).await?;
+    match connection.answer().await? {
+        Response::Status(report) => Ok(report),
+        other => Err(connection.unexpected(other).into()),
+    }
+}
+
+/// Asks the daemon to reload its file: the number of policies in force and its summary.
+pub async fn request_reload(socket: &Path) -> anyhow::Result<(usize, String)> {
+    let mut connection = Connection::open(socket, &Request::Reload).await?;
+    match connection.answer().await? {
+        Response::Reloaded { policies, message } => Ok((policies, message)),
+        other => Err(connection.unexpected(other).into()),
+    }
+}
+
+/// [`logs`] writing events to `out`.
+pub async fn logs_to<W: Write + Send>(socket: &Path, args: LogsArgs, json: bool, out: &mut W) -> anyhow::Result<()> {
+    let request = Request::Logs {
+        follow: args.follow,
+        blocked_only: args.blocked_only,
+        policy: args.policy,
+        // Rounded up: `--since 500ms` means the last second, not nothing.
+        since_secs: args.since.map(|d| d.as_secs() + u64::from(d.subsec_nanos() > 0)),
+    };
+    let mut connection = Connection::open(socket, &request).await?;
+    let mut out = io::BufWriter::new(out);
+    while let Some(response) = connection.next().await? {
+        let line = match response {
+            Response::Event(record) if json => serde_json::to_string(&record)?,
+            Response::Event(record) => text_line(&record),
+            Response::Notice { message } => {
+                eprintln!("egress: {message}");
+                continue;
+            }
+            other => return Err(connection.unexpected(other).into()),
+        };
+        let written = writeln!(out, "{line}").and_then(|()| {
+            // Flush whenever the next read may wait, so a follower sees each event at once.
+            if connection.line_pending() {
+                Ok(())
+            } else {
+                out.flush()
+            }
+        });
+        match written {
+            Ok(()) => {}
+            // The reader went away (`egress logs | head`): done, not an error.
+            Err(error) if error.kind() == io::ErrorKind::BrokenPipe => return Ok(()),
+            Err(error) => return Err(error.into()),
+        }
+    }
+    match out.flush() {
+        Err(error) if error.kind() != io::ErrorKind::BrokenPipe => Err(error.into()),
+        _ => Ok(()),
+    }
+}
+
+/// The readable form of a status report.
+pub fn status_text(report: &StatusReport) -> String {
+    let mut out = String::new();
+    let attach = if report.attach.is_empty() { "/" } else { &report.attach };
+    let _ = writeln!(out, "config:         {}", report.config);
+    let _ = writeln!(out, "loaded at:      {} (generation {})", report.loaded_at, report.generation);
+    let _ = writeln!(out, "attached at:    {attach}");
+    let _ = writeln!(out, "dropped events: {}", report.dropped_events);
+    out.push('\n');
+
+    let names: Vec<String> = report
+        .cgroups
+        .iter()
+        .map(|row| match &row.workload {
             Some(workload) => format!("{} ({workload})", row.cgroup),
             None => row.cgroup.clone(),
-        };
-        out.push_str(&format!(
-            "{cgroup:<48} {:<16} {:<8} {:>9} {:>9} {:>9}\n",
-            row.policy, row.mode, row.allowed, row.blocked, row.audited
-        ));
+        })
+        .collect();
+    let width = |header: &str, cells: &mut dyn Iterator<Item = usize>| cells.fold(header.len(), usize::max);
+    let cgroup_width = width("CGROUP", &mut names.iter().map(String::len));
+    let policy_width = width("POLICY", &mut report.cgroups.iter().map(|row| row.policy.len()));
+    let mode_width = width("MODE", &mut report.cgroups.iter().map(|row| row.mode.len()));
+    if report.cgroups.is_empty() {
+        out.push_str("no cgroup is bound to a policy\n");
+    } else {
+        let _ = writeln!(
+            out,
+            "{:<cgroup_width$}  {:<policy_width$}  {:<mode_width$}  {:>9}  {:>9}  {:>9}",
+            "CGROUP", "POLICY", "MODE", "ALLOWED", "BLOCKED", "AUDITED"
+        );
+        for (row, name) in report.cgroups.iter().zip(&names) {
+            let _ = writeln!(
+                out,
+                "{name:<cgroup_width$}  {:<policy_width$}  {:<mode_width$}  {:>9}  {:>9}  {:>9}",
+                row.policy, row.mode, row.allowed, row.blocked, row.audited
+            );
+        }
     }
     out.push('\n');
     for policy in &report.policies {
-        out.push_str(&format!(
-            "policy {}: {}, default {}, mode {}, {} rules, {} cgroups\n",
-            policy.name, policy.selector, policy.default, policy.mode, policy.rules, policy.cgroups
-        ));
+        let _ = writeln!(
+            out,
+            "policy {}: {}, default {}, mode {}, {} rule{}, {} cgroup{}",
+            policy.name,
+            policy.selector,
+            policy.default,
+            policy.mode,
+            policy.rules,
+            plural(policy.rules),
+            policy.cgroups,
+            plural(policy.cgroups),
+        );
     }
     out
 }
 
-fn unexpected(response: Option<Response>) -> anyhow::Error {
-    match response {
-        Some(Response::Error { message }) => anyhow!("{message}"),
-        Some(other) => anyhow!("unexpected answer from the daemon: {other:?}"),
-        None => anyhow!("the daemon closed the connection without an answer"),
+fn plural(count: usize) -> &'static str {
+    if count == 1 {
+        ""
+    } else {
+        "s"
     }
 }
 
-/// Response lines of one request.
-struct Responses {
-    lines: tokio::io::Lines<BufReader<tokio::net::unix::OwnedReadHalf>>,
+/// One request and the lines of its answer. The write half stays open until the connection
+/// is dropped: closing it tells the daemon a follower is done.
+pub struct Connection {
+    socket: PathBuf,
+    lines: Lines<BufReader<OwnedReadHalf>>,
+    _request: OwnedWriteHalf,
 }
 
-impl Responses {
-    async fn next(&mut self) -> anyhow::Result<Option<Response>> {
-        match self.lines.next_line().await? {
-            Some(line) => Ok(Some(serde_json::from_str(&line).context("reading the daemon's answer")?)),
-            None => Ok(None),
+impl Connection {
+    /// Connects to the daemon at `socket` and sends `request`.
+    pub async fn open(socket: &Path, request: &Request) -> Result<Self, ControlError> {
+        let stream = UnixStream::connect(socket).await.map_err(|cause| match cause.kind() {
+            io::ErrorKind::PermissionDenied => ControlError::NotPermitted { socket: socket.to_path_buf() },
+            _ => ControlError::Unreachable { socket: socket.to_path_buf(), cause },
+        })?;
+        let (read, mut write) = stream.into_split();
+        let mut line = serde_json::to_vec(request).map_err(|error| protocol(socket, error))?;
+        line.push(b'\n');
+        write.write_all(&line).await.map_err(|error| protocol(socket, error))?;
+        Ok(Self { socket: socket.to_path_buf(), lines: BufReader::new(read).lines(), _request: write })
+    }
+
+    /// The next response; `None` once the daemon has closed the connection.
+    pub async fn next(&mut self) -> Result<Option<Response>, ControlError> {
+        match self.lines.next_line().await {
+            Ok(Some(line)) => serde_json::from_str(&line).map(Some).map_err(|error| protocol(&self.socket, error)),
+            Ok(None) => Ok(None),
+            Err(error) => Err(protocol(&self.socket, error)),
+        }
+    }
+
+    /// The single answer to `status` or `reload`.
+    async fn answer(&mut self) -> Result<Response, ControlError> {
+        match tokio::time::timeout(ANSWER_TIMEOUT, self.next()).await {
+            Ok(Ok(Some(response))) => Ok(response),
+            Ok(Ok(None)) => Err(protocol(&self.socket, "the daemon closed the connection without an answer")),
+            Ok(Err(error)) => Err(error),
+            Err(_) => Err(protocol(&self.socket, format!("no answer within {} s", ANSWER_TIMEOUT.as_secs()))),
+        }
+    }
+
+    /// Whether a whole response line is already buffered.
+    fn line_pending(&mut self) -> bool {
+        self.lines.get_mut().buffer().contains(&b'\n')
+    }
+
+    fn unexpected(&self, response: Response) -> ControlError {
+        match response {
+            Response::Error { message } => ControlError::Daemon(message),
+            other => protocol(&self.socket, format!("unexpected answer {other:?}")),
         }
     }
 }
 
-async fn ask(socket: &Path, request: &Request) -> anyhow::Result<Responses> {
-    let stream = UnixStream::connect(socket)
-        .await
-        .with_context(|| format!("cannot reach the egress daemon at {}: is it running?", socket.display()))?;
-    let (read, mut write) = stream.into_split();
-    let mut line = serde_json::to_vec(request)?;
-    line.push(b'\n');
-    write.write_all(&line).await?;
-    Ok(Responses { lines: BufReader::new(read).lines() })
+fn protocol(socket: &Path, reason: impl ToString) -> ControlError {
+    ControlError::Protocol { socket: socket.to_path_buf(), reason: reason.to_string() }
+}
+
+/// Writes to stdout; a closed stdout (`egress status | head -1`) is not an error.
+fn print_stdout(text: &str) -> anyhow::Result<()> {
+    let mut stdout = io::stdout().lock();
+    match stdout.write_all(text.as_bytes()).and_then(|()| stdout.flush()) {
+        Err(error) if error.kind() != io::ErrorKind::BrokenPipe => Err(error.into()),
+        _ => Ok(()),
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::control::protocol::{CgroupStatus, PolicyStatus};
 
     #[test]
     fn parses_durations() {
@@ -152,7 +287,55 @@ mod tests {
         assert_eq!(parse_duration("1d"), Ok(Duration::from_secs(86_400)));
         assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
         assert_eq!(parse_duration("12"), Ok(Duration::from_secs(12)));
-        assert!(parse_duration("5x").is_err());
-        assert!(parse_duration("m").is_err());
+        assert_eq!(parse_duration(" 10 m "), Ok(Duration::from_secs(600)));
+        assert_eq!(parse_duration("0"), Ok(Duration::ZERO));
+        for bad in ["", "m", "5x", "-5s", "1.5h", "5mm", "99999999999999999999", "999999999999999999d"] {
+            assert!(parse_duration(bad).is_err(), "{bad:?} should be rejected");
+        }
+    }
+
+    #[test]
+    fn status_text_is_a_table() {
+        let report = StatusReport {
+            config: "/etc/egress/egress.yaml".into(),
+            loaded_at: "2026-11-23T10:01:02.345Z".into(),
+            generation: 2,
+            attach: String::new(),
+            dropped_events: 7,
+            policies: vec![PolicyStatus {
+                name: "web".into(),
+                selector: "systemd_unit: nginx.service".into(),
+                mode: "enforce".into(),
+                default: "deny".into(),
+                rules: 3,
+                cgroups: 1,
+            }],
+            cgroups: vec![CgroupStatus {
+                cgroup: "system.slice/nginx.service".into(),
+                policy: "web".into(),
+                mode: "enforce".into(),
+                workload: Some("nginx.service".into()),
+                allowed: 12,
+                blocked: 1,
+                audited: 0,
+            }],
+        };
+        let text = status_text(&report);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines[0], "config:         /etc/egress/egress.yaml");
+        assert_eq!(lines[1], "loaded at:      2026-11-23T10:01:02.345Z (generation 2)");
+        assert_eq!(lines[2], "attached at:    /");
+        assert_eq!(lines[3], "dropped events: 7");
+        assert_eq!(
+            lines[5],
+            "CGROUP                                      POLICY  MODE       ALLOWED    BLOCKED    AUDITED"
+        );
+        assert_eq!(
+            lines[6],
+            "system.slice/nginx.service (nginx.service)  web     enforce         12          1          0"
+        );
+        assert_eq!(lines[8], "policy web: systemd_unit: nginx.service, default deny, mode enforce, 3 rules, 1 cgroup");
+        let empty = status_text(&StatusReport::default());
+        assert!(empty.contains("no cgroup is bound to a policy"), "{empty}");
     }
 }

@@ -1,56 +1,144 @@
-//! Messages on the control socket: one request line from the client, response lines back.
+//! Messages on the control socket: newline-delimited JSON over a Unix stream socket.
+//!
+//! The client sends one [`Request`] line and keeps its end open; the server answers with
+//! [`Response`] lines, one JSON object each, and closes. `logs` with `follow` streams until the
+//! client closes its end, which is how a follower says it is done.
+//!
+//! ```text
+//! → {"request":"logs","follow":true,"blocked_only":true,"policy":null,"since_secs":300}
+//! ← {"kind":"event","time":"2026-11-23T10:01:02.345Z","verdict":"blocked",...}
+//! ← {"kind":"notice","message":"12 events skipped (client too slow)"}
+//! ```
 
 use serde::{Deserialize, Serialize};
 
 use crate::events::FlowRecord;
 
-#[derive(Clone, Debug, Serialize, Deserialize)]
+/// Longest request line the server reads, newline included.
+pub const MAX_REQUEST_LINE: usize = 64 * 1024;
+
+/// What a client asks; the fields of `logs` may be left out (`{"request":"logs"}`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "request", rename_all = "snake_case")]
 pub enum Request {
     Status,
-    Logs { follow: bool, blocked_only: bool, policy: Option<String>, since_secs: Option<u64> },
+    Logs {
+        #[serde(default)]
+        follow: bool,
+        #[serde(default)]
+        blocked_only: bool,
+        #[serde(default)]
+        policy: Option<String>,
+        /// Only events of the last this many seconds.
+        #[serde(default)]
+        since_secs: Option<u64>,
+    },
     Reload,
 }
 
+/// One line of the server's answer.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Response {
     Status(StatusReport),
     Event(FlowRecord),
-    Notice { message: String },
-    Reloaded { message: String },
-    Error { message: String },
+    /// Something the reader should know that is not an event (events it missed).
+    Notice {
+        message: String,
+    },
+    Reloaded {
+        policies: usize,
+        message: String,
+    },
+    /// The request failed; for a rejected reload, `FILE:LINE:COL: message`.
+    Error {
+        message: String,
+    },
 }
 
 /// What is enforced where, right now.
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct StatusReport {
+    /// The policy file in force.
     pub config: String,
+    /// RFC 3339 time the policies in force were loaded.
     pub loaded_at: String,
+    /// How many times policies were put in force (1 after start, +1 per successful reload).
+    pub generation: u32,
+    /// The cgroup the programs are attached to.
     pub attach: String,
+    /// Events the kernel could not deliver (ring buffer full or no daemon running).
     pub dropped_events: u64,
     pub policies: Vec<PolicyStatus>,
     pub cgroups: Vec<CgroupStatus>,
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize)]
+/// One policy of the file in force.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct PolicyStatus {
     pub name: String,
+    /// The selector as written: `cgroup: ...`, `systemd_unit: ...` or `container: ...`.
     pub selector: String,
     pub mode: String,
     pub default: String,
     pub rules: usize,
+    /// Cgroups bound to it now.
     pub cgroups: usize,
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize)]
+/// One cgroup bound to a policy, with the flows judged there.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct CgroupStatus {
     pub cgroup: String,
     pub policy: String,
     pub mode: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// The container or systemd unit of the cgroup, where known.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub workload: Option<String>,
     pub allowed: u64,
     pub blocked: u64,
     pub audited: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_have_a_stable_wire_form() {
+        let logs = Request::Logs { follow: true, blocked_only: false, policy: Some("web".into()), since_secs: None };
+        assert_eq!(
+            serde_json::to_string(&logs).expect("serializes"),
+            r#"{"request":"logs","follow":true,"blocked_only":false,"policy":"web","since_secs":null}"#
+        );
+        assert_eq!(serde_json::to_string(&Request::Status).expect("serializes"), r#"{"request":"status"}"#);
+        let terse: Request = serde_json::from_str(r#"{"request":"logs"}"#).expect("defaults");
+        assert_eq!(terse, Request::Logs { follow: false, blocked_only: false, policy: None, since_secs: None });
+        assert!(serde_json::from_str::<Request>(r#"{"request":"reboot"}"#).is_err());
+    }
+
+    #[test]
+    fn responses_round_trip() {
+        let reloaded = Response::Reloaded { policies: 2, message: "2 policies".into() };
+        let line = serde_json::to_string(&reloaded).expect("serializes");
+        assert_eq!(line, r#"{"kind":"reloaded","policies":2,"message":"2 policies"}"#);
+        let status = Response::Status(StatusReport {
+            config: "/etc/egress/egress.yaml".into(),
+            generation: 3,
+            cgroups: vec![CgroupStatus { cgroup: "a".into(), blocked: 1, ..CgroupStatus::default() }],
+            ..StatusReport::default()
+        });
+        let line = serde_json::to_string(&status).expect("serializes");
+        assert!(line.starts_with(r#"{"kind":"status","config":"/etc/egress/egress.yaml""#), "{line}");
+        match serde_json::from_str(&line).expect("parses") {
+            Response::Status(report) => {
+                assert_eq!(report.generation, 3);
+                assert_eq!(report.cgroups[0].blocked, 1);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
 }

@@ -1,159 +1,413 @@
-//! The daemon's side of the control socket.
+//! The daemon's side of the control socket: sets the socket up (directory, stale file, mode,
+//! group), checks each client's credentials and answers it in its own task, so that a slow or
+//! stuck client never holds up the daemon or other clients.
 
 use std::{
+    ffi::CString,
     io,
-    os::unix::fs::PermissionsExt,
+    os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, PermissionsExt},
     path::{Path, PathBuf},
     sync::Arc,
     time::{Duration, SystemTime},
 };
 
-use anyhow::{bail, Context};
+use anyhow::{anyhow, bail, Context};
 use tokio::{
-    io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader},
-    net::{UnixListener, UnixStream},
-    sync::broadcast::error::RecvError,
-    task::JoinHandle,
+    io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter},
+    net::{unix::UCred, UnixListener, UnixStream},
+    sync::broadcast::{self, error::RecvError},
+    task::{JoinHandle, JoinSet},
 };
 
 use super::{
     history::{EventHistory, LogFilter},
-    protocol::{Request, Response, StatusReport},
+    protocol::{Request, Response, StatusReport, MAX_REQUEST_LINE},
 };
+use crate::events::FlowRecord;
 
-/// Longest request line accepted.
-const MAX_REQUEST: usize = 64 * 1024;
+/// How long a client may take to send its request line.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// Pause after a failed `accept` (out of file descriptors, ...), so the loop does not spin.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+/// History records examined per lock of the ring while sending a backlog: pushes wait at most
+/// this long, however large `settings.history` is.
+const BACKLOG_CHUNK: usize = 1024;
 
 /// What the daemon offers to control clients.
+///
+/// The methods are called on the connection's task, like `SIGHUP`'s reload on the daemon's
+/// main task: a reload therefore never runs alongside the rest of the daemon's work on a
+/// current-thread runtime, at the price of holding that thread while it runs.
 pub trait ControlHandler: Send + Sync + 'static {
     fn status(&self) -> StatusReport;
-    /// `Ok(summary)` or `Err(message)` (for a bad file: `FILE:LINE:COL: message`).
+    /// `Ok(summary)`, or `Err(message)` (for a bad file: `FILE:LINE:COL: message`) with the
+    /// running policies left in force.
     fn reload(&self) -> Result<String, String>;
     fn history(&self) -> &EventHistory;
 }
 
-/// Serving stops and the socket file is removed when this is dropped.
+/// The socket being served. Dropping it stops serving (the listener and every open
+/// connection) and removes the socket file, unless another daemon has replaced it since.
 pub struct ServerHandle {
-    path: PathBuf,
+    socket: SocketFile,
     task: JoinHandle<()>,
+}
+
+impl ServerHandle {
+    pub fn path(&self) -> &Path {
+        &self.socket.path
+    }
 }
 
 impl Drop for ServerHandle {
     fn drop(&mut self) {
         self.task.abort();
-        let _ = std::fs::remove_file(&self.path);
     }
 }
 
-/// Listens on `socket`: root only, or root and members of `group`.
-pub async fn serve(socket: &Path, group: Option<String>, handler: Arc<dyn ControlHandler>) -> anyhow::Result<ServerHandle> {
-    if let Some(dir) = socket.parent() {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    }
-    if socket.exists() {
-        if UnixStream::connect(socket).await.is_ok() {
-            bail!("another egress daemon is running on {}", socket.display());
+/// The socket file this daemon bound, removed on drop if it is still the same file.
+struct SocketFile {
+    path: PathBuf,
+    identity: Option<(u64, u64)>,
+}
+
+impl Drop for SocketFile {
+    fn drop(&mut self) {
+        let current = std::fs::symlink_metadata(&self.path).ok().map(|m| (m.dev(), m.ino()));
+        if current.is_some() && current == self.identity {
+            let _ = std::fs::remove_file(&self.path);
         }
-        std::fs::remove_file(socket).with_context(|| format!("removing the stale {}", socket.display()))?;
     }
-    let listener = UnixListener::bind(socket).with_context(|| format!("listening on {}", socket.display()))?;
-    let gid = match &group {
-        Some(name) => Some(group_id(name).with_context(|| format!("settings.control_group {name}"))?),
+}
+
+/// Who may use the socket besides root.
+#[derive(Clone, Debug)]
+struct Access {
+    group: Option<(String, u32)>,
+    /// The daemon's own user: a daemon run as another user (in tests) answers that user.
+    own_uid: u32,
+}
+
+/// Serves the control socket at `socket`: mode 0600 (root only), or 0660 and owned by `group`
+/// when one is given. Fails if another daemon answers on `socket`; a stale socket file left by
+/// a killed daemon is replaced.
+pub async fn serve(
+    socket: &Path,
+    group: Option<String>,
+    handler: Arc<dyn ControlHandler>,
+) -> anyhow::Result<ServerHandle> {
+    let group = match group {
+        Some(name) => {
+            let gid = group_id(&name).with_context(|| format!("settings.control_group: {name}"))?;
+            Some((name, gid))
+        }
         None => None,
     };
-    let mode = if gid.is_some() { 0o660 } else { 0o600 };
-    std::fs::set_permissions(socket, std::fs::Permissions::from_mode(mode))?;
-    if let Some(gid) = gid {
-        std::os::unix::fs::chown(socket, None, Some(gid))?;
+    prepare_directory(socket)?;
+    remove_stale(socket).await?;
+
+    let listener = UnixListener::bind(socket).with_context(|| format!("listening on {}", socket.display()))?;
+    let identity = std::fs::symlink_metadata(socket).ok().map(|m| (m.dev(), m.ino()));
+    let file = SocketFile { path: socket.to_path_buf(), identity };
+    // Until the mode is set the socket may be open to more users than it should be; the
+    // credential check on every connection covers that moment.
+    let mode = if group.is_some() { 0o660 } else { 0o600 };
+    std::fs::set_permissions(socket, std::fs::Permissions::from_mode(mode))
+        .with_context(|| format!("setting the mode of {}", socket.display()))?;
+    if let Some((name, gid)) = &group {
+        std::os::unix::fs::chown(socket, None, Some(*gid))
+            .with_context(|| format!("giving {} to group {name}", socket.display()))?;
     }
-    let task = tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
-            let handler = handler.clone();
-            tokio::spawn(async move {
-                if let Err(error) = answer(stream, gid, handler).await {
-                    tracing::debug!(%error, "control connection ended");
-                }
-            });
-        }
-    });
-    Ok(ServerHandle { path: socket.to_path_buf(), task })
+
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let own_uid = unsafe { libc::geteuid() };
+    let access = Access { group, own_uid };
+    let task = tokio::spawn(accept_loop(listener, access, handler));
+    Ok(ServerHandle { socket: file, task })
 }
 
-async fn answer(stream: UnixStream, gid: Option<u32>, handler: Arc<dyn ControlHandler>) -> io::Result<()> {
-    let allowed = stream.peer_cred().is_ok_and(|cred| cred.uid() == 0 || gid.is_some_and(|g| in_group(&cred, g)));
-    let (read, mut write) = stream.into_split();
-    let mut line = String::new();
-    let mut reader = BufReader::new(read.take(MAX_REQUEST as u64));
-    reader.read_line(&mut line).await?;
-    if !allowed {
-        return send(&mut write, &Response::Error { message: "permission denied: root or settings.control_group only".into() }).await;
+/// Creates the socket's directory (0755, so that a configured group can reach the socket).
+fn prepare_directory(socket: &Path) -> anyhow::Result<()> {
+    let Some(dir) = socket.parent().filter(|dir| !dir.as_os_str().is_empty()) else {
+        return Ok(());
+    };
+    if dir.exists() {
+        return Ok(());
     }
-    let request = match serde_json::from_str::<Request>(&line) {
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o755)
+        .create(dir)
+        .with_context(|| format!("creating {}", dir.display()))?;
+    // Not narrowed by the umask: group members need to traverse it.
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755))
+        .with_context(|| format!("setting the mode of {}", dir.display()))
+}
+
+/// Removes a socket file nobody answers on; refuses to touch a live one or a non-socket.
+async fn remove_stale(socket: &Path) -> anyhow::Result<()> {
+    let meta = match std::fs::symlink_metadata(socket) {
+        Ok(meta) => meta,
+        Err(error) if error.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(error) => return Err(error).with_context(|| format!("inspecting {}", socket.display())),
+    };
+    if !meta.file_type().is_socket() {
+        bail!("{} exists and is not a socket; remove it or set settings.control_socket", socket.display());
+    }
+    match UnixStream::connect(socket).await {
+        Ok(_) => bail!("another egress daemon is running on {}", socket.display()),
+        Err(error) if error.kind() == io::ErrorKind::ConnectionRefused => {
+            std::fs::remove_file(socket).with_context(|| format!("removing the stale {}", socket.display()))
+        }
+        Err(error) => Err(error).with_context(|| format!("checking whether a daemon answers on {}", socket.display())),
+    }
+}
+
+async fn accept_loop(listener: UnixListener, access: Access, handler: Arc<dyn ControlHandler>) {
+    // Dropping the set (when the handle aborts this task) aborts every connection's task.
+    let mut connections = JoinSet::new();
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => {
+                    let (access, handler) = (access.clone(), handler.clone());
+                    connections.spawn(async move {
+                        if let Err(error) = converse(stream, &access, handler.as_ref()).await {
+                            tracing::debug!(%error, "control connection ended");
+                        }
+                    });
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "control socket: accept failed");
+                    tokio::time::sleep(ACCEPT_BACKOFF).await;
+                }
+            },
+            Some(_) = connections.join_next(), if !connections.is_empty() => {}
+        }
+    }
+}
+
+/// One client: one request, its answer.
+async fn converse(stream: UnixStream, access: &Access, handler: &dyn ControlHandler) -> io::Result<()> {
+    let peer = stream.peer_cred();
+    let (read, write) = stream.into_split();
+    let mut reader = BufReader::new(read);
+    let mut out = BufWriter::new(write);
+
+    // The request is read before a refusal is sent: closing with unread data would reset the
+    // connection and lose the refusal.
+    let line = match tokio::time::timeout(REQUEST_TIMEOUT, read_request_line(&mut reader)).await {
+        Ok(Ok(Some(line))) => line,
+        Ok(Ok(None)) => return Ok(()),
+        Ok(Err(message)) => return reply(&mut out, &Response::Error { message }).await,
+        Err(_) => {
+            let message = format!("no request within {} s", REQUEST_TIMEOUT.as_secs());
+            return reply(&mut out, &Response::Error { message }).await;
+        }
+    };
+    if let Err(message) = authorize(peer, access) {
+        tracing::warn!("control socket: {message}");
+        return reply(&mut out, &Response::Error { message }).await;
+    }
+    let request = match serde_json::from_slice::<Request>(&line) {
         Ok(request) => request,
-        Err(error) => return send(&mut write, &Response::Error { message: format!("bad request: {error}") }).await,
+        Err(error) => return reply(&mut out, &Response::Error { message: format!("bad request: {error}") }).await,
     };
     match request {
-        Request::Status => send(&mut write, &Response::Status(handler.status())).await,
+        Request::Status => reply(&mut out, &Response::Status(handler.status())).await,
         Request::Reload => {
             let response = match handler.reload() {
-                Ok(message) => Response::Reloaded { message },
+                Ok(message) => Response::Reloaded { policies: handler.status().policies.len(), message },
                 Err(message) => Response::Error { message },
             };
-            send(&mut write, &response).await
+            reply(&mut out, &response).await
         }
         Request::Logs { follow, blocked_only, policy, since_secs } => {
-            let since = since_secs.map(|secs| SystemTime::now() - Duration::from_secs(secs));
+            let since = since_secs
+                .map(|secs| SystemTime::now().checked_sub(Duration::from_secs(secs)).unwrap_or(SystemTime::UNIX_EPOCH));
             let filter = LogFilter { blocked_only, policy, since };
-            let (kept, mut live) = handler.history().snapshot_and_follow(&filter);
-            for record in kept {
-                send(&mut write, &Response::Event(record)).await?;
-            }
-            if !follow {
-                return Ok(());
-            }
-            loop {
-                match live.recv().await {
-                    Ok(record) if filter.matches(&record) => send(&mut write, &Response::Event(record)).await?,
+            logs(handler.history(), &filter, follow, &mut reader, &mut out).await
+        }
+    }
+}
+
+/// The request line without its newline; `None` if the client closed without one.
+async fn read_request_line<R: AsyncRead + Unpin>(reader: &mut BufReader<R>) -> Result<Option<Vec<u8>>, String> {
+    let mut line = Vec::new();
+    let limit = MAX_REQUEST_LINE as u64;
+    let read = (&mut *reader)
+        .take(limit)
+        .read_until(b'\n', &mut line)
+        .await
+        .map_err(|error| format!("reading the request: {error}"))?;
+    match line.last() {
+        _ if read == 0 => Ok(None),
+        Some(b'\n') => {
+            line.pop();
+            Ok(Some(line))
+        }
+        _ if read as u64 >= limit => Err(format!("request longer than {} KiB", MAX_REQUEST_LINE / 1024)),
+        // The client closed its end after a request without a newline.
+        _ => Ok(Some(line)),
+    }
+}
+
+/// Root and the daemon's own user always; others only as members of the configured group.
+fn authorize(peer: io::Result<UCred>, access: &Access) -> Result<(), String> {
+    let peer = peer.map_err(|error| format!("cannot tell who the client is: {error}"))?;
+    if peer.uid() == 0 || peer.uid() == access.own_uid {
+        return Ok(());
+    }
+    let Some((name, gid)) = &access.group else {
+        return Err(format!("permission denied: the control socket is for root only (uid {} asked)", peer.uid()));
+    };
+    let member = peer.gid() == *gid
+        || peer.pid().is_some_and(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/status"))
+                .is_ok_and(|status| supplementary_groups(&status).contains(gid))
+        });
+    if member {
+        Ok(())
+    } else {
+        Err(format!("permission denied: the control socket is for root and group {name} (uid {} asked)", peer.uid()))
+    }
+}
+
+/// The `Groups:` line of `/proc/PID/status`.
+fn supplementary_groups(status: &str) -> Vec<u32> {
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("Groups:"))
+        .map(|groups| groups.split_whitespace().filter_map(|g| g.parse().ok()).collect())
+        .unwrap_or_default()
+}
+
+/// The kept events that match, then, with `follow`, the live ones until the client closes
+/// its end or a write fails.
+async fn logs<R, W>(
+    history: &EventHistory,
+    filter: &LogFilter,
+    follow: bool,
+    reader: &mut R,
+    out: &mut BufWriter<W>,
+) -> io::Result<()>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    // Subscribing and marking the end of the backlog happen in one step (see
+    // `EventHistory::follow`): every event is sent once, from the backlog or live.
+    let (mut backlog, live) = if follow {
+        let (backlog, live) = history.follow();
+        (backlog, Some(live))
+    } else {
+        (history.backlog(), None)
+    };
+    while !backlog.is_done() {
+        let chunk = history.read_backlog(&mut backlog, filter, BACKLOG_CHUNK);
+        if chunk.evicted > 0 {
+            write_line(out, &skipped(chunk.evicted)).await?;
+        }
+        for record in chunk.records {
+            write_line(out, &Response::Event(record)).await?;
+        }
+    }
+    out.flush().await?;
+    match live {
+        Some(live) => follow_live(live, filter, reader, out).await,
+        None => Ok(()),
+    }
+}
+
+async fn follow_live<R, W>(
+    mut live: broadcast::Receiver<FlowRecord>,
+    filter: &LogFilter,
+    reader: &mut R,
+    out: &mut BufWriter<W>,
+) -> io::Result<()>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut scratch = [0u8; 256];
+    loop {
+        tokio::select! {
+            received = live.recv() => {
+                match received {
+                    Ok(record) if filter.matches(&record) => write_line(out, &Response::Event(record)).await?,
                     Ok(_) => {}
-                    Err(RecvError::Lagged(skipped)) => {
-                        let message = format!("{skipped} events skipped (client too slow)");
-                        send(&mut write, &Response::Notice { message }).await?;
-                    }
-                    Err(RecvError::Closed) => return Ok(()),
+                    Err(RecvError::Lagged(missed)) => write_line(out, &skipped(missed)).await?,
+                    Err(RecvError::Closed) => return out.flush().await,
                 }
+                // One write per burst rather than per event.
+                if live.is_empty() {
+                    out.flush().await?;
+                }
+            }
+            // A follower sends nothing after its request: readable means it closed its end.
+            read = reader.read(&mut scratch) => match read {
+                Ok(0) | Err(_) => return Ok(()),
+                Ok(_) => {}
+            },
+        }
+    }
+}
+
+fn skipped(count: u64) -> Response {
+    Response::Notice { message: format!("{count} events skipped (client too slow)") }
+}
+
+async fn write_line<W: AsyncWrite + Unpin>(out: &mut BufWriter<W>, response: &Response) -> io::Result<()> {
+    let mut line = serde_json::to_vec(response).map_err(io::Error::other)?;
+    line.push(b'\n');
+    out.write_all(&line).await
+}
+
+async fn reply<W: AsyncWrite + Unpin>(out: &mut BufWriter<W>, response: &Response) -> io::Result<()> {
+    write_line(out, response).await?;
+    out.flush().await
+}
+
+/// The id of group `name` (through NSS, like `chgrp`), or `name` itself if it is a number.
+fn group_id(name: &str) -> anyhow::Result<u32> {
+    let c_name = CString::new(name).map_err(|_| anyhow!("a group name cannot contain a NUL byte"))?;
+    let mut buffer: Vec<libc::c_char> = vec![0; 1024];
+    loop {
+        // SAFETY: an all-zero `group` is valid (null pointers, gid 0); getgrnam_r fills it.
+        let mut group: libc::group = unsafe { std::mem::zeroed() };
+        let mut found: *mut libc::group = std::ptr::null_mut();
+        // SAFETY: every pointer is valid for the call and `buffer.len()` is the buffer's size;
+        // `group`'s strings point into `buffer`, and only the gid is read afterwards.
+        let status =
+            unsafe { libc::getgrnam_r(c_name.as_ptr(), &mut group, buffer.as_mut_ptr(), buffer.len(), &mut found) };
+        match status {
+            0 if !found.is_null() => return Ok(group.gr_gid),
+            0 => return name.parse().map_err(|_| anyhow!("no group named {name}")),
+            libc::ERANGE if buffer.len() < 1 << 20 => buffer.resize(buffer.len() * 2, 0),
+            errno => {
+                return Err(io::Error::from_raw_os_error(errno)).with_context(|| format!("looking up group {name}"))
             }
         }
     }
 }
 
-async fn send(write: &mut tokio::net::unix::OwnedWriteHalf, response: &Response) -> io::Result<()> {
-    let mut line = serde_json::to_vec(response)?;
-    line.push(b'\n');
-    write.write_all(&line).await
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-fn in_group(cred: &tokio::net::unix::UCred, gid: u32) -> bool {
-    if cred.gid() == gid {
-        return true;
+    #[test]
+    fn reads_supplementary_groups() {
+        let status = "Name:\tcat\nUid:\t1000\t1000\t1000\t1000\nGroups:\t4 24 27 1000 \nNSpid:\t1\n";
+        assert_eq!(supplementary_groups(status), [4, 24, 27, 1000]);
+        assert_eq!(supplementary_groups("Groups:\t\n"), Vec::<u32>::new());
+        assert_eq!(supplementary_groups("Name:\tx\n"), Vec::<u32>::new());
     }
-    let Some(pid) = cred.pid() else { return false };
-    std::fs::read_to_string(format!("/proc/{pid}/status")).is_ok_and(|status| {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("Groups:"))
-            .is_some_and(|groups| groups.split_whitespace().any(|g| g.parse() == Ok(gid)))
-    })
-}
 
-fn group_id(name: &str) -> anyhow::Result<u32> {
-    let group = std::fs::read_to_string("/etc/group").context("reading /etc/group")?;
-    group
-        .lines()
-        .filter_map(|line| {
-            let mut fields = line.split(':');
-            Some((fields.next()?, fields.nth(1)?))
-        })
-        .find(|(group, _)| *group == name)
-        .and_then(|(_, gid)| gid.parse().ok())
-        .with_context(|| format!("no group named {name}"))
+    #[test]
+    fn resolves_groups_by_name_or_number() {
+        assert_eq!(group_id("root").expect("root group"), 0);
+        assert_eq!(group_id("4242").expect("numeric"), 4242);
+        assert!(group_id("no-such-group-egress").is_err());
+        assert!(group_id("nul\0byte").is_err());
+    }
 }
