@@ -194,9 +194,15 @@ async fn converse(stream: UnixStream, access: &Access, handler: &dyn ControlHand
     let mut reader = BufReader::new(read);
     let mut out = BufWriter::new(write);
 
-    // The request is read before a refusal is sent: closing with unread data would reset the
-    // connection and lose the refusal.
-    let line = match tokio::time::timeout(REQUEST_TIMEOUT, read_request_line(&mut reader)).await {
+    let allowed = authorize(peer, access);
+    // The request is read even from a client that is refused: closing with its request unread
+    // would reset the connection and lose the refusal.
+    let line = tokio::time::timeout(REQUEST_TIMEOUT, read_request_line(&mut reader)).await;
+    if let Err(message) = allowed {
+        tracing::warn!("control socket: {message}");
+        return reply(&mut out, &Response::Error { message }).await;
+    }
+    let line = match line {
         Ok(Ok(Some(line))) => line,
         Ok(Ok(None)) => return Ok(()),
         Ok(Err(message)) => return reply(&mut out, &Response::Error { message }).await,
@@ -205,10 +211,6 @@ async fn converse(stream: UnixStream, access: &Access, handler: &dyn ControlHand
             return reply(&mut out, &Response::Error { message }).await;
         }
     };
-    if let Err(message) = authorize(peer, access) {
-        tracing::warn!("control socket: {message}");
-        return reply(&mut out, &Response::Error { message }).await;
-    }
     let request = match serde_json::from_slice::<Request>(&line) {
         Ok(request) => request,
         Err(error) => return reply(&mut out, &Response::Error { message: format!("bad request: {error}") }).await,
