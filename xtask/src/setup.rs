@@ -29,6 +29,12 @@ const TEST_PACKAGES: &[&str] = &[
     "python3",
     "dnsutils",
     "procps",
+    // tests/podman.rs: a real container (runc: crun refuses a hybrid cgroup layout whose
+    // cgroup2 side holds a controller) on a busybox root filesystem, no image download.
+    "podman",
+    "crun",
+    "runc",
+    "busybox-static",
 ];
 /// What `cargo xtask bench` compares against and measures with.
 const BENCH_PACKAGES: &[&str] = &[
