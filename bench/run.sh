@@ -86,7 +86,7 @@ rc=0
 cfg_setup "$N" "$RULES" >&2 || rc=$?
 t1=$(date +%s.%N)
 load_s=$(awk -v a="$t0" -v b="$t1" 'BEGIN{printf "%.3f", b-a}')
-$PY merge '{}' kind=setup "${COMMON[@]}" load_s="$load_s" rc="$rc" desc="$CFG_DESC"
+$PY merge '{}' kind=setup "${COMMON[@]}" load_s="$load_s" rc="$rc" desc="$CFG_DESC" loadavg="$(cut -d" " -f1 /proc/loadavg)"
 if [ "$rc" = 124 ]; then
     $PY merge '{}' kind=skip "${COMMON[@]}" reason="filter load exceeded LOAD_TIMEOUT=${LOAD_TIMEOUT}s"
     exit 0

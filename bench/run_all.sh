@@ -19,12 +19,12 @@ if [ "${QUICK:-0}" = 1 ]; then
     : "${CONFIGS:=egress nft}" "${NS_LIST:=0 1000}" "${VARIANTS:=random}" "${PHASES_N:=1000}"
     : "${RUNS:=1}" "${COUNT:=5000}" "${WARMUP:=200}" "${TCP_SECS:=1}" "${UDP_SECS:=1}"
     : "${STATS_COUNT:=2000}" "${STATS_UDP_SECS:=1}"
-    : "${LOAD_REPEATS:=1}" "${EVENT_SECS:=1}" "${EVENT_RATES:=50000}"
+    : "${LOAD_REPEATS:=1}" "${RELOADS_FIRST:=2}" "${EVENT_SECS:=1}" "${EVENT_RATES:=50000}"
 else
-    : "${CONFIGS:=egress nft iptables ipset bpf-ref}" "${NS_LIST:=0 1000 10000 100000}"
+    : "${CONFIGS:=egress nft iptables ipset bpf-ref bpf-ref-events}" "${NS_LIST:=0 1000 10000 100000}"
     : "${VARIANTS:=random nearmiss}" "${PHASES_N:=100000}"
 fi
-export RUNS COUNT WARMUP TCP_SECS UDP_SECS STATS_COUNT STATS_UDP_SECS LOAD_REPEATS EVENT_SECS EVENT_RATES
+export RUNS COUNT WARMUP TCP_SECS UDP_SECS STATS_COUNT STATS_UDP_SECS LOAD_REPEATS RELOADS_FIRST EVENT_SECS EVENT_RATES
 read -r -a CONFIG_LIST <<< "$CONFIGS"
 
 [ "$(id -u)" = 0 ] || die "run as root"

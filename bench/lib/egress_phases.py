@@ -4,14 +4,16 @@
   egress_phases.py RULES_A RULES_B N
 
 1. Load: `egress run` start -> "all policies enforced" on stderr, LOAD_REPEATS times; each time
-   also two reloads (rewrite the file with the other rule set, SIGHUP -> "reloaded"), RULES_A
-   and RULES_B being N random and N near-miss CIDRs. The first start is checked with a probe: a
+   also reloads (rewrite the file with the other rule set, SIGHUP -> "reloaded"; RELOADS_FIRST
+   on the first start, with the RSS after each, two on the others), RULES_A and RULES_B being
+   N random and N near-miss CIDRs. The first start is checked with a probe: a
    connect to a deny-listed address must fail with EPERM.
 2. Memory: the daemon's VmRSS/VmHWM and the memlock of the BPF maps it holds, after the first
    load and after its reloads.
 3. Event pipeline: a client in the cgroup connects to a deny-listed address (EPERM, one blocked
    event each), paced at each of EVENT_RATES and then as fast as one and two clients can, for
-   EVENT_SECS each. The events that reached the JSON output and the drops the daemon reported
+   EVENT_SECS each, and once more with the daemon stopped (SIGSTOP) for half of it, past what
+   any reader drains. The events that reached the JSON output and the drops the daemon reported
    are counted against the attempts: attempts = events + dropped means nothing was lost
    silently; dropped = 0 as well means nothing was lost at all.
 JSON lines on stdout, logs on stderr.
@@ -38,6 +40,7 @@ CG, CG_NAME, CLI_NS = ENV["CG"], ENV["CG_NAME"], ENV["CLI_NS"]
 CPUS = [ENV.get("CLI_CPU", "0"), ENV.get("SRV_CPU", "1")]
 PORTS = [ENV.get("CONN_PORT", "9000"), ENV.get("IPERF_PORT", "5201")]
 LOAD_REPEATS = int(ENV.get("LOAD_REPEATS", "3"))
+RELOADS_FIRST = int(ENV.get("RELOADS_FIRST", "6"))  # reloads of the first start (RSS after each)
 EVENT_SECS = float(ENV.get("EVENT_SECS", "4"))
 EVENT_RATES = [int(r) for r in ENV.get("EVENT_RATES", "25000 50000 100000 150000 200000 300000").split()]
 LOAD_TIMEOUT = float(ENV.get("LOAD_TIMEOUT", "150"))
@@ -118,6 +121,10 @@ class Daemon:
             fields = f.read().rsplit(")", 1)[1].split()
         return int(fields[11]) + int(fields[12])  # utime + stime
 
+    def rss_kib(self):
+        with open(f"/proc/{self.proc.pid}/status") as f:
+            return next(int(l.split()[1]) for l in f if l.startswith("VmRSS:"))
+
     def memory(self, n, phase):
         mem = {}
         with open(f"/proc/{self.proc.pid}/status") as f:
@@ -158,17 +165,20 @@ def load_phase(rules_a, rules_b, n, config, deny_ip):
             denied = probe(deny_ip) if rep == 1 and deny_ip else None
             if rep == 1:
                 d.memory(n, "loaded")
-            rel = []
-            for rules in (rules_b, rules_a):
-                write_config(config, rules)
+            rel, rss = [], []
+            count = RELOADS_FIRST if rep == 1 else 2
+            for k in range(count):
+                write_config(config, rules_b if k % 2 == 0 else rules_a)
                 rel.append(d.reload())
+                rss.append(d.rss_kib())
             if rep == 1:
-                d.memory(n, "reloaded twice")
+                d.memory(n, f"after {count} reloads")
         finally:
             d.stop()
         starts.append(start_s)
         reloads.extend(rel)
         emit("egress_load", n, repeat=rep, start_s=round(start_s, 3), reload_s=[round(r, 3) for r in rel],
+             rss_kib_after_each_reload=rss,
              **({"deny_probe": denied} if denied else {}))
         log(f"load {rep}: start {start_s:.3f} s, reloads {', '.join(f'{r:.3f}' for r in rel)} s")
     emit("egress_load_summary", n, repeats=LOAD_REPEATS,
@@ -184,12 +194,19 @@ def file_size(path):
         return 0
 
 
-def event_phase(d, events_path, n, deny_ip, label, rate, clients):
+def event_phase(d, events_path, n, deny_ip, label, rate, clients, stall=0.0):
+    """One load level; `stall` > 0 stops the daemon (SIGSTOP) that long in the middle of it, so
+    that the ring buffer overflows and the drops must show up as reported, not as silence."""
     off = file_size(events_path)
     ticks0 = d.cpu_ticks()
     t0 = time.monotonic()
     procs = [in_client([f"{BIN}/tcpconn", "denyloop", deny_ip, PORTS[0], str(EVENT_SECS), str(rate)], cpu=CPUS[i])
              for i in range(clients)]
+    if stall:
+        time.sleep(max(0.0, (EVENT_SECS - stall) / 2))
+        d.proc.send_signal(signal.SIGSTOP)
+        time.sleep(stall)
+        d.proc.send_signal(signal.SIGCONT)
     results = [json.loads(p.communicate(timeout=EVENT_SECS + 60)[0]) for p in procs]
     t_end = time.monotonic()
     # Wait until the output has stopped growing, and long enough for the daemon's drop check
@@ -211,7 +228,7 @@ def event_phase(d, events_path, n, deny_ip, label, rate, clients):
     span = max(t_grow, t_end) - t0
     elapsed = max(r["elapsed_s"] for r in results)
     fields = dict(
-        phase=label, clients=clients, target_rate=rate or None, secs=EVENT_SECS,
+        phase=label, clients=clients, target_rate=rate or None, secs=EVENT_SECS, daemon_stopped_s=stall,
         attempts=attempts, attempts_per_s=round(attempts / elapsed), eperm=sum(r["eperm"] for r in results),
         events=delivered, dropped_reported=dropped, drop_notices=c["drop_notices"],
         unaccounted=attempts - delivered - dropped, lossless=dropped == 0 and attempts == delivered,
@@ -238,6 +255,9 @@ def events_phase(rules_a, n, config, deny_ip):
                 break
         event_phase(d, events_path, n, deny_ip, "1 client, unpaced", 0, 1)
         event_phase(d, events_path, n, deny_ip, "2 clients, unpaced", 0, 2)
+        # Past what the daemon drains: stop it for a while under full load.
+        stall = round(EVENT_SECS / 2, 2)
+        event_phase(d, events_path, n, deny_ip, f"2 clients, daemon stopped {stall} s", 0, 2, stall=stall)
         d.memory(n, "after the event phases")
     finally:
         d.stop()

@@ -3,7 +3,8 @@
 // (bench/), an anchor for what egress's data path should cost. Semantics match the
 // netfilter configs: deny LPM hit -> reject; else allow LPM hit (+proto/port) -> pass;
 // else default-deny.
-//   cgroup/connect4   : per connect() (TCP and connected UDP)
+//   cgroup/connect4   : per connect() (TCP and connected UDP); with --events, one ring buffer
+//                       event per call (BPF_RB_NO_WAKEUP; the loader polls every 10 ms)
 //   cgroup/sendmsg4   : per unconnected UDP sendmsg with a destination
 //   cgroup_skb/egress : per packet leaving a socket of the cgroup
 #include <linux/bpf.h>
@@ -42,7 +43,25 @@ struct {
     __uint(max_entries, 1 << 16);
 } allow_v4 SEC(".maps");
 
-/* per-CPU counters: 0 = allowed, 1 = denied-by-denylist, 2 = denied-by-default */
+/* With `--events`, connect4 writes one event per call, as egress does (but wakes no reader: the
+ * loader drains the ring every 10 ms). Set by the loader after load, in .bss. */
+__u32 emit_events;
+
+struct flow_event {
+    __u64 boot_ns;
+    __u32 pid, uid;
+    __u32 daddr;
+    __u16 dport;
+    __u8 proto, allowed;
+    char comm[16];
+};
+
+struct {
+    __uint(type, BPF_MAP_TYPE_RINGBUF);
+    __uint(max_entries, 1 << 22);
+} events SEC(".maps");
+
+/* per-CPU counters: 0 = allowed, 1 = denied-by-denylist, 2 = denied-by-default, 3 = events dropped */
 struct {
     __uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
     __type(key, __u32);
@@ -88,7 +107,27 @@ static __always_inline __u8 sock_proto(struct bpf_sock_addr *ctx)
 SEC("cgroup/connect4")
 int egress_connect4(struct bpf_sock_addr *ctx)
 {
-    return verdict(ctx->user_ip4, sock_proto(ctx), bpf_ntohs((__u16)ctx->user_port));
+    __u8 proto = sock_proto(ctx);
+    __u16 dport = bpf_ntohs((__u16)ctx->user_port);
+    int allowed = verdict(ctx->user_ip4, proto, dport);
+
+    if (emit_events) {
+        struct flow_event *e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
+        if (!e) {
+            count(3); /* dropped */
+            return allowed;
+        }
+        e->boot_ns = bpf_ktime_get_boot_ns();
+        e->pid = bpf_get_current_pid_tgid() >> 32;
+        e->uid = (__u32)bpf_get_current_uid_gid();
+        e->daddr = ctx->user_ip4;
+        e->dport = dport;
+        e->proto = proto;
+        e->allowed = (__u8)allowed;
+        bpf_get_current_comm(e->comm, sizeof(e->comm));
+        bpf_ringbuf_submit(e, BPF_RB_NO_WAKEUP);
+    }
+    return allowed;
 }
 
 SEC("cgroup/sendmsg4")
