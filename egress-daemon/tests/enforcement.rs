@@ -337,3 +337,34 @@ fn hosts_in_a_network_namespace_are_filtered_per_address() {
         let _ = server.wait();
     }
 }
+
+#[test]
+fn a_process_moved_into_a_covered_cgroup_is_judged_there_also_on_old_sockets() {
+    if !privileged() {
+        return;
+    }
+    let parent = TestCgroup::new("moved");
+    let open = parent.child("open");
+    let covered = parent.child("covered");
+    let port = udp_echo("127.0.0.1:0");
+    let file = PolicyFile::attached_at(
+        Some(&parent.relative),
+        &format!("policies:\n  - name: covered\n    cgroup: {}\n    default: deny\n", covered.relative),
+    );
+    let _daemon = Daemon::start(&file);
+    let script = r#"
+import socket, sys, errno, os
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.sendto(b"x", ("127.0.0.1", int(sys.argv[1])))
+print("before:ok")
+with open(sys.argv[2], "w") as procs:
+    procs.write(str(os.getpid()))
+try:
+    s.sendto(b"x", ("127.0.0.1", int(sys.argv[1]))); print("after:ok")
+except OSError as e:
+    print("after:" + errno.errorcode.get(e.errno, str(e.errno)))
+"#;
+    let procs = covered.dir.join("cgroup.procs");
+    let out = stdout_of(&open.python(script, &[&port.to_string(), &procs.to_string_lossy()]));
+    assert_eq!(out, "before:ok\nafter:EPERM");
+}
