@@ -368,3 +368,33 @@ except OSError as e:
     let out = stdout_of(&open.python(script, &[&port.to_string(), &procs.to_string_lossy()]));
     assert_eq!(out, "before:ok\nafter:EPERM");
 }
+
+#[test]
+fn io_uring_connect_and_sendmsg_are_judged_like_the_system_calls() {
+    if !privileged() {
+        return;
+    }
+    let source = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/clients/uring_connect.c");
+    let binary = std::env::temp_dir().join(unique("egress-uring"));
+    let built = std::process::Command::new("cc")
+        .args(["-O2", "-o"])
+        .arg(&binary)
+        .arg(source)
+        .arg("-luring")
+        .status()
+        .expect("run cc (gcc and liburing-dev are installed by `cargo xtask setup`)");
+    assert!(built.success(), "building the io_uring client failed");
+    let cg = TestCgroup::new("uring");
+    let tcp = tcp_server("127.0.0.2:0");
+    let udp = udp_echo("127.0.0.2:0");
+    let file = policy(&cg, "allow", "      - deny: 127.0.0.2\n");
+    let _daemon = Daemon::start(&file);
+    let run = |kind: &str, port: u16| {
+        stdout_of(&cg.command(binary.to_str().expect("path")).args([kind, "127.0.0.2", &port.to_string()]).output().expect("run client"))
+    };
+    let tcp_result = run("tcp", tcp);
+    let udp_result = run("udp", udp);
+    let _ = std::fs::remove_file(&binary);
+    assert_eq!(tcp_result, "EPERM");
+    assert_eq!(udp_result, "EPERM");
+}

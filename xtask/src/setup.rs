@@ -35,6 +35,9 @@ const TEST_PACKAGES: &[&str] = &[
     "crun",
     "runc",
     "busybox-static",
+    // tests/clients/uring_connect.c: connect and sendmsg through io_uring.
+    "gcc",
+    "liburing-dev",
 ];
 /// What `cargo xtask bench` compares against and measures with.
 const BENCH_PACKAGES: &[&str] = &[
