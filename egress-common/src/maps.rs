@@ -17,7 +17,7 @@ pub mod names {
 }
 
 /// Capacity of the cgroup id -> policy slot map.
-pub const MAX_CGROUPS: u32 = 65_536;
+pub const MAX_CGROUPS: u32 = 16_384;
 /// Policy slots; twice the number of policies a file may hold, so a reload can fill fresh slots
 /// while the old ones still serve traffic.
 pub const MAX_POLICY_SLOTS: u32 = 8_192;
@@ -27,9 +27,9 @@ pub const MAX_CIDRS_V6: u32 = 1 << 18;
 /// Distinct port tables (all policies together).
 pub const MAX_PORT_TABLES: u32 = 65_536;
 /// Port-specific rules one destination prefix can be subject to.
-pub const MAX_PORT_RULES: usize = 32;
+pub const MAX_PORT_RULES: usize = 16;
 /// Deepest cgroup level the kernel programs look at when searching for a policy.
-pub const MAX_CGROUP_LEVEL: u32 = 31;
+pub const MAX_CGROUP_LEVEL: u32 = 15;
 /// Stateful UDP: remembered peers that spoke first.
 pub const MAX_UDP_PEERS: u32 = 65_536;
 /// Flows already reported (sendmsg and packet hooks report a flow once, not per packet).

@@ -174,6 +174,9 @@ impl Daemon {
             }
         }
         self.engine.apply(set, &self.config.display().to_string(), &bindings)?;
+        // Parsing a large file leaves freed heap behind; hand it back to the system.
+        // SAFETY: malloc_trim only releases free memory at the top of glibc's heaps.
+        unsafe { libc::malloc_trim(0) };
         Ok(())
     }
 

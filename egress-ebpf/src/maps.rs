@@ -13,7 +13,8 @@ use egress_common::{
 
 /// cgroup id -> policy slot.
 #[map]
-pub static CGROUP_POLICY: HashMap<u64, CgroupBinding> = HashMap::with_max_entries(MAX_CGROUPS, 0);
+pub static CGROUP_POLICY: HashMap<u64, CgroupBinding> =
+    HashMap::with_max_entries(MAX_CGROUPS, BPF_F_NO_PREALLOC);
 
 #[map]
 pub static POLICY_INFO: Array<PolicyInfo> = Array::with_max_entries(MAX_POLICY_SLOTS, 0);

@@ -1076,13 +1076,13 @@ fn rejects_too_many_port_rules() {
     assert!(compile_set(&set, &[0], 1).is_ok());
     rules.push(rule(Action::Deny, "10.1.0.0/16", Protocol::Udp, &[]));
     let set = set_of(vec![policy(rules)]);
-    let err = compile_set(&set, &[0], 1).expect_err("33 port rules");
+    let err = compile_set(&set, &[0], 1).expect_err("one port rule too many");
     assert_eq!(
         err,
         CompileError::TooManyPortRules {
             policy: "demo".to_owned(),
             cidr: net("10.1.0.0/16"),
-            count: 33
+            count: MAX_PORT_RULES + 1
         }
     );
     assert!(
