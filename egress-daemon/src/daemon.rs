@@ -163,7 +163,10 @@ impl Daemon {
         let names = self.refreshed_names(&found);
         let bindings: Vec<Binding> = found
             .iter()
-            .filter_map(|f| matching::policy_for(&set, &f.relative, &names).map(|policy| Binding { policy, cgroup: self.cgroup(f) }))
+            .filter_map(|f| {
+                let policy = matching::policy_for(&set, &f.relative, &names)?;
+                within_reach(f).then(|| Binding { policy, cgroup: self.cgroup(f) })
+            })
             .collect();
         for policy in &set.policies {
             let count = bindings.iter().filter(|b| set.policies[b.policy].name == policy.name).count();
@@ -189,7 +192,7 @@ impl Daemon {
                     let names = self.refreshed_names(std::slice::from_ref(&found));
                     matching::policy_for(&active.set, &found.relative, &names)
                 };
-                if let Some(policy) = policy {
+                if let Some(policy) = policy.filter(|_| within_reach(&found)) {
                     let binding = Binding { policy, cgroup: self.cgroup(&found) };
                     match self.engine.bind(&binding) {
                         Ok(()) => tracing::info!(cgroup = %found.relative, "new cgroup bound to its policy"),
@@ -235,6 +238,20 @@ impl Daemon {
     pub fn config_path(&self) -> &Path {
         &self.config
     }
+}
+
+/// Whether the kernel programs look this deep; a matching cgroup deeper than that is covered only
+/// through an ancestor's policy, so it is reported instead of failing the whole file.
+fn within_reach(found: &Found) -> bool {
+    let reachable = found.level <= egress_common::MAX_CGROUP_LEVEL;
+    if !reachable {
+        tracing::error!(
+            cgroup = %found.relative,
+            "cgroup nested deeper than {} levels: a policy cannot select it directly",
+            egress_common::MAX_CGROUP_LEVEL
+        );
+    }
+    reachable
 }
 
 impl control::server::ControlHandler for Daemon {
