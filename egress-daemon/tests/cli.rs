@@ -105,16 +105,6 @@ fn egress_run(config: &Config, json: bool) -> Command {
     cmd
 }
 
-/// `egress run --log-format json` for a [`Config`], with its events collected.
-struct RunningDaemon;
-
-impl RunningDaemon {
-    fn start(config: &Config) -> common::Daemon {
-        common::Daemon::spawn(egress_run(config, true))
-    }
-}
-
-
 /// What a finished `egress` invocation left behind.
 struct Run {
     status: ExitStatus,
@@ -1063,7 +1053,7 @@ fn run_waits_for_a_missing_cgroup_and_enforces_it_once_it_appears() {
     let policy = Config::for_run(&attach, &format!(
         "policies:\n  - name: {name}\n    cgroup: {later}\n    default: deny\n    rules:\n      - deny: 127.0.0.0/8\n"
     ));
-    let daemon = RunningDaemon::start(&policy);
+    let daemon = common::Daemon::spawn(egress_run(&policy, true));
     let log = daemon.log();
     let warning = log
         .lines()
@@ -1131,7 +1121,7 @@ policies:
 ",
         parent.relative
     ));
-    let daemon = RunningDaemon::start(&policy);
+    let daemon = common::Daemon::spawn(egress_run(&policy, true));
 
     let from = SystemTime::now();
     let (pid, result) = connect_from(&parent, "127.0.0.1", port);
