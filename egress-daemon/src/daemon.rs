@@ -3,7 +3,7 @@
 
 use std::{
     io,
-    path::{Path, PathBuf},
+    path::PathBuf,
     sync::{Arc, Mutex},
 };
 
@@ -233,10 +233,6 @@ impl Daemon {
             names.refresh();
         }
         names
-    }
-
-    pub fn config_path(&self) -> &Path {
-        &self.config
     }
 }
 

@@ -32,6 +32,14 @@ pub struct Bound {
     pub workload: Option<String>,
 }
 
+impl Bound {
+    fn of(binding: &Binding) -> Self {
+        let relative = binding.cgroup.relative.clone();
+        let workload = crate::matching::workload_of(&relative);
+        Self { relative, policy: binding.policy, workload }
+    }
+}
+
 /// The policy file in force.
 pub struct Active {
     pub set: PolicySet,
@@ -98,13 +106,7 @@ impl Engine {
             .enforcer
             .install(generation, &compiled, &slots, &cgroup_slots, levels)
             .context("writing the policies into the kernel maps")?;
-        let bound = bindings
-            .iter()
-            .map(|b| {
-                let workload = crate::matching::workload_of(&b.cgroup.relative);
-                (b.cgroup.id, Bound { relative: b.cgroup.relative.clone(), policy: b.policy, workload })
-            })
-            .collect();
+        let bound = bindings.iter().map(|b| (b.cgroup.id, Bound::of(b))).collect();
         state.active = Some(Active { set, slots, source: source.to_string(), loaded_at: SystemTime::now(), bound });
         Ok(())
     }
@@ -119,10 +121,7 @@ impl Engine {
         self.name_cgroups([&binding.cgroup]);
         enforcer.add_level(binding.cgroup.level)?;
         enforcer.bind(binding.cgroup.id, slot)?;
-        let workload = crate::matching::workload_of(&binding.cgroup.relative);
-        active
-            .bound
-            .insert(binding.cgroup.id, Bound { relative: binding.cgroup.relative.clone(), policy: binding.policy, workload });
+        active.bound.insert(binding.cgroup.id, Bound::of(binding));
         Ok(())
     }
 

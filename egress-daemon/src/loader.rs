@@ -462,10 +462,6 @@ impl Enforcer {
         }
     }
 
-    pub fn bindings(&self) -> &HashMap<u64, CgroupBinding> {
-        &self.bindings
-    }
-
     fn allocate_stats(&mut self) -> Result<u32, LoaderError> {
         if let Some(index) = self.free_stats.pop() {
             return Ok(index);
