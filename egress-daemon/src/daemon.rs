@@ -4,13 +4,17 @@
 use std::{
     io,
     path::PathBuf,
-    sync::{Arc, Mutex},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc, Mutex, MutexGuard,
+    },
+    thread::{self, JoinHandle},
 };
 
 use anyhow::Context;
 use tokio::{
     signal::unix::{signal, SignalKind},
-    sync::{mpsc::UnboundedReceiver, watch},
+    sync::mpsc::UnboundedReceiver,
 };
 
 use crate::{
@@ -47,6 +51,10 @@ pub struct Daemon {
     pub history: Arc<EventHistory>,
     names: Arc<Mutex<ContainerNames>>,
     attach: String,
+    /// Held by whatever changes which cgroups are bound (a reload, a cgroup coming or going), off
+    /// the runtime: a reload's scan and the binding of a cgroup found meanwhile must not interleave.
+    /// Taken before `names`, which is taken before the engine's locks.
+    changing: Arc<Mutex<()>>,
 }
 
 pub async fn run(args: RunArgs) -> Result<(), Failure> {
@@ -70,19 +78,27 @@ pub async fn run(args: RunArgs) -> Result<(), Failure> {
         history: Arc::new(EventHistory::new(settings.history)),
         names: Arc::new(Mutex::new(ContainerNames::default())),
         attach: settings.attach.clone(),
+        changing: Arc::new(Mutex::new(())),
     };
 
     // Watch before the first scan, so a cgroup created in between is not missed.
-    let (changes, _watcher) = discovery::spawn_watcher(hierarchy.mount().to_path_buf(), settings.attach.clone())
+    let (changes, watcher) = discovery::spawn_watcher(hierarchy.mount().to_path_buf(), settings.attach.clone())
         .context("watching the cgroup tree")?;
-    daemon.apply(set)?;
+    let first = daemon.clone();
+    tokio::task::spawn_blocking(move || {
+        let _changing = first.changing();
+        first.apply(set)
+    })
+    .await
+    .context("applying the policies")??;
     // Policies are in the maps before the programs see any traffic.
     daemon.engine.attach(&attach_point)?;
     tracing::info!(config = %args.config.display(), attach = %attach_point.relative, "all policies enforced");
 
-    let (stop_tx, stop_rx) = watch::channel(false);
     let writer = EventWriter::new(args.log_format, io::stdout()).with_journal_priorities(service::under_journal());
-    let events = tokio::spawn(pipeline::pump(ring, daemon.engine.clone(), writer, Some(daemon.history.clone()), stop_rx));
+    let events = pipeline::spawn(ring, daemon.engine.clone(), writer, Some(daemon.history.clone()))
+        .context("starting the event pipeline")?;
+    let cgroups = CgroupFollower::spawn(daemon.clone(), changes).context("starting the cgroup follower")?;
     let control_server = control::server::serve(
         &settings.control_socket,
         settings.control_group.clone(),
@@ -96,22 +112,63 @@ pub async fn run(args: RunArgs) -> Result<(), Failure> {
     };
     service::notify_ready();
 
-    let result = daemon.serve_until_stopped(changes).await;
+    let result = daemon.serve_until_stopped().await;
     service::notify_stopping();
-    let _ = stop_tx.send(true);
-    events.await.context("event pipeline")??;
+    cgroups.stop(watcher).await;
+    let drained = events.stop().await;
     drop(control_server);
     if args.on_exit == OnExit::Keep {
         tracing::info!("stopping; enforcement stays in place (--on-exit keep)");
     } else {
         tracing::info!("stopping; removing enforcement (--on-exit detach)");
     }
-    daemon.engine.state().enforcer.shut_down(args.on_exit);
-    result
+    let last = daemon.clone();
+    // A reload still running (from the control socket) finishes first.
+    tokio::task::spawn_blocking(move || {
+        let _changing = last.changing();
+        last.engine.state().enforcer.shut_down(args.on_exit);
+    })
+    .await
+    .context("shutting down")?;
+    result.and(drained.map_err(Failure::from))
+}
+
+/// Applies the cgroups the watcher reports, one at a time and in order, on a thread of its own:
+/// matching a container's cgroup may run the container runtimes' CLIs, and a binding waits for
+/// a reload in progress.
+struct CgroupFollower {
+    stopping: Arc<AtomicBool>,
+    thread: JoinHandle<()>,
+}
+
+impl CgroupFollower {
+    fn spawn(daemon: Daemon, mut changes: UnboundedReceiver<Change>) -> io::Result<Self> {
+        let stopping = Arc::new(AtomicBool::new(false));
+        let stopped = stopping.clone();
+        let thread = thread::Builder::new().name("egress-cgroups".into()).spawn(move || {
+            while let Some(change) = changes.blocking_recv() {
+                daemon.on_change(change);
+            }
+            if !stopped.load(Ordering::Acquire) {
+                tracing::error!("the cgroup watcher stopped; new cgroups are no longer discovered");
+            }
+        })?;
+        Ok(Self { stopping, thread })
+    }
+
+    /// Stops the watcher, which ends the follower once it has applied what was reported.
+    async fn stop(self, watcher: discovery::WatchHandle) {
+        self.stopping.store(true, Ordering::Release);
+        drop(watcher);
+        let thread = self.thread;
+        if tokio::task::spawn_blocking(move || thread.join()).await.map_or(true, |joined| joined.is_err()) {
+            tracing::error!("the cgroup follower panicked");
+        }
+    }
 }
 
 impl Daemon {
-    async fn serve_until_stopped(&self, mut changes: UnboundedReceiver<Change>) -> Result<(), Failure> {
+    async fn serve_until_stopped(&self) -> Result<(), Failure> {
         let mut terminate = signal(SignalKind::terminate())?;
         let mut interrupt = signal(SignalKind::interrupt())?;
         let mut hangup = signal(SignalKind::hangup())?;
@@ -120,23 +177,21 @@ impl Daemon {
                 _ = terminate.recv() => return Ok(()),
                 _ = interrupt.recv() => return Ok(()),
                 _ = hangup.recv() => {
-                    if let Err(message) = self.reload() {
-                        tracing::error!("reload failed, the previous policies stay in force: {message}");
-                    }
+                    let daemon = self.clone();
+                    tokio::task::spawn_blocking(move || {
+                        if let Err(message) = daemon.reload() {
+                            tracing::error!("reload failed, the previous policies stay in force: {message}");
+                        }
+                    });
                 }
-                change = changes.recv() => match change {
-                    Some(change) => self.on_change(change),
-                    None => {
-                        tracing::error!("the cgroup watcher stopped; new cgroups are no longer discovered");
-                        std::future::pending::<()>().await;
-                    }
-                },
             }
         }
     }
 
-    /// Reloads the policy file; on any error the running policies stay in force.
+    /// Reloads the policy file; on any error the running policies stay in force. Blocks (parse,
+    /// scan, the runtimes' CLIs, map writes): call it off the runtime.
     pub fn reload(&self) -> Result<String, String> {
+        let _changing = self.changing();
         service::notify_reloading();
         let result = load_policies(&self.config)
             .map_err(|failure| format!("{:#}", failure.error))
@@ -157,7 +212,8 @@ impl Daemon {
         result
     }
 
-    /// Matches every existing cgroup below the attach point and puts `set` in force.
+    /// Matches every existing cgroup below the attach point and puts `set` in force. Blocks (a walk
+    /// of the tree, the runtimes' CLIs): call it off the runtime, holding `changing`.
     fn apply(&self, set: PolicySet) -> Result<(), Failure> {
         let found = discovery::scan(self.hierarchy.mount(), &self.attach).context("scanning the cgroup tree")?;
         let names = self.refreshed_names(&found);
@@ -183,15 +239,19 @@ impl Daemon {
         Ok(())
     }
 
+    /// Binds a cgroup that appeared, unbinds one that went. Blocks: call it off the runtime.
     fn on_change(&self, change: Change) {
+        let _changing = self.changing();
         match change {
             Change::Added(found) => {
+                // The runtimes' CLIs run before the engine's lock is taken, never under it.
+                let names = self.refreshed_names(std::slice::from_ref(&found));
                 let policy = {
                     let state = self.engine.state();
                     let Some(active) = &state.active else { return };
-                    let names = self.refreshed_names(std::slice::from_ref(&found));
                     matching::policy_for(&active.set, &found.relative, &names)
                 };
+                drop(names);
                 if let Some(policy) = policy.filter(|_| within_reach(&found)) {
                     let binding = Binding { policy, cgroup: self.cgroup(&found) };
                     match self.engine.bind(&binding) {
@@ -213,6 +273,10 @@ impl Daemon {
                 }
             }
         }
+    }
+
+    fn changing(&self) -> MutexGuard<'_, ()> {
+        self.changing.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     fn cgroup(&self, found: &Found) -> Cgroup {

@@ -46,7 +46,8 @@ pub async fn serve(address: SocketAddr, daemon: Daemon) -> std::io::Result<Metri
                 let n = stream.read(&mut request).await.unwrap_or(0);
                 let head = String::from_utf8_lossy(&request[..n]);
                 let response = if head.starts_with("GET /metrics") {
-                    let body = render(&daemon);
+                    // Reading the counters waits for the engine's lock: off the runtime.
+                    let Ok(body) = tokio::task::spawn_blocking(move || render(&daemon)).await else { return };
                     format!(
                         "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
                         body.len()
