@@ -111,18 +111,21 @@ impl<W: Write> Source<W> {
 
     /// Decodes and writes at most [`DRAIN_BATCH`] events; returns how many items it took.
     fn drain_batch(&mut self) -> io::Result<usize> {
-        let mut catalog = self.engine.catalog();
+        let mut records = Vec::with_capacity(DRAIN_BATCH);
         let mut taken = 0;
-        while taken < DRAIN_BATCH {
-            let Some(item) = self.ring.next() else { break };
-            taken += 1;
-            let record = catalog.record(&item);
-            drop(item);
-            if let Some(record) = record {
-                self.writer.write(&record)?;
-                if let Some(history) = &self.history {
-                    history.push(record);
-                }
+        {
+            let mut catalog = self.engine.catalog();
+            while taken < DRAIN_BATCH {
+                let Some(item) = self.ring.next() else { break };
+                taken += 1;
+                records.extend(catalog.record(&item));
+            }
+        }
+        // Written without the catalog's lock: a slow reader of the output blocks the pump only.
+        for record in records {
+            self.writer.write(&record)?;
+            if let Some(history) = &self.history {
+                history.push(record);
             }
         }
         Ok(taken)
