@@ -93,7 +93,6 @@ pub async fn run(args: RunArgs) -> Result<(), Failure> {
     .context("applying the policies")??;
     // Policies are in the maps before the programs see any traffic.
     daemon.engine.attach(&attach_point)?;
-    tracing::info!(config = %args.config.display(), attach = %attach_point.relative, "all policies enforced");
 
     let writer = EventWriter::new(args.log_format, io::stdout()).with_journal_priorities(service::under_journal());
     let events = pipeline::spawn(ring, daemon.engine.clone(), writer, Some(daemon.history.clone()))
@@ -110,6 +109,8 @@ pub async fn run(args: RunArgs) -> Result<(), Failure> {
         Some(address) => Some(metrics::serve(address, daemon.clone()).await.context("starting the metrics listener")?),
         None => None,
     };
+    // Said once the control socket answers too: scripts and tests wait for this line.
+    tracing::info!(config = %args.config.display(), attach = %attach_point.relative, "all policies enforced");
     service::notify_ready();
 
     let result = daemon.serve_until_stopped().await;

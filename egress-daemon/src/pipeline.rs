@@ -28,6 +28,8 @@ const DROP_CHECK_INTERVAL: Duration = Duration::from_millis(500);
 /// The kernel programs wake the reader only once a backlog builds up (a wakeup per event would
 /// cost every connect microseconds), so the ring is also drained on this timer.
 pub const DRAIN_INTERVAL: Duration = Duration::from_millis(50);
+/// Longest the first drop check waits for the ring to be drained.
+const FIRST_DROP_CHECK_LIMIT: Duration = Duration::from_secs(5);
 /// Events decoded per hold of the event catalog's lock: binding a new cgroup (which names it in
 /// the catalog) waits for one batch at most, however full the ring is.
 pub const DRAIN_BATCH: usize = 256;
@@ -84,7 +86,8 @@ struct Source<W: Write> {
 impl<W: Write> Source<W> {
     fn run(mut self, stop: &AtomicBool) -> io::Result<()> {
         let mut drops = DropWatch::default();
-        let mut next_drop_check = Instant::now();
+        let started = Instant::now();
+        let mut next_drop_check = started;
         let mut backlog = false;
         while !stop.load(Ordering::Acquire) {
             // A full batch means more is waiting: go on at once. Otherwise sleep until the kernel
@@ -93,7 +96,10 @@ impl<W: Write> Source<W> {
                 self.wakeups.wait(DRAIN_INTERVAL)?;
             }
             backlog = self.drain_batch()? == DRAIN_BATCH;
-            if Instant::now() >= next_drop_check {
+            // The first check waits until the events an earlier daemon left in the ring are
+            // written, so that the notice of what was lost comes after them.
+            let first_due = !backlog || started.elapsed() >= FIRST_DROP_CHECK_LIMIT;
+            if Instant::now() >= next_drop_check && (drops.started || first_due) {
                 drops.check(&self.engine, &mut self.writer)?;
                 next_drop_check = Instant::now() + DROP_CHECK_INTERVAL;
             }
