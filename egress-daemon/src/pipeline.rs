@@ -55,7 +55,13 @@ pub fn spawn<W: Write + Send + 'static>(
     let wakeups = Wakeups::new(&ring)?;
     let source = Source { ring, wakeups, engine, writer, history };
     let stopped = stop.clone();
-    let thread = thread::Builder::new().name("egress-events".into()).spawn(move || source.run(&stopped))?;
+    let thread = thread::Builder::new().name("egress-events".into()).spawn(move || {
+        let result = source.run(&stopped);
+        if let Err(error) = &result {
+            tracing::error!(%error, "the event pipeline stopped: flow events are no longer written");
+        }
+        result
+    })?;
     Ok(Pump { stop, thread: Some(thread) })
 }
 
