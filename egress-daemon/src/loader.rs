@@ -12,10 +12,11 @@ use std::{
 use aya::{
     maps::{lpm_trie::Key, Array, HashMap as BpfHashMap, LpmTrie, MapData, MapError, PerCpuArray, RingBuf},
     programs::{
-        cgroup_skb::CgroupSkbLinkId, cgroup_sock_addr::CgroupSockAddrLinkId, links::PinnedLink, CgroupAttachMode,
-        links::{FdLink, LinkError}, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr, ProgramError,
+        cgroup_skb::CgroupSkbLinkId, cgroup_sock::CgroupSockLinkId, cgroup_sock_addr::CgroupSockAddrLinkId,
+        links::PinnedLink, links::{FdLink, LinkError}, lsm::LsmLinkId, CgroupAttachMode, CgroupSkb,
+        CgroupSkbAttachType, CgroupSock, CgroupSockAddr, Lsm, ProgramError,
     },
-    Ebpf, EbpfError, EbpfLoader,
+    Btf, Ebpf, EbpfError, EbpfLoader,
 };
 use egress_common::{
     counter, names, CgroupBinding, Decision, PolicyInfo, PolicyStats, PortTable, RuleKeyV4, RuleKeyV6, Settings,
@@ -30,12 +31,18 @@ use crate::{
 
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/egress.bpf.o"));
 
-const SOCK_ADDR_PROGRAMS: [&str; 6] = ["connect4", "connect6", "sendmsg4", "sendmsg6", "recvmsg4", "recvmsg6"];
-const SKB_PROGRAM: &str = "egress_packet";
+const SOCK_ADDR_PROGRAMS: [&str; 4] = ["connect4", "connect6", "sendmsg4", "sendmsg6"];
+const SKB_PROGRAMS: [(&str, CgroupSkbAttachType); 2] =
+    [("egress_packet", CgroupSkbAttachType::Egress), ("ingress_packet", CgroupSkbAttachType::Ingress)];
+const SOCK_CREATE_PROGRAM: &str = "sock_create";
+const LSM_PROGRAM: &str = "socket_create";
+const LSM_HOOK: &str = "socket_create";
+/// The kernel's list of active LSMs; the BPF LSM runs programs only when `bpf` is in it.
+const ACTIVE_LSMS: &str = "/sys/kernel/security/lsm";
 
-/// Maps that live in bpffs (under `<pin dir>/maps-v1/`) so enforcement survives the daemon.
+/// Maps that live in bpffs (under `<pin dir>/maps-v2/`) so enforcement survives the daemon.
 /// The suffix changes whenever a key or value layout changes.
-const PINNED_MAPS: [&str; 11] = [
+const PINNED_MAPS: [&str; 12] = [
     names::CGROUP_POLICY,
     names::POLICY_INFO,
     names::RULES_V4,
@@ -47,8 +54,9 @@ const PINNED_MAPS: [&str; 11] = [
     names::BINDING_STATS,
     names::UDP_PEERS,
     names::FLOWS_SEEN,
+    names::DEEP_GUARDS,
 ];
-const MAPS_DIR: &str = "maps-v1";
+const MAPS_DIR: &str = "maps-v2";
 const LINKS_DIR: &str = "links";
 
 /// Time for program runs that read the previous bindings to finish before their slots are
@@ -144,7 +152,27 @@ struct Installed {
 
 enum LinkId {
     SockAddr(&'static str, CgroupSockAddrLinkId),
-    Skb(CgroupSkbLinkId),
+    Skb(&'static str, CgroupSkbLinkId),
+    Sock(CgroupSockLinkId),
+    Lsm(LsmLinkId),
+}
+
+/// Whether sockets that leave the IP stack (`AF_PACKET`, ...) are refused to covered cgroups:
+/// that needs the BPF LSM, which the kernel runs only when booted with `lsm=...,bpf`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SocketGuard {
+    On,
+    Off(String),
+}
+
+impl SocketGuard {
+    /// One line for logs and `egress status`.
+    pub fn describe(&self) -> String {
+        match self {
+            Self::On => "on (BPF LSM socket_create)".to_string(),
+            Self::Off(reason) => format!("off: {reason}"),
+        }
+    }
 }
 
 /// How the programs are attached to one cgroup: owned by this process (gone when it exits) or
@@ -183,6 +211,7 @@ pub struct Enforcer {
     installed: Installed,
     generation: Generation,
     has_policies: bool,
+    socket_guard: SocketGuard,
 }
 
 impl Enforcer {
@@ -209,7 +238,11 @@ impl Enforcer {
         for name in SOCK_ADDR_PROGRAMS {
             sock_addr_program(&mut ebpf, name)?.load().map_err(program_error(name))?;
         }
-        skb_program(&mut ebpf)?.load().map_err(program_error(SKB_PROGRAM))?;
+        for (name, _) in SKB_PROGRAMS {
+            skb_program(&mut ebpf, name)?.load().map_err(program_error(name))?;
+        }
+        sock_program(&mut ebpf)?.load().map_err(program_error(SOCK_CREATE_PROGRAM))?;
+        let socket_guard = load_socket_guard(&mut ebpf);
         let mut enforcer = Self {
             ebpf,
             pin_dir: pin_dir.map(Path::to_path_buf),
@@ -220,6 +253,7 @@ impl Enforcer {
             installed: Installed::default(),
             generation: Generation::default(),
             has_policies: false,
+            socket_guard,
         };
         if start == Start::Adopted {
             enforcer.adopt_state()?;
@@ -257,6 +291,11 @@ impl Enforcer {
         self.has_policies = !self.bindings.is_empty() || !installed.v4.is_empty() || !installed.v6.is_empty();
         self.installed = installed;
         Ok(())
+    }
+
+    /// Whether non-IP sockets are refused to covered cgroups on this kernel.
+    pub fn socket_guard(&self) -> &SocketGuard {
+        &self.socket_guard
     }
 
     /// The generation of the policies in force (counts reloads, also across restarts).
@@ -302,10 +341,20 @@ impl Enforcer {
                 .map_err(program_error(name))?;
             ids.push(LinkId::SockAddr(name, id));
         }
-        let id = skb_program(&mut self.ebpf)?
-            .attach(cgroup, CgroupSkbAttachType::Egress, CgroupAttachMode::Single)
-            .map_err(program_error(SKB_PROGRAM))?;
-        ids.push(LinkId::Skb(id));
+        for (name, attach_type) in SKB_PROGRAMS {
+            let id = skb_program(&mut self.ebpf, name)?
+                .attach(cgroup, attach_type, CgroupAttachMode::Single)
+                .map_err(program_error(name))?;
+            ids.push(LinkId::Skb(name, id));
+        }
+        let id = sock_program(&mut self.ebpf)?
+            .attach(cgroup, CgroupAttachMode::Single)
+            .map_err(program_error(SOCK_CREATE_PROGRAM))?;
+        ids.push(LinkId::Sock(id));
+        if self.socket_guard == SocketGuard::On {
+            let id = lsm_program(&mut self.ebpf)?.attach().map_err(program_error(LSM_PROGRAM))?;
+            ids.push(LinkId::Lsm(id));
+        }
         Ok(())
     }
 
@@ -319,16 +368,7 @@ impl Enforcer {
         let stamp = std::process::id();
         let mut pinned = Vec::new();
         for id in ids {
-            let (name, link) = match id {
-                LinkId::SockAddr(name, id) => {
-                    let link = sock_addr_program(&mut self.ebpf, name)?.take_link(id).map_err(program_error(name))?;
-                    (name, FdLink::try_from(link)?)
-                }
-                LinkId::Skb(id) => {
-                    let link = skb_program(&mut self.ebpf)?.take_link(id).map_err(program_error(SKB_PROGRAM))?;
-                    (SKB_PROGRAM, FdLink::try_from(link)?)
-                }
-            };
+            let (name, link) = self.take_link(id)?;
             let path = links_dir.join(format!("{cgroup_id}-{name}-{stamp}"));
             let link = link.pin(&path).map_err(|e| LoaderError::Pin {
                 path: path.clone(),
@@ -346,6 +386,29 @@ impl Enforcer {
         Ok(pinned)
     }
 
+    /// Takes a link out of the program that owns it, as a plain fd link that can be pinned.
+    fn take_link(&mut self, id: LinkId) -> Result<(&'static str, FdLink), LoaderError> {
+        Ok(match id {
+            LinkId::SockAddr(name, id) => {
+                let link = sock_addr_program(&mut self.ebpf, name)?.take_link(id).map_err(program_error(name))?;
+                (name, FdLink::try_from(link)?)
+            }
+            LinkId::Skb(name, id) => {
+                let link = skb_program(&mut self.ebpf, name)?.take_link(id).map_err(program_error(name))?;
+                (name, FdLink::try_from(link)?)
+            }
+            LinkId::Sock(id) => {
+                let link =
+                    sock_program(&mut self.ebpf)?.take_link(id).map_err(program_error(SOCK_CREATE_PROGRAM))?;
+                (SOCK_CREATE_PROGRAM, FdLink::try_from(link)?)
+            }
+            LinkId::Lsm(id) => {
+                let link = lsm_program(&mut self.ebpf)?.take_link(id).map_err(program_error(LSM_PROGRAM))?;
+                (LSM_PROGRAM, link.into())
+            }
+        })
+    }
+
     /// Detaches the programs from a cgroup (best effort: a cgroup that is gone has no links).
     pub fn detach(&mut self, cgroup_id: u64) {
         match self.attachments.remove(&cgroup_id) {
@@ -354,8 +417,13 @@ impl Enforcer {
                     let result = match id {
                         LinkId::SockAddr(name, id) => sock_addr_program(&mut self.ebpf, name)
                             .and_then(|p| p.detach(id).map_err(program_error(name))),
-                        LinkId::Skb(id) => {
-                            skb_program(&mut self.ebpf).and_then(|p| p.detach(id).map_err(program_error(SKB_PROGRAM)))
+                        LinkId::Skb(name, id) => {
+                            skb_program(&mut self.ebpf, name).and_then(|p| p.detach(id).map_err(program_error(name)))
+                        }
+                        LinkId::Sock(id) => sock_program(&mut self.ebpf)
+                            .and_then(|p| p.detach(id).map_err(program_error(SOCK_CREATE_PROGRAM))),
+                        LinkId::Lsm(id) => {
+                            lsm_program(&mut self.ebpf).and_then(|p| p.detach(id).map_err(program_error(LSM_PROGRAM)))
                         }
                     };
                     if let Err(error) = result {
@@ -574,6 +642,8 @@ impl Enforcer {
             allowed: sum.allowed + v.allowed,
             blocked: sum.blocked + v.blocked,
             audited: sum.audited + v.audited,
+            suppressed: sum.suppressed + v.suppressed,
+            ..PolicyStats::default()
         }))
     }
 
@@ -605,7 +675,41 @@ fn sock_addr_program<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a m
     program.try_into().map_err(program_error(name))
 }
 
-fn skb_program(ebpf: &mut Ebpf) -> Result<&mut CgroupSkb, LoaderError> {
-    let program = ebpf.program_mut(SKB_PROGRAM).ok_or(LoaderError::MissingProgram(SKB_PROGRAM))?;
-    program.try_into().map_err(program_error(SKB_PROGRAM))
+fn skb_program<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut CgroupSkb, LoaderError> {
+    let program = ebpf.program_mut(name).ok_or(LoaderError::MissingProgram(name))?;
+    program.try_into().map_err(program_error(name))
+}
+
+fn sock_program(ebpf: &mut Ebpf) -> Result<&mut CgroupSock, LoaderError> {
+    let program = ebpf.program_mut(SOCK_CREATE_PROGRAM).ok_or(LoaderError::MissingProgram(SOCK_CREATE_PROGRAM))?;
+    program.try_into().map_err(program_error(SOCK_CREATE_PROGRAM))
+}
+
+fn lsm_program(ebpf: &mut Ebpf) -> Result<&mut Lsm, LoaderError> {
+    let program = ebpf.program_mut(LSM_PROGRAM).ok_or(LoaderError::MissingProgram(LSM_PROGRAM))?;
+    program.try_into().map_err(program_error(LSM_PROGRAM))
+}
+
+/// Loads the LSM program where the kernel runs BPF LSM programs; says why not otherwise.
+fn load_socket_guard(ebpf: &mut Ebpf) -> SocketGuard {
+    match fs::read_to_string(ACTIVE_LSMS) {
+        Ok(list) if list.trim().split(',').any(|lsm| lsm == "bpf") => {}
+        Ok(list) => {
+            return SocketGuard::Off(format!(
+                "the BPF LSM is not active (active: {}); boot with lsm={},bpf to refuse AF_PACKET and other \
+                 non-IP sockets to covered cgroups",
+                list.trim(),
+                list.trim()
+            ))
+        }
+        Err(error) => return SocketGuard::Off(format!("cannot read {ACTIVE_LSMS}: {error}")),
+    }
+    let btf = match Btf::from_sys_fs() {
+        Ok(btf) => btf,
+        Err(error) => return SocketGuard::Off(format!("no kernel BTF for the LSM program: {error}")),
+    };
+    match lsm_program(ebpf).and_then(|p| p.load(LSM_HOOK, &btf).map_err(program_error(LSM_PROGRAM))) {
+        Ok(()) => SocketGuard::On,
+        Err(error) => SocketGuard::Off(format!("loading the LSM program: {error}")),
+    }
 }

@@ -140,6 +140,7 @@ fn compile_policy(
             Mode::Audit => mode::AUDIT,
         },
         _pad: 0,
+        allowed_sockets: policy.allow_sockets.iter().fold(0, |bits, kind| bits | kind.bit()),
     };
     Ok(CompiledPolicy { info, v4, v6 })
 }

@@ -20,7 +20,7 @@ use serde::{
 };
 
 use super::model::{
-    is_glob, Action, Mode, Policy, PolicySet, PortRange, Protocol, Rule, Selector, Settings,
+    is_glob, Action, Mode, Policy, PolicySet, PortRange, Protocol, Rule, Selector, Settings, SocketKind,
     MAX_HISTORY,
 };
 
@@ -160,6 +160,8 @@ struct PolicyDoc {
     mode: Checked<Mode>,
     #[serde(default)]
     rules: Vec<Rule>,
+    #[serde(default)]
+    allow_sockets: Vec<Checked<SocketKind>>,
 }
 
 fn default_action() -> Checked<Action> {
@@ -231,6 +233,7 @@ impl PolicyDoc {
                 default: self.default.0,
                 mode: self.mode.0,
                 rules: self.rules,
+                allow_sockets: self.allow_sockets.into_iter().map(|kind| kind.0).collect(),
             },
             name_at: (self.name.line, self.name.column),
             selector_at,
@@ -522,6 +525,19 @@ impl Scalar for Mode {
             "enforce" => Ok(Mode::Enforce),
             "audit" => Ok(Mode::Audit),
             _ => Err(format!("unknown mode `{text}`; expected enforce or audit")),
+        }
+    }
+}
+
+impl Scalar for SocketKind {
+    const EXPECTING: &'static str = "packet, mptcp or other";
+
+    fn parse(text: &str) -> Result<Self, String> {
+        match text.to_ascii_lowercase().as_str() {
+            "packet" => Ok(SocketKind::Packet),
+            "mptcp" => Ok(SocketKind::Mptcp),
+            "other" => Ok(SocketKind::Other),
+            _ => Err(format!("unknown socket kind `{text}`; expected packet, mptcp or other")),
         }
     }
 }
