@@ -24,7 +24,7 @@ use crate::{
     discovery::{self, Change, ContainerNames, Found},
     engine::{Binding, Engine},
     events::Catalog,
-    loader::{Enforcer, OnExit, Start},
+    loader::{Enforcer, OnExit, SocketGuard, Start},
     matching,
     metrics,
     output::{EventWriter, LogFormat},
@@ -62,6 +62,7 @@ pub async fn run(args: RunArgs) -> Result<(), Failure> {
     if start == Start::Adopted {
         tracing::info!(pins = %settings.pin_dir.display(), "adopting the enforcement an earlier daemon left in place");
     }
+    log_socket_guard(enforcer.socket_guard());
     let ring = enforcer.take_events()?;
     let daemon = Daemon {
         engine: Engine::new(enforcer, Catalog::new(hierarchy.clone())),
@@ -108,6 +109,14 @@ pub async fn run(args: RunArgs) -> Result<(), Failure> {
     }
     daemon.engine.state().enforcer.shut_down(args.on_exit);
     result
+}
+
+/// Says at start whether non-IP sockets are refused to covered cgroups on this kernel.
+fn log_socket_guard(guard: &SocketGuard) {
+    match guard {
+        SocketGuard::On => tracing::info!("AF_PACKET guard: {}", guard.describe()),
+        SocketGuard::Off(_) => tracing::warn!("AF_PACKET guard: {}", guard.describe()),
+    }
 }
 
 impl Daemon {

@@ -39,6 +39,7 @@ const LSM_PROGRAM: &str = "socket_create";
 const LSM_HOOK: &str = "socket_create";
 /// The kernel's list of active LSMs; the BPF LSM runs programs only when `bpf` is in it.
 const ACTIVE_LSMS: &str = "/sys/kernel/security/lsm";
+const SECURITYFS: &str = "/sys/kernel/security";
 
 /// Maps that live in bpffs (under `<pin dir>/maps-v2/`) so enforcement survives the daemon.
 /// The suffix changes whenever a key or value layout changes.
@@ -692,6 +693,13 @@ fn lsm_program(ebpf: &mut Ebpf) -> Result<&mut Lsm, LoaderError> {
 
 /// Loads the LSM program where the kernel runs BPF LSM programs; says why not otherwise.
 fn load_socket_guard(ebpf: &mut Ebpf) -> SocketGuard {
+    if !Path::new(ACTIVE_LSMS).exists() {
+        // securityfs is not mounted on every host (nor in every container).
+        let _ = std::process::Command::new("mount")
+            .args(["-t", "securityfs", "securityfs", SECURITYFS])
+            .stderr(std::process::Stdio::null())
+            .status();
+    }
     match fs::read_to_string(ACTIVE_LSMS) {
         Ok(list) if list.trim().split(',').any(|lsm| lsm == "bpf") => {}
         Ok(list) => {
