@@ -20,7 +20,7 @@ use aya::{
 };
 use egress_common::{
     counter, names, CgroupBinding, Decision, PolicyInfo, PolicyStats, PortTable, RuleKeyV4, RuleKeyV6, Settings,
-    MAX_CGROUPS, MAX_POLICY_SLOTS, MAX_PORT_TABLES,
+    GUARD_SLOT, MAX_CGROUPS, MAX_DEEP_GUARDS, MAX_POLICY_SLOTS, MAX_PORT_TABLES,
 };
 use thiserror::Error;
 
@@ -94,6 +94,8 @@ pub enum LoaderError {
     Link(#[from] LinkError),
     #[error("more than {MAX_CGROUPS} cgroups are bound to policies")]
     TooManyBindings,
+    #[error("more than {MAX_DEEP_GUARDS} level-15 cgroups have bound descendants deeper than the kernel walk")]
+    TooManyDeepGuards,
     #[error(transparent)]
     Cgroup(#[from] CgroupError),
 }
@@ -207,6 +209,8 @@ pub struct Enforcer {
     pin_dir: Option<PathBuf>,
     attachments: HashMap<u64, Attachment>,
     bindings: HashMap<u64, CgroupBinding>,
+    /// `DEEP_GUARDS` as written: level-`MAX_CGROUP_LEVEL` cgroup id -> its guard binding.
+    deep_guards: HashMap<u64, CgroupBinding>,
     free_stats: Vec<u32>,
     next_stats: u32,
     installed: Installed,
@@ -249,6 +253,7 @@ impl Enforcer {
             pin_dir: pin_dir.map(Path::to_path_buf),
             attachments: HashMap::new(),
             bindings: HashMap::new(),
+            deep_guards: HashMap::new(),
             free_stats: Vec::new(),
             next_stats: 0,
             installed: Installed::default(),
@@ -272,8 +277,13 @@ impl Enforcer {
             let cgroups: BpfHashMap<_, u64, CgroupBinding> = self.map_mut(names::CGROUP_POLICY)?;
             self.bindings = cgroups.iter().filter_map(Result::ok).collect();
         }
-        self.next_stats = self.bindings.values().map(|b| b.stats + 1).max().unwrap_or(0);
-        let used: std::collections::HashSet<u32> = self.bindings.values().map(|b| b.stats).collect();
+        {
+            let guards: BpfHashMap<_, u64, CgroupBinding> = self.map_mut(names::DEEP_GUARDS)?;
+            self.deep_guards = guards.iter().filter_map(Result::ok).collect();
+        }
+        let all_stats = || self.bindings.values().chain(self.deep_guards.values()).map(|b| b.stats);
+        self.next_stats = all_stats().map(|stats| stats + 1).max().unwrap_or(0);
+        let used: std::collections::HashSet<u32> = all_stats().collect();
         self.free_stats = (0..self.next_stats).filter(|i| !used.contains(i)).collect();
         let mut installed = Installed::default();
         {
@@ -510,9 +520,47 @@ impl Enforcer {
         Ok(())
     }
 
-    /// Adds a level to the set the programs search (for a cgroup bound after an install).
-    pub fn add_level(&mut self, level: u32) -> Result<(), LoaderError> {
-        self.update_settings(|s| s.policy_levels |= 1 << level)
+    /// Adds `policy_levels` bits to those the programs search (for a cgroup bound after an
+    /// install).
+    pub fn add_levels(&mut self, bits: u32) -> Result<(), LoaderError> {
+        self.update_settings(|s| s.policy_levels |= bits)
+    }
+
+    /// Flow events one cgroup may raise per second on each CPU.
+    pub fn set_event_budget(&mut self, per_second: u32) -> Result<(), LoaderError> {
+        self.update_settings(|s| s.event_budget = per_second)
+    }
+
+    /// Makes `DEEP_GUARDS` hold exactly `ancestors` (new guards are written before stale ones go).
+    pub fn set_deep_guards(&mut self, ancestors: &std::collections::HashSet<u64>) -> Result<(), LoaderError> {
+        for id in ancestors {
+            self.add_deep_guard(*id)?;
+        }
+        let stale: Vec<u64> = self.deep_guards.keys().filter(|id| !ancestors.contains(id)).copied().collect();
+        for id in stale {
+            if let Some(guard) = self.deep_guards.remove(&id) {
+                if let Ok(mut guards) = self.map_mut::<BpfHashMap<_, u64, CgroupBinding>>(names::DEEP_GUARDS) {
+                    drop(guards.remove(&id));
+                }
+                self.free_stats.push(guard.stats);
+            }
+        }
+        Ok(())
+    }
+
+    /// Refuses senders deeper than the walk below `ancestor` unless bound themselves.
+    pub fn add_deep_guard(&mut self, ancestor: u64) -> Result<(), LoaderError> {
+        if self.deep_guards.contains_key(&ancestor) {
+            return Ok(());
+        }
+        if self.deep_guards.len() >= MAX_DEEP_GUARDS as usize {
+            return Err(LoaderError::TooManyDeepGuards);
+        }
+        let guard = CgroupBinding { slot: GUARD_SLOT, stats: self.allocate_stats()? };
+        let mut guards: BpfHashMap<_, u64, CgroupBinding> = self.map_mut(names::DEEP_GUARDS)?;
+        guards.insert(ancestor, guard, 0).map_err(map_error(names::DEEP_GUARDS))?;
+        self.deep_guards.insert(ancestor, guard);
+        Ok(())
     }
 
     /// Removes a cgroup's binding (the cgroup is gone or no longer matches a policy).

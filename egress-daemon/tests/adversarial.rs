@@ -412,3 +412,42 @@ attempt("tcp0", lambda: t.connect((sys.argv[1], 0)))
         wire.packets()
     );
 }
+
+#[test]
+fn a_cgroup_deeper_than_the_kernel_walk_is_enforced_and_its_unbound_neighbours_refused() {
+    if !privileged() {
+        return;
+    }
+    let parent = TestCgroup::new("adv-deep");
+    // The test parent is level 1; levels 2..=16 below it, then two cgroups at level 17.
+    let chain: Vec<String> = (2..=16).map(|level| format!("l{level}")).collect();
+    let chain = chain.join("/");
+    let bound = parent.child(&format!("{chain}/bound"));
+    let unbound = parent.child(&format!("{chain}/unbound"));
+    let policies = format!(
+        "policies:\n  - name: deep\n    cgroup: {}\n    default: deny\n    rules:\n      - allow: 127.0.0.1\n",
+        bound.relative
+    );
+    let (file, daemon) = daemon_for(&parent, &policies);
+    let port = tcp_server("0.0.0.0:0");
+    assert_eq!(tcp_connect_from(&bound, "127.0.0.1", port), "ok");
+    assert_eq!(tcp_connect_from(&bound, "127.0.0.2", port), "EPERM");
+    assert_eq!(tcp_connect_from(&unbound, "127.0.0.1", port), "EPERM");
+    blocked_with_rule(&daemon, "too-deep");
+
+    let status = std::process::Command::new(egress_bin())
+        .args(["status", "--json", "--socket"])
+        .arg(&file.socket)
+        .output()
+        .expect("egress status");
+    let report: Value = serde_json::from_str(&stdout_of(&status)).expect("status JSON");
+    let row = report["cgroups"]
+        .as_array()
+        .and_then(|rows| rows.iter().find(|row| row["cgroup"] == bound.relative.as_str()))
+        .unwrap_or_else(|| panic!("deep cgroup missing from status: {report}"));
+    assert_eq!(row["deep"], true, "{row}");
+    assert!(
+        report["guarantees"].as_array().is_some_and(|lines| lines.iter().any(|l| l.as_str().is_some_and(|l| l.starts_with("deep cgroups:")))),
+        "{report}"
+    );
+}

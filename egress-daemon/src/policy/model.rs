@@ -333,6 +333,8 @@ impl Policy {
 pub const DEFAULT_HISTORY: usize = 10_000;
 /// Largest [`Settings::history`].
 pub const MAX_HISTORY: usize = 10_000_000;
+/// Largest [`Settings::events_per_second`].
+pub const MAX_EVENT_BUDGET: u32 = 10_000_000;
 /// Default of [`Settings::control_socket`].
 pub const DEFAULT_CONTROL_SOCKET: &str = "/run/egress/control.sock";
 /// Default of [`Settings::pin_dir`].
@@ -354,6 +356,9 @@ pub struct Settings {
     pub metrics: Option<SocketAddr>,
     /// Absolute, normalised directory in a bpffs where programs, links and maps are pinned.
     pub pin_dir: PathBuf,
+    /// Flow events one cgroup may raise per second on each CPU; the kernel counts the rest
+    /// as suppressed (`1..=MAX_EVENT_BUDGET`).
+    pub events_per_second: u32,
 }
 
 impl Default for Settings {
@@ -365,6 +370,7 @@ impl Default for Settings {
             control_group: None,
             metrics: None,
             pin_dir: PathBuf::from(DEFAULT_PIN_DIR),
+            events_per_second: egress_common::DEFAULT_EVENT_BUDGET,
         }
     }
 }

@@ -21,7 +21,7 @@ use serde::{
 
 use super::model::{
     is_glob, Action, Mode, Policy, PolicySet, PortRange, Protocol, Rule, Selector, Settings, SocketKind,
-    MAX_HISTORY,
+    MAX_EVENT_BUDGET, MAX_HISTORY,
 };
 
 /// A policy file that cannot be used, and where the problem is.
@@ -122,6 +122,8 @@ struct SettingsDoc {
     metrics: Option<Checked<MetricsAddr>>,
     #[serde(default)]
     pin_dir: Option<Checked<PinDir>>,
+    #[serde(default)]
+    events_per_second: Option<Checked<EventBudget>>,
 }
 
 impl SettingsDoc {
@@ -130,6 +132,7 @@ impl SettingsDoc {
         Settings {
             attach: self.attach.map_or(defaults.attach, |v| v.0 .0),
             history: self.history.map_or(defaults.history, |v| v.0 .0),
+            events_per_second: self.events_per_second.map_or(defaults.events_per_second, |v| v.0 .0),
             control_socket: self
                 .control_socket
                 .map_or(defaults.control_socket, |v| v.0 .0),
@@ -782,6 +785,20 @@ impl Scalar for History {
             _ => Err(format!(
                 "history {number} is out of range; keep 1 to {MAX_HISTORY} events"
             )),
+        }
+    }
+}
+
+/// `settings.events_per_second`.
+struct EventBudget(u32);
+
+impl Scalar for EventBudget {
+    const EXPECTING: &'static str = "a number of events per second";
+
+    fn parse(text: &str) -> Result<Self, String> {
+        match text.trim().replace('_', "").parse::<u32>() {
+            Ok(n) if (1..=MAX_EVENT_BUDGET).contains(&n) => Ok(EventBudget(n)),
+            _ => Err(format!("events_per_second `{text}` is out of range; keep 1 to {MAX_EVENT_BUDGET}")),
         }
     }
 }
