@@ -13,7 +13,8 @@ use egress_common::MAX_CGROUP_LEVEL;
 use crate::{
     cgroup::Cgroup,
     events::{Catalog, SlotNames},
-    loader::{Enforcer, Generation},
+    generation::Generation,
+    loader::Enforcer,
     policy::{compile::compile_set, model::PolicySet},
 };
 
@@ -87,7 +88,7 @@ impl Engine {
     /// previous policies stay in force.
     pub fn apply(&self, set: PolicySet, source: &str, bindings: &[Binding]) -> anyhow::Result<()> {
         if set.policies.len() > Generation::max_policies() {
-            bail!("{} policies; at most {} are supported", set.policies.len(), Generation::max_policies());
+            bail!("policy slots: {} needed, {} available per generation", set.policies.len(), Generation::max_policies());
         }
         for binding in bindings {
             check_depth(&binding.cgroup)?;
