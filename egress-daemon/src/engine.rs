@@ -88,7 +88,8 @@ impl Engine {
     /// previous policies stay in force.
     pub fn apply(&self, set: PolicySet, source: &str, bindings: &[Binding]) -> anyhow::Result<()> {
         if set.policies.len() > Generation::max_policies() {
-            bail!("policy slots: {} needed, {} available per generation", set.policies.len(), Generation::max_policies());
+            let (needed, available) = (set.policies.len(), Generation::max_policies());
+            bail!("policy slots: {needed} needed, {available} available per generation");
         }
         for binding in bindings {
             check_depth(&binding.cgroup)?;

@@ -463,7 +463,8 @@ impl Enforcer {
         });
         fault::crash_point("after-marker");
         if let Err(error) = marked.and_then(|()| self.switch(cgroups)) {
-            if let Err(restore) = self.update_settings(|s| *s = Settings { dropped_reported: s.dropped_reported, ..previous }) {
+            let restored = self.update_settings(|s| *s = Settings { dropped_reported: s.dropped_reported, ..previous });
+            if let Err(restore) = restored {
                 tracing::warn!(error = %restore, "restoring the generation marker");
             }
             std::thread::sleep(RETIRE_DELAY);
@@ -673,26 +674,29 @@ impl Enforcer {
     /// Removes what a generation wrote; anything that could not be removed is swept before the
     /// next generation is written into the same half.
     fn remove_generation(&mut self, old: &Installed) {
-        let mut failed = false;
+        // Counted, not `any`: every entry is tried even after a failure.
+        let mut failures = 0;
         match self.map_mut::<LpmTrie<_, RuleKeyV4, Decision>>(names::RULES_V4) {
-            Ok(mut v4) => failed |= old.v4.iter().filter(|key| v4.remove(key).is_err()).count() > 0,
-            Err(_) => failed = true,
+            Ok(mut v4) => failures += old.v4.iter().filter(|key| v4.remove(key).is_err()).count(),
+            Err(_) => failures += 1,
         }
         fault::crash_point("mid-cleanup");
         match self.map_mut::<LpmTrie<_, RuleKeyV6, Decision>>(names::RULES_V6) {
-            Ok(mut v6) => failed |= old.v6.iter().filter(|key| v6.remove(key).is_err()).count() > 0,
-            Err(_) => failed = true,
+            Ok(mut v6) => failures += old.v6.iter().filter(|key| v6.remove(key).is_err()).count(),
+            Err(_) => failures += 1,
         }
         match self.map_mut::<BpfHashMap<_, u32, PortTable>>(names::PORT_TABLES) {
-            Ok(mut tables) => failed |= old.tables.iter().filter(|id| tables.remove(id).is_err()).count() > 0,
-            Err(_) => failed = true,
+            Ok(mut tables) => failures += old.tables.iter().filter(|id| tables.remove(id).is_err()).count(),
+            Err(_) => failures += 1,
         }
         match self.map_mut::<Array<_, PolicyInfo>>(names::POLICY_INFO) {
-            Ok(mut infos) => failed |= old.slots.iter().filter(|slot| infos.set(**slot, PolicyInfo::default(), 0).is_err()).count() > 0,
-            Err(_) => failed = true,
+            Ok(mut infos) => {
+                failures += old.slots.iter().filter(|slot| infos.set(**slot, PolicyInfo::default(), 0).is_err()).count()
+            }
+            Err(_) => failures += 1,
         }
-        if failed {
-            tracing::warn!("some entries of a retired generation could not be removed; they are swept before the next reload");
+        if failures > 0 {
+            tracing::warn!(failures, "entries of a retired generation could not be removed; swept before next reload");
             self.leftovers = true;
         }
     }

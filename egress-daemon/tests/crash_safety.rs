@@ -186,12 +186,14 @@ fn a_daemon_killed_at_any_step_of_a_reload_leaves_every_connection_judged_by_the
     // reload to B unbinds it (it then falls back to the policy of `cg`).
     let main = |allowed: &str, port: u16| {
         format!(
-            "  - name: main\n    cgroup: {}\n    default: deny\n    rules:\n      - allow: {allowed}\n        protocol: tcp\n        ports: [{port}]\n      - allow: {d}\n        ports: [{pd}]\n      - deny: {c}\n",
+            "  - name: main\n    cgroup: {}\n    default: deny\n    rules:\n      - allow: {allowed}\n        \
+             protocol: tcp\n        ports: [{port}]\n      - allow: {d}\n        ports: [{pd}]\n      - deny: {c}\n",
             cg.relative
         )
     };
     let watch = format!(
-        "  - name: watch\n    cgroup: {}\n    mode: audit\n    default: deny\n    rules:\n      - allow: {d}\n        ports: [{pd}]\n",
+        "  - name: watch\n    cgroup: {}\n    mode: audit\n    default: deny\n    rules:\n      - allow: {d}\n        \
+         ports: [{pd}]\n",
         audit.relative
     );
     let only_c = format!(
@@ -265,7 +267,11 @@ fn a_daemon_killed_at_any_step_of_a_reload_leaves_every_connection_judged_by_the
         let out = reload(&file);
         assert!(!out.status.success(), "{step}: the reload must not succeed: {}", stdout_of(&out));
         if step.starts_with("fail-") {
-            assert!(stderr_of(&out).contains("switching cgroups to the new policies failed"), "{step}: {}", stderr_of(&out));
+            assert!(
+                stderr_of(&out).contains("switching cgroups to the new policies failed"),
+                "{step}: {}",
+                stderr_of(&out)
+            );
             check_settled(current);
             let out = reload(&file);
             assert!(out.status.success(), "{step}: the next reload works: {}", stderr_of(&out));
@@ -324,7 +330,8 @@ fn a_file_needing_more_port_tables_than_a_generation_holds_is_refused_and_the_ru
     let allowed = tcp_server("127.0.0.1:0");
     let other = tcp_server("127.0.0.1:0");
     let small = format!(
-        "policies:\n  - name: small\n    cgroup: {}\n    default: deny\n    rules:\n      - allow: 127.0.0.1\n        protocol: tcp\n        ports: [{allowed}]\n",
+        "policies:\n  - name: small\n    cgroup: {}\n    default: deny\n    rules:\n      - allow: 127.0.0.1\n        \
+         protocol: tcp\n        ports: [{allowed}]\n",
         cg.relative
     );
     let file = PolicyFile::attached_at(Some(&cg.relative), &small);
