@@ -13,7 +13,8 @@ use egress_common::{DEEP_LEVELS_BIT, MAX_CGROUP_LEVEL};
 use crate::{
     cgroup::Cgroup,
     events::{Catalog, SlotNames},
-    loader::{Enforcer, Generation},
+    generation::Generation,
+    loader::Enforcer,
     policy::{compile::compile_set, model::PolicySet},
 };
 
@@ -89,7 +90,8 @@ impl Engine {
     /// previous policies stay in force.
     pub fn apply(&self, set: PolicySet, source: &str, bindings: &[Binding]) -> anyhow::Result<()> {
         if set.policies.len() > Generation::max_policies() {
-            bail!("{} policies; at most {} are supported", set.policies.len(), Generation::max_policies());
+            let (needed, available) = (set.policies.len(), Generation::max_policies());
+            bail!("policy slots: {needed} needed, {available} available per generation");
         }
         let guards = deep_guards(bindings.iter().map(|b| &b.cgroup))?;
         let mut state = self.state();

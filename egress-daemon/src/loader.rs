@@ -26,6 +26,8 @@ use thiserror::Error;
 
 use crate::{
     cgroup::{Cgroup, CgroupError},
+    fault,
+    generation::{self, CapacityError, Demand, Generation},
     policy::compile::CompiledSet,
 };
 
@@ -97,6 +99,20 @@ pub enum LoaderError {
     #[error("more than {MAX_DEEP_GUARDS} level-15 cgroups have bound descendants deeper than the kernel walk")]
     TooManyDeepGuards,
     #[error(transparent)]
+    Capacity(#[from] CapacityError),
+    #[error("generation {generation}: slot or port table {id} lies outside its half")]
+    OutsideHalf { generation: u32, id: u32 },
+    #[error(
+        "switching cgroups to the new policies failed after {switched} of {total} ({source}); \
+         they were switched back and the previous policies stay in force"
+    )]
+    Switch {
+        switched: usize,
+        total: usize,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
     Cgroup(#[from] CgroupError),
 }
 
@@ -110,38 +126,6 @@ fn program_error(name: &'static str) -> impl FnOnce(ProgramError) -> LoaderError
 
 fn pin_error(path: &Path) -> impl FnOnce(std::io::Error) -> LoaderError + '_ {
     move |source| LoaderError::Pin { path: path.to_path_buf(), source }
-}
-
-/// Which half of the policy slots and port-table ids a generation of policies uses: a reload
-/// fills the other half, switches cgroups over one map write each, then clears the old half.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Generation(u32);
-
-impl Generation {
-    fn half(self) -> u32 {
-        self.0 % 2
-    }
-    pub fn first_slot(self) -> u32 {
-        self.half() * (MAX_POLICY_SLOTS / 2)
-    }
-    pub fn first_table_id(self) -> u32 {
-        1 + self.half() * (MAX_PORT_TABLES / 2)
-    }
-    pub fn slots(self, count: usize) -> Vec<u32> {
-        (0..count as u32).map(|i| self.first_slot() + i).collect()
-    }
-    pub fn max_policies() -> usize {
-        (MAX_POLICY_SLOTS / 2) as usize
-    }
-    fn owns_slot(self, slot: u32) -> bool {
-        slot / (MAX_POLICY_SLOTS / 2) == self.half()
-    }
-    fn owns_table(self, id: u32) -> bool {
-        id != 0 && (id - 1) / (MAX_PORT_TABLES / 2) == self.half()
-    }
-    pub fn next(self) -> Self {
-        Self(self.0.wrapping_add(1))
-    }
 }
 
 /// What one generation put into the maps, so that it can be removed again.
@@ -213,9 +197,11 @@ pub struct Enforcer {
     deep_guards: HashMap<u64, CgroupBinding>,
     free_stats: Vec<u32>,
     next_stats: u32,
+    /// What the live generation put in the maps.
     installed: Installed,
     generation: Generation,
-    has_policies: bool,
+    /// The half the next generation goes into may hold entries a failed removal left behind.
+    leftovers: bool,
     socket_guard: SocketGuard,
 }
 
@@ -258,7 +244,7 @@ impl Enforcer {
             next_stats: 0,
             installed: Installed::default(),
             generation: Generation::default(),
-            has_policies: false,
+            leftovers: false,
             socket_guard,
         };
         if start == Start::Adopted {
@@ -267,12 +253,12 @@ impl Enforcer {
         Ok((enforcer, start))
     }
 
-    /// Reads back what an earlier daemon left in the pinned maps, so the next install replaces
-    /// it and nothing stale stays behind.
+    /// Takes over what an earlier daemon left in the pinned maps. Which generation is live is
+    /// read from the maps (the slots bound cgroups point to), never taken from a counter alone;
+    /// everything else is garbage of an install or cleanup that did not finish, and is removed
+    /// before anything new is written, so the next generation starts in an empty half.
     fn adopt_state(&mut self) -> Result<(), LoaderError> {
-        let settings = self.settings()?;
-        self.generation = Generation(settings.generation);
-        let current = self.generation;
+        let marker = self.settings()?.generation;
         {
             let cgroups: BpfHashMap<_, u64, CgroupBinding> = self.map_mut(names::CGROUP_POLICY)?;
             self.bindings = cgroups.iter().filter_map(Result::ok).collect();
@@ -285,22 +271,20 @@ impl Enforcer {
         self.next_stats = all_stats().map(|stats| stats + 1).max().unwrap_or(0);
         let used: std::collections::HashSet<u32> = all_stats().collect();
         self.free_stats = (0..self.next_stats).filter(|i| !used.contains(i)).collect();
-        let mut installed = Installed::default();
-        {
-            let v4: LpmTrie<_, RuleKeyV4, Decision> = self.map_mut(names::RULES_V4)?;
-            installed.v4 = v4.keys().filter_map(Result::ok).collect();
+
+        let adoption = generation::adopt(self.bindings.iter().map(|(id, b)| (*id, b.slot)), marker);
+        if !adoption.stale.is_empty() {
+            tracing::info!(cgroups = adoption.stale.len(), "finishing an interrupted reload: unbinding what it left");
+            for id in &adoption.stale {
+                self.unbind(*id);
+            }
+            fault::crash_point("adopt-after-unbind");
+            std::thread::sleep(RETIRE_DELAY);
         }
-        {
-            let v6: LpmTrie<_, RuleKeyV6, Decision> = self.map_mut(names::RULES_V6)?;
-            installed.v6 = v6.keys().filter_map(Result::ok).collect();
-        }
-        {
-            let tables: BpfHashMap<_, u32, PortTable> = self.map_mut(names::PORT_TABLES)?;
-            installed.tables = tables.keys().filter_map(Result::ok).filter(|id| current.owns_table(*id)).collect();
-        }
-        installed.slots = (0..MAX_POLICY_SLOTS).filter(|slot| current.owns_slot(*slot)).collect();
-        self.has_policies = !self.bindings.is_empty() || !installed.v4.is_empty() || !installed.v6.is_empty();
-        self.installed = installed;
+        self.generation = adoption.live.unwrap_or(Generation(marker));
+        let live = adoption.live;
+        let owned_by_live = move |slot: u32| live.is_some_and(|g| g.owns_slot(slot));
+        self.installed = self.sweep(owned_by_live)?;
         Ok(())
     }
 
@@ -309,18 +293,71 @@ impl Enforcer {
         &self.socket_guard
     }
 
+    /// Removes every entry of the slots `keep` refuses, and every port table no kept entry
+    /// refers to; returns what is kept.
+    fn sweep(&mut self, keep: impl Fn(u32) -> bool) -> Result<Installed, LoaderError> {
+        let slot_of = |policy: [u8; 4]| u32::from_be_bytes(policy);
+        let mut kept = Installed::default();
+        let mut tables_in_use = std::collections::HashSet::new();
+        {
+            let mut v4: LpmTrie<_, RuleKeyV4, Decision> = self.map_mut(names::RULES_V4)?;
+            let entries: Vec<_> = v4.iter().filter_map(Result::ok).collect();
+            for (key, decision) in entries {
+                if keep(slot_of(key.data().policy)) {
+                    tables_in_use.insert(decision.port_table);
+                    kept.v4.push(key);
+                } else {
+                    drop(v4.remove(&key));
+                }
+            }
+        }
+        fault::crash_point("mid-sweep");
+        {
+            let mut v6: LpmTrie<_, RuleKeyV6, Decision> = self.map_mut(names::RULES_V6)?;
+            let entries: Vec<_> = v6.iter().filter_map(Result::ok).collect();
+            for (key, decision) in entries {
+                if keep(slot_of(key.data().policy)) {
+                    tables_in_use.insert(decision.port_table);
+                    kept.v6.push(key);
+                } else {
+                    drop(v6.remove(&key));
+                }
+            }
+        }
+        {
+            let mut tables: BpfHashMap<_, u32, PortTable> = self.map_mut(names::PORT_TABLES)?;
+            let ids: Vec<u32> = tables.keys().filter_map(Result::ok).collect();
+            for id in ids {
+                if tables_in_use.contains(&id) {
+                    kept.tables.push(id);
+                } else {
+                    drop(tables.remove(&id));
+                }
+            }
+        }
+        let mut infos: Array<_, PolicyInfo> = self.map_mut(names::POLICY_INFO)?;
+        for slot in 0..MAX_POLICY_SLOTS {
+            let Ok(info) = infos.get(&slot, 0) else { continue };
+            if keep(slot) {
+                if info != PolicyInfo::default() {
+                    kept.slots.push(slot);
+                }
+            } else if info != PolicyInfo::default() {
+                drop(infos.set(slot, PolicyInfo::default(), 0));
+            }
+        }
+        Ok(kept)
+    }
+
     /// The generation of the policies in force (counts reloads, also across restarts).
     pub fn generation(&self) -> u32 {
         self.generation.0
     }
 
-    /// The generation the next [`Enforcer::install`] must be compiled for.
+    /// The generation the next [`Enforcer::install`] must be compiled for: always the half the
+    /// live generation does not use.
     pub fn next_generation(&self) -> Generation {
-        if self.has_policies {
-            self.generation.next()
-        } else {
-            self.generation
-        }
+        self.generation.next()
     }
 
     /// Attaches every program to `cgroup`; they then see all its traffic and its descendants'.
@@ -376,7 +413,7 @@ impl Enforcer {
             .map_err(pin_error(&links_dir))?
             .filter_map(|entry| entry.ok().map(|e| e.path()))
             .collect();
-        let stamp = std::process::id();
+        let stamp = next_link_serial(&previous);
         let mut pinned = Vec::new();
         for id in ids {
             let (name, link) = self.take_link(id)?;
@@ -471,8 +508,13 @@ impl Enforcer {
     /// Puts a compiled generation in force: `cgroups` maps cgroup ids to the slots the set was
     /// compiled for, `levels` has bit n set for each bound cgroup at depth n.
     ///
-    /// The new rules are written first under fresh slots, then each cgroup is switched with one
-    /// map write, then the previous generation is removed: a flow sees the old policy or the new.
+    /// Every capacity is checked before anything is written. The new rules go into the half the
+    /// live generation does not use; then the generation marker is written and every cgroup is
+    /// switched in one system call (all or none, also if the daemon is killed); then the cgroups
+    /// the new file no longer covers are unbound and the old half is cleared. A flow sees the old
+    /// policy or the new one. A daemon killed at any step leaves maps that [`Enforcer::load`]
+    /// reads back into one live generation (see `generation::adopt`). On error the previous
+    /// generation stays in force, untouched.
     pub fn install(
         &mut self,
         generation: Generation,
@@ -481,32 +523,147 @@ impl Enforcer {
         cgroups: &HashMap<u64, u32>,
         levels: u32,
     ) -> Result<(), LoaderError> {
+        self.check_fits(generation, set, slots, cgroups)?;
+        if self.leftovers {
+            let live = self.generation;
+            self.installed = self.sweep(|slot| live.owns_slot(slot))?;
+            self.leftovers = false;
+        }
         let mut fresh = Installed::default();
         if let Err(error) = self.write_generation(set, slots, &mut fresh) {
             self.remove_generation(&fresh);
             return Err(error);
         }
-        let previous_levels = self.settings()?.policy_levels;
-        self.update_settings(|s| s.policy_levels = previous_levels | levels)?;
-        let stale: Vec<u64> = self.bindings.keys().filter(|id| !cgroups.contains_key(id)).copied().collect();
-        for (cgroup_id, slot) in cgroups {
-            self.bind(*cgroup_id, *slot)?;
+        fault::crash_point("after-rules");
+        let previous = self.settings()?;
+        let marked = self.update_settings(|s| {
+            s.policy_levels = previous.policy_levels | levels;
+            s.generation = generation.0;
+        });
+        fault::crash_point("after-marker");
+        if let Err(error) = marked.and_then(|()| self.switch(cgroups)) {
+            let restored = self.update_settings(|s| *s = Settings { dropped_reported: s.dropped_reported, ..previous });
+            if let Err(restore) = restored {
+                tracing::warn!(error = %restore, "restoring the generation marker");
+            }
+            std::thread::sleep(RETIRE_DELAY);
+            self.remove_generation(&fresh);
+            return Err(error);
         }
+        fault::crash_point("after-switch");
+        let stale: Vec<u64> = self.bindings.keys().filter(|id| !cgroups.contains_key(id)).copied().collect();
         for id in stale {
             self.unbind(id);
+            fault::crash_point("mid-unbind");
         }
-        self.update_settings(|s| {
-            s.policy_levels = levels;
-            s.generation = generation.0;
-        })?;
+        if let Err(error) = self.update_settings(|s| s.policy_levels = levels) {
+            // The old levels are a superset: the programs only look at more levels than needed.
+            tracing::warn!(%error, "narrowing the searched cgroup levels");
+        }
+        fault::crash_point("before-cleanup");
         std::thread::sleep(RETIRE_DELAY);
         let old = std::mem::replace(&mut self.installed, fresh);
-        self.remove_generation(&old);
         self.generation = generation;
-        self.has_policies = true;
+        self.remove_generation(&old);
+        fault::crash_point("after-cleanup");
         Ok(())
     }
 
+    /// Refuses a generation that does not fit beside the live one, naming the limit it hits.
+    fn check_fits(
+        &self,
+        generation: Generation,
+        set: &CompiledSet,
+        slots: &[u32],
+        cgroups: &HashMap<u64, u32>,
+    ) -> Result<(), LoaderError> {
+        let added_cgroups = cgroups.keys().filter(|id| !self.bindings.contains_key(id)).count();
+        generation::check_capacity(&Demand {
+            policies: slots.len(),
+            port_tables: set.port_tables.len(),
+            rules_v4: set.policies.iter().map(|p| p.v4.len()).sum(),
+            rules_v6: set.policies.iter().map(|p| p.v6.len()).sum(),
+            bindings: self.bindings.len() + added_cgroups,
+            running_rules_v4: self.installed.v4.len(),
+            running_rules_v6: self.installed.v6.len(),
+        })?;
+        let outside = |id: u32| LoaderError::OutsideHalf { generation: generation.0, id };
+        if generation.half() == self.generation.half() {
+            return Err(outside(generation.first_slot()));
+        }
+        if let Some(slot) = slots.iter().chain(cgroups.values()).find(|slot| !generation.owns_slot(**slot)) {
+            return Err(outside(*slot));
+        }
+        if let Some((id, _)) = set.port_tables.iter().find(|(id, _)| !generation.owns_table(*id)) {
+            return Err(outside(*id));
+        }
+        Ok(())
+    }
+
+    /// Binds every cgroup to its new slot in one system call. When the kernel refuses part-way,
+    /// those already switched are switched back (and new ones unbound) before the error returns.
+    fn switch(&mut self, cgroups: &HashMap<u64, u32>) -> Result<(), LoaderError> {
+        let mut entries = Vec::with_capacity(cgroups.len());
+        let mut allocated = Vec::new();
+        for (cgroup_id, slot) in cgroups {
+            let stats = match self.bindings.get(cgroup_id) {
+                Some(existing) => existing.stats,
+                None => match self.allocate_stats() {
+                    Ok(index) => {
+                        allocated.push(index);
+                        index
+                    }
+                    Err(error) => {
+                        self.free_stats.extend(allocated);
+                        return Err(error);
+                    }
+                },
+            };
+            entries.push((*cgroup_id, CgroupBinding { slot: *slot, stats }));
+        }
+        let result = if fault::fails("fail-mid-switch") {
+            let half = entries.len().div_ceil(2);
+            self.write_bindings(&entries[..half])
+                .and(Err((half, std::io::Error::other("injected by EGRESS_FAULT_POINT"))))
+        } else {
+            self.write_bindings(&entries)
+        };
+        let Err((switched, source)) = result else {
+            self.bindings.extend(entries);
+            return Ok(());
+        };
+        let (restore, added): (Vec<_>, Vec<_>) =
+            entries[..switched].iter().partition(|(id, _)| self.bindings.contains_key(id));
+        let restore: Vec<(u64, CgroupBinding)> = restore.iter().map(|(id, _)| (*id, self.bindings[id])).collect();
+        if let Err((_, error)) = self.write_bindings(&restore) {
+            tracing::error!(%error, "switching cgroups back to the previous policies failed; restart the daemon");
+        }
+        if let Ok(mut map) = self.map_mut::<BpfHashMap<_, u64, CgroupBinding>>(names::CGROUP_POLICY) {
+            for (id, _) in &added {
+                drop(map.remove(id));
+            }
+        }
+        for index in allocated {
+            self.release_stats(index);
+        }
+        Err(LoaderError::Switch { switched, total: entries.len(), source })
+    }
+
+    /// Writes `entries` into the cgroup map in one `BPF_MAP_UPDATE_BATCH` call. The kernel runs
+    /// the whole batch before it returns to userspace, where a fatal signal takes effect, so a
+    /// killed daemon leaves all of them written or none. On error: how many were written.
+    fn write_bindings(&self, entries: &[(u64, CgroupBinding)]) -> Result<(), (usize, std::io::Error)> {
+        if entries.is_empty() {
+            return Ok(());
+        }
+        let map = match self.ebpf.map(names::CGROUP_POLICY) {
+            Some(aya::maps::Map::HashMap(data)) => data,
+            _ => return Err((0, std::io::Error::other("the cgroup map is missing"))),
+        };
+        let keys: Vec<u64> = entries.iter().map(|(id, _)| *id).collect();
+        let values: Vec<CgroupBinding> = entries.iter().map(|(_, binding)| *binding).collect();
+        update_batch(map.fd().as_fd(), &keys, &values)
+    }
     /// Binds one cgroup to a policy slot of the generation in force (one map write).
     pub fn bind(&mut self, cgroup_id: u64, slot: u32) -> Result<(), LoaderError> {
         let stats = match self.bindings.get(&cgroup_id) {
@@ -569,14 +726,19 @@ impl Enforcer {
             if let Ok(mut cgroups) = self.map_mut::<BpfHashMap<_, u64, CgroupBinding>>(names::CGROUP_POLICY) {
                 drop(cgroups.remove(&cgroup_id));
             }
-            if let Ok(mut stats) = self.map_mut::<PerCpuArray<_, PolicyStats>>(names::BINDING_STATS) {
-                let zero = aya::maps::PerCpuValues::try_from(vec![PolicyStats::default(); nr_cpus()]);
-                if let Ok(zero) = zero {
-                    drop(stats.set(binding.stats, zero, 0));
-                }
-            }
-            self.free_stats.push(binding.stats);
+            self.release_stats(binding.stats);
         }
+    }
+
+    /// Zeroes a binding's counters and makes the index available again.
+    fn release_stats(&mut self, index: u32) {
+        if let Ok(mut stats) = self.map_mut::<PerCpuArray<_, PolicyStats>>(names::BINDING_STATS) {
+            let zero = aya::maps::PerCpuValues::try_from(vec![PolicyStats::default(); nr_cpus()]);
+            if let Ok(zero) = zero {
+                drop(stats.set(index, zero, 0));
+            }
+        }
+        self.free_stats.push(index);
     }
 
     fn allocate_stats(&mut self) -> Result<u32, LoaderError> {
@@ -626,26 +788,33 @@ impl Enforcer {
         Ok(())
     }
 
+    /// Removes what a generation wrote; anything that could not be removed is swept before the
+    /// next generation is written into the same half.
     fn remove_generation(&mut self, old: &Installed) {
-        if let Ok(mut v4) = self.map_mut::<LpmTrie<_, RuleKeyV4, Decision>>(names::RULES_V4) {
-            for key in &old.v4 {
-                drop(v4.remove(key));
-            }
+        // Counted, not `any`: every entry is tried even after a failure.
+        let mut failures = 0;
+        match self.map_mut::<LpmTrie<_, RuleKeyV4, Decision>>(names::RULES_V4) {
+            Ok(mut v4) => failures += old.v4.iter().filter(|key| v4.remove(key).is_err()).count(),
+            Err(_) => failures += 1,
         }
-        if let Ok(mut v6) = self.map_mut::<LpmTrie<_, RuleKeyV6, Decision>>(names::RULES_V6) {
-            for key in &old.v6 {
-                drop(v6.remove(key));
-            }
+        fault::crash_point("mid-cleanup");
+        match self.map_mut::<LpmTrie<_, RuleKeyV6, Decision>>(names::RULES_V6) {
+            Ok(mut v6) => failures += old.v6.iter().filter(|key| v6.remove(key).is_err()).count(),
+            Err(_) => failures += 1,
         }
-        if let Ok(mut tables) = self.map_mut::<BpfHashMap<_, u32, PortTable>>(names::PORT_TABLES) {
-            for id in &old.tables {
-                drop(tables.remove(id));
-            }
+        match self.map_mut::<BpfHashMap<_, u32, PortTable>>(names::PORT_TABLES) {
+            Ok(mut tables) => failures += old.tables.iter().filter(|id| tables.remove(id).is_err()).count(),
+            Err(_) => failures += 1,
         }
-        if let Ok(mut infos) = self.map_mut::<Array<_, PolicyInfo>>(names::POLICY_INFO) {
-            for slot in &old.slots {
-                drop(infos.set(*slot, PolicyInfo::default(), 0));
+        match self.map_mut::<Array<_, PolicyInfo>>(names::POLICY_INFO) {
+            Ok(mut infos) => {
+                failures += old.slots.iter().filter(|slot| infos.set(**slot, PolicyInfo::default(), 0).is_err()).count()
             }
+            Err(_) => failures += 1,
+        }
+        if failures > 0 {
+            tracing::warn!(failures, "entries of a retired generation could not be removed; swept before next reload");
+            self.leftovers = true;
         }
     }
 
@@ -715,6 +884,61 @@ impl Enforcer {
     }
 }
 
+/// A suffix for link pin names that no pin in `previous` has: one more than the highest there.
+/// Unlike the process id (PID 1 again for a daemon restarted in a container) it cannot collide
+/// with an earlier daemon's pins, which stay in place until the new links are pinned.
+fn next_link_serial(previous: &[PathBuf]) -> u64 {
+    previous
+        .iter()
+        .filter_map(|path| path.file_name()?.to_str()?.rsplit('-').next()?.parse::<u64>().ok())
+        .max()
+        .map_or(1, |highest| highest.saturating_add(1))
+}
+
+/// `union bpf_attr` as the `BPF_MAP_*_BATCH` commands read it.
+#[repr(C)]
+#[derive(Default)]
+struct BatchAttr {
+    in_batch: u64,
+    out_batch: u64,
+    keys: u64,
+    values: u64,
+    count: u32,
+    map_fd: u32,
+    elem_flags: u64,
+    flags: u64,
+}
+
+const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
+
+/// One `BPF_MAP_UPDATE_BATCH` call (aya 0.14 has no batch operations). On error: how many of the
+/// entries the kernel wrote before it stopped.
+fn update_batch<K: aya::Pod, V: aya::Pod>(
+    map: std::os::fd::BorrowedFd<'_>,
+    keys: &[K],
+    values: &[V],
+) -> Result<(), (usize, std::io::Error)> {
+    use std::os::fd::AsRawFd;
+    let count = u32::try_from(keys.len().min(values.len())).map_err(|e| (0, std::io::Error::other(e)))?;
+    let mut attr = BatchAttr {
+        keys: keys.as_ptr() as u64,
+        values: values.as_ptr() as u64,
+        count,
+        map_fd: map.as_raw_fd() as u32,
+        ..BatchAttr::default()
+    };
+    // SAFETY: `attr` points at `count` keys and values that live until the call returns; the
+    // kernel writes back only `attr.count`.
+    let result = unsafe {
+        libc::syscall(libc::SYS_bpf, BPF_MAP_UPDATE_BATCH, &mut attr as *mut BatchAttr, size_of::<BatchAttr>())
+    };
+    if result < 0 {
+        let error = std::io::Error::last_os_error();
+        return Err((attr.count.min(count) as usize, error));
+    }
+    Ok(())
+}
+
 fn nr_cpus() -> usize {
     aya::util::nr_cpus().unwrap_or(1)
 }
@@ -767,5 +991,21 @@ fn load_socket_guard(ebpf: &mut Ebpf) -> SocketGuard {
     match lsm_program(ebpf).and_then(|p| p.load(LSM_HOOK, &btf).map_err(program_error(LSM_PROGRAM))) {
         Ok(()) => SocketGuard::On,
         Err(error) => SocketGuard::Off(format!("loading the LSM program: {error}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn link_serials_never_repeat_an_earlier_daemons() {
+        assert_eq!(next_link_serial(&[]), 1);
+        let previous: Vec<PathBuf> =
+            ["/p/links/77-connect4-1", "/p/links/77-egress_packet-1", "/p/links/77-connect6-41", "/p/links/junk"]
+                .iter()
+                .map(PathBuf::from)
+                .collect();
+        assert_eq!(next_link_serial(&previous), 42);
     }
 }
