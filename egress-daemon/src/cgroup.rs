@@ -116,6 +116,15 @@ impl Cgroup {
         fs::File::open(&self.dir).map_err(io_error("open cgroup", &self.dir))
     }
 
+    /// The id of this cgroup's ancestor at `level` (the root is level 0).
+    pub fn ancestor_at(&self, level: u32) -> Result<u64, CgroupError> {
+        let mut dir = self.dir.as_path();
+        for _ in level..self.level {
+            dir = dir.parent().ok_or_else(|| CgroupError::Missing { path: self.dir.clone() })?;
+        }
+        fs::metadata(dir).map(|meta| meta.ino()).map_err(io_error("stat", dir))
+    }
+
     /// Moves a process into this cgroup.
     pub fn add_process(&self, pid: u32) -> Result<(), CgroupError> {
         let procs = self.dir.join("cgroup.procs");

@@ -28,7 +28,7 @@ use crate::{
     discovery::{self, Change, ContainerNames, Found},
     engine::{Binding, Engine},
     events::Catalog,
-    loader::{Enforcer, OnExit, Start},
+    loader::{Enforcer, OnExit, SocketGuard, Start},
     matching,
     metrics,
     output::{EventWriter, LogFormat},
@@ -70,6 +70,7 @@ pub async fn run(args: RunArgs) -> Result<(), Failure> {
     if start == Start::Adopted {
         tracing::info!(pins = %settings.pin_dir.display(), "adopting the enforcement an earlier daemon left in place");
     }
+    log_socket_guard(enforcer.socket_guard());
     let ring = enforcer.take_events()?;
     let daemon = Daemon {
         engine: Engine::new(enforcer, Catalog::new(hierarchy.clone())),
@@ -168,6 +169,14 @@ impl CgroupFollower {
     }
 }
 
+/// Says at start whether non-IP sockets are refused to covered cgroups on this kernel.
+fn log_socket_guard(guard: &SocketGuard) {
+    match guard {
+        SocketGuard::On => tracing::info!("AF_PACKET guard: {}", guard.describe()),
+        SocketGuard::Off(_) => tracing::warn!("AF_PACKET guard: {}", guard.describe()),
+    }
+}
+
 impl Daemon {
     async fn serve_until_stopped(&self) -> Result<(), Failure> {
         let mut terminate = signal(SignalKind::terminate())?;
@@ -222,7 +231,7 @@ impl Daemon {
             .iter()
             .filter_map(|f| {
                 let policy = matching::policy_for(&set, &f.relative, &names)?;
-                within_reach(f).then(|| Binding { policy, cgroup: self.cgroup(f) })
+                Some(Binding { policy, cgroup: self.cgroup(f) })
             })
             .collect();
         for policy in &set.policies {
@@ -253,7 +262,7 @@ impl Daemon {
                     matching::policy_for(&active.set, &found.relative, &names)
                 };
                 drop(names);
-                if let Some(policy) = policy.filter(|_| within_reach(&found)) {
+                if let Some(policy) = policy {
                     let binding = Binding { policy, cgroup: self.cgroup(&found) };
                     match self.engine.bind(&binding) {
                         Ok(()) => tracing::info!(cgroup = %found.relative, "new cgroup bound to its policy"),
@@ -301,26 +310,26 @@ impl Daemon {
     }
 }
 
-/// Whether the kernel programs look this deep; a matching cgroup deeper than that is covered only
-/// through an ancestor's policy, so it is reported instead of failing the whole file.
-fn within_reach(found: &Found) -> bool {
-    let reachable = found.level <= egress_common::MAX_CGROUP_LEVEL;
-    if !reachable {
-        tracing::error!(
-            cgroup = %found.relative,
-            "cgroup nested deeper than {} levels: a policy cannot select it directly",
+/// The status lines that say what this kernel lets egress guarantee.
+fn guarantees(state: &crate::engine::State) -> Vec<String> {
+    let mut lines = vec![format!("AF_PACKET guard: {}", state.enforcer.socket_guard().describe())];
+    let deep = state.active.as_ref().map_or(0, |active| active.bound.values().filter(|b| b.deep).count());
+    if deep > 0 {
+        lines.push(format!(
+            "deep cgroups: {deep} bound deeper than {} levels, found by id; unbound cgroups that deep beside them are refused",
             egress_common::MAX_CGROUP_LEVEL
-        );
+        ));
     }
-    reachable
+    lines
 }
 
 impl control::server::ControlHandler for Daemon {
     fn status(&self) -> StatusReport {
         let mut state = self.engine.state();
         let dropped_events = state.enforcer.dropped_events().map(|(total, _)| total).unwrap_or(0);
+        let guarantees = guarantees(&state);
         let Some(active) = &state.active else {
-            return StatusReport { attach: self.attach.clone(), dropped_events, ..StatusReport::default() };
+            return StatusReport { attach: self.attach.clone(), dropped_events, guarantees, ..StatusReport::default() };
         };
         let policies = active
             .set
@@ -345,6 +354,7 @@ impl control::server::ControlHandler for Daemon {
             loaded_at: crate::output::rfc3339(active.loaded_at),
             attach: if self.attach.is_empty() { "/".to_string() } else { self.attach.clone() },
             dropped_events,
+            guarantees,
             policies,
             cgroups: Vec::new(),
         };
@@ -359,6 +369,7 @@ impl control::server::ControlHandler for Daemon {
                 allowed: stats.allowed,
                 blocked: stats.blocked,
                 audited: stats.audited,
+                deep: b.deep,
             });
         }
         report.cgroups.sort_by(|a, b| a.cgroup.cmp(&b.cgroup));

@@ -151,14 +151,24 @@ pub fn status_text(report: &StatusReport) -> String {
     let _ = writeln!(out, "loaded at:      {} (generation {})", report.loaded_at, report.generation);
     let _ = writeln!(out, "attached at:    {attach}");
     let _ = writeln!(out, "dropped events: {}", report.dropped_events);
+    for guarantee in &report.guarantees {
+        let _ = writeln!(out, "guarantee:      {guarantee}");
+    }
     out.push('\n');
 
     let names: Vec<String> = report
         .cgroups
         .iter()
-        .map(|row| match &row.workload {
-            Some(workload) => format!("{} ({workload})", row.cgroup),
-            None => row.cgroup.clone(),
+        .map(|row| {
+            let name = match &row.workload {
+                Some(workload) => format!("{} ({workload})", row.cgroup),
+                None => row.cgroup.clone(),
+            };
+            if row.deep {
+                name + " [deep]"
+            } else {
+                name
+            }
         })
         .collect();
     let width = |header: &str, cells: &mut dyn Iterator<Item = usize>| cells.fold(header.len(), usize::max);

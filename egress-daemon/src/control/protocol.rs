@@ -70,6 +70,9 @@ pub struct StatusReport {
     pub attach: String,
     /// Events the kernel could not deliver (ring buffer full or no daemon running).
     pub dropped_events: u64,
+    /// What this host's kernel lets egress guarantee, one line each (e.g. whether `AF_PACKET`
+    /// sockets are refused).
+    pub guarantees: Vec<String>,
     pub policies: Vec<PolicyStatus>,
     pub cgroups: Vec<CgroupStatus>,
 }
@@ -101,6 +104,10 @@ pub struct CgroupStatus {
     pub allowed: u64,
     pub blocked: u64,
     pub audited: u64,
+    /// Deeper than the kernel's cgroup walk: found by its own id; unbound cgroups that deep
+    /// below the same level-15 ancestor are refused everything.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub deep: bool,
 }
 
 #[cfg(test)]

@@ -957,6 +957,7 @@ fn policy(rules: Vec<Rule>) -> Policy {
         selector: Selector::Cgroup("demo".to_owned()),
         default: Action::Deny,
         mode: Mode::Enforce,
+        allow_sockets: Vec::new(),
         rules,
     }
 }
@@ -1342,6 +1343,7 @@ fn policy_strategy() -> impl Strategy<Value = Policy> {
             default: if allow { Action::Allow } else { Action::Deny },
             mode: if audit { Mode::Audit } else { Mode::Enforce },
             rules,
+            allow_sockets: Vec::new(),
         })
 }
 
