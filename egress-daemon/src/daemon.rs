@@ -369,6 +369,7 @@ impl control::server::ControlHandler for Daemon {
                 allowed: stats.allowed,
                 blocked: stats.blocked,
                 audited: stats.audited,
+                suppressed: stats.suppressed,
                 deep: b.deep,
             });
         }

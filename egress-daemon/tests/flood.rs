@@ -2,13 +2,15 @@
 //! as they can) while the daemon must go on with everything else: binding a cgroup that appears
 //! under another covered parent, answering `egress status`, completing `egress reload`. The
 //! latencies are measured and printed, during the flood and before it for comparison, and held to
-//! generous bounds (speed is measured by the benchmarks, not here).
+//! generous bounds (speed is measured by the benchmarks, not here). The kernel's per-cgroup event
+//! budget keeps the flood's events to a trickle and counts the rest as suppressed, per cgroup.
 
 mod common;
 
 use std::{
     fs,
-    io::{BufRead, BufReader, Write},
+    io::{BufRead, BufReader, Read, Write},
+    net::{TcpListener, TcpStream},
     process::{Child, ChildStdin, Command, Stdio},
     sync::{
         atomic::{AtomicU64, Ordering},
@@ -261,6 +263,28 @@ fn cgroup_row<'a>(status: &'a Value, cgroup: &str) -> &'a Value {
         .unwrap_or_else(|| panic!("no status row for {cgroup}: {status:#}"))
 }
 
+/// The count once it has stopped growing (the pipeline has written what the ring held).
+fn settled(counter: &AtomicU64) -> u64 {
+    let mut last = counter.load(Ordering::Relaxed);
+    for _ in 0..50 {
+        thread::sleep(Duration::from_millis(200));
+        let now = counter.load(Ordering::Relaxed);
+        if now == last {
+            return now;
+        }
+        last = now;
+    }
+    last
+}
+
+fn scrape(port: u16) -> String {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).expect("connect to the metrics listener");
+    stream.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").expect("request metrics");
+    let mut response = String::new();
+    stream.read_to_string(&mut response).expect("read metrics");
+    response
+}
+
 fn ms(d: Duration) -> String {
     format!("{:.1} ms", d.as_secs_f64() * 1000.0)
 }
@@ -277,9 +301,12 @@ fn a_flooding_workload_does_not_stall_binding_status_or_reload() {
     // `pods` is covered (and allows everything); each cgroup made below it is matched by the
     // glob, through the watcher, and only that policy refuses 127.0.0.3: a refused connect
     // proves the new cgroup was bound.
-    let file = PolicyFile::attached_at(
-        Some(&attach.relative),
-        &format!(
+    let metrics_port = TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("free port").port();
+    let file = PolicyFile::attached_at(Some(&attach.relative), "policies: []\n");
+    file.rewrite(&format!(
+        "{}  metrics: 127.0.0.1:{metrics_port}\n{}",
+        file.settings(Some(&attach.relative)),
+        format_args!(
             "\
 policies:
   - name: noisy
@@ -299,8 +326,8 @@ policies:
 ",
             noisy = noisy.relative,
             pods = pods.relative,
-        ),
-    );
+        )
+    ));
     let daemon = FloodDaemon::start(&file, &noisy.relative);
 
     let calm = round(&file, &pods, "calm", port, &daemon);
@@ -356,19 +383,31 @@ policies:
         connects += count;
     }
     let flood_time = started.elapsed();
+    let written = settled(&daemon.flood_events);
     let (_, out) = timed(&["status", "--json", "--socket", &file.socket.to_string_lossy()]);
     let after: Value = serde_json::from_slice(&out.stdout).expect("status is JSON");
     let row = cgroup_row(&after, &noisy.relative);
+    let count = |key: &str| row[key].as_u64().unwrap_or_else(|| panic!("no {key} in {row}"));
+    let (blocked, suppressed) = (count("blocked"), count("suppressed"));
+    let dropped = after["dropped_events"].as_u64().expect("dropped_events");
     eprintln!(
-        "flood: {connects} refused connects in {:.1} s ({:.0}/s) from {FLOODERS} processes; \
-         {flood_events_during} of its events written while measuring ({:.1} s); status row {row}; dropped events {}",
+        "flood: {connects} refused connects in {:.1} s ({:.0}/s) from {FLOODERS} processes; {written} of its \
+         events written ({flood_events_during} while measuring, {:.1} s), {suppressed} suppressed, {dropped} dropped",
         flood_time.as_secs_f64(),
         connects as f64 / flood_time.as_secs_f64(),
         measured_within_flood.as_secs_f64(),
-        after["dropped_events"],
     );
     assert!(measured_within_flood < FLOOD, "the measurements outlasted the flood: rerun with a longer FLOOD");
-    assert!(row["blocked"].as_u64().unwrap_or(0) > 0, "the flood was counted: {row}");
+    assert_eq!(blocked, connects, "every refused connect is counted: {row}");
+    assert!(suppressed > 0, "the flooding cgroup went over its event budget: {row}");
+    // Every refused connect's event is written, suppressed, or dropped (ring full), none lost.
+    assert!(
+        written + suppressed <= blocked && blocked <= written + suppressed + dropped,
+        "{written} written + {suppressed} suppressed + {dropped} dropped vs {blocked} blocked"
+    );
+    let metrics = scrape(metrics_port);
+    let line = format!("egress_events_suppressed_total{{policy=\"noisy\"}} {suppressed}");
+    assert!(metrics.lines().any(|l| l == line), "want `{line}` in:\n{metrics}");
 
     for (i, round) in rounds.iter().enumerate() {
         assert!(round.bind < BIND_BOUND, "round {i}: binding took {}", ms(round.bind));

@@ -180,14 +180,14 @@ pub fn status_text(report: &StatusReport) -> String {
     } else {
         let _ = writeln!(
             out,
-            "{:<cgroup_width$}  {:<policy_width$}  {:<mode_width$}  {:>9}  {:>9}  {:>9}",
-            "CGROUP", "POLICY", "MODE", "ALLOWED", "BLOCKED", "AUDITED"
+            "{:<cgroup_width$}  {:<policy_width$}  {:<mode_width$}  {:>9}  {:>9}  {:>9}  {:>10}",
+            "CGROUP", "POLICY", "MODE", "ALLOWED", "BLOCKED", "AUDITED", "SUPPRESSED"
         );
         for (row, name) in report.cgroups.iter().zip(&names) {
             let _ = writeln!(
                 out,
-                "{name:<cgroup_width$}  {:<policy_width$}  {:<mode_width$}  {:>9}  {:>9}  {:>9}",
-                row.policy, row.mode, row.allowed, row.blocked, row.audited
+                "{name:<cgroup_width$}  {:<policy_width$}  {:<mode_width$}  {:>9}  {:>9}  {:>9}  {:>10}",
+                row.policy, row.mode, row.allowed, row.blocked, row.audited, row.suppressed
             );
         }
     }
@@ -328,6 +328,7 @@ mod tests {
                 allowed: 12,
                 blocked: 1,
                 audited: 0,
+                suppressed: 40,
             }],
         };
         let text = status_text(&report);
@@ -338,11 +339,11 @@ mod tests {
         assert_eq!(lines[3], "dropped events: 7");
         assert_eq!(
             lines[5],
-            "CGROUP                                      POLICY  MODE       ALLOWED    BLOCKED    AUDITED"
+            "CGROUP                                      POLICY  MODE       ALLOWED    BLOCKED    AUDITED  SUPPRESSED"
         );
         assert_eq!(
             lines[6],
-            "system.slice/nginx.service (nginx.service)  web     enforce         12          1          0"
+            "system.slice/nginx.service (nginx.service)  web     enforce         12          1          0          40"
         );
         assert_eq!(lines[8], "policy web: systemd_unit: nginx.service, default deny, mode enforce, 3 rules, 1 cgroup");
         let empty = status_text(&StatusReport::default());

@@ -104,6 +104,9 @@ pub struct CgroupStatus {
     pub allowed: u64,
     pub blocked: u64,
     pub audited: u64,
+    /// Events the kernel did not write because the cgroup was over its event budget; its flows
+    /// are still judged and counted above.
+    pub suppressed: u64,
     /// Deeper than the kernel's cgroup walk: found by its own id; unbound cgroups that deep
     /// below the same level-15 ancestor are refused everything.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
