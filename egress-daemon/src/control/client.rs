@@ -329,7 +329,9 @@ mod tests {
                 blocked: 1,
                 audited: 0,
                 suppressed: 40,
+                deep: false,
             }],
+            guarantees: Vec::new(),
         };
         let text = status_text(&report);
         let lines: Vec<&str> = text.lines().collect();
