@@ -185,7 +185,10 @@ impl Daemon {
         drop(names);
         for policy in &set.policies {
             let count = bindings.iter().filter(|b| set.policies[b.policy].name == policy.name).count();
-            if count == 0 {
+            let untrusted = ignored.iter().filter(|i| i.policy == policy.name).count();
+            if count == 0 && untrusted > 0 {
+                tracing::warn!(policy = %policy.name, selector = %policy.selector, ignored = untrusted, "no cgroup matches yet where root made it; it applies as soon as one appears");
+            } else if count == 0 {
                 tracing::warn!(policy = %policy.name, selector = %policy.selector, "no cgroup matches yet; it applies as soon as one appears");
             } else {
                 tracing::info!(policy = %policy.name, selector = %policy.selector, cgroups = count, "enforcing");

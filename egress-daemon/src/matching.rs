@@ -95,8 +95,8 @@ impl IgnoredMatches {
                 tracing::warn!(
                     cgroup = %ignored.cgroup,
                     policy = %ignored.policy,
-                    "{} matches this cgroup but does not govern it: {}, where anyone could give a cgroup \
-                     that name; the policy of its nearest governed ancestor applies",
+                    "{} names this cgroup but does not govern it, because {}: whoever may create cgroups \
+                     there can choose any name. The policy of its nearest governed ancestor applies",
                     ignored.selector,
                     ignored.reason
                 );

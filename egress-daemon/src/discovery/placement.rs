@@ -56,7 +56,7 @@ impl fmt::Display for Untrusted {
             Reason::Writable(mode) => write!(f, "{ancestor} is writable by group or others (mode {mode:04o})"),
             Reason::Delegated => write!(f, "{ancestor} is delegated to its unit's processes ({DELEGATE_XATTR} is set)"),
             Reason::Container => write!(f, "it lies inside the container cgroup {ancestor}"),
-            Reason::Unreadable(error) => write!(f, "cannot examine {ancestor}: {error}"),
+            Reason::Unreadable(error) => write!(f, "{ancestor} could not be examined ({error})"),
         }
     }
 }
