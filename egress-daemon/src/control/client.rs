@@ -338,6 +338,7 @@ mod tests {
                 allowed: 12,
                 blocked: 1,
                 audited: 0,
+                ..CgroupStatus::default()
             }],
             ignored: vec![IgnoredStatus {
                 cgroup: "user.slice/user@4242.service/x/nginx.service".into(),
@@ -345,6 +346,7 @@ mod tests {
                 selector: "systemd_unit nginx.service".into(),
                 reason: "user.slice/user@4242.service is owned by uid 4242 (delegated to that user)".into(),
             }],
+            ..StatusReport::default()
         };
         let text = status_text(&report);
         let lines: Vec<&str> = text.lines().collect();
