@@ -23,13 +23,13 @@ use crate::{
     control::{
         self,
         history::EventHistory,
-        protocol::{CgroupStatus, PolicyStatus, StatusReport},
+        protocol::{CgroupStatus, IgnoredStatus, PolicyStatus, StatusReport},
     },
     discovery::{self, Change, ContainerNames, Found},
     engine::{Binding, Engine},
     events::Catalog,
     loader::{Enforcer, OnExit, SocketGuard, Start},
-    matching,
+    matching::{self, IgnoredMatches, Match},
     metrics,
     output::{EventWriter, LogFormat},
     pipeline, preflight, service,
@@ -50,6 +50,8 @@ pub struct Daemon {
     pub config: PathBuf,
     pub history: Arc<EventHistory>,
     names: Arc<Mutex<ContainerNames>>,
+    /// Selector matches that do not count (see `matching`), for status.
+    ignored: Arc<Mutex<IgnoredMatches>>,
     attach: String,
     /// Held by whatever changes which cgroups are bound (a reload, a cgroup coming or going), off
     /// the runtime: a reload's scan and the binding of a cgroup found meanwhile must not interleave.
@@ -78,6 +80,7 @@ pub async fn run(args: RunArgs) -> Result<(), Failure> {
         config: args.config.clone(),
         history: Arc::new(EventHistory::new(settings.history)),
         names: Arc::new(Mutex::new(ContainerNames::default())),
+        ignored: Arc::new(Mutex::new(IgnoredMatches::default())),
         attach: settings.attach.clone(),
         changing: Arc::new(Mutex::new(())),
     };
@@ -227,22 +230,29 @@ impl Daemon {
     fn apply(&self, set: PolicySet) -> Result<(), Failure> {
         let found = discovery::scan(self.hierarchy.mount(), &self.attach).context("scanning the cgroup tree")?;
         let names = self.refreshed_names(&found);
-        let bindings: Vec<Binding> = found
-            .iter()
-            .filter_map(|f| {
-                let policy = matching::policy_for(&set, &f.relative, &names)?;
-                Some(Binding { policy, cgroup: self.cgroup(f) })
-            })
-            .collect();
+        let mut bindings = Vec::new();
+        let mut ignored = IgnoredMatches::default();
+        for f in &found {
+            let matched = self.policy_for(&set, f, &names);
+            ignored.add(&set, &f.relative, &matched);
+            if let Some(policy) = matched.policy {
+                bindings.push(Binding { policy, cgroup: self.cgroup(f) });
+            }
+        }
+        drop(names);
         for policy in &set.policies {
             let count = bindings.iter().filter(|b| set.policies[b.policy].name == policy.name).count();
-            if count == 0 {
+            let untrusted = ignored.iter().filter(|i| i.policy == policy.name).count();
+            if count == 0 && untrusted > 0 {
+                tracing::warn!(policy = %policy.name, selector = %policy.selector, ignored = untrusted, "no cgroup matches yet where root made it; it applies as soon as one appears");
+            } else if count == 0 {
                 tracing::warn!(policy = %policy.name, selector = %policy.selector, "no cgroup matches yet; it applies as soon as one appears");
             } else {
                 tracing::info!(policy = %policy.name, selector = %policy.selector, cgroups = count, "enforcing");
             }
         }
         self.engine.apply(set, &self.config.display().to_string(), &bindings)?;
+        self.ignored().replace_with(ignored);
         // Parsing a large file leaves freed heap behind; hand it back to the system.
         // SAFETY: malloc_trim only releases free memory at the top of glibc's heaps.
         unsafe { libc::malloc_trim(0) };
@@ -259,7 +269,14 @@ impl Daemon {
                 let policy = {
                     let state = self.engine.state();
                     let Some(active) = &state.active else { return };
-                    matching::policy_for(&active.set, &found.relative, &names)
+                    let matched = self.policy_for(&active.set, &found, &names);
+                    if !matched.ignored.is_empty() {
+                        let mut ignored = self.ignored();
+                        let mut next = ignored.clone();
+                        next.add(&active.set, &found.relative, &matched);
+                        ignored.replace_with(next);
+                    }
+                    matched.policy
                 };
                 drop(names);
                 if let Some(policy) = policy {
@@ -271,6 +288,7 @@ impl Daemon {
                 }
             }
             Change::Removed { relative } => {
+                self.ignored().forget(&relative);
                 let id = {
                     let state = self.engine.state();
                     state.active.as_ref().and_then(|active| {
@@ -298,10 +316,30 @@ impl Daemon {
         }
     }
 
-    /// Container names (best effort, from the runtimes' CLIs) and ids seen in `found`.
+    /// What governs a cgroup found on the tree, checking the placement of cgroups a selector
+    /// names by what they are called (the check runs as each cgroup is discovered).
+    fn policy_for(&self, set: &PolicySet, found: &Found, names: &ContainerNames) -> Match {
+        matching::policy_for(set, &found.relative, names, |depth| {
+            discovery::check_placement(self.hierarchy.mount(), &found.relative, depth)
+        })
+    }
+
+    fn ignored(&self) -> std::sync::MutexGuard<'_, IgnoredMatches> {
+        self.ignored.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Container names (best effort, from the runtimes' CLIs) and ids seen in `found`. Only ids of
+    /// cgroups root placed count: a user could otherwise make a prefix ambiguous (which selects
+    /// nothing) with a forged `docker-<id>.scope`, or have the CLIs run for every one made.
     fn refreshed_names(&self, found: &[Found]) -> std::sync::MutexGuard<'_, ContainerNames> {
         let mut names = self.names.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        let ids: Vec<String> = found.iter().filter_map(|f| discovery::container_of(&f.relative)).map(|c| c.id).collect();
+        let ids: Vec<String> = found
+            .iter()
+            .filter_map(|f| {
+                let container = discovery::container_of(&f.relative)?;
+                discovery::check_placement(self.hierarchy.mount(), &f.relative, 0).is_ok().then_some(container.id)
+            })
+            .collect();
         if !ids.is_empty() || found.len() > 1 {
             names.note_ids(ids);
             names.refresh();
@@ -357,6 +395,16 @@ impl control::server::ControlHandler for Daemon {
             guarantees,
             policies,
             cgroups: Vec::new(),
+            ignored: self
+                .ignored()
+                .iter()
+                .map(|i| IgnoredStatus {
+                    cgroup: i.cgroup.clone(),
+                    policy: i.policy.clone(),
+                    selector: i.selector.clone(),
+                    reason: i.reason.clone(),
+                })
+                .collect(),
         };
         for (id, b) in bound {
             let stats = state.enforcer.cgroup_stats(id).unwrap_or_default();

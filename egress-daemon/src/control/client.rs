@@ -206,6 +206,16 @@ pub fn status_text(report: &StatusReport) -> String {
             plural(policy.cgroups),
         );
     }
+    if !report.ignored.is_empty() {
+        out.push_str("\nignored matches (named where unprivileged users make cgroups; their ancestors' policy applies):\n");
+        for ignored in &report.ignored {
+            let _ = writeln!(
+                out,
+                "  {}: policy {} ({}): {}",
+                ignored.cgroup, ignored.policy, ignored.selector, ignored.reason
+            );
+        }
+    }
     out
 }
 
@@ -287,7 +297,7 @@ fn print_stdout(text: &str) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::control::protocol::{CgroupStatus, PolicyStatus};
+    use crate::control::protocol::{CgroupStatus, IgnoredStatus, PolicyStatus};
 
     #[test]
     fn parses_durations() {
@@ -329,9 +339,15 @@ mod tests {
                 blocked: 1,
                 audited: 0,
                 suppressed: 40,
-                deep: false,
+                ..CgroupStatus::default()
             }],
-            guarantees: Vec::new(),
+            ignored: vec![IgnoredStatus {
+                cgroup: "user.slice/user@4242.service/x/nginx.service".into(),
+                policy: "web".into(),
+                selector: "systemd_unit nginx.service".into(),
+                reason: "user.slice/user@4242.service is owned by uid 4242 (delegated to that user)".into(),
+            }],
+            ..StatusReport::default()
         };
         let text = status_text(&report);
         let lines: Vec<&str> = text.lines().collect();
@@ -348,6 +364,12 @@ mod tests {
             "system.slice/nginx.service (nginx.service)  web     enforce         12          1          0          40"
         );
         assert_eq!(lines[8], "policy web: systemd_unit: nginx.service, default deny, mode enforce, 3 rules, 1 cgroup");
+        assert!(lines[10].starts_with("ignored matches"), "{text}");
+        assert_eq!(
+            lines[11],
+            "  user.slice/user@4242.service/x/nginx.service: policy web (systemd_unit nginx.service): \
+             user.slice/user@4242.service is owned by uid 4242 (delegated to that user)"
+        );
         let empty = status_text(&StatusReport::default());
         assert!(empty.contains("no cgroup is bound to a policy"), "{empty}");
     }
