@@ -27,7 +27,7 @@ use crate::{
     loader::{Enforcer, OnExit, Start},
     matching,
     metrics,
-    output::{EventWriter, LogFormat},
+    output::{escaped, EventWriter, LogFormat},
     pipeline, preflight, service,
     policy::model::PolicySet,
 };
@@ -171,9 +171,9 @@ impl Daemon {
         for policy in &set.policies {
             let count = bindings.iter().filter(|b| set.policies[b.policy].name == policy.name).count();
             if count == 0 {
-                tracing::warn!(policy = %policy.name, selector = %policy.selector, "no cgroup matches yet; it applies as soon as one appears");
+                tracing::warn!(policy = %escaped(&policy.name), selector = %escaped(&policy.selector.to_string()), "no cgroup matches yet; it applies as soon as one appears");
             } else {
-                tracing::info!(policy = %policy.name, selector = %policy.selector, cgroups = count, "enforcing");
+                tracing::info!(policy = %escaped(&policy.name), selector = %escaped(&policy.selector.to_string()), cgroups = count, "enforcing");
             }
         }
         self.engine.apply(set, &self.config.display().to_string(), &bindings)?;
@@ -195,8 +195,8 @@ impl Daemon {
                 if let Some(policy) = policy.filter(|_| within_reach(&found)) {
                     let binding = Binding { policy, cgroup: self.cgroup(&found) };
                     match self.engine.bind(&binding) {
-                        Ok(()) => tracing::info!(cgroup = %found.relative, "new cgroup bound to its policy"),
-                        Err(error) => tracing::error!(cgroup = %found.relative, "binding a new cgroup: {error:#}"),
+                        Ok(()) => tracing::info!(cgroup = %escaped(&found.relative), "new cgroup bound to its policy"),
+                        Err(error) => tracing::error!(cgroup = %escaped(&found.relative), "binding a new cgroup: {error:#}"),
                     }
                 }
             }
@@ -209,7 +209,7 @@ impl Daemon {
                 };
                 if let Some(id) = id {
                     self.engine.unbind(id);
-                    tracing::info!(cgroup = %relative, "cgroup removed; its binding is gone");
+                    tracing::info!(cgroup = %escaped(&relative), "cgroup removed; its binding is gone");
                 }
             }
         }
