@@ -78,7 +78,6 @@ pub async fn run(args: RunArgs) -> Result<(), Failure> {
     daemon.apply(set)?;
     // Policies are in the maps before the programs see any traffic.
     daemon.engine.attach(&attach_point)?;
-    tracing::info!(config = %args.config.display(), attach = %attach_point.relative, "all policies enforced");
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let writer = EventWriter::new(args.log_format, io::stdout()).with_journal_priorities(service::under_journal());
@@ -94,6 +93,8 @@ pub async fn run(args: RunArgs) -> Result<(), Failure> {
         Some(address) => Some(metrics::serve(address, daemon.clone()).await.context("starting the metrics listener")?),
         None => None,
     };
+    // Said once the control socket answers too: tests and scripts take it as "ready".
+    tracing::info!(config = %args.config.display(), attach = %attach_point.relative, "all policies enforced");
     service::notify_ready();
 
     let result = daemon.serve_until_stopped(changes).await;

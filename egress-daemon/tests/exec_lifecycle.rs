@@ -203,7 +203,15 @@ fn a_grandchild_left_running_is_killed_before_exec_returns() {
     let file = policy();
     let scratch = Scratch::new();
     let port = tcp_server("127.0.0.2:0");
-    let mut exec = Exec::start(&file, &format!("{} & echo BG=$!; sleep 0.3; exit 5", scratch.loop_command(port)));
+    // The shell exits as soon as the client has logged an outcome, leaving it running.
+    let mut exec = Exec::start(
+        &file,
+        &format!(
+            "{} & echo BG=$!; while [ ! -s {} ]; do sleep 0.05; done; exit 5",
+            scratch.loop_command(port),
+            scratch.log().display()
+        ),
+    );
     let background = exec.printed("BG");
     let status = exec.wait(Duration::from_secs(15));
     // Checked at once: dead by the time exec returned, not some time later.
