@@ -7,6 +7,11 @@ pub mod hook {
     pub const SENDMSG4: u8 = 3;
     pub const SENDMSG6: u8 = 4;
     pub const SKB: u8 = 5;
+    /// `cgroup/sock_create`: an MPTCP socket refused or allowed.
+    pub const SOCK_CREATE: u8 = 6;
+    /// BPF LSM `socket_create`: a socket of a non-IP family. The event's `family` is the
+    /// socket's `AF_*` and its address is empty.
+    pub const SOCKET_LSM: u8 = 7;
 }
 
 /// Verdicts as carried by an event.

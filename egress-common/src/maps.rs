@@ -14,6 +14,7 @@ pub mod names {
     pub const BINDING_STATS: &str = "BINDING_STATS";
     pub const UDP_PEERS: &str = "UDP_PEERS";
     pub const FLOWS_SEEN: &str = "FLOWS_SEEN";
+    pub const DEEP_GUARDS: &str = "DEEP_GUARDS";
 }
 
 /// Capacity of the cgroup id -> policy slot map.
@@ -28,8 +29,19 @@ pub const MAX_CIDRS_V6: u32 = 1 << 18;
 pub const MAX_PORT_TABLES: u32 = 65_536;
 /// Port-specific rules one destination prefix can be subject to.
 pub const MAX_PORT_RULES: usize = 16;
-/// Deepest cgroup level the kernel programs look at when searching for a policy.
+/// Deepest cgroup level the kernel programs look at when searching for a policy. A cgroup
+/// deeper than this is found only by its own id, and its level-`MAX_CGROUP_LEVEL` ancestor is
+/// put in `DEEP_GUARDS` so that unbound cgroups beside or below it are refused, not let through.
 pub const MAX_CGROUP_LEVEL: u32 = 15;
+/// Bit of `Settings::policy_levels` set when some bound cgroup is deeper than the walk.
+pub const DEEP_LEVELS_BIT: u32 = 1 << 31;
+/// Slot of a `DEEP_GUARDS` binding: no policy, every flow refused.
+pub const GUARD_SLOT: u32 = u32::MAX;
+/// Capacity of the map of level-`MAX_CGROUP_LEVEL` cgroups that have bound descendants deeper.
+pub const MAX_DEEP_GUARDS: u32 = 1_024;
+/// Flow events one cgroup may write per second on each CPU when the settings name no budget;
+/// the rest are counted in [`PolicyStats::suppressed`].
+pub const DEFAULT_EVENT_BUDGET: u32 = 1_000;
 /// Stateful UDP: remembered peers that spoke first.
 pub const MAX_UDP_PEERS: u32 = 65_536;
 /// Flows already reported (sendmsg and packet hooks report a flow once, not per packet).
@@ -106,6 +118,8 @@ pub struct PolicyInfo {
     pub default_action: u8,
     pub mode: u8,
     pub _pad: u8,
+    /// `socket_kind` bits this policy lets its cgroups open.
+    pub allowed_sockets: u32,
 }
 
 /// Global settings written by the daemon (index 0 of `SETTINGS`). Only `policy_levels` is read
@@ -119,6 +133,10 @@ pub struct Settings {
     pub generation: u32,
     /// Dropped events a daemon has already reported.
     pub dropped_reported: u64,
+    /// Flow events per second one cgroup may write on each CPU; 0 means
+    /// [`DEFAULT_EVENT_BUDGET`]. Read by the kernel.
+    pub event_budget: u32,
+    pub _pad: u32,
 }
 
 /// Value of `CGROUP_POLICY`: the policy slot of a cgroup, and where its flows are counted.
@@ -144,6 +162,13 @@ pub struct PolicyStats {
     pub allowed: u64,
     pub blocked: u64,
     pub audited: u64,
+    /// Events not written because the cgroup was over its event budget (the flows themselves
+    /// were judged and counted as usual).
+    pub suppressed: u64,
+    /// Kernel-private rate-limit state: start of the current one-second window and the events
+    /// written in it on this CPU.
+    pub window_start_ns: u64,
+    pub window_events: u64,
 }
 
 /// Key of the stateful-UDP peer map: a socket and a peer that sent to it.

@@ -19,13 +19,13 @@ use crate::{
     control::{
         self,
         history::EventHistory,
-        protocol::{CgroupStatus, PolicyStatus, StatusReport},
+        protocol::{CgroupStatus, IgnoredStatus, PolicyStatus, StatusReport},
     },
     discovery::{self, Change, ContainerNames, Found},
     engine::{Binding, Engine},
     events::Catalog,
-    loader::{Enforcer, OnExit, Start},
-    matching,
+    loader::{Enforcer, OnExit, SocketGuard, Start},
+    matching::{self, IgnoredMatches, Match},
     metrics,
     output::{escaped, EventWriter, LogFormat},
     pipeline, preflight, service,
@@ -46,6 +46,8 @@ pub struct Daemon {
     pub config: PathBuf,
     pub history: Arc<EventHistory>,
     names: Arc<Mutex<ContainerNames>>,
+    /// Selector matches that do not count (see `matching`), for status.
+    ignored: Arc<Mutex<IgnoredMatches>>,
     attach: String,
 }
 
@@ -62,6 +64,7 @@ pub async fn run(args: RunArgs) -> Result<(), Failure> {
     if start == Start::Adopted {
         tracing::info!(pins = %settings.pin_dir.display(), "adopting the enforcement an earlier daemon left in place");
     }
+    log_socket_guard(enforcer.socket_guard());
     let ring = enforcer.take_events()?;
     let daemon = Daemon {
         engine: Engine::new(enforcer, Catalog::new(hierarchy.clone())),
@@ -69,6 +72,7 @@ pub async fn run(args: RunArgs) -> Result<(), Failure> {
         config: args.config.clone(),
         history: Arc::new(EventHistory::new(settings.history)),
         names: Arc::new(Mutex::new(ContainerNames::default())),
+        ignored: Arc::new(Mutex::new(IgnoredMatches::default())),
         attach: settings.attach.clone(),
     };
 
@@ -78,6 +82,7 @@ pub async fn run(args: RunArgs) -> Result<(), Failure> {
     daemon.apply(set)?;
     // Policies are in the maps before the programs see any traffic.
     daemon.engine.attach(&attach_point)?;
+    tracing::info!(config = %args.config.display(), attach = %attach_point.relative, "all policies enforced");
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let writer = EventWriter::new(args.log_format, io::stdout()).with_journal_priorities(service::under_journal());
@@ -93,8 +98,6 @@ pub async fn run(args: RunArgs) -> Result<(), Failure> {
         Some(address) => Some(metrics::serve(address, daemon.clone()).await.context("starting the metrics listener")?),
         None => None,
     };
-    // Said once the control socket answers too: tests and scripts take it as "ready".
-    tracing::info!(config = %args.config.display(), attach = %attach_point.relative, "all policies enforced");
     service::notify_ready();
 
     let result = daemon.serve_until_stopped(changes).await;
@@ -109,6 +112,14 @@ pub async fn run(args: RunArgs) -> Result<(), Failure> {
     }
     daemon.engine.state().enforcer.shut_down(args.on_exit);
     result
+}
+
+/// Says at start whether non-IP sockets are refused to covered cgroups on this kernel.
+fn log_socket_guard(guard: &SocketGuard) {
+    match guard {
+        SocketGuard::On => tracing::info!("AF_PACKET guard: {}", guard.describe()),
+        SocketGuard::Off(_) => tracing::warn!("AF_PACKET guard: {}", guard.describe()),
+    }
 }
 
 impl Daemon {
@@ -162,22 +173,30 @@ impl Daemon {
     fn apply(&self, set: PolicySet) -> Result<(), Failure> {
         let found = discovery::scan(self.hierarchy.mount(), &self.attach).context("scanning the cgroup tree")?;
         let names = self.refreshed_names(&found);
-        let bindings: Vec<Binding> = found
-            .iter()
-            .filter_map(|f| {
-                let policy = matching::policy_for(&set, &f.relative, &names)?;
-                within_reach(f).then(|| Binding { policy, cgroup: self.cgroup(f) })
-            })
-            .collect();
+        let mut bindings = Vec::new();
+        let mut ignored = IgnoredMatches::default();
+        for f in &found {
+            let matched = self.policy_for(&set, f, &names);
+            ignored.add(&set, &f.relative, &matched);
+            if let Some(policy) = matched.policy {
+                bindings.push(Binding { policy, cgroup: self.cgroup(f) });
+            }
+        }
+        drop(names);
         for policy in &set.policies {
             let count = bindings.iter().filter(|b| set.policies[b.policy].name == policy.name).count();
-            if count == 0 {
-                tracing::warn!(policy = %escaped(&policy.name), selector = %escaped(&policy.selector.to_string()), "no cgroup matches yet; it applies as soon as one appears");
+            let untrusted = ignored.iter().filter(|i| i.policy == policy.name).count();
+            let (name, selector) = (escaped(&policy.name), escaped(&policy.selector.to_string()).into_owned());
+            if count == 0 && untrusted > 0 {
+                tracing::warn!(policy = %name, selector = %selector, ignored = untrusted, "no cgroup matches yet where root made it; it applies as soon as one appears");
+            } else if count == 0 {
+                tracing::warn!(policy = %name, selector = %selector, "no cgroup matches yet; it applies as soon as one appears");
             } else {
-                tracing::info!(policy = %escaped(&policy.name), selector = %escaped(&policy.selector.to_string()), cgroups = count, "enforcing");
+                tracing::info!(policy = %name, selector = %selector, cgroups = count, "enforcing");
             }
         }
         self.engine.apply(set, &self.config.display().to_string(), &bindings)?;
+        self.ignored().replace_with(ignored);
         // Parsing a large file leaves freed heap behind; hand it back to the system.
         // SAFETY: malloc_trim only releases free memory at the top of glibc's heaps.
         unsafe { libc::malloc_trim(0) };
@@ -191,9 +210,16 @@ impl Daemon {
                     let state = self.engine.state();
                     let Some(active) = &state.active else { return };
                     let names = self.refreshed_names(std::slice::from_ref(&found));
-                    matching::policy_for(&active.set, &found.relative, &names)
+                    let matched = self.policy_for(&active.set, &found, &names);
+                    if !matched.ignored.is_empty() {
+                        let mut ignored = self.ignored();
+                        let mut next = ignored.clone();
+                        next.add(&active.set, &found.relative, &matched);
+                        ignored.replace_with(next);
+                    }
+                    matched.policy
                 };
-                if let Some(policy) = policy.filter(|_| within_reach(&found)) {
+                if let Some(policy) = policy {
                     let binding = Binding { policy, cgroup: self.cgroup(&found) };
                     match self.engine.bind(&binding) {
                         Ok(()) => tracing::info!(cgroup = %escaped(&found.relative), "new cgroup bound to its policy"),
@@ -202,6 +228,7 @@ impl Daemon {
                 }
             }
             Change::Removed { relative } => {
+                self.ignored().forget(&relative);
                 let id = {
                     let state = self.engine.state();
                     state.active.as_ref().and_then(|active| {
@@ -225,10 +252,30 @@ impl Daemon {
         }
     }
 
-    /// Container names (best effort, from the runtimes' CLIs) and ids seen in `found`.
+    /// What governs a cgroup found on the tree, checking the placement of cgroups a selector
+    /// names by what they are called (the check runs as each cgroup is discovered).
+    fn policy_for(&self, set: &PolicySet, found: &Found, names: &ContainerNames) -> Match {
+        matching::policy_for(set, &found.relative, names, |depth| {
+            discovery::check_placement(self.hierarchy.mount(), &found.relative, depth)
+        })
+    }
+
+    fn ignored(&self) -> std::sync::MutexGuard<'_, IgnoredMatches> {
+        self.ignored.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Container names (best effort, from the runtimes' CLIs) and ids seen in `found`. Only ids of
+    /// cgroups root placed count: a user could otherwise make a prefix ambiguous (which selects
+    /// nothing) with a forged `docker-<id>.scope`, or have the CLIs run for every one made.
     fn refreshed_names(&self, found: &[Found]) -> std::sync::MutexGuard<'_, ContainerNames> {
         let mut names = self.names.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        let ids: Vec<String> = found.iter().filter_map(|f| discovery::container_of(&f.relative)).map(|c| c.id).collect();
+        let ids: Vec<String> = found
+            .iter()
+            .filter_map(|f| {
+                let container = discovery::container_of(&f.relative)?;
+                discovery::check_placement(self.hierarchy.mount(), &f.relative, 0).is_ok().then_some(container.id)
+            })
+            .collect();
         if !ids.is_empty() || found.len() > 1 {
             names.note_ids(ids);
             names.refresh();
@@ -237,26 +284,26 @@ impl Daemon {
     }
 }
 
-/// Whether the kernel programs look this deep; a matching cgroup deeper than that is covered only
-/// through an ancestor's policy, so it is reported instead of failing the whole file.
-fn within_reach(found: &Found) -> bool {
-    let reachable = found.level <= egress_common::MAX_CGROUP_LEVEL;
-    if !reachable {
-        tracing::error!(
-            cgroup = %found.relative,
-            "cgroup nested deeper than {} levels: a policy cannot select it directly",
+/// The status lines that say what this kernel lets egress guarantee.
+fn guarantees(state: &crate::engine::State) -> Vec<String> {
+    let mut lines = vec![format!("AF_PACKET guard: {}", state.enforcer.socket_guard().describe())];
+    let deep = state.active.as_ref().map_or(0, |active| active.bound.values().filter(|b| b.deep).count());
+    if deep > 0 {
+        lines.push(format!(
+            "deep cgroups: {deep} bound deeper than {} levels, found by id; unbound cgroups that deep beside them are refused",
             egress_common::MAX_CGROUP_LEVEL
-        );
+        ));
     }
-    reachable
+    lines
 }
 
 impl control::server::ControlHandler for Daemon {
     fn status(&self) -> StatusReport {
         let mut state = self.engine.state();
         let dropped_events = state.enforcer.dropped_events().map(|(total, _)| total).unwrap_or(0);
+        let guarantees = guarantees(&state);
         let Some(active) = &state.active else {
-            return StatusReport { attach: self.attach.clone(), dropped_events, ..StatusReport::default() };
+            return StatusReport { attach: self.attach.clone(), dropped_events, guarantees, ..StatusReport::default() };
         };
         let policies = active
             .set
@@ -281,8 +328,19 @@ impl control::server::ControlHandler for Daemon {
             loaded_at: crate::output::rfc3339(active.loaded_at),
             attach: if self.attach.is_empty() { "/".to_string() } else { self.attach.clone() },
             dropped_events,
+            guarantees,
             policies,
             cgroups: Vec::new(),
+            ignored: self
+                .ignored()
+                .iter()
+                .map(|i| IgnoredStatus {
+                    cgroup: i.cgroup.clone(),
+                    policy: i.policy.clone(),
+                    selector: i.selector.clone(),
+                    reason: i.reason.clone(),
+                })
+                .collect(),
         };
         for (id, b) in bound {
             let stats = state.enforcer.cgroup_stats(id).unwrap_or_default();
@@ -295,6 +353,7 @@ impl control::server::ControlHandler for Daemon {
                 allowed: stats.allowed,
                 blocked: stats.blocked,
                 audited: stats.audited,
+                deep: b.deep,
             });
         }
         report.cgroups.sort_by(|a, b| a.cgroup.cmp(&b.cgroup));

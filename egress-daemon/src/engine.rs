@@ -8,12 +8,13 @@ use std::{
 };
 
 use anyhow::{bail, Context};
-use egress_common::MAX_CGROUP_LEVEL;
+use egress_common::{DEEP_LEVELS_BIT, MAX_CGROUP_LEVEL};
 
 use crate::{
     cgroup::Cgroup,
     events::{Catalog, SlotNames},
-    loader::{Enforcer, Generation},
+    generation::Generation,
+    loader::Enforcer,
     policy::{compile::compile_set, model::PolicySet},
 };
 
@@ -30,13 +31,15 @@ pub struct Bound {
     pub relative: String,
     pub policy: usize,
     pub workload: Option<String>,
+    /// Deeper than the kernel walk: found by its own id only (see [`deep_guard_of`]).
+    pub deep: bool,
 }
 
 impl Bound {
     fn of(binding: &Binding) -> Self {
         let relative = binding.cgroup.relative.clone();
         let workload = crate::matching::workload_of(&relative);
-        Self { relative, policy: binding.policy, workload }
+        Self { relative, policy: binding.policy, workload, deep: binding.cgroup.level > MAX_CGROUP_LEVEL }
     }
 }
 
@@ -87,21 +90,24 @@ impl Engine {
     /// previous policies stay in force.
     pub fn apply(&self, set: PolicySet, source: &str, bindings: &[Binding]) -> anyhow::Result<()> {
         if set.policies.len() > Generation::max_policies() {
-            bail!("{} policies; at most {} are supported", set.policies.len(), Generation::max_policies());
+            let (needed, available) = (set.policies.len(), Generation::max_policies());
+            bail!("policy slots: {needed} needed, {available} available per generation");
         }
-        for binding in bindings {
-            check_depth(&binding.cgroup)?;
-        }
+        let guards = deep_guards(bindings.iter().map(|b| &b.cgroup))?;
         let mut state = self.state();
         let generation = state.enforcer.next_generation();
         let slots = generation.slots(set.policies.len());
         let compiled = compile_set(&set, &slots, generation.first_table_id()).context("compiling the policies")?;
         let cgroup_slots: HashMap<u64, u32> = bindings.iter().map(|b| (b.cgroup.id, slots[b.policy])).collect();
-        let levels = bindings.iter().fold(0u32, |mask, b| mask | 1 << b.cgroup.level);
+        let levels = bindings.iter().fold(0u32, |mask, b| mask | level_bit(b.cgroup.level));
 
         // Name the new slots before they can raise events.
         self.name_slots(&set, &slots);
         self.name_cgroups(bindings.iter().map(|b| &b.cgroup));
+        // Guards first: a deep cgroup's unbound neighbours are refused from the moment the
+        // kernel starts looking below the walk.
+        state.enforcer.set_deep_guards(&guards).context("writing the deep-cgroup guards")?;
+        state.enforcer.set_event_budget(set.settings.events_per_second).context("writing the event budget")?;
         state
             .enforcer
             .install(generation, &compiled, &slots, &cgroup_slots, levels)
@@ -113,13 +119,16 @@ impl Engine {
 
     /// Binds one more cgroup (one that appeared after the policies were applied).
     pub fn bind(&self, binding: &Binding) -> anyhow::Result<()> {
-        check_depth(&binding.cgroup)?;
+        let guard = deep_guard_of(&binding.cgroup)?;
         let mut state = self.state();
         let State { enforcer, active } = &mut *state;
         let Some(active) = active else { bail!("no policies are loaded") };
         let slot = *active.slots.get(binding.policy).context("policy index out of range")?;
         self.name_cgroups([&binding.cgroup]);
-        enforcer.add_level(binding.cgroup.level)?;
+        if let Some(guard) = guard {
+            enforcer.add_deep_guard(guard).context("writing a deep-cgroup guard")?;
+        }
+        enforcer.add_levels(level_bit(binding.cgroup.level))?;
         enforcer.bind(binding.cgroup.id, slot)?;
         active.bound.insert(binding.cgroup.id, Bound::of(binding));
         Ok(())
@@ -148,9 +157,32 @@ impl Engine {
     }
 }
 
-fn check_depth(cgroup: &Cgroup) -> anyhow::Result<()> {
-    if cgroup.level > MAX_CGROUP_LEVEL {
-        bail!("cgroup {} is nested deeper than {MAX_CGROUP_LEVEL} levels", cgroup.relative);
+/// The `policy_levels` bit that makes the kernel look at a cgroup of this depth.
+fn level_bit(level: u32) -> u32 {
+    if level > MAX_CGROUP_LEVEL {
+        DEEP_LEVELS_BIT
+    } else {
+        1 << level
     }
-    Ok(())
+}
+
+/// For a cgroup deeper than the kernel walk: the id of its ancestor at the deepest walked level.
+/// The kernel finds the deep cgroup by its own id, and refuses every other sender deeper than
+/// the walk below that ancestor (fail closed: it cannot tell which deep policy would apply).
+fn deep_guard_of(cgroup: &Cgroup) -> anyhow::Result<Option<u64>> {
+    if cgroup.level <= MAX_CGROUP_LEVEL {
+        return Ok(None);
+    }
+    let ancestor = cgroup.ancestor_at(MAX_CGROUP_LEVEL).with_context(|| {
+        format!("finding the level-{MAX_CGROUP_LEVEL} ancestor of deep cgroup {}", cgroup.relative)
+    })?;
+    Ok(Some(ancestor))
+}
+
+fn deep_guards<'a>(cgroups: impl Iterator<Item = &'a Cgroup>) -> anyhow::Result<std::collections::HashSet<u64>> {
+    let mut guards = std::collections::HashSet::new();
+    for cgroup in cgroups {
+        guards.extend(deep_guard_of(cgroup)?);
+    }
+    Ok(guards)
 }

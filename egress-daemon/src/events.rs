@@ -8,7 +8,7 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use egress_common::{family, proto, rule_id, verdict, FlowEvent};
+use egress_common::{family, hook, proto, rule_id, verdict, FlowEvent};
 use serde::{Deserialize, Serialize};
 
 use crate::cgroup::Hierarchy;
@@ -101,6 +101,10 @@ impl Catalog {
         let rule = match event.rule {
             rule_id::DEFAULT => "default".to_string(),
             rule_id::REPLY => "reply".to_string(),
+            rule_id::PORT_ZERO => "port-zero".to_string(),
+            rule_id::SOURCE_ROUTED => "source-routed".to_string(),
+            rule_id::SOCKET_KIND => "socket-kind".to_string(),
+            rule_id::TOO_DEEP => "too-deep".to_string(),
             index => names
                 .and_then(|n| n.rules.get(index as usize).cloned())
                 .unwrap_or_else(|| format!("rule {index}")),
@@ -117,7 +121,11 @@ impl Catalog {
             pid: event.pid,
             comm: comm_name(&event.comm),
             uid: event.uid,
-            protocol: protocol_name(event.protocol, event.family),
+            protocol: if event.hook == hook::SOCK_CREATE || event.hook == hook::SOCKET_LSM {
+                socket_name(event.family)
+            } else {
+                protocol_name(event.protocol, event.family)
+            },
             dst: address(event),
             dport: event.dport,
         }
@@ -188,6 +196,17 @@ fn protocol_name(protocol: u8, fam: u8) -> String {
         proto::ICMP if fam == family::INET6 => "icmp6".into(),
         proto::ICMP => "icmp".into(),
         other => format!("ip-proto-{other}"),
+    }
+}
+
+/// A refused or allowed socket, named by what made it a kind of its own.
+fn socket_name(fam: u8) -> String {
+    match fam {
+        family::INET | family::INET6 => "socket-mptcp".into(),
+        17 => "socket-packet".into(),
+        40 => "socket-vsock".into(),
+        44 => "socket-xdp".into(),
+        other => format!("socket-af{other}"),
     }
 }
 

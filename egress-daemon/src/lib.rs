@@ -13,6 +13,8 @@ pub mod daemon;
 pub mod discovery;
 pub mod engine;
 pub mod events;
+pub mod fault;
+pub mod generation;
 pub mod loader;
 pub mod matching;
 pub mod metrics;

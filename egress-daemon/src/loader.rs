@@ -12,30 +12,40 @@ use std::{
 use aya::{
     maps::{lpm_trie::Key, Array, HashMap as BpfHashMap, LpmTrie, MapData, MapError, PerCpuArray, RingBuf},
     programs::{
-        cgroup_skb::CgroupSkbLinkId, cgroup_sock_addr::CgroupSockAddrLinkId, links::PinnedLink, CgroupAttachMode,
-        links::{FdLink, LinkError}, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr, ProgramError,
+        cgroup_skb::CgroupSkbLinkId, cgroup_sock::CgroupSockLinkId, cgroup_sock_addr::CgroupSockAddrLinkId,
+        links::PinnedLink, links::{FdLink, LinkError}, lsm::LsmLinkId, CgroupAttachMode, CgroupSkb,
+        CgroupSkbAttachType, CgroupSock, CgroupSockAddr, Lsm, ProgramError,
     },
-    Ebpf, EbpfError, EbpfLoader,
+    Btf, Ebpf, EbpfError, EbpfLoader,
 };
 use egress_common::{
     counter, names, CgroupBinding, Decision, PolicyInfo, PolicyStats, PortTable, RuleKeyV4, RuleKeyV6, Settings,
-    MAX_CGROUPS, MAX_POLICY_SLOTS, MAX_PORT_TABLES,
+    GUARD_SLOT, MAX_CGROUPS, MAX_DEEP_GUARDS, MAX_POLICY_SLOTS, MAX_PORT_TABLES,
 };
 use thiserror::Error;
 
 use crate::{
     cgroup::{Cgroup, CgroupError},
+    fault,
+    generation::{self, CapacityError, Demand, Generation},
     policy::compile::CompiledSet,
 };
 
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/egress.bpf.o"));
 
-const SOCK_ADDR_PROGRAMS: [&str; 6] = ["connect4", "connect6", "sendmsg4", "sendmsg6", "recvmsg4", "recvmsg6"];
-const SKB_PROGRAM: &str = "egress_packet";
+const SOCK_ADDR_PROGRAMS: [&str; 4] = ["connect4", "connect6", "sendmsg4", "sendmsg6"];
+const SKB_PROGRAMS: [(&str, CgroupSkbAttachType); 2] =
+    [("egress_packet", CgroupSkbAttachType::Egress), ("ingress_packet", CgroupSkbAttachType::Ingress)];
+const SOCK_CREATE_PROGRAM: &str = "sock_create";
+const LSM_PROGRAM: &str = "socket_create";
+const LSM_HOOK: &str = "socket_create";
+/// The kernel's list of active LSMs; the BPF LSM runs programs only when `bpf` is in it.
+const ACTIVE_LSMS: &str = "/sys/kernel/security/lsm";
+const SECURITYFS: &str = "/sys/kernel/security";
 
-/// Maps that live in bpffs (under `<pin dir>/maps-v1/`) so enforcement survives the daemon.
+/// Maps that live in bpffs (under `<pin dir>/maps-v2/`) so enforcement survives the daemon.
 /// The suffix changes whenever a key or value layout changes.
-const PINNED_MAPS: [&str; 11] = [
+const PINNED_MAPS: [&str; 12] = [
     names::CGROUP_POLICY,
     names::POLICY_INFO,
     names::RULES_V4,
@@ -47,8 +57,10 @@ const PINNED_MAPS: [&str; 11] = [
     names::BINDING_STATS,
     names::UDP_PEERS,
     names::FLOWS_SEEN,
+    names::DEEP_GUARDS,
 ];
-const MAPS_DIR: &str = "maps-v1";
+/// Where the maps are pinned below the pin directory (tests open them there too).
+pub const MAPS_DIR: &str = "maps-v2";
 const LINKS_DIR: &str = "links";
 
 /// Time for program runs that read the previous bindings to finish before their slots are
@@ -85,6 +97,22 @@ pub enum LoaderError {
     Link(#[from] LinkError),
     #[error("more than {MAX_CGROUPS} cgroups are bound to policies")]
     TooManyBindings,
+    #[error("more than {MAX_DEEP_GUARDS} level-15 cgroups have bound descendants deeper than the kernel walk")]
+    TooManyDeepGuards,
+    #[error(transparent)]
+    Capacity(#[from] CapacityError),
+    #[error("generation {generation}: slot or port table {id} lies outside its half")]
+    OutsideHalf { generation: u32, id: u32 },
+    #[error(
+        "switching cgroups to the new policies failed after {switched} of {total} ({source}); \
+         they were switched back and the previous policies stay in force"
+    )]
+    Switch {
+        switched: usize,
+        total: usize,
+        #[source]
+        source: std::io::Error,
+    },
     #[error(transparent)]
     Cgroup(#[from] CgroupError),
 }
@@ -101,38 +129,6 @@ fn pin_error(path: &Path) -> impl FnOnce(std::io::Error) -> LoaderError + '_ {
     move |source| LoaderError::Pin { path: path.to_path_buf(), source }
 }
 
-/// Which half of the policy slots and port-table ids a generation of policies uses: a reload
-/// fills the other half, switches cgroups over one map write each, then clears the old half.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Generation(u32);
-
-impl Generation {
-    fn half(self) -> u32 {
-        self.0 % 2
-    }
-    pub fn first_slot(self) -> u32 {
-        self.half() * (MAX_POLICY_SLOTS / 2)
-    }
-    pub fn first_table_id(self) -> u32 {
-        1 + self.half() * (MAX_PORT_TABLES / 2)
-    }
-    pub fn slots(self, count: usize) -> Vec<u32> {
-        (0..count as u32).map(|i| self.first_slot() + i).collect()
-    }
-    pub fn max_policies() -> usize {
-        (MAX_POLICY_SLOTS / 2) as usize
-    }
-    fn owns_slot(self, slot: u32) -> bool {
-        slot / (MAX_POLICY_SLOTS / 2) == self.half()
-    }
-    fn owns_table(self, id: u32) -> bool {
-        id != 0 && (id - 1) / (MAX_PORT_TABLES / 2) == self.half()
-    }
-    pub fn next(self) -> Self {
-        Self(self.0.wrapping_add(1))
-    }
-}
-
 /// What one generation put into the maps, so that it can be removed again.
 #[derive(Default)]
 struct Installed {
@@ -144,7 +140,27 @@ struct Installed {
 
 enum LinkId {
     SockAddr(&'static str, CgroupSockAddrLinkId),
-    Skb(CgroupSkbLinkId),
+    Skb(&'static str, CgroupSkbLinkId),
+    Sock(CgroupSockLinkId),
+    Lsm(LsmLinkId),
+}
+
+/// Whether sockets that leave the IP stack (`AF_PACKET`, ...) are refused to covered cgroups:
+/// that needs the BPF LSM, which the kernel runs only when booted with `lsm=...,bpf`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SocketGuard {
+    On,
+    Off(String),
+}
+
+impl SocketGuard {
+    /// One line for logs and `egress status`.
+    pub fn describe(&self) -> String {
+        match self {
+            Self::On => "on (BPF LSM socket_create)".to_string(),
+            Self::Off(reason) => format!("off: {reason}"),
+        }
+    }
 }
 
 /// How the programs are attached to one cgroup: owned by this process (gone when it exits) or
@@ -178,11 +194,16 @@ pub struct Enforcer {
     pin_dir: Option<PathBuf>,
     attachments: HashMap<u64, Attachment>,
     bindings: HashMap<u64, CgroupBinding>,
+    /// `DEEP_GUARDS` as written: level-`MAX_CGROUP_LEVEL` cgroup id -> its guard binding.
+    deep_guards: HashMap<u64, CgroupBinding>,
     free_stats: Vec<u32>,
     next_stats: u32,
+    /// What the live generation put in the maps.
     installed: Installed,
     generation: Generation,
-    has_policies: bool,
+    /// The half the next generation goes into may hold entries a failed removal left behind.
+    leftovers: bool,
+    socket_guard: SocketGuard,
 }
 
 impl Enforcer {
@@ -209,17 +230,23 @@ impl Enforcer {
         for name in SOCK_ADDR_PROGRAMS {
             sock_addr_program(&mut ebpf, name)?.load().map_err(program_error(name))?;
         }
-        skb_program(&mut ebpf)?.load().map_err(program_error(SKB_PROGRAM))?;
+        for (name, _) in SKB_PROGRAMS {
+            skb_program(&mut ebpf, name)?.load().map_err(program_error(name))?;
+        }
+        sock_program(&mut ebpf)?.load().map_err(program_error(SOCK_CREATE_PROGRAM))?;
+        let socket_guard = load_socket_guard(&mut ebpf);
         let mut enforcer = Self {
             ebpf,
             pin_dir: pin_dir.map(Path::to_path_buf),
             attachments: HashMap::new(),
             bindings: HashMap::new(),
+            deep_guards: HashMap::new(),
             free_stats: Vec::new(),
             next_stats: 0,
             installed: Installed::default(),
             generation: Generation::default(),
-            has_policies: false,
+            leftovers: false,
+            socket_guard,
         };
         if start == Start::Adopted {
             enforcer.adopt_state()?;
@@ -227,36 +254,100 @@ impl Enforcer {
         Ok((enforcer, start))
     }
 
-    /// Reads back what an earlier daemon left in the pinned maps, so the next install replaces
-    /// it and nothing stale stays behind.
+    /// Takes over what an earlier daemon left in the pinned maps. Which generation is live is
+    /// read from the maps (the slots bound cgroups point to), never taken from a counter alone;
+    /// everything else is garbage of an install or cleanup that did not finish, and is removed
+    /// before anything new is written, so the next generation starts in an empty half.
     fn adopt_state(&mut self) -> Result<(), LoaderError> {
-        let settings = self.settings()?;
-        self.generation = Generation(settings.generation);
-        let current = self.generation;
+        let marker = self.settings()?.generation;
         {
             let cgroups: BpfHashMap<_, u64, CgroupBinding> = self.map_mut(names::CGROUP_POLICY)?;
             self.bindings = cgroups.iter().filter_map(Result::ok).collect();
         }
-        self.next_stats = self.bindings.values().map(|b| b.stats + 1).max().unwrap_or(0);
-        let used: std::collections::HashSet<u32> = self.bindings.values().map(|b| b.stats).collect();
+        {
+            let guards: BpfHashMap<_, u64, CgroupBinding> = self.map_mut(names::DEEP_GUARDS)?;
+            self.deep_guards = guards.iter().filter_map(Result::ok).collect();
+        }
+        let all_stats = || self.bindings.values().chain(self.deep_guards.values()).map(|b| b.stats);
+        self.next_stats = all_stats().map(|stats| stats + 1).max().unwrap_or(0);
+        let used: std::collections::HashSet<u32> = all_stats().collect();
         self.free_stats = (0..self.next_stats).filter(|i| !used.contains(i)).collect();
-        let mut installed = Installed::default();
-        {
-            let v4: LpmTrie<_, RuleKeyV4, Decision> = self.map_mut(names::RULES_V4)?;
-            installed.v4 = v4.keys().filter_map(Result::ok).collect();
+
+        let adoption = generation::adopt(self.bindings.iter().map(|(id, b)| (*id, b.slot)), marker);
+        if !adoption.stale.is_empty() {
+            tracing::info!(cgroups = adoption.stale.len(), "finishing an interrupted reload: unbinding what it left");
+            for id in &adoption.stale {
+                self.unbind(*id);
+            }
+            fault::crash_point("adopt-after-unbind");
+            std::thread::sleep(RETIRE_DELAY);
         }
-        {
-            let v6: LpmTrie<_, RuleKeyV6, Decision> = self.map_mut(names::RULES_V6)?;
-            installed.v6 = v6.keys().filter_map(Result::ok).collect();
-        }
-        {
-            let tables: BpfHashMap<_, u32, PortTable> = self.map_mut(names::PORT_TABLES)?;
-            installed.tables = tables.keys().filter_map(Result::ok).filter(|id| current.owns_table(*id)).collect();
-        }
-        installed.slots = (0..MAX_POLICY_SLOTS).filter(|slot| current.owns_slot(*slot)).collect();
-        self.has_policies = !self.bindings.is_empty() || !installed.v4.is_empty() || !installed.v6.is_empty();
-        self.installed = installed;
+        self.generation = adoption.live.unwrap_or(Generation(marker));
+        let live = adoption.live;
+        let owned_by_live = move |slot: u32| live.is_some_and(|g| g.owns_slot(slot));
+        self.installed = self.sweep(owned_by_live)?;
         Ok(())
+    }
+
+    /// Whether non-IP sockets are refused to covered cgroups on this kernel.
+    pub fn socket_guard(&self) -> &SocketGuard {
+        &self.socket_guard
+    }
+
+    /// Removes every entry of the slots `keep` refuses, and every port table no kept entry
+    /// refers to; returns what is kept.
+    fn sweep(&mut self, keep: impl Fn(u32) -> bool) -> Result<Installed, LoaderError> {
+        let slot_of = |policy: [u8; 4]| u32::from_be_bytes(policy);
+        let mut kept = Installed::default();
+        let mut tables_in_use = std::collections::HashSet::new();
+        {
+            let mut v4: LpmTrie<_, RuleKeyV4, Decision> = self.map_mut(names::RULES_V4)?;
+            let entries: Vec<_> = v4.iter().filter_map(Result::ok).collect();
+            for (key, decision) in entries {
+                if keep(slot_of(key.data().policy)) {
+                    tables_in_use.insert(decision.port_table);
+                    kept.v4.push(key);
+                } else {
+                    drop(v4.remove(&key));
+                }
+            }
+        }
+        fault::crash_point("mid-sweep");
+        {
+            let mut v6: LpmTrie<_, RuleKeyV6, Decision> = self.map_mut(names::RULES_V6)?;
+            let entries: Vec<_> = v6.iter().filter_map(Result::ok).collect();
+            for (key, decision) in entries {
+                if keep(slot_of(key.data().policy)) {
+                    tables_in_use.insert(decision.port_table);
+                    kept.v6.push(key);
+                } else {
+                    drop(v6.remove(&key));
+                }
+            }
+        }
+        {
+            let mut tables: BpfHashMap<_, u32, PortTable> = self.map_mut(names::PORT_TABLES)?;
+            let ids: Vec<u32> = tables.keys().filter_map(Result::ok).collect();
+            for id in ids {
+                if tables_in_use.contains(&id) {
+                    kept.tables.push(id);
+                } else {
+                    drop(tables.remove(&id));
+                }
+            }
+        }
+        let mut infos: Array<_, PolicyInfo> = self.map_mut(names::POLICY_INFO)?;
+        for slot in 0..MAX_POLICY_SLOTS {
+            let Ok(info) = infos.get(&slot, 0) else { continue };
+            if keep(slot) {
+                if info != PolicyInfo::default() {
+                    kept.slots.push(slot);
+                }
+            } else if info != PolicyInfo::default() {
+                drop(infos.set(slot, PolicyInfo::default(), 0));
+            }
+        }
+        Ok(kept)
     }
 
     /// The generation of the policies in force (counts reloads, also across restarts).
@@ -264,13 +355,10 @@ impl Enforcer {
         self.generation.0
     }
 
-    /// The generation the next [`Enforcer::install`] must be compiled for.
+    /// The generation the next [`Enforcer::install`] must be compiled for: always the half the
+    /// live generation does not use.
     pub fn next_generation(&self) -> Generation {
-        if self.has_policies {
-            self.generation.next()
-        } else {
-            self.generation
-        }
+        self.generation.next()
     }
 
     /// Attaches every program to `cgroup`; they then see all its traffic and its descendants'.
@@ -302,10 +390,20 @@ impl Enforcer {
                 .map_err(program_error(name))?;
             ids.push(LinkId::SockAddr(name, id));
         }
-        let id = skb_program(&mut self.ebpf)?
-            .attach(cgroup, CgroupSkbAttachType::Egress, CgroupAttachMode::Single)
-            .map_err(program_error(SKB_PROGRAM))?;
-        ids.push(LinkId::Skb(id));
+        for (name, attach_type) in SKB_PROGRAMS {
+            let id = skb_program(&mut self.ebpf, name)?
+                .attach(cgroup, attach_type, CgroupAttachMode::Single)
+                .map_err(program_error(name))?;
+            ids.push(LinkId::Skb(name, id));
+        }
+        let id = sock_program(&mut self.ebpf)?
+            .attach(cgroup, CgroupAttachMode::Single)
+            .map_err(program_error(SOCK_CREATE_PROGRAM))?;
+        ids.push(LinkId::Sock(id));
+        if self.socket_guard == SocketGuard::On {
+            let id = lsm_program(&mut self.ebpf)?.attach().map_err(program_error(LSM_PROGRAM))?;
+            ids.push(LinkId::Lsm(id));
+        }
         Ok(())
     }
 
@@ -316,19 +414,10 @@ impl Enforcer {
             .map_err(pin_error(&links_dir))?
             .filter_map(|entry| entry.ok().map(|e| e.path()))
             .collect();
-        let stamp = std::process::id();
+        let stamp = next_link_serial(&previous);
         let mut pinned = Vec::new();
         for id in ids {
-            let (name, link) = match id {
-                LinkId::SockAddr(name, id) => {
-                    let link = sock_addr_program(&mut self.ebpf, name)?.take_link(id).map_err(program_error(name))?;
-                    (name, FdLink::try_from(link)?)
-                }
-                LinkId::Skb(id) => {
-                    let link = skb_program(&mut self.ebpf)?.take_link(id).map_err(program_error(SKB_PROGRAM))?;
-                    (SKB_PROGRAM, FdLink::try_from(link)?)
-                }
-            };
+            let (name, link) = self.take_link(id)?;
             let path = links_dir.join(format!("{cgroup_id}-{name}-{stamp}"));
             let link = link.pin(&path).map_err(|e| LoaderError::Pin {
                 path: path.clone(),
@@ -346,6 +435,29 @@ impl Enforcer {
         Ok(pinned)
     }
 
+    /// Takes a link out of the program that owns it, as a plain fd link that can be pinned.
+    fn take_link(&mut self, id: LinkId) -> Result<(&'static str, FdLink), LoaderError> {
+        Ok(match id {
+            LinkId::SockAddr(name, id) => {
+                let link = sock_addr_program(&mut self.ebpf, name)?.take_link(id).map_err(program_error(name))?;
+                (name, FdLink::try_from(link)?)
+            }
+            LinkId::Skb(name, id) => {
+                let link = skb_program(&mut self.ebpf, name)?.take_link(id).map_err(program_error(name))?;
+                (name, FdLink::try_from(link)?)
+            }
+            LinkId::Sock(id) => {
+                let link =
+                    sock_program(&mut self.ebpf)?.take_link(id).map_err(program_error(SOCK_CREATE_PROGRAM))?;
+                (SOCK_CREATE_PROGRAM, FdLink::try_from(link)?)
+            }
+            LinkId::Lsm(id) => {
+                let link = lsm_program(&mut self.ebpf)?.take_link(id).map_err(program_error(LSM_PROGRAM))?;
+                (LSM_PROGRAM, link.into())
+            }
+        })
+    }
+
     /// Detaches the programs from a cgroup (best effort: a cgroup that is gone has no links).
     pub fn detach(&mut self, cgroup_id: u64) {
         match self.attachments.remove(&cgroup_id) {
@@ -354,8 +466,13 @@ impl Enforcer {
                     let result = match id {
                         LinkId::SockAddr(name, id) => sock_addr_program(&mut self.ebpf, name)
                             .and_then(|p| p.detach(id).map_err(program_error(name))),
-                        LinkId::Skb(id) => {
-                            skb_program(&mut self.ebpf).and_then(|p| p.detach(id).map_err(program_error(SKB_PROGRAM)))
+                        LinkId::Skb(name, id) => {
+                            skb_program(&mut self.ebpf, name).and_then(|p| p.detach(id).map_err(program_error(name)))
+                        }
+                        LinkId::Sock(id) => sock_program(&mut self.ebpf)
+                            .and_then(|p| p.detach(id).map_err(program_error(SOCK_CREATE_PROGRAM))),
+                        LinkId::Lsm(id) => {
+                            lsm_program(&mut self.ebpf).and_then(|p| p.detach(id).map_err(program_error(LSM_PROGRAM)))
                         }
                     };
                     if let Err(error) = result {
@@ -392,8 +509,13 @@ impl Enforcer {
     /// Puts a compiled generation in force: `cgroups` maps cgroup ids to the slots the set was
     /// compiled for, `levels` has bit n set for each bound cgroup at depth n.
     ///
-    /// The new rules are written first under fresh slots, then each cgroup is switched with one
-    /// map write, then the previous generation is removed: a flow sees the old policy or the new.
+    /// Every capacity is checked before anything is written. The new rules go into the half the
+    /// live generation does not use; then the generation marker is written and every cgroup is
+    /// switched in one system call (all or none, also if the daemon is killed); then the cgroups
+    /// the new file no longer covers are unbound and the old half is cleared. A flow sees the old
+    /// policy or the new one. A daemon killed at any step leaves maps that [`Enforcer::load`]
+    /// reads back into one live generation (see `generation::adopt`). On error the previous
+    /// generation stays in force, untouched.
     pub fn install(
         &mut self,
         generation: Generation,
@@ -402,32 +524,147 @@ impl Enforcer {
         cgroups: &HashMap<u64, u32>,
         levels: u32,
     ) -> Result<(), LoaderError> {
+        self.check_fits(generation, set, slots, cgroups)?;
+        if self.leftovers {
+            let live = self.generation;
+            self.installed = self.sweep(|slot| live.owns_slot(slot))?;
+            self.leftovers = false;
+        }
         let mut fresh = Installed::default();
         if let Err(error) = self.write_generation(set, slots, &mut fresh) {
             self.remove_generation(&fresh);
             return Err(error);
         }
-        let previous_levels = self.settings()?.policy_levels;
-        self.update_settings(|s| s.policy_levels = previous_levels | levels)?;
-        let stale: Vec<u64> = self.bindings.keys().filter(|id| !cgroups.contains_key(id)).copied().collect();
-        for (cgroup_id, slot) in cgroups {
-            self.bind(*cgroup_id, *slot)?;
+        fault::crash_point("after-rules");
+        let previous = self.settings()?;
+        let marked = self.update_settings(|s| {
+            s.policy_levels = previous.policy_levels | levels;
+            s.generation = generation.0;
+        });
+        fault::crash_point("after-marker");
+        if let Err(error) = marked.and_then(|()| self.switch(cgroups)) {
+            let restored = self.update_settings(|s| *s = Settings { dropped_reported: s.dropped_reported, ..previous });
+            if let Err(restore) = restored {
+                tracing::warn!(error = %restore, "restoring the generation marker");
+            }
+            std::thread::sleep(RETIRE_DELAY);
+            self.remove_generation(&fresh);
+            return Err(error);
         }
+        fault::crash_point("after-switch");
+        let stale: Vec<u64> = self.bindings.keys().filter(|id| !cgroups.contains_key(id)).copied().collect();
         for id in stale {
             self.unbind(id);
+            fault::crash_point("mid-unbind");
         }
-        self.update_settings(|s| {
-            s.policy_levels = levels;
-            s.generation = generation.0;
-        })?;
+        if let Err(error) = self.update_settings(|s| s.policy_levels = levels) {
+            // The old levels are a superset: the programs only look at more levels than needed.
+            tracing::warn!(%error, "narrowing the searched cgroup levels");
+        }
+        fault::crash_point("before-cleanup");
         std::thread::sleep(RETIRE_DELAY);
         let old = std::mem::replace(&mut self.installed, fresh);
-        self.remove_generation(&old);
         self.generation = generation;
-        self.has_policies = true;
+        self.remove_generation(&old);
+        fault::crash_point("after-cleanup");
         Ok(())
     }
 
+    /// Refuses a generation that does not fit beside the live one, naming the limit it hits.
+    fn check_fits(
+        &self,
+        generation: Generation,
+        set: &CompiledSet,
+        slots: &[u32],
+        cgroups: &HashMap<u64, u32>,
+    ) -> Result<(), LoaderError> {
+        let added_cgroups = cgroups.keys().filter(|id| !self.bindings.contains_key(id)).count();
+        generation::check_capacity(&Demand {
+            policies: slots.len(),
+            port_tables: set.port_tables.len(),
+            rules_v4: set.policies.iter().map(|p| p.v4.len()).sum(),
+            rules_v6: set.policies.iter().map(|p| p.v6.len()).sum(),
+            bindings: self.bindings.len() + added_cgroups,
+            running_rules_v4: self.installed.v4.len(),
+            running_rules_v6: self.installed.v6.len(),
+        })?;
+        let outside = |id: u32| LoaderError::OutsideHalf { generation: generation.0, id };
+        if generation.half() == self.generation.half() {
+            return Err(outside(generation.first_slot()));
+        }
+        if let Some(slot) = slots.iter().chain(cgroups.values()).find(|slot| !generation.owns_slot(**slot)) {
+            return Err(outside(*slot));
+        }
+        if let Some((id, _)) = set.port_tables.iter().find(|(id, _)| !generation.owns_table(*id)) {
+            return Err(outside(*id));
+        }
+        Ok(())
+    }
+
+    /// Binds every cgroup to its new slot in one system call. When the kernel refuses part-way,
+    /// those already switched are switched back (and new ones unbound) before the error returns.
+    fn switch(&mut self, cgroups: &HashMap<u64, u32>) -> Result<(), LoaderError> {
+        let mut entries = Vec::with_capacity(cgroups.len());
+        let mut allocated = Vec::new();
+        for (cgroup_id, slot) in cgroups {
+            let stats = match self.bindings.get(cgroup_id) {
+                Some(existing) => existing.stats,
+                None => match self.allocate_stats() {
+                    Ok(index) => {
+                        allocated.push(index);
+                        index
+                    }
+                    Err(error) => {
+                        self.free_stats.extend(allocated);
+                        return Err(error);
+                    }
+                },
+            };
+            entries.push((*cgroup_id, CgroupBinding { slot: *slot, stats }));
+        }
+        let result = if fault::fails("fail-mid-switch") {
+            let half = entries.len().div_ceil(2);
+            self.write_bindings(&entries[..half])
+                .and(Err((half, std::io::Error::other("injected by EGRESS_FAULT_POINT"))))
+        } else {
+            self.write_bindings(&entries)
+        };
+        let Err((switched, source)) = result else {
+            self.bindings.extend(entries);
+            return Ok(());
+        };
+        let (restore, added): (Vec<_>, Vec<_>) =
+            entries[..switched].iter().partition(|(id, _)| self.bindings.contains_key(id));
+        let restore: Vec<(u64, CgroupBinding)> = restore.iter().map(|(id, _)| (*id, self.bindings[id])).collect();
+        if let Err((_, error)) = self.write_bindings(&restore) {
+            tracing::error!(%error, "switching cgroups back to the previous policies failed; restart the daemon");
+        }
+        if let Ok(mut map) = self.map_mut::<BpfHashMap<_, u64, CgroupBinding>>(names::CGROUP_POLICY) {
+            for (id, _) in &added {
+                drop(map.remove(id));
+            }
+        }
+        for index in allocated {
+            self.release_stats(index);
+        }
+        Err(LoaderError::Switch { switched, total: entries.len(), source })
+    }
+
+    /// Writes `entries` into the cgroup map in one `BPF_MAP_UPDATE_BATCH` call. The kernel runs
+    /// the whole batch before it returns to userspace, where a fatal signal takes effect, so a
+    /// killed daemon leaves all of them written or none. On error: how many were written.
+    fn write_bindings(&self, entries: &[(u64, CgroupBinding)]) -> Result<(), (usize, std::io::Error)> {
+        if entries.is_empty() {
+            return Ok(());
+        }
+        let map = match self.ebpf.map(names::CGROUP_POLICY) {
+            Some(aya::maps::Map::HashMap(data)) => data,
+            _ => return Err((0, std::io::Error::other("the cgroup map is missing"))),
+        };
+        let keys: Vec<u64> = entries.iter().map(|(id, _)| *id).collect();
+        let values: Vec<CgroupBinding> = entries.iter().map(|(_, binding)| *binding).collect();
+        update_batch(map.fd().as_fd(), &keys, &values)
+    }
     /// Binds one cgroup to a policy slot of the generation in force (one map write).
     pub fn bind(&mut self, cgroup_id: u64, slot: u32) -> Result<(), LoaderError> {
         let stats = match self.bindings.get(&cgroup_id) {
@@ -441,9 +678,47 @@ impl Enforcer {
         Ok(())
     }
 
-    /// Adds a level to the set the programs search (for a cgroup bound after an install).
-    pub fn add_level(&mut self, level: u32) -> Result<(), LoaderError> {
-        self.update_settings(|s| s.policy_levels |= 1 << level)
+    /// Adds `policy_levels` bits to those the programs search (for a cgroup bound after an
+    /// install).
+    pub fn add_levels(&mut self, bits: u32) -> Result<(), LoaderError> {
+        self.update_settings(|s| s.policy_levels |= bits)
+    }
+
+    /// Flow events one cgroup may raise per second on each CPU.
+    pub fn set_event_budget(&mut self, per_second: u32) -> Result<(), LoaderError> {
+        self.update_settings(|s| s.event_budget = per_second)
+    }
+
+    /// Makes `DEEP_GUARDS` hold exactly `ancestors` (new guards are written before stale ones go).
+    pub fn set_deep_guards(&mut self, ancestors: &std::collections::HashSet<u64>) -> Result<(), LoaderError> {
+        for id in ancestors {
+            self.add_deep_guard(*id)?;
+        }
+        let stale: Vec<u64> = self.deep_guards.keys().filter(|id| !ancestors.contains(id)).copied().collect();
+        for id in stale {
+            if let Some(guard) = self.deep_guards.remove(&id) {
+                if let Ok(mut guards) = self.map_mut::<BpfHashMap<_, u64, CgroupBinding>>(names::DEEP_GUARDS) {
+                    drop(guards.remove(&id));
+                }
+                self.free_stats.push(guard.stats);
+            }
+        }
+        Ok(())
+    }
+
+    /// Refuses senders deeper than the walk below `ancestor` unless bound themselves.
+    pub fn add_deep_guard(&mut self, ancestor: u64) -> Result<(), LoaderError> {
+        if self.deep_guards.contains_key(&ancestor) {
+            return Ok(());
+        }
+        if self.deep_guards.len() >= MAX_DEEP_GUARDS as usize {
+            return Err(LoaderError::TooManyDeepGuards);
+        }
+        let guard = CgroupBinding { slot: GUARD_SLOT, stats: self.allocate_stats()? };
+        let mut guards: BpfHashMap<_, u64, CgroupBinding> = self.map_mut(names::DEEP_GUARDS)?;
+        guards.insert(ancestor, guard, 0).map_err(map_error(names::DEEP_GUARDS))?;
+        self.deep_guards.insert(ancestor, guard);
+        Ok(())
     }
 
     /// Removes a cgroup's binding (the cgroup is gone or no longer matches a policy).
@@ -452,14 +727,19 @@ impl Enforcer {
             if let Ok(mut cgroups) = self.map_mut::<BpfHashMap<_, u64, CgroupBinding>>(names::CGROUP_POLICY) {
                 drop(cgroups.remove(&cgroup_id));
             }
-            if let Ok(mut stats) = self.map_mut::<PerCpuArray<_, PolicyStats>>(names::BINDING_STATS) {
-                let zero = aya::maps::PerCpuValues::try_from(vec![PolicyStats::default(); nr_cpus()]);
-                if let Ok(zero) = zero {
-                    drop(stats.set(binding.stats, zero, 0));
-                }
-            }
-            self.free_stats.push(binding.stats);
+            self.release_stats(binding.stats);
         }
+    }
+
+    /// Zeroes a binding's counters and makes the index available again.
+    fn release_stats(&mut self, index: u32) {
+        if let Ok(mut stats) = self.map_mut::<PerCpuArray<_, PolicyStats>>(names::BINDING_STATS) {
+            let zero = aya::maps::PerCpuValues::try_from(vec![PolicyStats::default(); nr_cpus()]);
+            if let Ok(zero) = zero {
+                drop(stats.set(index, zero, 0));
+            }
+        }
+        self.free_stats.push(index);
     }
 
     fn allocate_stats(&mut self) -> Result<u32, LoaderError> {
@@ -509,26 +789,33 @@ impl Enforcer {
         Ok(())
     }
 
+    /// Removes what a generation wrote; anything that could not be removed is swept before the
+    /// next generation is written into the same half.
     fn remove_generation(&mut self, old: &Installed) {
-        if let Ok(mut v4) = self.map_mut::<LpmTrie<_, RuleKeyV4, Decision>>(names::RULES_V4) {
-            for key in &old.v4 {
-                drop(v4.remove(key));
-            }
+        // Counted, not `any`: every entry is tried even after a failure.
+        let mut failures = 0;
+        match self.map_mut::<LpmTrie<_, RuleKeyV4, Decision>>(names::RULES_V4) {
+            Ok(mut v4) => failures += old.v4.iter().filter(|key| v4.remove(key).is_err()).count(),
+            Err(_) => failures += 1,
         }
-        if let Ok(mut v6) = self.map_mut::<LpmTrie<_, RuleKeyV6, Decision>>(names::RULES_V6) {
-            for key in &old.v6 {
-                drop(v6.remove(key));
-            }
+        fault::crash_point("mid-cleanup");
+        match self.map_mut::<LpmTrie<_, RuleKeyV6, Decision>>(names::RULES_V6) {
+            Ok(mut v6) => failures += old.v6.iter().filter(|key| v6.remove(key).is_err()).count(),
+            Err(_) => failures += 1,
         }
-        if let Ok(mut tables) = self.map_mut::<BpfHashMap<_, u32, PortTable>>(names::PORT_TABLES) {
-            for id in &old.tables {
-                drop(tables.remove(id));
-            }
+        match self.map_mut::<BpfHashMap<_, u32, PortTable>>(names::PORT_TABLES) {
+            Ok(mut tables) => failures += old.tables.iter().filter(|id| tables.remove(id).is_err()).count(),
+            Err(_) => failures += 1,
         }
-        if let Ok(mut infos) = self.map_mut::<Array<_, PolicyInfo>>(names::POLICY_INFO) {
-            for slot in &old.slots {
-                drop(infos.set(*slot, PolicyInfo::default(), 0));
+        match self.map_mut::<Array<_, PolicyInfo>>(names::POLICY_INFO) {
+            Ok(mut infos) => {
+                failures += old.slots.iter().filter(|slot| infos.set(**slot, PolicyInfo::default(), 0).is_err()).count()
             }
+            Err(_) => failures += 1,
+        }
+        if failures > 0 {
+            tracing::warn!(failures, "entries of a retired generation could not be removed; swept before next reload");
+            self.leftovers = true;
         }
     }
 
@@ -574,6 +861,8 @@ impl Enforcer {
             allowed: sum.allowed + v.allowed,
             blocked: sum.blocked + v.blocked,
             audited: sum.audited + v.audited,
+            suppressed: sum.suppressed + v.suppressed,
+            ..PolicyStats::default()
         }))
     }
 
@@ -596,6 +885,61 @@ impl Enforcer {
     }
 }
 
+/// A suffix for link pin names that no pin in `previous` has: one more than the highest there.
+/// Unlike the process id (PID 1 again for a daemon restarted in a container) it cannot collide
+/// with an earlier daemon's pins, which stay in place until the new links are pinned.
+fn next_link_serial(previous: &[PathBuf]) -> u64 {
+    previous
+        .iter()
+        .filter_map(|path| path.file_name()?.to_str()?.rsplit('-').next()?.parse::<u64>().ok())
+        .max()
+        .map_or(1, |highest| highest.saturating_add(1))
+}
+
+/// `union bpf_attr` as the `BPF_MAP_*_BATCH` commands read it.
+#[repr(C)]
+#[derive(Default)]
+struct BatchAttr {
+    in_batch: u64,
+    out_batch: u64,
+    keys: u64,
+    values: u64,
+    count: u32,
+    map_fd: u32,
+    elem_flags: u64,
+    flags: u64,
+}
+
+const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
+
+/// One `BPF_MAP_UPDATE_BATCH` call (aya 0.14 has no batch operations). On error: how many of the
+/// entries the kernel wrote before it stopped.
+fn update_batch<K: aya::Pod, V: aya::Pod>(
+    map: std::os::fd::BorrowedFd<'_>,
+    keys: &[K],
+    values: &[V],
+) -> Result<(), (usize, std::io::Error)> {
+    use std::os::fd::AsRawFd;
+    let count = u32::try_from(keys.len().min(values.len())).map_err(|e| (0, std::io::Error::other(e)))?;
+    let mut attr = BatchAttr {
+        keys: keys.as_ptr() as u64,
+        values: values.as_ptr() as u64,
+        count,
+        map_fd: map.as_raw_fd() as u32,
+        ..BatchAttr::default()
+    };
+    // SAFETY: `attr` points at `count` keys and values that live until the call returns; the
+    // kernel writes back only `attr.count`.
+    let result = unsafe {
+        libc::syscall(libc::SYS_bpf, BPF_MAP_UPDATE_BATCH, &mut attr as *mut BatchAttr, size_of::<BatchAttr>())
+    };
+    if result < 0 {
+        let error = std::io::Error::last_os_error();
+        return Err((attr.count.min(count) as usize, error));
+    }
+    Ok(())
+}
+
 fn nr_cpus() -> usize {
     aya::util::nr_cpus().unwrap_or(1)
 }
@@ -605,7 +949,64 @@ fn sock_addr_program<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a m
     program.try_into().map_err(program_error(name))
 }
 
-fn skb_program(ebpf: &mut Ebpf) -> Result<&mut CgroupSkb, LoaderError> {
-    let program = ebpf.program_mut(SKB_PROGRAM).ok_or(LoaderError::MissingProgram(SKB_PROGRAM))?;
-    program.try_into().map_err(program_error(SKB_PROGRAM))
+fn skb_program<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut CgroupSkb, LoaderError> {
+    let program = ebpf.program_mut(name).ok_or(LoaderError::MissingProgram(name))?;
+    program.try_into().map_err(program_error(name))
+}
+
+fn sock_program(ebpf: &mut Ebpf) -> Result<&mut CgroupSock, LoaderError> {
+    let program = ebpf.program_mut(SOCK_CREATE_PROGRAM).ok_or(LoaderError::MissingProgram(SOCK_CREATE_PROGRAM))?;
+    program.try_into().map_err(program_error(SOCK_CREATE_PROGRAM))
+}
+
+fn lsm_program(ebpf: &mut Ebpf) -> Result<&mut Lsm, LoaderError> {
+    let program = ebpf.program_mut(LSM_PROGRAM).ok_or(LoaderError::MissingProgram(LSM_PROGRAM))?;
+    program.try_into().map_err(program_error(LSM_PROGRAM))
+}
+
+/// Loads the LSM program where the kernel runs BPF LSM programs; says why not otherwise.
+fn load_socket_guard(ebpf: &mut Ebpf) -> SocketGuard {
+    if !Path::new(ACTIVE_LSMS).exists() {
+        // securityfs is not mounted on every host (nor in every container).
+        let _ = std::process::Command::new("mount")
+            .args(["-t", "securityfs", "securityfs", SECURITYFS])
+            .stderr(std::process::Stdio::null())
+            .status();
+    }
+    match fs::read_to_string(ACTIVE_LSMS) {
+        Ok(list) if list.trim().split(',').any(|lsm| lsm == "bpf") => {}
+        Ok(list) => {
+            return SocketGuard::Off(format!(
+                "the BPF LSM is not active (active: {}); boot with lsm={},bpf to refuse AF_PACKET and other \
+                 non-IP sockets to covered cgroups",
+                list.trim(),
+                list.trim()
+            ))
+        }
+        Err(error) => return SocketGuard::Off(format!("cannot read {ACTIVE_LSMS}: {error}")),
+    }
+    let btf = match Btf::from_sys_fs() {
+        Ok(btf) => btf,
+        Err(error) => return SocketGuard::Off(format!("no kernel BTF for the LSM program: {error}")),
+    };
+    match lsm_program(ebpf).and_then(|p| p.load(LSM_HOOK, &btf).map_err(program_error(LSM_PROGRAM))) {
+        Ok(()) => SocketGuard::On,
+        Err(error) => SocketGuard::Off(format!("loading the LSM program: {error}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn link_serials_never_repeat_an_earlier_daemons() {
+        assert_eq!(next_link_serial(&[]), 1);
+        let previous: Vec<PathBuf> =
+            ["/p/links/77-connect4-1", "/p/links/77-egress_packet-1", "/p/links/77-connect6-41", "/p/links/junk"]
+                .iter()
+                .map(PathBuf::from)
+                .collect();
+        assert_eq!(next_link_serial(&previous), 42);
+    }
 }

@@ -77,7 +77,7 @@ fn on_exit_detach_removes_enforcement_when_the_daemon_stops() {
     assert_eq!(tcp_connect_from(&cg, "127.0.0.2", port), "EPERM");
     assert!(daemon.stop().success());
     assert_eq!(tcp_connect_from(&cg, "127.0.0.2", port), "ok");
-    assert!(!file.pin_dir.join("maps-v1").exists(), "pins are removed");
+    assert!(!file.pin_dir.join(egress::loader::MAPS_DIR).exists(), "pins are removed");
 }
 
 #[test]
@@ -282,6 +282,9 @@ fn events_raised_while_no_daemon_runs_are_delivered_or_counted_as_lost() {
     }
     let cg = TestCgroup::new("lost");
     let file = file_for(&cg, &one_policy(&cg, ""));
+    // A budget above the burst, so that events are lost to the full ring, not suppressed.
+    let yaml = fs::read_to_string(&file.path).expect("read policy");
+    file.rewrite(&yaml.replacen("settings:\n", "settings:\n  events_per_second: 1000000\n", 1));
     let first = Daemon::start(&file);
     first.signal(libc::SIGKILL);
     drop(first);

@@ -5,10 +5,13 @@ use aya_ebpf::helpers::{
     bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_uid_gid,
     generated::bpf_ktime_get_boot_ns,
 };
-use egress_common::{counter, verdict, CgroupBinding, FlowEvent, FlowKey, EVENTS_WAKEUP_BACKLOG_BYTES as WAKEUP_BACKLOG_BYTES};
+use egress_common::{
+    counter, verdict, CgroupBinding, FlowEvent, FlowKey, PolicyStats, DEFAULT_EVENT_BUDGET,
+    EVENTS_WAKEUP_BACKLOG_BYTES as WAKEUP_BACKLOG_BYTES,
+};
 
 use crate::{
-    maps::{BINDING_STATS, COUNTERS, EVENTS, FLOWS_SEEN},
+    maps::{BINDING_STATS, COUNTERS, EVENTS, FLOWS_SEEN, SETTINGS},
     policy::{Flow, Judgement},
 };
 
@@ -41,7 +44,11 @@ pub fn report(binding: &CgroupBinding, flow: &Flow, judgement: &Judgement, hook:
         }
         let _ = FLOWS_SEEN.insert(&key, &0, 0);
     }
-    count_flow(binding.stats, judgement.verdict);
+    // SAFETY: a helper without arguments.
+    let now = unsafe { bpf_ktime_get_boot_ns() };
+    if !count_flow(binding.stats, judgement.verdict, now) {
+        return;
+    }
 
     let Some(mut entry) = EVENTS.reserve::<FlowEvent>(0) else {
         bump(counter::EVENTS_DROPPED);
@@ -52,8 +59,7 @@ pub fn report(binding: &CgroupBinding, flow: &Flow, judgement: &Judgement, hook:
         .socket_uid
         .unwrap_or(bpf_get_current_uid_gid() as u32);
     let event = FlowEvent {
-        // SAFETY: a helper without arguments.
-        boot_ns: unsafe { bpf_ktime_get_boot_ns() },
+        boot_ns: now,
         cgroup_id: sender.cgroup_id,
         policy: binding.slot,
         rule: judgement.rule,
@@ -83,17 +89,35 @@ fn wakeup_flag() -> u64 {
     }
 }
 
+/// Counts the flow for its cgroup; false when the cgroup has used up this second's event budget
+/// on this CPU (the event is then counted as suppressed, not written), so one workload cannot
+/// fill the ring buffer and blind the daemon to the others.
 #[inline(always)]
-fn count_flow(index: u32, verdict: u8) {
-    if let Some(stats) = BINDING_STATS.get_ptr_mut(index) {
-        // SAFETY: per-CPU value, no other writer on this CPU while the program runs.
-        let stats = unsafe { &mut *stats };
-        match verdict {
-            verdict::ALLOWED => stats.allowed += 1,
-            verdict::AUDIT => stats.audited += 1,
-            _ => stats.blocked += 1,
-        }
+fn count_flow(index: u32, verdict: u8, now: u64) -> bool {
+    let Some(stats) = BINDING_STATS.get_ptr_mut(index) else {
+        return true;
+    };
+    // SAFETY: per-CPU value, no other writer on this CPU while the program runs.
+    let stats: &mut PolicyStats = unsafe { &mut *stats };
+    match verdict {
+        verdict::ALLOWED => stats.allowed += 1,
+        verdict::AUDIT => stats.audited += 1,
+        _ => stats.blocked += 1,
     }
+    if now.wrapping_sub(stats.window_start_ns) >= 1_000_000_000 {
+        stats.window_start_ns = now;
+        stats.window_events = 0;
+    }
+    let budget = match SETTINGS.get(0).map_or(0, |s| s.event_budget) {
+        0 => DEFAULT_EVENT_BUDGET,
+        budget => budget,
+    };
+    if stats.window_events >= u64::from(budget) {
+        stats.suppressed += 1;
+        return false;
+    }
+    stats.window_events += 1;
+    true
 }
 
 #[inline(always)]

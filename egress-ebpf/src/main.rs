@@ -2,7 +2,8 @@
 //!
 //! `sock_addr` judges TCP and UDP at the system call (connect, sendmsg) so refused flows fail at
 //! once with EPERM; `skb` is the per-packet backstop for everything else that leaves a socket of
-//! a covered cgroup (raw sockets, ICMP). Both share the policy lookup in `policy`.
+//! a covered cgroup (raw sockets, ICMP) and learns UDP peers on ingress; `socket` refuses the
+//! sockets those hooks cannot see. All share the policy lookup in `policy`.
 #![no_std]
 #![no_main]
 
@@ -10,6 +11,7 @@ mod events;
 mod maps;
 mod policy;
 mod skb;
+mod socket;
 mod sock_addr;
 
 #[cfg(not(test))]

@@ -7,7 +7,7 @@ use aya_ebpf::{
 };
 use egress_common::{
     CgroupBinding, Decision, FlowKey, PeerKey, PolicyInfo, PolicyStats, PortTable, RuleKeyV4, RuleKeyV6,
-    Settings, EVENTS_RING_BYTES, MAX_CGROUPS, MAX_CIDRS_V4, MAX_CIDRS_V6, MAX_FLOWS_SEEN,
+    Settings, EVENTS_RING_BYTES, MAX_CGROUPS, MAX_CIDRS_V4, MAX_CIDRS_V6, MAX_DEEP_GUARDS, MAX_FLOWS_SEEN,
     MAX_POLICY_SLOTS, MAX_PORT_TABLES, MAX_UDP_PEERS,
 };
 
@@ -15,6 +15,12 @@ use egress_common::{
 #[map]
 pub static CGROUP_POLICY: HashMap<u64, CgroupBinding> =
     HashMap::with_max_entries(MAX_CGROUPS, BPF_F_NO_PREALLOC);
+
+/// Level-`MAX_CGROUP_LEVEL` cgroup id -> guard binding (slot `GUARD_SLOT`), for cgroups that
+/// have a bound descendant deeper than the walk.
+#[map]
+pub static DEEP_GUARDS: HashMap<u64, CgroupBinding> =
+    HashMap::with_max_entries(MAX_DEEP_GUARDS, BPF_F_NO_PREALLOC);
 
 #[map]
 pub static POLICY_INFO: Array<PolicyInfo> = Array::with_max_entries(MAX_POLICY_SLOTS, 0);

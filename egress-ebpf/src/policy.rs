@@ -1,12 +1,12 @@
 //! Finding the policy of a cgroup and judging a flow against it.
 
-use aya_ebpf::maps::lpm_trie::Key;
+use aya_ebpf::{helpers::generated::bpf_get_current_ancestor_cgroup_id, maps::lpm_trie::Key};
 use egress_common::{
-    action, family, mode, proto, rule_id, verdict, CgroupBinding, RuleKeyV4, RuleKeyV6, MAX_CGROUP_LEVEL,
-    MAX_PORT_RULES, POLICY_KEY_BITS,
+    action, family, mode, proto, rule_id, verdict, CgroupBinding, RuleKeyV4, RuleKeyV6, DEEP_LEVELS_BIT,
+    MAX_CGROUP_LEVEL, MAX_POLICY_SLOTS, MAX_PORT_RULES, POLICY_KEY_BITS,
 };
 
-use crate::maps::{CGROUP_POLICY, POLICY_INFO, PORT_TABLES, RULES_V4, RULES_V6, SETTINGS};
+use crate::maps::{CGROUP_POLICY, DEEP_GUARDS, POLICY_INFO, PORT_TABLES, RULES_V4, RULES_V6, SETTINGS};
 
 /// A destination as the programs see it; IPv4 (also v4-mapped IPv6) uses `addr[..4]`.
 pub struct Flow {
@@ -25,6 +25,14 @@ pub struct Judgement {
     pub rule: u32,
 }
 
+impl Flow {
+    /// TCP and UDP flows carry a destination port that rules can match.
+    #[inline(always)]
+    pub fn has_ports(&self) -> bool {
+        self.protocol == proto::TCP || self.protocol == proto::UDP
+    }
+}
+
 impl Judgement {
     pub fn lets_through(&self) -> bool {
         self.verdict != verdict::BLOCKED
@@ -41,11 +49,24 @@ pub fn normalise_protocol(protocol: u8) -> u8 {
     }
 }
 
-/// Binding of the nearest cgroup (the sender's own, then its ancestors) that has a policy.
-/// `ancestor(level)` returns the id of the sender's ancestor at that level, 0 above its depth.
+/// The current task's ancestor cgroup at `level` (0 above its depth), for [`policy_of`].
 #[inline(always)]
-pub fn policy_of(ancestor: impl Fn(i32) -> u64) -> Option<CgroupBinding> {
+pub fn current_ancestor(level: i32) -> u64 {
+    // SAFETY: plain helper call.
+    unsafe { bpf_get_current_ancestor_cgroup_id(level) }
+}
+
+/// Binding of the nearest cgroup (the sender's own, then its ancestors) that has a policy.
+/// `ancestor(level)` returns the id of the sender's ancestor at that level, 0 above its depth;
+/// `own` is the sender's own cgroup id (found directly when it is deeper than the walk).
+#[inline(always)]
+pub fn policy_of(ancestor: impl Fn(i32) -> u64, own: impl Fn() -> u64) -> Option<CgroupBinding> {
     let levels = SETTINGS.get(0).map_or(0, |s| s.policy_levels);
+    if levels & DEEP_LEVELS_BIT != 0 {
+        if let Some(binding) = deep_binding(&ancestor, own) {
+            return Some(binding);
+        }
+    }
     let mut found = None;
     let mut level = 0u32;
     while level <= MAX_CGROUP_LEVEL {
@@ -67,12 +88,33 @@ pub fn policy_of(ancestor: impl Fn(i32) -> u64) -> Option<CgroupBinding> {
     found
 }
 
+/// For a sender deeper than the walk: its own binding, or the guard of its deepest walked
+/// ancestor when some cgroup down there has a policy the walk cannot see.
+#[inline(always)]
+fn deep_binding(ancestor: &impl Fn(i32) -> u64, own: impl Fn() -> u64) -> Option<CgroupBinding> {
+    if ancestor(MAX_CGROUP_LEVEL as i32 + 1) == 0 {
+        return None;
+    }
+    // SAFETY: the values are copied out at once.
+    if let Some(binding) = unsafe { CGROUP_POLICY.get(&own()) } {
+        return Some(*binding);
+    }
+    unsafe { DEEP_GUARDS.get(&ancestor(MAX_CGROUP_LEVEL as i32)) }.copied()
+}
+
 /// Applies policy `slot` to `flow`. `udp_reply` says the destination sent to this socket first.
 #[inline(always)]
 pub fn judge(slot: u32, flow: &Flow, udp_reply: impl FnOnce() -> bool) -> Judgement {
+    if slot >= MAX_POLICY_SLOTS {
+        // A deep guard (see `deep_binding`) or a slot no policy owns: fail closed.
+        return Judgement { verdict: verdict::BLOCKED, rule: rule_id::TOO_DEEP };
+    }
     let Some(info) = POLICY_INFO.get(slot) else {
-        return Judgement { verdict: verdict::ALLOWED, rule: rule_id::DEFAULT };
+        return Judgement { verdict: verdict::BLOCKED, rule: rule_id::DEFAULT };
     };
+    if flow.has_ports() && flow.port == 0 {
+        return refused(info.mode, rule_id::PORT_ZERO);
+    }
     let (decided, rule) = decide(slot, flow).unwrap_or((info.default_action, rule_id::DEFAULT));
     if decided == action::ALLOW {
         return Judgement { verdict: verdict::ALLOWED, rule };
@@ -80,8 +122,20 @@ pub fn judge(slot: u32, flow: &Flow, udp_reply: impl FnOnce() -> bool) -> Judgem
     if flow.protocol == proto::UDP && udp_reply() {
         return Judgement { verdict: verdict::ALLOWED, rule: rule_id::REPLY };
     }
-    let verdict = if info.mode == mode::AUDIT { verdict::AUDIT } else { verdict::BLOCKED };
+    refused(info.mode, rule)
+}
+
+/// What a policy in `mode` does with a flow it does not allow.
+#[inline(always)]
+pub fn refused(mode: u8, rule: u32) -> Judgement {
+    let verdict = if mode == mode::AUDIT { verdict::AUDIT } else { verdict::BLOCKED };
     Judgement { verdict, rule }
+}
+
+/// The mode of the policy in `slot` (`mode::ENFORCE` for guards and unknown slots).
+#[inline(always)]
+pub fn mode_of(slot: u32) -> u8 {
+    POLICY_INFO.get(slot).map_or(mode::ENFORCE, |info| info.mode)
 }
 
 /// `(action, rule)` of the longest prefix of the policy holding the destination, or `None` when

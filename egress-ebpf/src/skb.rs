@@ -1,8 +1,13 @@
-//! Per-packet backstop on `cgroup_skb/egress`.
+//! Per-packet hooks on `cgroup_skb`.
 //!
-//! TCP and UDP sockets were already judged at connect/sendmsg (and a TCP server's replies must
-//! pass), so their packets go through. Everything else a covered socket sends - raw IP, raw and
-//! unprivileged ICMP - is judged here, per packet, and reported once per flow.
+//! Egress is the backstop: TCP and UDP sockets were judged at connect/sendmsg (and a TCP
+//! server's replies must pass), so their packets go through unless the packet names its own
+//! route (an IPv6 routing header, IPv4 options), which would take it to addresses nobody judged.
+//! Everything else a covered socket sends - raw IP, raw and unprivileged ICMP, SCTP - is judged
+//! here, per packet, on the packet's own destination, and reported once per flow.
+//!
+//! Ingress learns which peers spoke first to a covered UDP socket (stateful replies), from the
+//! datagram as it arrives, where the device it came in on is known.
 
 use aya_ebpf::{
     bindings::{__sk_buff, bpf_sock},
@@ -13,11 +18,12 @@ use aya_ebpf::{
     macros::cgroup_skb,
     programs::SkBuffContext,
 };
-use egress_common::{family, hook, proto};
+use egress_common::{family, hook, proto, rule_id, PeerKey};
 
 use crate::{
     events::{report, Sender},
-    policy::{judge, normalise_protocol, policy_of, Flow},
+    maps::UDP_PEERS,
+    policy::{judge, mode_of, normalise_protocol, policy_of, refused, Flow},
 };
 
 const PASS: i32 = 1;
@@ -27,22 +33,42 @@ const SOCK_STREAM: u32 = 1;
 const SOCK_DGRAM: u32 = 2;
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86DD;
+/// The loopback device is ifindex 1 in every network namespace.
+const LOOPBACK_IFINDEX: u32 = 1;
+
+const IPV6_HOP_BY_HOP: u8 = 0;
+const IPV6_ROUTING: u8 = 43;
+const IPV6_FRAGMENT: u8 = 44;
+const IPV6_DEST_OPTS: u8 = 60;
+/// Extension headers walked before the upper-layer header; more is treated as unparsable.
+const MAX_EXTENSION_HEADERS: u32 = 4;
 
 #[cgroup_skb(egress)]
 pub fn egress_packet(ctx: SkBuffContext) -> i32 {
     let skb = ctx.skb.skb;
-    if judged_at_syscall(skb) {
+    if judged_at_syscall(skb) && !may_name_its_route(&ctx) {
         return PASS;
     }
-    // SAFETY: helper on the program's own context.
-    let Some(binding) = policy_of(|level| unsafe { bpf_skb_ancestor_cgroup_id(skb.cast(), level) })
-    else {
+    let Some(packet) = parse(&ctx) else {
         return PASS;
     };
-    let Some(flow) = parse(&ctx) else {
+    if judged_at_syscall(skb) && !packet.routed {
+        return PASS;
+    }
+    let Some(binding) = policy_of(|level| skb_ancestor(skb, level), || skb_cgroup(skb)) else {
         return PASS;
     };
-    let judgement = judge(binding.slot, &flow, || false);
+    let flow = Flow {
+        family: packet.family,
+        addr: packet.destination,
+        port: packet.destination_port,
+        protocol: normalise_protocol(packet.protocol),
+    };
+    let judgement = if packet.routed {
+        refused(mode_of(binding.slot), rule_id::SOURCE_ROUTED)
+    } else {
+        judge(binding.slot, &flow, || false)
+    };
     // SAFETY: helpers on the program's own context.
     let sender = unsafe {
         Sender {
@@ -59,49 +85,200 @@ pub fn egress_packet(ctx: SkBuffContext) -> i32 {
     }
 }
 
-/// TCP stream and UDP datagram sockets are judged by the `sock_addr` programs; TCP mini sockets
-/// (SYN-ACKs of a listener, TIME_WAIT) belong to connections let in from outside.
+/// Remembers the source of a datagram arriving at a covered UDP socket: the socket may then
+/// answer it even where its policy denies that address.
+///
+/// A datagram that came in over loopback proves nothing about its source address (any user can
+/// bind a foreign IPv6 address with `IPV6_FREEBIND` and send from it locally), so over loopback
+/// only a loopback source, or the datagram's own local destination, counts as a peer.
+#[cgroup_skb(ingress)]
+pub fn ingress_packet(ctx: SkBuffContext) -> i32 {
+    let skb = ctx.skb.skb;
+    if !is_udp_socket(skb) {
+        return PASS;
+    }
+    if policy_of(|level| skb_ancestor(skb, level), || skb_cgroup(skb)).is_none() {
+        return PASS;
+    }
+    let Some(packet) = parse(&ctx) else {
+        return PASS;
+    };
+    if packet.protocol != proto::UDP {
+        return PASS;
+    }
+    // SAFETY: reading a context field.
+    let ingress_ifindex = unsafe { (*skb).ingress_ifindex };
+    if ingress_ifindex == LOOPBACK_IFINDEX && !is_loopback(packet.family, &packet.source) && packet.source != packet.destination
+    {
+        return PASS;
+    }
+    let key = PeerKey {
+        // SAFETY: helper on the program's own context (the receiving socket's cookie).
+        cookie: unsafe { bpf_get_socket_cookie(skb.cast()) },
+        addr: packet.source,
+        port: packet.source_port,
+        family: packet.family,
+        _pad: [0; 5],
+    };
+    let _ = UDP_PEERS.insert(&key, &0, 0);
+    PASS
+}
+
 #[inline(always)]
-fn judged_at_syscall(skb: *mut __sk_buff) -> bool {
+fn skb_ancestor(skb: *mut __sk_buff, level: i32) -> u64 {
+    // SAFETY: helper on the program's own context.
+    unsafe { bpf_skb_ancestor_cgroup_id(skb.cast(), level) }
+}
+
+#[inline(always)]
+fn skb_cgroup(skb: *mut __sk_buff) -> u64 {
+    // SAFETY: helper on the program's own context.
+    unsafe { bpf_skb_cgroup_id(skb.cast()) }
+}
+
+/// `(type, protocol)` of the packet's full socket; `None` for mini sockets (SYN-ACKs of a
+/// listener, TIME_WAIT), `Some((0, 0))` when there is no socket.
+#[inline(always)]
+fn socket_kind(skb: *mut __sk_buff) -> Option<(u32, u32)> {
     // SAFETY: reading the context's socket pointer; checked for null before use.
     let sk: *mut bpf_sock = unsafe { (*skb).__bindgen_anon_2.sk };
     if sk.is_null() {
-        return false;
+        return Some((0, 0));
     }
     // SAFETY: helper on a non-null socket from the context.
     let full = unsafe { bpf_sk_fullsock(sk) };
     if full.is_null() {
-        return true;
+        return None;
     }
     // SAFETY: a full socket returned by the kernel.
-    let (kind, protocol) = unsafe { ((*full).type_, (*full).protocol) };
-    (kind == SOCK_STREAM && protocol == u32::from(proto::TCP))
-        || (kind == SOCK_DGRAM && protocol == u32::from(proto::UDP))
+    Some(unsafe { ((*full).type_, (*full).protocol) })
+}
+
+/// TCP stream and UDP datagram sockets are judged by the `sock_addr` programs; TCP mini sockets
+/// belong to connections let in from outside.
+#[inline(always)]
+fn judged_at_syscall(skb: *mut __sk_buff) -> bool {
+    match socket_kind(skb) {
+        None => true,
+        Some((kind, protocol)) => {
+            (kind == SOCK_STREAM && protocol == u32::from(proto::TCP))
+                || (kind == SOCK_DGRAM && protocol == u32::from(proto::UDP))
+        }
+    }
 }
 
 #[inline(always)]
-fn parse(ctx: &SkBuffContext) -> Option<Flow> {
+fn is_udp_socket(skb: *mut __sk_buff) -> bool {
+    socket_kind(skb) == Some((SOCK_DGRAM, u32::from(proto::UDP)))
+}
+
+#[inline(always)]
+fn is_loopback(fam: u8, addr: &[u8; 16]) -> bool {
+    if fam == family::INET {
+        return addr[0] == 127;
+    }
+    let mut i = 0;
+    while i < 15 {
+        if addr[i] != 0 {
+            return false;
+        }
+        i += 1;
+    }
+    addr[15] == 1
+}
+
+/// Cheap first look for sockets judged at the system call: a plain IPv4 header (no options)
+/// or an IPv6 header followed directly by TCP or UDP cannot carry a route of its own.
+#[inline(always)]
+fn may_name_its_route(ctx: &SkBuffContext) -> bool {
     // SAFETY: reading a context field.
     let ethertype = u16::from_be(unsafe { (*ctx.skb.skb).protocol } as u16);
-    let mut addr = [0u8; 16];
-    let (fam, protocol, l4_offset) = if ethertype == ETH_P_IP {
+    if ethertype == ETH_P_IP {
+        return ctx.load::<u8>(0).map_or(true, |first| first & 0x0f != 5);
+    }
+    if ethertype == ETH_P_IPV6 {
+        return ctx.load::<u8>(6).map_or(true, |next| next != proto::TCP && next != proto::UDP);
+    }
+    false
+}
+
+/// What the hooks need of an IP packet.
+struct Packet {
+    family: u8,
+    /// The upper-layer protocol (after IPv6 extension headers), not normalised.
+    protocol: u8,
+    source: [u8; 16],
+    destination: [u8; 16],
+    /// 0 when the protocol has no ports or this is not the first fragment.
+    source_port: u16,
+    destination_port: u16,
+    /// The packet carries its own route: IPv4 options (source routes among them) or an IPv6
+    /// routing header.
+    routed: bool,
+}
+
+#[inline(always)]
+fn parse(ctx: &SkBuffContext) -> Option<Packet> {
+    // SAFETY: reading a context field.
+    let ethertype = u16::from_be(unsafe { (*ctx.skb.skb).protocol } as u16);
+    let mut packet = Packet {
+        family: family::INET,
+        protocol: 0,
+        source: [0; 16],
+        destination: [0; 16],
+        source_port: 0,
+        destination_port: 0,
+        routed: false,
+    };
+    let mut later_fragment = false;
+    let l4_offset = if ethertype == ETH_P_IP {
         let first: u8 = ctx.load(0).ok()?;
-        let protocol: u8 = ctx.load(9).ok()?;
-        let daddr: [u8; 4] = ctx.load(16).ok()?;
-        addr[..4].copy_from_slice(&daddr);
-        (family::INET, protocol, usize::from(first & 0x0f) * 4)
+        let fragment: [u8; 2] = ctx.load(6).ok()?;
+        packet.protocol = ctx.load(9).ok()?;
+        let source: [u8; 4] = ctx.load(12).ok()?;
+        let destination: [u8; 4] = ctx.load(16).ok()?;
+        packet.source[..4].copy_from_slice(&source);
+        packet.destination[..4].copy_from_slice(&destination);
+        let header_len = usize::from(first & 0x0f) * 4;
+        packet.routed = header_len > 20;
+        later_fragment = (u16::from_be_bytes(fragment) & 0x1fff) != 0;
+        header_len
     } else if ethertype == ETH_P_IPV6 {
-        let next_header: u8 = ctx.load(6).ok()?;
-        addr = ctx.load(24).ok()?;
-        (family::INET6, next_header, 40)
+        packet.family = family::INET6;
+        packet.source = ctx.load(8).ok()?;
+        packet.destination = ctx.load(24).ok()?;
+        let mut next: u8 = ctx.load(6).ok()?;
+        let mut offset = 40usize;
+        let mut i = 0;
+        while i < MAX_EXTENSION_HEADERS {
+            if next == IPV6_ROUTING {
+                packet.routed = true;
+                break;
+            }
+            if next == IPV6_HOP_BY_HOP || next == IPV6_DEST_OPTS {
+                let header: [u8; 2] = ctx.load(offset).ok()?;
+                next = header[0];
+                offset += (usize::from(header[1]) + 1) * 8;
+            } else if next == IPV6_FRAGMENT {
+                let header: [u8; 4] = ctx.load(offset).ok()?;
+                next = header[0];
+                later_fragment = (u16::from_be_bytes([header[2], header[3]]) & 0xfff8) != 0;
+                offset += 8;
+            } else {
+                break;
+            }
+            i += 1;
+        }
+        packet.protocol = next;
+        offset
     } else {
         return None;
     };
-    let port = if protocol == proto::TCP || protocol == proto::UDP {
+    // A later fragment has no transport header: its "port" stays 0, which no rule allows.
+    if (packet.protocol == proto::TCP || packet.protocol == proto::UDP) && !later_fragment {
         let ports: [u8; 4] = ctx.load(l4_offset).ok()?;
-        u16::from_be_bytes([ports[2], ports[3]])
-    } else {
-        0
-    };
-    Some(Flow { family: fam, addr, port, protocol: normalise_protocol(protocol) })
+        packet.source_port = u16::from_be_bytes([ports[0], ports[1]]);
+        packet.destination_port = u16::from_be_bytes([ports[2], ports[3]]);
+    }
+    Some(packet)
 }

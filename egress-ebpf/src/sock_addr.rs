@@ -1,13 +1,11 @@
 //! System-call hooks: connect(2) for TCP, connected UDP and ping sockets; sendmsg(2) for
-//! unconnected UDP; recvmsg(2) to learn which UDP peers spoke first (stateful replies).
+//! unconnected UDP. (Which UDP peers spoke first is learned from arriving packets, in `skb`.)
 //!
 //! Returning 0 makes the system call fail with EPERM.
 
 use aya_ebpf::{
-    bindings::bpf_sock_addr,
-    helpers::generated::{
-        bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_socket_cookie,
-    },
+    bindings::{bpf_sock, bpf_sock_addr},
+    helpers::generated::{bpf_get_current_cgroup_id, bpf_get_socket_cookie},
     macros::cgroup_sock_addr,
     programs::SockAddrContext,
 };
@@ -16,7 +14,7 @@ use egress_common::{family, hook, PeerKey};
 use crate::{
     events::{report, Sender},
     maps::UDP_PEERS,
-    policy::{judge, normalise_protocol, policy_of, Flow},
+    policy::{current_ancestor, judge, normalise_protocol, policy_of, Flow},
 };
 
 const ALLOW: i32 = 1;
@@ -42,25 +40,14 @@ pub fn sendmsg6(ctx: SockAddrContext) -> i32 {
     on_send(&ctx, family::INET6, hook::SENDMSG6, true)
 }
 
-#[cgroup_sock_addr(recvmsg4)]
-pub fn recvmsg4(ctx: SockAddrContext) -> i32 {
-    on_receive(&ctx, family::INET);
-    ALLOW
-}
-
-#[cgroup_sock_addr(recvmsg6)]
-pub fn recvmsg6(ctx: SockAddrContext) -> i32 {
-    on_receive(&ctx, family::INET6);
-    ALLOW
-}
-
 #[inline(always)]
 fn on_send(ctx: &SockAddrContext, socket_family: u8, hook: u8, per_datagram: bool) -> i32 {
-    let Some(binding) = policy_of(current_ancestor) else {
+    // SAFETY: helper without arguments.
+    let Some(binding) = policy_of(current_ancestor, || unsafe { bpf_get_current_cgroup_id() }) else {
         return ALLOW;
     };
     let sa = ctx.sock_addr;
-    let flow = destination(sa, socket_family);
+    let flow = destination(sa, socket_family, per_datagram);
     let cookie = unsafe { bpf_get_socket_cookie(sa.cast()) };
     let judgement = judge(binding.slot, &flow, || peer_spoke_first(cookie, &flow));
     let sender = Sender {
@@ -78,26 +65,6 @@ fn on_send(ctx: &SockAddrContext, socket_family: u8, hook: u8, per_datagram: boo
 }
 
 #[inline(always)]
-fn on_receive(ctx: &SockAddrContext, socket_family: u8) {
-    if policy_of(current_ancestor).is_none() {
-        return;
-    }
-    let sa = ctx.sock_addr;
-    let peer = destination(sa, socket_family);
-    if peer.protocol != egress_common::proto::UDP {
-        return;
-    }
-    let key = PeerKey {
-        cookie: unsafe { bpf_get_socket_cookie(sa.cast()) },
-        addr: peer.addr,
-        port: peer.port,
-        family: peer.family,
-        _pad: [0; 5],
-    };
-    let _ = UDP_PEERS.insert(&key, &0, 0);
-}
-
-#[inline(always)]
 fn peer_spoke_first(cookie: u64, flow: &Flow) -> bool {
     let key = PeerKey {
         cookie,
@@ -109,41 +76,119 @@ fn peer_spoke_first(cookie: u64, flow: &Flow) -> bool {
     UDP_PEERS.get_ptr(&key).is_some()
 }
 
+/// The address the kernel will send to, with v4-mapped IPv6 (`::ffff:a.b.c.d`) turned into
+/// IPv4 so the IPv4 rules judge it.
+///
+/// An unspecified destination (`0.0.0.0`, `::`, `::ffff:0.0.0.0`) does not stay unspecified: the
+/// kernel sends to the socket's (or the datagram's) source address, or to loopback. Judging
+/// `0.0.0.0` would let a policy that denies loopback be walked around, so the hook writes the
+/// address the kernel would pick back into the call and judges that.
 #[inline(always)]
-fn current_ancestor(level: i32) -> u64 {
-    // SAFETY: plain helper call; returns 0 above the current cgroup's depth.
-    unsafe { bpf_get_current_ancestor_cgroup_id(level) }
-}
-
-/// The address in the system call, with v4-mapped IPv6 (`::ffff:a.b.c.d`) turned into IPv4 so
-/// the IPv4 rules judge it.
-#[inline(always)]
-fn destination(sa: *mut bpf_sock_addr, socket_family: u8) -> Flow {
+fn destination(sa: *mut bpf_sock_addr, socket_family: u8, sendmsg: bool) -> Flow {
     // SAFETY: ctx fields are read one u32 at a time; the verifier rejects wider reads.
     unsafe {
         let port = u16::from_be(core::ptr::read_volatile(&raw const (*sa).user_port) as u16);
         let protocol = normalise_protocol(core::ptr::read_volatile(&raw const (*sa).protocol) as u8);
-        // Only TCP and UDP flows have ports that rules can match.
-        let has_ports = protocol == egress_common::proto::TCP || protocol == egress_common::proto::UDP;
-        let port = if has_ports { port } else { 0 };
-        let mut addr = [0u8; 16];
+        let mut flow = Flow { family: family::INET, addr: [0u8; 16], port, protocol };
+        if !flow.has_ports() {
+            flow.port = 0;
+        }
         if socket_family == family::INET {
-            let ip = core::ptr::read_volatile(&raw const (*sa).user_ip4);
-            addr[..4].copy_from_slice(&ip.to_ne_bytes());
-            return Flow { family: family::INET, addr, port, protocol };
+            let mut ip = core::ptr::read_volatile(&raw const (*sa).user_ip4);
+            if ip == 0 {
+                ip = local_source_v4(sa, sendmsg);
+                core::ptr::write_volatile(&raw mut (*sa).user_ip4, ip);
+            }
+            flow.addr[..4].copy_from_slice(&ip.to_ne_bytes());
+            return flow;
         }
-        let w0 = core::ptr::read_volatile(&raw const (*sa).user_ip6[0]);
-        let w1 = core::ptr::read_volatile(&raw const (*sa).user_ip6[1]);
-        let w2 = core::ptr::read_volatile(&raw const (*sa).user_ip6[2]);
-        let w3 = core::ptr::read_volatile(&raw const (*sa).user_ip6[3]);
-        if w0 == 0 && w1 == 0 && w2 == u32::from_be(0x0000_ffff) {
-            addr[..4].copy_from_slice(&w3.to_ne_bytes());
-            return Flow { family: family::INET, addr, port, protocol };
+        let mut w = [
+            core::ptr::read_volatile(&raw const (*sa).user_ip6[0]),
+            core::ptr::read_volatile(&raw const (*sa).user_ip6[1]),
+            core::ptr::read_volatile(&raw const (*sa).user_ip6[2]),
+            core::ptr::read_volatile(&raw const (*sa).user_ip6[3]),
+        ];
+        let mapped = w[0] == 0 && w[1] == 0 && w[2] == u32::from_be(0x0000_ffff);
+        if mapped && w[3] == 0 {
+            w[3] = mapped_source_v4(sa);
+            core::ptr::write_volatile(&raw mut (*sa).user_ip6[3], w[3]);
+        } else if w == [0; 4] {
+            // Like the kernel: a socket bound to a v4-mapped address reaches 127.0.0.1, any
+            // other `::1`.
+            let source = socket_of(sa);
+            let bound_mapped = !source.is_null()
+                && core::ptr::read_volatile(&raw const (*source).src_ip6[0]) == 0
+                && core::ptr::read_volatile(&raw const (*source).src_ip6[1]) == 0
+                && core::ptr::read_volatile(&raw const (*source).src_ip6[2]) == u32::from_be(0x0000_ffff);
+            w = if bound_mapped {
+                [0, 0, u32::from_be(0x0000_ffff), LOOPBACK_V4]
+            } else {
+                [0, 0, 0, u32::from_be(1)]
+            };
+            let mut i = 0;
+            while i < 4 {
+                core::ptr::write_volatile(&raw mut (*sa).user_ip6[i], w[i]);
+                i += 1;
+            }
         }
-        addr[0..4].copy_from_slice(&w0.to_ne_bytes());
-        addr[4..8].copy_from_slice(&w1.to_ne_bytes());
-        addr[8..12].copy_from_slice(&w2.to_ne_bytes());
-        addr[12..16].copy_from_slice(&w3.to_ne_bytes());
-        Flow { family: family::INET6, addr, port, protocol }
+        if w[0] == 0 && w[1] == 0 && w[2] == u32::from_be(0x0000_ffff) {
+            flow.addr[..4].copy_from_slice(&w[3].to_ne_bytes());
+            return flow;
+        }
+        flow.family = family::INET6;
+        flow.addr[0..4].copy_from_slice(&w[0].to_ne_bytes());
+        flow.addr[4..8].copy_from_slice(&w[1].to_ne_bytes());
+        flow.addr[8..12].copy_from_slice(&w[2].to_ne_bytes());
+        flow.addr[12..16].copy_from_slice(&w[3].to_ne_bytes());
+        flow
     }
+}
+
+/// 127.0.0.1 in network byte order.
+const LOOPBACK_V4: u32 = u32::from_ne_bytes([127, 0, 0, 1]);
+
+#[inline(always)]
+unsafe fn socket_of(sa: *mut bpf_sock_addr) -> *mut bpf_sock {
+    // SAFETY: the context's socket pointer; the caller checks it for null.
+    unsafe { core::ptr::read_volatile(&raw const (*sa).__bindgen_anon_1.sk) }
+}
+
+/// Where an IPv4 send to `0.0.0.0` goes: the datagram's source (`IP_PKTINFO`), else the
+/// socket's bound address, else 127.0.0.1 (`ip_route_output_key_hash_rcu`).
+#[inline(always)]
+unsafe fn local_source_v4(sa: *mut bpf_sock_addr, sendmsg: bool) -> u32 {
+    // SAFETY: ctx reads of u32 fields; `msg_src_ip4` exists only in sendmsg4.
+    unsafe {
+        if sendmsg {
+            let source = core::ptr::read_volatile(&raw const (*sa).msg_src_ip4);
+            if source != 0 {
+                return source;
+            }
+        }
+        let sk = socket_of(sa);
+        if !sk.is_null() {
+            let bound = core::ptr::read_volatile(&raw const (*sk).src_ip4);
+            if bound != 0 {
+                return bound;
+            }
+        }
+    }
+    LOOPBACK_V4
+}
+
+/// The same for an AF_INET6 socket sending to `::ffff:0.0.0.0` (the IPv4 path): its bound
+/// v4-mapped address, else 127.0.0.1.
+#[inline(always)]
+unsafe fn mapped_source_v4(sa: *mut bpf_sock_addr) -> u32 {
+    // SAFETY: reads of the socket's u32 fields after a null check.
+    unsafe {
+        let sk = socket_of(sa);
+        if !sk.is_null() && core::ptr::read_volatile(&raw const (*sk).src_ip6[2]) == u32::from_be(0x0000_ffff) {
+            let bound = core::ptr::read_volatile(&raw const (*sk).src_ip6[3]);
+            if bound != 0 {
+                return bound;
+            }
+        }
+    }
+    LOOPBACK_V4
 }

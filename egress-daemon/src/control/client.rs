@@ -151,14 +151,24 @@ pub fn status_text(report: &StatusReport) -> String {
     let _ = writeln!(out, "loaded at:      {} (generation {})", report.loaded_at, report.generation);
     let _ = writeln!(out, "attached at:    {}", escaped(attach));
     let _ = writeln!(out, "dropped events: {}", report.dropped_events);
+    for guarantee in &report.guarantees {
+        let _ = writeln!(out, "guarantee:      {guarantee}");
+    }
     out.push('\n');
 
     let names: Vec<String> = report
         .cgroups
         .iter()
-        .map(|row| match &row.workload {
-            Some(workload) => format!("{} ({})", escaped(&row.cgroup), escaped(workload)),
-            None => escaped(&row.cgroup).into_owned(),
+        .map(|row| {
+            let name = match &row.workload {
+                Some(workload) => format!("{} ({})", escaped(&row.cgroup), escaped(workload)),
+                None => escaped(&row.cgroup).into_owned(),
+            };
+            if row.deep {
+                name + " [deep]"
+            } else {
+                name
+            }
         })
         .collect();
     let policies: Vec<String> = report.cgroups.iter().map(|row| escaped(&row.policy).into_owned()).collect();
@@ -196,6 +206,19 @@ pub fn status_text(report: &StatusReport) -> String {
             policy.cgroups,
             plural(policy.cgroups),
         );
+    }
+    if !report.ignored.is_empty() {
+        out.push_str("\nignored matches (named where unprivileged users make cgroups; their ancestors' policy applies):\n");
+        for ignored in &report.ignored {
+            let _ = writeln!(
+                out,
+                "  {}: policy {} ({}): {}",
+                escaped(&ignored.cgroup),
+                escaped(&ignored.policy),
+                escaped(&ignored.selector),
+                escaped(&ignored.reason)
+            );
+        }
     }
     out
 }
@@ -278,7 +301,7 @@ fn print_stdout(text: &str) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::control::protocol::{CgroupStatus, PolicyStatus};
+    use crate::control::protocol::{CgroupStatus, IgnoredStatus, PolicyStatus};
 
     #[test]
     fn parses_durations() {
@@ -319,7 +342,15 @@ mod tests {
                 allowed: 12,
                 blocked: 1,
                 audited: 0,
+                ..CgroupStatus::default()
             }],
+            ignored: vec![IgnoredStatus {
+                cgroup: "user.slice/user@4242.service/x/nginx.service".into(),
+                policy: "web".into(),
+                selector: "systemd_unit nginx.service".into(),
+                reason: "user.slice/user@4242.service is owned by uid 4242 (delegated to that user)".into(),
+            }],
+            ..StatusReport::default()
         };
         let text = status_text(&report);
         let lines: Vec<&str> = text.lines().collect();
@@ -336,6 +367,12 @@ mod tests {
             "system.slice/nginx.service (nginx.service)  web     enforce         12          1          0"
         );
         assert_eq!(lines[8], "policy web: systemd_unit: nginx.service, default deny, mode enforce, 3 rules, 1 cgroup");
+        assert!(lines[10].starts_with("ignored matches"), "{text}");
+        assert_eq!(
+            lines[11],
+            "  user.slice/user@4242.service/x/nginx.service: policy web (systemd_unit nginx.service): \
+             user.slice/user@4242.service is owned by uid 4242 (delegated to that user)"
+        );
         let mut hostile = report.clone();
         hostile.cgroups[0].cgroup = "evil\nCGROUP  POLICY".into();
         hostile.cgroups[0].workload = Some("\x1b[2K".into());

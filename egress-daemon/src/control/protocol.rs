@@ -70,8 +70,14 @@ pub struct StatusReport {
     pub attach: String,
     /// Events the kernel could not deliver (ring buffer full or no daemon running).
     pub dropped_events: u64,
+    /// What this host's kernel lets egress guarantee, one line each (e.g. whether `AF_PACKET`
+    /// sockets are refused).
+    pub guarantees: Vec<String>,
     pub policies: Vec<PolicyStatus>,
     pub cgroups: Vec<CgroupStatus>,
+    /// Selector matches that do not govern their cgroup: it lies where an unprivileged user could
+    /// have made it under that name.
+    pub ignored: Vec<IgnoredStatus>,
 }
 
 /// One policy of the file in force.
@@ -101,6 +107,21 @@ pub struct CgroupStatus {
     pub allowed: u64,
     pub blocked: u64,
     pub audited: u64,
+    /// Deeper than the kernel's cgroup walk: found by its own id; unbound cgroups that deep
+    /// below the same level-15 ancestor are refused everything.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub deep: bool,
+}
+
+/// A cgroup a policy's selector names that the policy does not govern, and why.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct IgnoredStatus {
+    pub cgroup: String,
+    pub policy: String,
+    /// The selector, as in [`PolicyStatus`].
+    pub selector: String,
+    pub reason: String,
 }
 
 #[cfg(test)]

@@ -10,11 +10,12 @@ use std::collections::{HashMap, HashSet};
 
 use egress_common::{
     action, mode, rule_id, Decision, PolicyInfo, PortRule, PortTable, RuleKeyV4, RuleKeyV6,
-    MAX_POLICY_SLOTS, MAX_PORT_RULES, MAX_PORT_TABLES, POLICY_KEY_BITS,
+    MAX_POLICY_SLOTS, MAX_PORT_RULES, POLICY_KEY_BITS,
 };
 use ipnet::IpNet;
 
 use super::model::{Action, Mode, Policy, PolicySet, Protocol, Rule};
+use crate::generation::PORT_TABLES_PER_GENERATION;
 
 /// Why a policy set cannot be turned into map entries.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -36,8 +37,8 @@ pub enum CompileError {
     },
     #[error("policy {policy} has too many rules")]
     TooManyRules { policy: String },
-    #[error("the policies need more than {MAX_PORT_TABLES} distinct port tables")]
-    TooManyPortTables,
+    #[error("port tables: {needed} needed, {PORT_TABLES_PER_GENERATION} available per generation")]
+    TooManyPortTables { needed: usize },
 }
 
 /// The map entries of one policy.
@@ -78,6 +79,11 @@ pub fn compile_set(
         .zip(slots)
         .map(|(policy, &slot)| compile_policy(policy, slot, &mut tables))
         .collect::<Result<_, _>>()?;
+    if tables.entries.len() > PORT_TABLES_PER_GENERATION as usize {
+        return Err(CompileError::TooManyPortTables {
+            needed: tables.entries.len(),
+        });
+    }
     Ok(CompiledSet {
         policies,
         port_tables: tables.entries,
@@ -140,6 +146,7 @@ fn compile_policy(
             Mode::Audit => mode::AUDIT,
         },
         _pad: 0,
+        allowed_sockets: policy.allow_sockets.iter().fold(0, |bits, kind| bits | kind.bit()),
     };
     Ok(CompiledPolicy { info, v4, v6 })
 }
@@ -352,11 +359,12 @@ impl Tables {
         if let Some(&id) = self.ids.get(rules) {
             return Ok(id);
         }
-        if self.entries.len() >= MAX_PORT_TABLES as usize {
-            return Err(CompileError::TooManyPortTables);
-        }
         let id = self.next_id;
-        self.next_id = id.checked_add(1).ok_or(CompileError::TooManyPortTables)?;
+        self.next_id = id
+            .checked_add(1)
+            .ok_or(CompileError::TooManyPortTables {
+                needed: self.entries.len() + 1,
+            })?;
         let mut table = PortTable {
             len: rules.len() as u32,
             rules: [PortRule::default(); MAX_PORT_RULES],

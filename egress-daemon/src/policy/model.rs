@@ -28,6 +28,38 @@ impl fmt::Display for Action {
     }
 }
 
+/// A kind of socket the per-flow hooks cannot judge, which a policy may let its cgroups open
+/// (`allow_sockets`); every other covered cgroup is refused it at `socket()`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum SocketKind {
+    /// `AF_PACKET`: raw frames, outside the IP stack.
+    Packet,
+    /// Multipath TCP, whose later subflows a kernel worker opens.
+    Mptcp,
+    /// Every other family that leaves the host outside IP (`AF_XDP`, `AF_VSOCK`, ...).
+    Other,
+}
+
+impl SocketKind {
+    /// The keyword used in policy files.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SocketKind::Packet => "packet",
+            SocketKind::Mptcp => "mptcp",
+            SocketKind::Other => "other",
+        }
+    }
+
+    /// The kernel's `socket_kind` bit.
+    pub fn bit(self) -> u32 {
+        match self {
+            SocketKind::Packet => egress_common::socket_kind::PACKET,
+            SocketKind::Mptcp => egress_common::socket_kind::MPTCP,
+            SocketKind::Other => egress_common::socket_kind::OTHER,
+        }
+    }
+}
+
 /// How a policy applies its verdicts.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub enum Mode {
@@ -276,6 +308,8 @@ pub struct Policy {
     pub default: Action,
     pub mode: Mode,
     pub rules: Vec<Rule>,
+    /// Socket kinds outside the flow hooks' view that the policy allows.
+    pub allow_sockets: Vec<SocketKind>,
 }
 
 impl Policy {
@@ -299,6 +333,8 @@ impl Policy {
 pub const DEFAULT_HISTORY: usize = 10_000;
 /// Largest [`Settings::history`].
 pub const MAX_HISTORY: usize = 10_000_000;
+/// Largest [`Settings::events_per_second`].
+pub const MAX_EVENT_BUDGET: u32 = 10_000_000;
 /// Default of [`Settings::control_socket`].
 pub const DEFAULT_CONTROL_SOCKET: &str = "/run/egress/control.sock";
 /// Default of [`Settings::pin_dir`].
@@ -320,6 +356,9 @@ pub struct Settings {
     pub metrics: Option<SocketAddr>,
     /// Absolute, normalised directory in a bpffs where programs, links and maps are pinned.
     pub pin_dir: PathBuf,
+    /// Flow events one cgroup may raise per second on each CPU; the kernel counts the rest
+    /// as suppressed (`1..=MAX_EVENT_BUDGET`).
+    pub events_per_second: u32,
 }
 
 impl Default for Settings {
@@ -331,6 +370,7 @@ impl Default for Settings {
             control_group: None,
             metrics: None,
             pin_dir: PathBuf::from(DEFAULT_PIN_DIR),
+            events_per_second: egress_common::DEFAULT_EVENT_BUDGET,
         }
     }
 }

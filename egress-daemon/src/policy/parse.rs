@@ -22,8 +22,8 @@ use serde::{
 };
 
 use super::model::{
-    is_glob, Action, Mode, Policy, PolicySet, PortRange, Protocol, Rule, Selector, Settings,
-    MAX_HISTORY,
+    is_glob, Action, Mode, Policy, PolicySet, PortRange, Protocol, Rule, Selector, Settings, SocketKind,
+    MAX_EVENT_BUDGET, MAX_HISTORY,
 };
 
 /// A policy file that cannot be used, and where the problem is.
@@ -188,6 +188,8 @@ struct SettingsDoc {
     metrics: Option<Checked<MetricsAddr>>,
     #[serde(default)]
     pin_dir: Option<Checked<PinDir>>,
+    #[serde(default)]
+    events_per_second: Option<Checked<EventBudget>>,
 }
 
 impl SettingsDoc {
@@ -196,6 +198,7 @@ impl SettingsDoc {
         Settings {
             attach: self.attach.map_or(defaults.attach, |v| v.0 .0),
             history: self.history.map_or(defaults.history, |v| v.0 .0),
+            events_per_second: self.events_per_second.map_or(defaults.events_per_second, |v| v.0 .0),
             control_socket: self
                 .control_socket
                 .map_or(defaults.control_socket, |v| v.0 .0),
@@ -226,6 +229,8 @@ struct PolicyDoc {
     mode: Checked<Mode>,
     #[serde(default)]
     rules: Vec<Rule>,
+    #[serde(default)]
+    allow_sockets: Vec<Checked<SocketKind>>,
 }
 
 fn default_action() -> Checked<Action> {
@@ -297,6 +302,7 @@ impl PolicyDoc {
                 default: self.default.0,
                 mode: self.mode.0,
                 rules: self.rules,
+                allow_sockets: self.allow_sockets.into_iter().map(|kind| kind.0).collect(),
             },
             name_at: (self.name.line, self.name.column),
             selector_at,
@@ -607,6 +613,19 @@ impl Scalar for Mode {
     }
 }
 
+impl Scalar for SocketKind {
+    const EXPECTING: &'static str = "packet, mptcp or other";
+
+    fn parse(text: &str) -> Result<Self, String> {
+        match text.to_ascii_lowercase().as_str() {
+            "packet" => Ok(SocketKind::Packet),
+            "mptcp" => Ok(SocketKind::Mptcp),
+            "other" => Ok(SocketKind::Other),
+            _ => Err(format!("unknown socket kind `{text}`; expected packet, mptcp or other")),
+        }
+    }
+}
+
 impl Scalar for Protocol {
     const EXPECTING: &'static str = "tcp, udp, icmp or any";
 
@@ -847,6 +866,20 @@ impl Scalar for History {
             _ => Err(format!(
                 "history {number} is out of range; keep 1 to {MAX_HISTORY} events"
             )),
+        }
+    }
+}
+
+/// `settings.events_per_second`.
+struct EventBudget(u32);
+
+impl Scalar for EventBudget {
+    const EXPECTING: &'static str = "a number of events per second";
+
+    fn parse(text: &str) -> Result<Self, String> {
+        match text.trim().replace('_', "").parse::<u32>() {
+            Ok(n) if (1..=MAX_EVENT_BUDGET).contains(&n) => Ok(EventBudget(n)),
+            _ => Err(format!("events_per_second `{text}` is out of range; keep 1 to {MAX_EVENT_BUDGET}")),
         }
     }
 }

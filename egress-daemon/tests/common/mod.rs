@@ -208,7 +208,13 @@ impl Daemon {
         );
         let mut command = Command::new(egress_bin());
         command.args(["run", "--log-format", "json", "--config"]).arg(&file.path).args(extra);
-        Self::spawn(command)
+        let daemon = Self::spawn(command);
+        // The control socket opens just after the policies are reported enforced.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !file.socket.exists() && Instant::now() < deadline {
+            thread::sleep(Duration::from_millis(10));
+        }
+        daemon
     }
 
     /// Starts `egress run ... --log-format json` as built by the caller and waits until ready.
