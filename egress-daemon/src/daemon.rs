@@ -31,7 +31,7 @@ use crate::{
     loader::{Enforcer, OnExit, SocketGuard, Start},
     matching::{self, IgnoredMatches, Match},
     metrics,
-    output::{EventWriter, LogFormat},
+    output::{escaped, EventWriter, LogFormat},
     pipeline, preflight, service,
     policy::model::PolicySet,
 };
@@ -243,12 +243,13 @@ impl Daemon {
         for policy in &set.policies {
             let count = bindings.iter().filter(|b| set.policies[b.policy].name == policy.name).count();
             let untrusted = ignored.iter().filter(|i| i.policy == policy.name).count();
+            let (name, selector) = (escaped(&policy.name), escaped(&policy.selector.to_string()).into_owned());
             if count == 0 && untrusted > 0 {
-                tracing::warn!(policy = %policy.name, selector = %policy.selector, ignored = untrusted, "no cgroup matches yet where root made it; it applies as soon as one appears");
+                tracing::warn!(policy = %name, selector = %selector, ignored = untrusted, "no cgroup matches yet where root made it; it applies as soon as one appears");
             } else if count == 0 {
-                tracing::warn!(policy = %policy.name, selector = %policy.selector, "no cgroup matches yet; it applies as soon as one appears");
+                tracing::warn!(policy = %name, selector = %selector, "no cgroup matches yet; it applies as soon as one appears");
             } else {
-                tracing::info!(policy = %policy.name, selector = %policy.selector, cgroups = count, "enforcing");
+                tracing::info!(policy = %name, selector = %selector, cgroups = count, "enforcing");
             }
         }
         self.engine.apply(set, &self.config.display().to_string(), &bindings)?;
@@ -282,8 +283,8 @@ impl Daemon {
                 if let Some(policy) = policy {
                     let binding = Binding { policy, cgroup: self.cgroup(&found) };
                     match self.engine.bind(&binding) {
-                        Ok(()) => tracing::info!(cgroup = %found.relative, "new cgroup bound to its policy"),
-                        Err(error) => tracing::error!(cgroup = %found.relative, "binding a new cgroup: {error:#}"),
+                        Ok(()) => tracing::info!(cgroup = %escaped(&found.relative), "new cgroup bound to its policy"),
+                        Err(error) => tracing::error!(cgroup = %escaped(&found.relative), "binding a new cgroup: {error:#}"),
                     }
                 }
             }
@@ -297,7 +298,7 @@ impl Daemon {
                 };
                 if let Some(id) = id {
                     self.engine.unbind(id);
-                    tracing::info!(cgroup = %relative, "cgroup removed; its binding is gone");
+                    tracing::info!(cgroup = %escaped(&relative), "cgroup removed; its binding is gone");
                 }
             }
         }

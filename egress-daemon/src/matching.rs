@@ -14,6 +14,7 @@ use std::collections::BTreeMap;
 
 use crate::{
     discovery::{container_of, enclosing_container, unit_of, ContainerNames, Untrusted},
+    output::escaped,
     policy::model::{cgroup_glob_matches, is_glob, PolicySet, Selector},
 };
 
@@ -92,13 +93,14 @@ impl IgnoredMatches {
     pub fn replace_with(&mut self, next: IgnoredMatches) {
         for (key, ignored) in &next.0 {
             if !self.0.contains_key(key) {
+                // Cgroup names here are chosen by whoever may create cgroups: escaped.
                 tracing::warn!(
-                    cgroup = %ignored.cgroup,
-                    policy = %ignored.policy,
+                    cgroup = %escaped(&ignored.cgroup),
+                    policy = %escaped(&ignored.policy),
                     "{} names this cgroup but does not govern it, because {}: whoever may create cgroups \
                      there can choose any name. The policy of its nearest governed ancestor applies",
-                    ignored.selector,
-                    ignored.reason
+                    escaped(&ignored.selector),
+                    escaped(&ignored.reason)
                 );
             }
         }

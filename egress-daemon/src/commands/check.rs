@@ -2,18 +2,13 @@
 
 use std::path::Path;
 
-use super::{load_policies, Failure};
-use crate::policy::compile::compile_set;
+use super::{Failure, EXIT_INVALID_CONFIG};
+use crate::{output::escaped, policy::validate::validate_policy_file};
 
 pub fn check(path: &Path) -> Result<(), Failure> {
-    let set = load_policies(path)?;
-    let slots: Vec<u32> = (0..set.policies.len() as u32).collect();
-    compile_set(&set, &slots, 1).map_err(|error| Failure {
-        status: super::EXIT_INVALID_CONFIG,
-        error: anyhow::anyhow!("{}: {error}", path.display()),
-    })?;
+    let set = validate_policy_file(path).map_err(|error| Failure { status: EXIT_INVALID_CONFIG, error: error.into() })?;
     for policy in &set.policies {
-        println!("{}", policy.summary());
+        println!("{}", escaped(&policy.summary()));
     }
     Ok(())
 }

@@ -1,10 +1,19 @@
 //! `egress exec`: run one command in a fresh cgroup under one policy.
+//!
+//! Enforcement must outlive every process of the command: signals that would end `exec` while
+//! the command runs are forwarded to the command instead, whatever is left in the cgroup when the command ends (or
+//! `exec` fails) is killed before the programs are detached, and a guard process keeps the
+//! programs attached until the cgroup is empty even when `exec` is SIGKILLed.
 
-use std::{io, os::unix::process::ExitStatusExt, path::PathBuf, time::Duration};
+use std::{io, os::unix::process::ExitStatusExt, path::PathBuf, process::ExitStatus, time::Duration};
 
 use anyhow::{anyhow, Context};
 
-use super::{load_policies, Failure};
+use super::{
+    exec_guard::Guard,
+    exec_signals::{self, Forwarded},
+    load_policies, Failure,
+};
 use crate::{
     cgroup::{Cgroup, Hierarchy},
     engine::{Binding, Engine},
@@ -20,6 +29,10 @@ pub struct ExecArgs {
     pub log_format: LogFormat,
     pub command: Vec<String>,
 }
+
+/// How long `exec` keeps killing what is left in the cgroup before giving up on it (the guard
+/// keeps waiting).
+const EMPTY_WAIT: Duration = Duration::from_secs(10);
 
 /// Returns the command's exit status (128 + signal when it was killed).
 pub async fn exec(args: ExecArgs) -> Result<i32, Failure> {
@@ -54,18 +67,63 @@ async fn exec_in(
     let engine = Engine::new(enforcer, Catalog::new(hierarchy.clone()));
     engine.apply(set, &args.config.display().to_string(), &[Binding { policy: 0, cgroup: cgroup.clone() }])?;
     engine.attach(cgroup)?;
+    let guard = Guard::start(cgroup).context("starting the guard process")?;
 
     let writer = EventWriter::new(args.log_format, io::stderr());
     let events = pipeline::spawn(ring, engine.clone(), writer, None).context("starting the event pipeline")?;
 
-    let status = spawn_in_cgroup(cgroup, &args.command)
-        .with_context(|| format!("starting {}", args.command.join(" ")))?
-        .wait()
-        .await?;
+    let status = run_command(cgroup, &args.command).await;
+    // Before the programs go: nothing of the command may outlive its filter.
+    empty(cgroup).await;
+    guard.release().await;
     // Let events raised by the last system calls reach the ring buffer reader.
     tokio::time::sleep(Duration::from_millis(50)).await;
     events.stop().await?;
+    let status = status?;
     Ok(status.code().unwrap_or_else(|| 128 + status.signal().unwrap_or(0)))
+}
+
+/// Starts the command and waits for it, passing on the signals that would end `exec`.
+async fn run_command(cgroup: &Cgroup, command: &[String]) -> Result<ExitStatus, Failure> {
+    // From here on these signals no longer end exec: they go to the command, which decides.
+    let signals = Forwarded::install().context("taking over SIGINT, SIGTERM, SIGHUP and SIGQUIT")?;
+    let mut child = spawn_in_cgroup(cgroup, command).with_context(|| format!("starting {}", command.join(" ")))?;
+    let pid = child.id().and_then(|pid| libc::pid_t::try_from(pid).ok());
+    loop {
+        tokio::select! {
+            status = child.wait() => return Ok(status?),
+            number = signals.next() => {
+                if let (Ok(number), Some(pid)) = (number, pid) {
+                    // SAFETY: signalling our own child, which is not reaped while we wait on it.
+                    unsafe { libc::kill(pid, number) };
+                }
+            }
+        }
+    }
+}
+
+/// Kills everything left in the cgroup and waits until it is empty (or gives up on stuck
+/// processes after a while: the guard keeps the programs attached until they are gone).
+async fn empty(cgroup: &Cgroup) {
+    let deadline = tokio::time::Instant::now() + EMPTY_WAIT;
+    loop {
+        match cgroup.populated() {
+            Ok(false) => return,
+            Ok(true) => {}
+            Err(error) => {
+                tracing::warn!(%error, "checking that the command's processes are gone");
+                return;
+            }
+        }
+        if let Err(error) = cgroup.kill_all() {
+            tracing::warn!(%error, "killing the command's remaining processes");
+        }
+        if tokio::time::Instant::now() >= deadline {
+            tracing::warn!("processes of the command are still in {} after SIGKILL", cgroup.relative);
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }
 
 fn spawn_in_cgroup(cgroup: &Cgroup, command: &[String]) -> io::Result<tokio::process::Child> {
@@ -74,11 +132,23 @@ fn spawn_in_cgroup(cgroup: &Cgroup, command: &[String]) -> io::Result<tokio::pro
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "no command given"))?;
     let procs = std::ffi::CString::new(cgroup.dir.join("cgroup.procs").as_os_str().as_encoded_bytes())
         .map_err(io::Error::other)?;
+    // SAFETY: getpid has no preconditions.
+    let exec_pid = unsafe { libc::getpid() };
     let mut cmd = tokio::process::Command::new(program);
     cmd.args(args);
-    // SAFETY: only async-signal-safe calls (open, write, close) between fork and exec.
+    // SAFETY: only async-signal-safe calls (sigprocmask, prctl, getppid, open, write, close)
+    // between fork and exec.
     unsafe {
         cmd.pre_exec(move || {
+            exec_signals::unblock_in_child()?;
+            // Should exec die without a word (SIGKILL), the command dies with it; the guard
+            // kills the rest of the cgroup.
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            if libc::getppid() != exec_pid {
+                return Err(io::Error::from_raw_os_error(libc::ESRCH));
+            }
             let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
             if fd < 0 {
                 return Err(io::Error::last_os_error());

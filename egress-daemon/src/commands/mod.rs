@@ -2,6 +2,8 @@
 
 pub mod check;
 pub mod exec;
+mod exec_guard;
+mod exec_signals;
 
 use std::path::Path;
 

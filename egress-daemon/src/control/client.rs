@@ -16,7 +16,7 @@ use tokio::{
 };
 
 use super::protocol::{Request, Response, StatusReport};
-use crate::output::text_line;
+use crate::output::{escaped, json_bytes, text_line};
 
 /// How long `status` and `reload` wait for the daemon's answer (a reload may query container
 /// runtimes, so it is generous).
@@ -48,7 +48,7 @@ pub struct LogsArgs {
 /// `egress status`: a table of what is enforced where, or the report as JSON.
 pub async fn status(socket: &Path, json: bool) -> anyhow::Result<()> {
     let report = fetch_status(socket).await?;
-    let text = if json { serde_json::to_string_pretty(&report)? + "\n" } else { status_text(&report) };
+    let text = if json { String::from_utf8(json_bytes(&report, true)?)? + "\n" } else { status_text(&report) };
     print_stdout(&text)
 }
 
@@ -114,7 +114,7 @@ pub async fn logs_to<W: Write + Send>(socket: &Path, args: LogsArgs, json: bool,
     let mut out = io::BufWriter::new(out);
     while let Some(response) = connection.next().await? {
         let line = match response {
-            Response::Event(record) if json => serde_json::to_string(&record)?,
+            Response::Event(record) if json => String::from_utf8(json_bytes(&record, false)?)?,
             Response::Event(record) => text_line(&record),
             Response::Notice { message } => {
                 eprintln!("egress: {message}");
@@ -147,9 +147,9 @@ pub async fn logs_to<W: Write + Send>(socket: &Path, args: LogsArgs, json: bool,
 pub fn status_text(report: &StatusReport) -> String {
     let mut out = String::new();
     let attach = if report.attach.is_empty() { "/" } else { &report.attach };
-    let _ = writeln!(out, "config:         {}", report.config);
+    let _ = writeln!(out, "config:         {}", escaped(&report.config));
     let _ = writeln!(out, "loaded at:      {} (generation {})", report.loaded_at, report.generation);
-    let _ = writeln!(out, "attached at:    {attach}");
+    let _ = writeln!(out, "attached at:    {}", escaped(attach));
     let _ = writeln!(out, "dropped events: {}", report.dropped_events);
     for guarantee in &report.guarantees {
         let _ = writeln!(out, "guarantee:      {guarantee}");
@@ -161,8 +161,8 @@ pub fn status_text(report: &StatusReport) -> String {
         .iter()
         .map(|row| {
             let name = match &row.workload {
-                Some(workload) => format!("{} ({workload})", row.cgroup),
-                None => row.cgroup.clone(),
+                Some(workload) => format!("{} ({})", escaped(&row.cgroup), escaped(workload)),
+                None => escaped(&row.cgroup).into_owned(),
             };
             if row.deep {
                 name + " [deep]"
@@ -171,9 +171,10 @@ pub fn status_text(report: &StatusReport) -> String {
             }
         })
         .collect();
+    let policies: Vec<String> = report.cgroups.iter().map(|row| escaped(&row.policy).into_owned()).collect();
     let width = |header: &str, cells: &mut dyn Iterator<Item = usize>| cells.fold(header.len(), usize::max);
-    let cgroup_width = width("CGROUP", &mut names.iter().map(String::len));
-    let policy_width = width("POLICY", &mut report.cgroups.iter().map(|row| row.policy.len()));
+    let cgroup_width = width("CGROUP", &mut names.iter().map(|n| n.chars().count()));
+    let policy_width = width("POLICY", &mut policies.iter().map(|p| p.chars().count()));
     let mode_width = width("MODE", &mut report.cgroups.iter().map(|row| row.mode.len()));
     if report.cgroups.is_empty() {
         out.push_str("no cgroup is bound to a policy\n");
@@ -183,11 +184,11 @@ pub fn status_text(report: &StatusReport) -> String {
             "{:<cgroup_width$}  {:<policy_width$}  {:<mode_width$}  {:>9}  {:>9}  {:>9}  {:>10}",
             "CGROUP", "POLICY", "MODE", "ALLOWED", "BLOCKED", "AUDITED", "SUPPRESSED"
         );
-        for (row, name) in report.cgroups.iter().zip(&names) {
+        for ((row, name), policy) in report.cgroups.iter().zip(&names).zip(&policies) {
             let _ = writeln!(
                 out,
-                "{name:<cgroup_width$}  {:<policy_width$}  {:<mode_width$}  {:>9}  {:>9}  {:>9}  {:>10}",
-                row.policy, row.mode, row.allowed, row.blocked, row.audited, row.suppressed
+                "{name:<cgroup_width$}  {policy:<policy_width$}  {:<mode_width$}  {:>9}  {:>9}  {:>9}  {:>10}",
+                row.mode, row.allowed, row.blocked, row.audited, row.suppressed
             );
         }
     }
@@ -196,8 +197,8 @@ pub fn status_text(report: &StatusReport) -> String {
         let _ = writeln!(
             out,
             "policy {}: {}, default {}, mode {}, {} rule{}, {} cgroup{}",
-            policy.name,
-            policy.selector,
+            escaped(&policy.name),
+            escaped(&policy.selector),
             policy.default,
             policy.mode,
             policy.rules,
@@ -212,7 +213,10 @@ pub fn status_text(report: &StatusReport) -> String {
             let _ = writeln!(
                 out,
                 "  {}: policy {} ({}): {}",
-                ignored.cgroup, ignored.policy, ignored.selector, ignored.reason
+                escaped(&ignored.cgroup),
+                escaped(&ignored.policy),
+                escaped(&ignored.selector),
+                escaped(&ignored.reason)
             );
         }
     }
@@ -370,6 +374,15 @@ mod tests {
             "  user.slice/user@4242.service/x/nginx.service: policy web (systemd_unit nginx.service): \
              user.slice/user@4242.service is owned by uid 4242 (delegated to that user)"
         );
+        let mut hostile = report.clone();
+        hostile.cgroups[0].cgroup = "evil\nCGROUP  POLICY".into();
+        hostile.cgroups[0].workload = Some("\x1b[2K".into());
+        hostile.policies[0].name = "w\neb".into();
+        let text = status_text(&hostile);
+        assert_eq!(text.lines().count(), status_text(&report).lines().count(), "{text}");
+        assert!(text.contains("evil\\nCGROUP  POLICY (\\x1b[2K)"), "{text}");
+        assert!(text.contains("policy w\\neb: "), "{text}");
+        assert!(!text.contains('\x1b'), "{text}");
         let empty = status_text(&StatusReport::default());
         assert!(empty.contains("no cgroup is bound to a policy"), "{empty}");
     }

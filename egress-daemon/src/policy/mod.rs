@@ -5,6 +5,7 @@ pub mod compile;
 pub mod model;
 pub mod parse;
 pub mod reference;
+pub mod validate;
 
 pub use compile::{compile_set, protocol_number, CompileError, CompiledPolicy, CompiledSet};
 pub use model::{
@@ -12,6 +13,9 @@ pub use model::{
     Settings,
 };
 pub use parse::{parse_policy_file, parse_policy_str, ConfigError};
+pub use validate::{validate_policy_file, validate_policy_str};
 
+#[cfg(test)]
+mod fuzz;
 #[cfg(test)]
 mod tests;

@@ -5,6 +5,7 @@
 //! the position of the rule. Checks across policies use positions captured with [`Located`].
 
 use std::{
+    cell::Cell,
     collections::HashMap,
     convert::Infallible,
     fmt,
@@ -13,6 +14,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
+use egress_common::{MAX_CIDRS_V4, MAX_CIDRS_V6, MAX_PORT_RULES};
 use ipnet::{IpNet, Ipv4Net};
 use serde::{
     de::{self, value::MapAccessDeserializer, Deserializer, MapAccess, SeqAccess, Visitor},
@@ -52,30 +54,65 @@ impl std::error::Error for ConfigError {}
 
 /// Reads and checks the policy file at `path`.
 pub fn parse_policy_file(path: &Path) -> Result<PolicySet, ConfigError> {
+    parse_policy_str(&read_policy_file(path)?, &path.display().to_string())
+}
+
+/// The text of the policy file at `path`. An unreadable file is the only error without a
+/// position.
+pub fn read_policy_file(path: &Path) -> Result<String, ConfigError> {
     let file = path.display().to_string();
-    let text = std::fs::read_to_string(path).map_err(|err| ConfigError {
+    let bytes = std::fs::read(path).map_err(|err| ConfigError {
         file: file.clone(),
         line: 0,
         column: 0,
         message: format!("cannot read the policy file: {err}"),
     })?;
-    parse_policy_str(&text, &file)
+    policy_text(bytes, &file)
+}
+
+/// A policy file's bytes as text; bytes that are not UTF-8 are an error at their position.
+pub fn policy_text(bytes: Vec<u8>, file: &str) -> Result<String, ConfigError> {
+    String::from_utf8(bytes).map_err(|err| {
+        let valid = &err.as_bytes()[..err.utf8_error().valid_up_to()];
+        let line_start = valid.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+        // Valid by construction: the bytes before the error decode.
+        let column = String::from_utf8_lossy(&valid[line_start..]).chars().count() + 1;
+        ConfigError {
+            file: file.to_owned(),
+            line: valid.iter().filter(|&&b| b == b'\n').count() + 1,
+            column,
+            message: "the file is not UTF-8 text".to_owned(),
+        }
+    })
 }
 
 /// Checks a policy file's text; `file` names it in errors.
 pub fn parse_policy_str(text: &str, file: &str) -> Result<PolicySet, ConfigError> {
-    let doc: FileDoc = serde_norway::from_str(text).map_err(|err| yaml_error(&err, file))?;
-    doc.into_set(file)
+    RULE_BUDGET.set(MAX_RULES);
+    let doc = serde_norway::from_str::<FileDoc>(text);
+    RULE_BUDGET.set(usize::MAX);
+    doc.map_err(|err| yaml_error(&err, text, file))?.into_set(file)
+}
+
+/// Most rules a file may hold, counting each time an alias repeats one: as many as the kernel
+/// maps hold CIDRs. Bounds the memory and time a file of aliases of aliases can make the parser
+/// spend ("billion laughs").
+pub const MAX_RULES: usize = (MAX_CIDRS_V4 + MAX_CIDRS_V6) as usize;
+
+thread_local! {
+    /// Rules the file being parsed may still add.
+    static RULE_BUDGET: Cell<usize> = const { Cell::new(usize::MAX) };
 }
 
 /// Turns `serde_norway`'s `path: message at line L column C` into a [`ConfigError`].
-fn yaml_error(err: &serde_norway::Error, file: &str) -> ConfigError {
+fn yaml_error(err: &serde_norway::Error, text: &str, file: &str) -> ConfigError {
     let mut message = err.to_string();
     let Some(at) = err.location() else {
+        let (line, column) = unmarked_position(&message, text);
         return ConfigError {
             file: file.to_owned(),
-            line: 0,
-            column: 0,
+            line,
+            column,
             message,
         };
     };
@@ -95,6 +132,35 @@ fn yaml_error(err: &serde_norway::Error, file: &str) -> ConfigError {
         column: at.column(),
         message,
     }
+}
+
+/// Where to point an error `serde_norway` gives no position (a document that is empty, one of
+/// several, or whose aliases repeat too much): the end of the text, the second document's
+/// marker, or the first alias; the start of the text when none is found.
+fn unmarked_position(message: &str, text: &str) -> (usize, usize) {
+    let lines = || text.lines().enumerate().map(|(i, l)| (i + 1, l));
+    let found = if message.starts_with("EOF") {
+        let last = text.lines().count().max(1);
+        let len = text.lines().last().map_or(0, |l| l.chars().count());
+        Some((last, len + 1))
+    } else if message.contains("more than one document") {
+        // The marker after the first line with content starts the second document.
+        let first = lines().find(|(_, l)| !l.trim().is_empty() && !l.trim_start().starts_with('#'));
+        lines()
+            .skip_while(|(n, _)| first.is_some_and(|(f, _)| n <= &f))
+            .find(|(_, l)| l.starts_with("---") || l.starts_with("..."))
+            .map(|(n, _)| (n, 1))
+    } else if message.contains("repetition limit") {
+        lines().find_map(|(n, l)| {
+            let at = l.char_indices().find(|&(i, c)| {
+                c == '*' && (i == 0 || l[..i].ends_with([' ', '[', '{', ',']))
+            })?;
+            Some((n, l[..at.0].chars().count() + 1))
+        })
+    } else {
+        None
+    };
+    found.unwrap_or((1, 1))
 }
 
 /// The top level of a policy file.
@@ -343,6 +409,14 @@ impl<'de> Visitor<'de> for RuleVisitor {
     }
 
     fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Rule, A::Error> {
+        let left = RULE_BUDGET.get();
+        if left == 0 {
+            return Err(de::Error::custom(format_args!(
+                "more than {MAX_RULES} rules (counting each repetition through an alias); \
+                 the kernel maps hold no more"
+            )));
+        }
+        RULE_BUDGET.set(left - 1);
         // Checked inside the visitor so that serde_norway gives the error the rule's position.
         let doc = RuleDoc::deserialize(MapAccessDeserializer::new(map))?;
         doc.into_rule().map_err(de::Error::custom)
@@ -384,6 +458,13 @@ impl<'de> Visitor<'de> for PortsVisitor {
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Ports, A::Error> {
         let mut ranges = Vec::new();
         while let Some(Checked(range)) = seq.next_element::<Checked<PortRange>>()? {
+            // More can never compile, and the cap bounds what an aliased list can expand to.
+            if ranges.len() == MAX_PORT_RULES {
+                return Err(de::Error::custom(format_args!(
+                    "more than {MAX_PORT_RULES} port ranges in one rule; at most {MAX_PORT_RULES} \
+                     apply to one destination"
+                )));
+            }
             ranges.push(range);
         }
         if ranges.is_empty() {
