@@ -1335,9 +1335,12 @@ fn rule_strategy() -> impl Strategy<Value = Rule> {
 }
 
 fn policy_strategy() -> impl Strategy<Value = Policy> {
-    // At most 10 rules of at most 3 ranges: never more than MAX_PORT_RULES per leaf.
+    // At most 10 rules of at most 3 ranges, and at most MAX_PORT_RULES ranges in all, so that
+    // no leaf can be subject to more than the kernel scans (the compiler refuses such a file).
     (
-        prop::collection::vec(rule_strategy(), 0..=10),
+        prop::collection::vec(rule_strategy(), 0..=10).prop_filter("at most MAX_PORT_RULES port ranges", |rules| {
+            rules.iter().map(|rule| rule.ports.len()).sum::<usize>() <= egress_common::MAX_PORT_RULES
+        }),
         any::<bool>(),
         any::<bool>(),
     )
