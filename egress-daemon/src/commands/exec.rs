@@ -69,10 +69,13 @@ async fn exec_in(
     engine.attach(cgroup)?;
     let guard = Guard::start(cgroup).context("starting the guard process")?;
 
+    // Before any thread starts: a thread inherits the signal mask it is created with, and one
+    // that left these signals unblocked would let them end exec while the command runs.
+    let signals = Forwarded::install().context("taking over SIGINT, SIGTERM, SIGHUP and SIGQUIT")?;
     let writer = EventWriter::new(args.log_format, io::stderr());
     let events = pipeline::spawn(ring, engine.clone(), writer, None).context("starting the event pipeline")?;
 
-    let status = run_command(cgroup, &args.command).await;
+    let status = run_command(cgroup, &args.command, &signals).await;
     // Before the programs go: nothing of the command may outlive its filter.
     empty(cgroup).await;
     guard.release().await;
@@ -84,9 +87,7 @@ async fn exec_in(
 }
 
 /// Starts the command and waits for it, passing on the signals that would end `exec`.
-async fn run_command(cgroup: &Cgroup, command: &[String]) -> Result<ExitStatus, Failure> {
-    // From here on these signals no longer end exec: they go to the command, which decides.
-    let signals = Forwarded::install().context("taking over SIGINT, SIGTERM, SIGHUP and SIGQUIT")?;
+async fn run_command(cgroup: &Cgroup, command: &[String], signals: &Forwarded) -> Result<ExitStatus, Failure> {
     let mut child = spawn_in_cgroup(cgroup, command).with_context(|| format!("starting {}", command.join(" ")))?;
     let pid = child.id().and_then(|pid| libc::pid_t::try_from(pid).ok());
     loop {
