@@ -183,7 +183,7 @@ if grep -qw bpf /sys/kernel/security/lsm 2>/dev/null; then
     begin af-packet
     want EPERM "covered" incg vmclient packet
     want pass "uncovered" vmclient packet
-    grep -q "AF_PACKET guard: on" $DAEMON_LOG || fail "daemon-says-guard-off"
+    grep -q "AF_PACKET guard: on" $DAEMON_LOG || fail "daemon: $(grep -o 'AF_PACKET guard: [^"]*' $DAEMON_LOG | head -n 1)"
     end
 else
     skip af-packet "BPF LSM not active (lsm=$(cat /sys/kernel/security/lsm 2>/dev/null))"

@@ -59,14 +59,33 @@ pub fn validate_series(series: &str) -> Result<()> {
     Ok(())
 }
 
-/// The cached kernel of `series`, fetching it first when it is not cached.
-pub fn ensure(cache: &Path, series: &str) -> Result<Kernel> {
-    validate_series(series)?;
-    let dir = cache.join("kernels").join(series);
-    if let Some(kernel) = cached(&dir, series) {
-        return Ok(kernel);
+/// Finds kernels in the cache, fetching the missing ones (apt's lists are updated once per run,
+/// and only when something is missing, so a warm cache works offline).
+pub struct Fetcher {
+    cache: PathBuf,
+    apt: Option<PrivateApt>,
+}
+
+impl Fetcher {
+    pub fn new(cache: PathBuf) -> Self {
+        Self { cache, apt: None }
     }
-    fetch(cache, &dir, series)
+
+    /// The cached kernel of `series`, fetching it first when it is not cached.
+    pub fn ensure(&mut self, series: &str) -> Result<Kernel> {
+        validate_series(series)?;
+        let dir = self.cache.join("kernels").join(series);
+        if let Some(kernel) = cached(&dir, series) {
+            return Ok(kernel);
+        }
+        let apt = match self.apt.take() {
+            Some(apt) => apt,
+            None => PrivateApt::prepare(&self.cache.join("apt"))?,
+        };
+        let result = fetch(&apt, &self.cache, &dir, series);
+        self.apt = Some(apt);
+        result
+    }
 }
 
 fn cached(dir: &Path, series: &str) -> Option<Kernel> {
@@ -81,8 +100,7 @@ fn cached(dir: &Path, series: &str) -> Option<Kernel> {
     })
 }
 
-fn fetch(cache: &Path, dir: &Path, series: &str) -> Result<Kernel> {
-    let apt = PrivateApt::prepare(&cache.join("apt"))?;
+fn fetch(apt: &PrivateApt, cache: &Path, dir: &Path, series: &str) -> Result<Kernel> {
     let package = apt.newest_cloud_image(series)?;
     let release = package
         .strip_prefix("linux-image-")
