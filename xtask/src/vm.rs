@@ -35,17 +35,38 @@ pub const DEFAULT_KERNELS: &[&str] = &["5.10", "6.1", "6.12", "6.18"];
 
 /// The checks of xtask/vm/init.sh, in the order of the table.
 const CHECKS: &[(&str, &str)] = &[
-    ("load", "the daemon loads and attaches every program and reports ready"),
-    ("tcp", "TCP connect: EPERM for denied IPv4/IPv6 destinations, allowed ones go through"),
+    (
+        "load",
+        "the daemon loads and attaches every program and reports ready",
+    ),
+    (
+        "tcp",
+        "TCP connect: EPERM for denied IPv4/IPv6 destinations, allowed ones go through",
+    ),
     ("udp", "UDP sendto and connect: EPERM when denied"),
     ("icmp", "ping sockets: EPERM when denied"),
     ("raw", "raw ICMP sockets: EPERM when denied (packet hook)"),
-    ("v4-mapped", "TCP and UDP to ::ffff:a.b.c.d on IPv6 sockets judged by the IPv4 rules"),
-    ("stateful", "a server in the cgroup answers TCP and UDP clients the policy denies; not others"),
+    (
+        "v4-mapped",
+        "TCP and UDP to ::ffff:a.b.c.d on IPv6 sockets judged by the IPv4 rules",
+    ),
+    (
+        "stateful",
+        "a server in the cgroup answers TCP and UDP clients the policy denies; not others",
+    ),
     ("events", "blocked and reply events name the process (comm)"),
-    ("reload", "`egress reload` of an edited file changes the verdicts"),
-    ("restart", "SIGKILLed daemon: pinned programs keep enforcing; a new daemon adopts them"),
-    ("af-packet", "AF_PACKET sockets refused in the cgroup by the BPF LSM (booted with lsm=...,bpf)"),
+    (
+        "reload",
+        "`egress reload` of an edited file changes the verdicts",
+    ),
+    (
+        "restart",
+        "SIGKILLed daemon: pinned programs keep enforcing; a new daemon adopts them",
+    ),
+    (
+        "af-packet",
+        "AF_PACKET sockets refused in the cgroup by the BPF LSM (booted with lsm=...,bpf)",
+    ),
 ];
 
 /// Checks that are known not to pass on a kernel series, and why. Each entry is a fact found by
@@ -124,7 +145,11 @@ pub fn vm_test_command(options: Options) -> Result<()> {
     }
     let failures = matrix.failures();
     if !failures.is_empty() {
-        bail!("{} check(s) failed where expected to pass: {}", failures.len(), failures.join(", "));
+        bail!(
+            "{} check(s) failed where expected to pass: {}",
+            failures.len(),
+            failures.join(", ")
+        );
     }
     Ok(())
 }
@@ -173,7 +198,9 @@ fn boot_all(
                     *next += 1;
                     index
                 };
-                let Some(kernel) = kernels.get(index) else { break };
+                let Some(kernel) = kernels.get(index) else {
+                    break;
+                };
                 let log = logs.join(format!("{}.log", kernel.series));
                 let run = boot::boot(&kernel.vmlinuz, image, &log, timeout);
                 if let Ok(run) = &run {
@@ -182,10 +209,16 @@ fn boot_all(
                         kernel.series,
                         kernel.release,
                         run.seconds,
-                        run.problem.as_deref().map(|p| format!(": {p}")).unwrap_or_default()
+                        run.problem
+                            .as_deref()
+                            .map(|p| format!(": {p}"))
+                            .unwrap_or_default()
                     );
                 }
-                results.lock().unwrap_or_else(|e| e.into_inner()).insert(index, run);
+                results
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(index, run);
             });
         }
     });
@@ -268,13 +301,21 @@ impl Matrix {
             for ((check, _), cell) in CHECKS.iter().zip(cells) {
                 let text = match cell {
                     Cell::Pass => "pass".to_owned(),
-                    Cell::Fail(detail) => format!("**FAIL** [{}]", note(format!("{check}: {detail}"))),
+                    Cell::Fail(detail) => {
+                        format!("**FAIL** [{}]", note(format!("{check}: {detail}")))
+                    }
                     Cell::Known(why, detail) => {
-                        format!("known failure [{}]", note(format!("{check}: {why} (seen: {detail})")))
+                        format!(
+                            "known failure [{}]",
+                            note(format!("{check}: {why} (seen: {detail})"))
+                        )
                     }
                     Cell::Skip(why) => format!("skip [{}]", note(format!("{check}: {why}"))),
                     Cell::UnexpectedPass(why) => {
-                        format!("pass (listed as failing) [{}]", note(format!("{check}: {why}")))
+                        format!(
+                            "pass (listed as failing) [{}]",
+                            note(format!("{check}: {why}"))
+                        )
                     }
                     Cell::NotRun(why) => format!("**not run** [{}]", note(why.clone())),
                 };
@@ -313,13 +354,20 @@ const DOC_END: &str = "<!-- vm-test:end -->";
 fn write_doc(path: &Path, table: &str) -> Result<()> {
     let text = fs::read_to_string(path).with_context(|| format!("read {}", path.display()))?;
     let (Some(begin), Some(end)) = (text.find(DOC_BEGIN), text.find(DOC_END)) else {
-        bail!("{} has no `{DOC_BEGIN}` ... `{DOC_END}` section", path.display());
+        bail!(
+            "{} has no `{DOC_BEGIN}` ... `{DOC_END}` section",
+            path.display()
+        );
     };
     let mut legend = String::from("\n| check | what it shows |\n|---|---|\n");
     for (check, what) in CHECKS {
         legend.push_str(&format!("| {check} | {what} |\n"));
     }
-    let updated = format!("{}{DOC_BEGIN}\n{table}{legend}\n{}", &text[..begin], &text[end..]);
+    let updated = format!(
+        "{}{DOC_BEGIN}\n{table}{legend}\n{}",
+        &text[..begin],
+        &text[end..]
+    );
     fs::write(path, updated).with_context(|| format!("write {}", path.display()))
 }
 
@@ -329,7 +377,10 @@ mod tests {
 
     #[test]
     fn a_missing_check_is_a_failure_unless_known() {
-        let run = boot::Run { problem: Some("no power-off within 300 s".into()), ..Default::default() };
+        let run = boot::Run {
+            problem: Some("no power-off within 300 s".into()),
+            ..Default::default()
+        };
         assert!(matches!(cell("6.1", "tcp", &run), Cell::NotRun(_)));
         let kernels = vec![Kernel {
             series: "6.1".into(),
