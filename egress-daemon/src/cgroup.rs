@@ -30,6 +30,9 @@ fn io_error<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(io::Error) 
     move |source| CgroupError::Io { action, path: path.to_path_buf(), source }
 }
 
+/// The kernel's id (the directory's inode number) of the root cgroup of the cgroup2 hierarchy.
+pub const ROOT_CGROUP_ID: u64 = 1;
+
 /// The cgroup2 hierarchy of this machine.
 #[derive(Clone, Debug)]
 pub struct Hierarchy {
@@ -38,16 +41,29 @@ pub struct Hierarchy {
 
 impl Hierarchy {
     /// Finds the cgroup2 mount in `/proc/self/mountinfo` (`/sys/fs/cgroup` on unified hosts,
-    /// `/sys/fs/cgroup/unified` on hybrid ones).
+    /// `/sys/fs/cgroup/unified` on hybrid ones). Where there are several, the one whose root is
+    /// the hierarchy's real root: in a private cgroup namespace (a container, a Kubernetes pod)
+    /// the usual mount shows the namespace's cgroup as its root, and the host's root may be
+    /// mounted elsewhere (a hostPath volume).
     pub fn discover() -> Result<Self, CgroupError> {
         let file = fs::File::open("/proc/self/mountinfo").map_err(CgroupError::MountInfo)?;
+        let mut mounts = Vec::new();
         for line in io::BufReader::new(file).lines() {
             let line = line.map_err(CgroupError::MountInfo)?;
             if let Some(mount) = cgroup2_mount_point(&line) {
-                return Ok(Self { mount: PathBuf::from(mount) });
+                mounts.push(Self { mount: PathBuf::from(mount) });
             }
         }
-        Err(CgroupError::NoCgroup2)
+        let first = mounts.first().cloned().ok_or(CgroupError::NoCgroup2)?;
+        Ok(mounts.into_iter().find(|h| h.root_is_real().unwrap_or(false)).unwrap_or(first))
+    }
+
+    /// Whether the mount's root is the hierarchy's real root cgroup. The kernel counts cgroup
+    /// depths from that root; from any other (a cgroup namespace's root, a bind-mounted subtree)
+    /// the depths egress computes would be wrong.
+    pub fn root_is_real(&self) -> Result<bool, CgroupError> {
+        let meta = fs::metadata(&self.mount).map_err(io_error("stat", &self.mount))?;
+        Ok(meta.ino() == ROOT_CGROUP_ID)
     }
 
     pub fn mount(&self) -> &Path {
@@ -176,5 +192,13 @@ mod tests {
         assert_eq!(cgroup2_mount_point(hybrid), Some("/sys/fs/cgroup/unified"));
         assert_eq!(cgroup2_mount_point(unified), Some("/sys/fs/cgroup"));
         assert_eq!(cgroup2_mount_point(v1), None);
+    }
+
+    #[test]
+    fn only_the_hierarchys_own_root_is_real() {
+        // Whether this machine's mount is the real root depends on where the tests run (a
+        // container has its own cgroup namespace); tests/cgroup_namespace.rs covers both cases.
+        let elsewhere = Hierarchy { mount: std::env::temp_dir() };
+        assert!(!elsewhere.root_is_real().expect("stat"));
     }
 }

@@ -4,13 +4,17 @@
 use std::{
     io,
     path::PathBuf,
-    sync::{Arc, Mutex},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc, Mutex, MutexGuard,
+    },
+    thread::{self, JoinHandle},
 };
 
 use anyhow::Context;
 use tokio::{
     signal::unix::{signal, SignalKind},
-    sync::{mpsc::UnboundedReceiver, watch},
+    sync::mpsc::UnboundedReceiver,
 };
 
 use crate::{
@@ -19,13 +23,13 @@ use crate::{
     control::{
         self,
         history::EventHistory,
-        protocol::{CgroupStatus, PolicyStatus, StatusReport},
+        protocol::{CgroupStatus, IgnoredStatus, PolicyStatus, StatusReport},
     },
     discovery::{self, Change, ContainerNames, Found},
     engine::{Binding, Engine},
     events::Catalog,
     loader::{Enforcer, OnExit, SocketGuard, Start},
-    matching,
+    matching::{self, IgnoredMatches, Match},
     metrics,
     output::{EventWriter, LogFormat},
     pipeline, preflight, service,
@@ -46,7 +50,13 @@ pub struct Daemon {
     pub config: PathBuf,
     pub history: Arc<EventHistory>,
     names: Arc<Mutex<ContainerNames>>,
+    /// Selector matches that do not count (see `matching`), for status.
+    ignored: Arc<Mutex<IgnoredMatches>>,
     attach: String,
+    /// Held by whatever changes which cgroups are bound (a reload, a cgroup coming or going), off
+    /// the runtime: a reload's scan and the binding of a cgroup found meanwhile must not interleave.
+    /// Taken before `names`, which is taken before the engine's locks.
+    changing: Arc<Mutex<()>>,
 }
 
 pub async fn run(args: RunArgs) -> Result<(), Failure> {
@@ -74,20 +84,28 @@ pub async fn run(args: RunArgs) -> Result<(), Failure> {
         config: args.config.clone(),
         history: Arc::new(EventHistory::new(settings.history)),
         names: Arc::new(Mutex::new(ContainerNames::default())),
+        ignored: Arc::new(Mutex::new(IgnoredMatches::default())),
         attach: settings.attach.clone(),
+        changing: Arc::new(Mutex::new(())),
     };
 
     // Watch before the first scan, so a cgroup created in between is not missed.
-    let (changes, _watcher) = discovery::spawn_watcher(hierarchy.mount().to_path_buf(), settings.attach.clone())
+    let (changes, watcher) = discovery::spawn_watcher(hierarchy.mount().to_path_buf(), settings.attach.clone())
         .context("watching the cgroup tree")?;
-    daemon.apply(set)?;
+    let first = daemon.clone();
+    tokio::task::spawn_blocking(move || {
+        let _changing = first.changing();
+        first.apply(set)
+    })
+    .await
+    .context("applying the policies")??;
     // Policies are in the maps before the programs see any traffic.
     daemon.engine.attach(&attach_point)?;
-    tracing::info!(config = %args.config.display(), attach = %attach_point.relative, "all policies enforced");
 
-    let (stop_tx, stop_rx) = watch::channel(false);
     let writer = EventWriter::new(args.log_format, io::stdout()).with_journal_priorities(service::under_journal());
-    let events = tokio::spawn(pipeline::pump(ring, daemon.engine.clone(), writer, Some(daemon.history.clone()), stop_rx));
+    let events = pipeline::spawn(ring, daemon.engine.clone(), writer, Some(daemon.history.clone()))
+        .context("starting the event pipeline")?;
+    let cgroups = CgroupFollower::spawn(daemon.clone(), changes).context("starting the cgroup follower")?;
     let control_server = control::server::serve(
         &settings.control_socket,
         settings.control_group.clone(),
@@ -99,20 +117,63 @@ pub async fn run(args: RunArgs) -> Result<(), Failure> {
         Some(address) => Some(metrics::serve(address, daemon.clone()).await.context("starting the metrics listener")?),
         None => None,
     };
+    // Said once the control socket answers too: scripts and tests wait for this line.
+    tracing::info!(config = %args.config.display(), attach = %attach_point.relative, "all policies enforced");
     service::notify_ready();
 
-    let result = daemon.serve_until_stopped(changes).await;
+    let result = daemon.serve_until_stopped().await;
     service::notify_stopping();
-    let _ = stop_tx.send(true);
-    events.await.context("event pipeline")??;
+    cgroups.stop(watcher).await;
+    let drained = events.stop().await;
     drop(control_server);
     if args.on_exit == OnExit::Keep {
         tracing::info!("stopping; enforcement stays in place (--on-exit keep)");
     } else {
         tracing::info!("stopping; removing enforcement (--on-exit detach)");
     }
-    daemon.engine.state().enforcer.shut_down(args.on_exit);
-    result
+    let last = daemon.clone();
+    // A reload still running (from the control socket) finishes first.
+    tokio::task::spawn_blocking(move || {
+        let _changing = last.changing();
+        last.engine.state().enforcer.shut_down(args.on_exit);
+    })
+    .await
+    .context("shutting down")?;
+    result.and(drained.map_err(Failure::from))
+}
+
+/// Applies the cgroups the watcher reports, one at a time and in order, on a thread of its own:
+/// matching a container's cgroup may run the container runtimes' CLIs, and a binding waits for
+/// a reload in progress.
+struct CgroupFollower {
+    stopping: Arc<AtomicBool>,
+    thread: JoinHandle<()>,
+}
+
+impl CgroupFollower {
+    fn spawn(daemon: Daemon, mut changes: UnboundedReceiver<Change>) -> io::Result<Self> {
+        let stopping = Arc::new(AtomicBool::new(false));
+        let stopped = stopping.clone();
+        let thread = thread::Builder::new().name("egress-cgroups".into()).spawn(move || {
+            while let Some(change) = changes.blocking_recv() {
+                daemon.on_change(change);
+            }
+            if !stopped.load(Ordering::Acquire) {
+                tracing::error!("the cgroup watcher stopped; new cgroups are no longer discovered");
+            }
+        })?;
+        Ok(Self { stopping, thread })
+    }
+
+    /// Stops the watcher, which ends the follower once it has applied what was reported.
+    async fn stop(self, watcher: discovery::WatchHandle) {
+        self.stopping.store(true, Ordering::Release);
+        drop(watcher);
+        let thread = self.thread;
+        if tokio::task::spawn_blocking(move || thread.join()).await.map_or(true, |joined| joined.is_err()) {
+            tracing::error!("the cgroup follower panicked");
+        }
+    }
 }
 
 /// Says at start whether non-IP sockets are refused to covered cgroups on this kernel.
@@ -124,7 +185,7 @@ fn log_socket_guard(guard: &SocketGuard) {
 }
 
 impl Daemon {
-    async fn serve_until_stopped(&self, mut changes: UnboundedReceiver<Change>) -> Result<(), Failure> {
+    async fn serve_until_stopped(&self) -> Result<(), Failure> {
         let mut terminate = signal(SignalKind::terminate())?;
         let mut interrupt = signal(SignalKind::interrupt())?;
         let mut hangup = signal(SignalKind::hangup())?;
@@ -133,23 +194,21 @@ impl Daemon {
                 _ = terminate.recv() => return Ok(()),
                 _ = interrupt.recv() => return Ok(()),
                 _ = hangup.recv() => {
-                    if let Err(message) = self.reload() {
-                        tracing::error!("reload failed, the previous policies stay in force: {message}");
-                    }
+                    let daemon = self.clone();
+                    tokio::task::spawn_blocking(move || {
+                        if let Err(message) = daemon.reload() {
+                            tracing::error!("reload failed, the previous policies stay in force: {message}");
+                        }
+                    });
                 }
-                change = changes.recv() => match change {
-                    Some(change) => self.on_change(change),
-                    None => {
-                        tracing::error!("the cgroup watcher stopped; new cgroups are no longer discovered");
-                        std::future::pending::<()>().await;
-                    }
-                },
             }
         }
     }
 
-    /// Reloads the policy file; on any error the running policies stay in force.
+    /// Reloads the policy file; on any error the running policies stay in force. Blocks (parse,
+    /// scan, the runtimes' CLIs, map writes): call it off the runtime.
     pub fn reload(&self) -> Result<String, String> {
+        let _changing = self.changing();
         service::notify_reloading();
         let result = load_policies(&self.config)
             .map_err(|failure| format!("{:#}", failure.error))
@@ -170,41 +229,60 @@ impl Daemon {
         result
     }
 
-    /// Matches every existing cgroup below the attach point and puts `set` in force.
+    /// Matches every existing cgroup below the attach point and puts `set` in force. Blocks (a walk
+    /// of the tree, the runtimes' CLIs): call it off the runtime, holding `changing`.
     fn apply(&self, set: PolicySet) -> Result<(), Failure> {
         let found = discovery::scan(self.hierarchy.mount(), &self.attach).context("scanning the cgroup tree")?;
         let names = self.refreshed_names(&found);
-        let bindings: Vec<Binding> = found
-            .iter()
-            .filter_map(|f| {
-                let policy = matching::policy_for(&set, &f.relative, &names)?;
-                Some(Binding { policy, cgroup: self.cgroup(f) })
-            })
-            .collect();
+        let mut bindings = Vec::new();
+        let mut ignored = IgnoredMatches::default();
+        for f in &found {
+            let matched = self.policy_for(&set, f, &names);
+            ignored.add(&set, &f.relative, &matched);
+            if let Some(policy) = matched.policy {
+                bindings.push(Binding { policy, cgroup: self.cgroup(f) });
+            }
+        }
+        drop(names);
         for policy in &set.policies {
             let count = bindings.iter().filter(|b| set.policies[b.policy].name == policy.name).count();
-            if count == 0 {
+            let untrusted = ignored.iter().filter(|i| i.policy == policy.name).count();
+            if count == 0 && untrusted > 0 {
+                tracing::warn!(policy = %policy.name, selector = %policy.selector, ignored = untrusted, "no cgroup matches yet where root made it; it applies as soon as one appears");
+            } else if count == 0 {
                 tracing::warn!(policy = %policy.name, selector = %policy.selector, "no cgroup matches yet; it applies as soon as one appears");
             } else {
                 tracing::info!(policy = %policy.name, selector = %policy.selector, cgroups = count, "enforcing");
             }
         }
         self.engine.apply(set, &self.config.display().to_string(), &bindings)?;
+        self.ignored().replace_with(ignored);
         // Parsing a large file leaves freed heap behind; hand it back to the system.
         // SAFETY: malloc_trim only releases free memory at the top of glibc's heaps.
         unsafe { libc::malloc_trim(0) };
         Ok(())
     }
 
+    /// Binds a cgroup that appeared, unbinds one that went. Blocks: call it off the runtime.
     fn on_change(&self, change: Change) {
+        let _changing = self.changing();
         match change {
             Change::Added(found) => {
+                // The runtimes' CLIs run before the engine's lock is taken, never under it.
+                let names = self.refreshed_names(std::slice::from_ref(&found));
                 let policy = {
                     let state = self.engine.state();
                     let Some(active) = &state.active else { return };
-                    let names = self.refreshed_names(std::slice::from_ref(&found));
-                    matching::policy_for(&active.set, &found.relative, &names)
+                    let matched = self.policy_for(&active.set, &found, &names);
+                    if !matched.ignored.is_empty() {
+                        let mut ignored = self.ignored();
+                        let mut next = ignored.clone();
+                        next.add(&active.set, &found.relative, &matched);
+                        ignored.replace_with(next);
+                    }
+                    matched.policy
                 };
+                drop(names);
                 if let Some(policy) = policy {
                     let binding = Binding { policy, cgroup: self.cgroup(&found) };
                     match self.engine.bind(&binding) {
@@ -214,6 +292,7 @@ impl Daemon {
                 }
             }
             Change::Removed { relative } => {
+                self.ignored().forget(&relative);
                 let id = {
                     let state = self.engine.state();
                     state.active.as_ref().and_then(|active| {
@@ -228,6 +307,10 @@ impl Daemon {
         }
     }
 
+    fn changing(&self) -> MutexGuard<'_, ()> {
+        self.changing.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
     fn cgroup(&self, found: &Found) -> Cgroup {
         Cgroup {
             dir: self.hierarchy.dir(&found.relative),
@@ -237,10 +320,30 @@ impl Daemon {
         }
     }
 
-    /// Container names (best effort, from the runtimes' CLIs) and ids seen in `found`.
+    /// What governs a cgroup found on the tree, checking the placement of cgroups a selector
+    /// names by what they are called (the check runs as each cgroup is discovered).
+    fn policy_for(&self, set: &PolicySet, found: &Found, names: &ContainerNames) -> Match {
+        matching::policy_for(set, &found.relative, names, |depth| {
+            discovery::check_placement(self.hierarchy.mount(), &found.relative, depth)
+        })
+    }
+
+    fn ignored(&self) -> std::sync::MutexGuard<'_, IgnoredMatches> {
+        self.ignored.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Container names (best effort, from the runtimes' CLIs) and ids seen in `found`. Only ids of
+    /// cgroups root placed count: a user could otherwise make a prefix ambiguous (which selects
+    /// nothing) with a forged `docker-<id>.scope`, or have the CLIs run for every one made.
     fn refreshed_names(&self, found: &[Found]) -> std::sync::MutexGuard<'_, ContainerNames> {
         let mut names = self.names.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        let ids: Vec<String> = found.iter().filter_map(|f| discovery::container_of(&f.relative)).map(|c| c.id).collect();
+        let ids: Vec<String> = found
+            .iter()
+            .filter_map(|f| {
+                let container = discovery::container_of(&f.relative)?;
+                discovery::check_placement(self.hierarchy.mount(), &f.relative, 0).is_ok().then_some(container.id)
+            })
+            .collect();
         if !ids.is_empty() || found.len() > 1 {
             names.note_ids(ids);
             names.refresh();
@@ -296,6 +399,16 @@ impl control::server::ControlHandler for Daemon {
             guarantees,
             policies,
             cgroups: Vec::new(),
+            ignored: self
+                .ignored()
+                .iter()
+                .map(|i| IgnoredStatus {
+                    cgroup: i.cgroup.clone(),
+                    policy: i.policy.clone(),
+                    selector: i.selector.clone(),
+                    reason: i.reason.clone(),
+                })
+                .collect(),
         };
         for (id, b) in bound {
             let stats = state.enforcer.cgroup_stats(id).unwrap_or_default();
@@ -308,6 +421,7 @@ impl control::server::ControlHandler for Daemon {
                 allowed: stats.allowed,
                 blocked: stats.blocked,
                 audited: stats.audited,
+                suppressed: stats.suppressed,
                 deep: b.deep,
             });
         }

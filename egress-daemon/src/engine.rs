@@ -94,8 +94,9 @@ impl Engine {
             bail!("policy slots: {needed} needed, {available} available per generation");
         }
         let guards = deep_guards(bindings.iter().map(|b| &b.cgroup))?;
-        let mut state = self.state();
-        let generation = state.enforcer.next_generation();
+        // Compiling a large file takes a while: the lock that status, metrics and the event
+        // pipeline share is taken only to write the maps.
+        let generation = self.state().enforcer.next_generation();
         let slots = generation.slots(set.policies.len());
         let compiled = compile_set(&set, &slots, generation.first_table_id()).context("compiling the policies")?;
         let cgroup_slots: HashMap<u64, u32> = bindings.iter().map(|b| (b.cgroup.id, slots[b.policy])).collect();
@@ -104,6 +105,10 @@ impl Engine {
         // Name the new slots before they can raise events.
         self.name_slots(&set, &slots);
         self.name_cgroups(bindings.iter().map(|b| &b.cgroup));
+        let mut state = self.state();
+        if state.enforcer.next_generation() != generation {
+            bail!("another set of policies was put in force meanwhile; apply again");
+        }
         // Guards first: a deep cgroup's unbound neighbours are refused from the moment the
         // kernel starts looking below the walk.
         state.enforcer.set_deep_guards(&guards).context("writing the deep-cgroup guards")?;

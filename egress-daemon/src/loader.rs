@@ -59,7 +59,8 @@ const PINNED_MAPS: [&str; 12] = [
     names::FLOWS_SEEN,
     names::DEEP_GUARDS,
 ];
-const MAPS_DIR: &str = "maps-v2";
+/// Where the maps are pinned below the pin directory (tests open them there too).
+pub const MAPS_DIR: &str = "maps-v2";
 const LINKS_DIR: &str = "links";
 
 /// Time for program runs that read the previous bindings to finish before their slots are

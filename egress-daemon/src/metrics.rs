@@ -46,7 +46,8 @@ pub async fn serve(address: SocketAddr, daemon: Daemon) -> std::io::Result<Metri
                 let n = stream.read(&mut request).await.unwrap_or(0);
                 let head = String::from_utf8_lossy(&request[..n]);
                 let response = if head.starts_with("GET /metrics") {
-                    let body = render(&daemon);
+                    // Reading the counters waits for the engine's lock: off the runtime.
+                    let Ok(body) = tokio::task::spawn_blocking(move || render(&daemon)).await else { return };
                     format!(
                         "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
                         body.len()
@@ -64,6 +65,7 @@ pub async fn serve(address: SocketAddr, daemon: Daemon) -> std::io::Result<Metri
 pub fn render(daemon: &Daemon) -> String {
     let mut flows: BTreeMap<(String, &str), u64> = BTreeMap::new();
     let mut bound: BTreeMap<String, u64> = BTreeMap::new();
+    let mut suppressed: BTreeMap<String, u64> = BTreeMap::new();
     let mut state = daemon.engine.state();
     let bindings: Vec<(u64, String)> = state
         .active
@@ -81,7 +83,8 @@ pub fn render(daemon: &Daemon) -> String {
         if let Ok(stats) = state.enforcer.cgroup_stats(cgroup_id) {
             *flows.entry((policy.clone(), "allowed")).or_default() += stats.allowed;
             *flows.entry((policy.clone(), "blocked")).or_default() += stats.blocked;
-            *flows.entry((policy, "audit")).or_default() += stats.audited;
+            *flows.entry((policy.clone(), "audit")).or_default() += stats.audited;
+            *suppressed.entry(policy).or_default() += stats.suppressed;
         }
     }
     let dropped = state.enforcer.dropped_events().map(|(total, _)| total).unwrap_or(0);
@@ -92,6 +95,15 @@ pub fn render(daemon: &Daemon) -> String {
     header(&mut out, "egress_flows_total", "counter", "Flow decisions per policy and verdict.");
     for ((policy, verdict), value) in &flows {
         let _ = writeln!(out, "egress_flows_total{{policy=\"{}\",verdict=\"{verdict}\"}} {value}", escape(policy));
+    }
+    header(
+        &mut out,
+        "egress_events_suppressed_total",
+        "counter",
+        "Flow events not written because a cgroup was over its event budget (per cgroup: egress status).",
+    );
+    for (policy, value) in &suppressed {
+        let _ = writeln!(out, "egress_events_suppressed_total{{policy=\"{}\"}} {value}", escape(policy));
     }
     header(&mut out, "egress_cgroups_bound", "gauge", "Cgroups bound to each policy.");
     for (policy, value) in &bound {

@@ -15,6 +15,16 @@ pub enum PreflightError {
     NotRoot,
     #[error("{0}; egress needs cgroup v2")]
     NoCgroup2(#[source] CgroupError),
+    #[error(
+        "the cgroup2 file system at {mount} is rooted below the host's root cgroup (egress runs in a private cgroup \
+         namespace, as in a container or Kubernetes pod, or sees a bind-mounted subtree): the kernel counts cgroup \
+         depths from the host's root, so no policy would take effect. Run egress in the host's cgroup namespace \
+         (docker/podman run --cgroupns=host) or mount the host's cgroup2 root into its mount namespace (Kubernetes: \
+         a hostPath volume of /sys/fs/cgroup)"
+    )]
+    NotHostRoot { mount: std::path::PathBuf },
+    #[error("{0}")]
+    Cgroup(#[source] CgroupError),
     #[error("this kernel cannot run egress: missing {0} (needs Linux 5.10 or later, the oldest kernel tested, with CONFIG_BPF_SYSCALL and CONFIG_CGROUP_BPF)")]
     Unsupported(String),
 }
@@ -26,6 +36,9 @@ pub fn check() -> Result<Hierarchy, PreflightError> {
         return Err(PreflightError::NotRoot);
     }
     let hierarchy = Hierarchy::discover().map_err(PreflightError::NoCgroup2)?;
+    if !hierarchy.root_is_real().map_err(PreflightError::Cgroup)? {
+        return Err(PreflightError::NotHostRoot { mount: hierarchy.mount().to_path_buf() });
+    }
     let mut missing = Vec::new();
     for (program, name) in [
         (ProgramType::CgroupSockAddr, "BPF program type cgroup_sock_addr"),

@@ -21,7 +21,7 @@ const NEW_CRI_ID: &str = "5e5e5e5e405162738495a6b7c8d9eaf00c1d2e3f405162738495a6
 
 /// cgroup ids currently in the kernel's cgroup -> policy map of a test daemon.
 fn bound_cgroup_ids(pin_dir: &Path) -> HashSet<u64> {
-    let data = aya::maps::MapData::from_pin(pin_dir.join("maps-v1/CGROUP_POLICY")).expect("open pinned map");
+    let data = aya::maps::MapData::from_pin(pin_dir.join(egress::loader::MAPS_DIR).join("CGROUP_POLICY")).expect("open pinned map");
     let map = aya::maps::Map::from_map_data(data).expect("map");
     let hash: aya::maps::HashMap<_, u64, u64> = aya::maps::HashMap::try_from(map).expect("hash map");
     hash.keys().map(|k| k.expect("key")).collect()

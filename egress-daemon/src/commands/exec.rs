@@ -3,7 +3,6 @@
 use std::{io, os::unix::process::ExitStatusExt, path::PathBuf, time::Duration};
 
 use anyhow::{anyhow, Context};
-use tokio::sync::watch;
 
 use super::{load_policies, Failure};
 use crate::{
@@ -56,9 +55,8 @@ async fn exec_in(
     engine.apply(set, &args.config.display().to_string(), &[Binding { policy: 0, cgroup: cgroup.clone() }])?;
     engine.attach(cgroup)?;
 
-    let (stop_tx, stop_rx) = watch::channel(false);
     let writer = EventWriter::new(args.log_format, io::stderr());
-    let events = tokio::spawn(pipeline::pump(ring, engine.clone(), writer, None, stop_rx));
+    let events = pipeline::spawn(ring, engine.clone(), writer, None).context("starting the event pipeline")?;
 
     let status = spawn_in_cgroup(cgroup, &args.command)
         .with_context(|| format!("starting {}", args.command.join(" ")))?
@@ -66,8 +64,7 @@ async fn exec_in(
         .await?;
     // Let events raised by the last system calls reach the ring buffer reader.
     tokio::time::sleep(Duration::from_millis(50)).await;
-    let _ = stop_tx.send(true);
-    events.await.context("event pipeline")??;
+    events.stop().await?;
     Ok(status.code().unwrap_or_else(|| 128 + status.signal().unwrap_or(0)))
 }
 

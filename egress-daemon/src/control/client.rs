@@ -180,14 +180,14 @@ pub fn status_text(report: &StatusReport) -> String {
     } else {
         let _ = writeln!(
             out,
-            "{:<cgroup_width$}  {:<policy_width$}  {:<mode_width$}  {:>9}  {:>9}  {:>9}",
-            "CGROUP", "POLICY", "MODE", "ALLOWED", "BLOCKED", "AUDITED"
+            "{:<cgroup_width$}  {:<policy_width$}  {:<mode_width$}  {:>9}  {:>9}  {:>9}  {:>10}",
+            "CGROUP", "POLICY", "MODE", "ALLOWED", "BLOCKED", "AUDITED", "SUPPRESSED"
         );
         for (row, name) in report.cgroups.iter().zip(&names) {
             let _ = writeln!(
                 out,
-                "{name:<cgroup_width$}  {:<policy_width$}  {:<mode_width$}  {:>9}  {:>9}  {:>9}",
-                row.policy, row.mode, row.allowed, row.blocked, row.audited
+                "{name:<cgroup_width$}  {:<policy_width$}  {:<mode_width$}  {:>9}  {:>9}  {:>9}  {:>10}",
+                row.policy, row.mode, row.allowed, row.blocked, row.audited, row.suppressed
             );
         }
     }
@@ -205,6 +205,16 @@ pub fn status_text(report: &StatusReport) -> String {
             policy.cgroups,
             plural(policy.cgroups),
         );
+    }
+    if !report.ignored.is_empty() {
+        out.push_str("\nignored matches (named where unprivileged users make cgroups; their ancestors' policy applies):\n");
+        for ignored in &report.ignored {
+            let _ = writeln!(
+                out,
+                "  {}: policy {} ({}): {}",
+                ignored.cgroup, ignored.policy, ignored.selector, ignored.reason
+            );
+        }
     }
     out
 }
@@ -287,7 +297,7 @@ fn print_stdout(text: &str) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::control::protocol::{CgroupStatus, PolicyStatus};
+    use crate::control::protocol::{CgroupStatus, IgnoredStatus, PolicyStatus};
 
     #[test]
     fn parses_durations() {
@@ -328,7 +338,16 @@ mod tests {
                 allowed: 12,
                 blocked: 1,
                 audited: 0,
+                suppressed: 40,
+                ..CgroupStatus::default()
             }],
+            ignored: vec![IgnoredStatus {
+                cgroup: "user.slice/user@4242.service/x/nginx.service".into(),
+                policy: "web".into(),
+                selector: "systemd_unit nginx.service".into(),
+                reason: "user.slice/user@4242.service is owned by uid 4242 (delegated to that user)".into(),
+            }],
+            ..StatusReport::default()
         };
         let text = status_text(&report);
         let lines: Vec<&str> = text.lines().collect();
@@ -338,13 +357,19 @@ mod tests {
         assert_eq!(lines[3], "dropped events: 7");
         assert_eq!(
             lines[5],
-            "CGROUP                                      POLICY  MODE       ALLOWED    BLOCKED    AUDITED"
+            "CGROUP                                      POLICY  MODE       ALLOWED    BLOCKED    AUDITED  SUPPRESSED"
         );
         assert_eq!(
             lines[6],
-            "system.slice/nginx.service (nginx.service)  web     enforce         12          1          0"
+            "system.slice/nginx.service (nginx.service)  web     enforce         12          1          0          40"
         );
         assert_eq!(lines[8], "policy web: systemd_unit: nginx.service, default deny, mode enforce, 3 rules, 1 cgroup");
+        assert!(lines[10].starts_with("ignored matches"), "{text}");
+        assert_eq!(
+            lines[11],
+            "  user.slice/user@4242.service/x/nginx.service: policy web (systemd_unit nginx.service): \
+             user.slice/user@4242.service is owned by uid 4242 (delegated to that user)"
+        );
         let empty = status_text(&StatusReport::default());
         assert!(empty.contains("no cgroup is bound to a policy"), "{empty}");
     }

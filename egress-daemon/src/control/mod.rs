@@ -94,6 +94,7 @@ mod round_trip {
                     blocked: 5,
                     ..CgroupStatus::default()
                 }],
+                ..StatusReport::default()
             }
         }
 

@@ -75,6 +75,9 @@ pub struct StatusReport {
     pub guarantees: Vec<String>,
     pub policies: Vec<PolicyStatus>,
     pub cgroups: Vec<CgroupStatus>,
+    /// Selector matches that do not govern their cgroup: it lies where an unprivileged user could
+    /// have made it under that name.
+    pub ignored: Vec<IgnoredStatus>,
 }
 
 /// One policy of the file in force.
@@ -104,10 +107,24 @@ pub struct CgroupStatus {
     pub allowed: u64,
     pub blocked: u64,
     pub audited: u64,
+    /// Events the kernel did not write because the cgroup was over its event budget; its flows
+    /// are still judged and counted above.
+    pub suppressed: u64,
     /// Deeper than the kernel's cgroup walk: found by its own id; unbound cgroups that deep
     /// below the same level-15 ancestor are refused everything.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub deep: bool,
+}
+
+/// A cgroup a policy's selector names that the policy does not govern, and why.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct IgnoredStatus {
+    pub cgroup: String,
+    pub policy: String,
+    /// The selector, as in [`PolicyStatus`].
+    pub selector: String,
+    pub reason: String,
 }
 
 #[cfg(test)]

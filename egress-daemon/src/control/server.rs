@@ -35,9 +35,9 @@ const BACKLOG_CHUNK: usize = 1024;
 
 /// What the daemon offers to control clients.
 ///
-/// The methods are called on the connection's task, like `SIGHUP`'s reload on the daemon's
-/// main task: a reload therefore never runs alongside the rest of the daemon's work on a
-/// current-thread runtime, at the price of holding that thread while it runs.
+/// `status` and `reload` may block (they wait for the daemon's locks; a reload parses, walks the
+/// cgroup tree and writes the maps), so the server calls them on tokio's blocking threads: a
+/// slow reload never holds up the runtime, other clients or the daemon's other work.
 pub trait ControlHandler: Send + Sync + 'static {
     fn status(&self) -> StatusReport;
     /// `Ok(summary)`, or `Err(message)` (for a bad file: `FILE:LINE:COL: message`) with the
@@ -172,7 +172,7 @@ async fn accept_loop(listener: UnixListener, access: Access, handler: Arc<dyn Co
                 Ok((stream, _)) => {
                     let (access, handler) = (access.clone(), handler.clone());
                     connections.spawn(async move {
-                        if let Err(error) = converse(stream, &access, handler.as_ref()).await {
+                        if let Err(error) = converse(stream, &access, handler).await {
                             tracing::debug!(%error, "control connection ended");
                         }
                     });
@@ -188,7 +188,7 @@ async fn accept_loop(listener: UnixListener, access: Access, handler: Arc<dyn Co
 }
 
 /// One client: one request, its answer.
-async fn converse(stream: UnixStream, access: &Access, handler: &dyn ControlHandler) -> io::Result<()> {
+async fn converse(stream: UnixStream, access: &Access, handler: Arc<dyn ControlHandler>) -> io::Result<()> {
     let peer = stream.peer_cred();
     let (read, write) = stream.into_split();
     let mut reader = BufReader::new(read);
@@ -216,12 +216,16 @@ async fn converse(stream: UnixStream, access: &Access, handler: &dyn ControlHand
         Err(error) => return reply(&mut out, &Response::Error { message: format!("bad request: {error}") }).await,
     };
     match request {
-        Request::Status => reply(&mut out, &Response::Status(handler.status())).await,
+        Request::Status => {
+            let status = off_runtime(&handler, |handler| handler.status()).await?;
+            reply(&mut out, &Response::Status(status)).await
+        }
         Request::Reload => {
-            let response = match handler.reload() {
+            let response = off_runtime(&handler, |handler| match handler.reload() {
                 Ok(message) => Response::Reloaded { policies: handler.status().policies.len(), message },
                 Err(message) => Response::Error { message },
-            };
+            })
+            .await?;
             reply(&mut out, &response).await
         }
         Request::Logs { follow, blocked_only, policy, since_secs } => {
@@ -231,6 +235,15 @@ async fn converse(stream: UnixStream, access: &Access, handler: &dyn ControlHand
             logs(handler.history(), &filter, follow, &mut reader, &mut out).await
         }
     }
+}
+
+/// Runs a handler call on tokio's blocking threads.
+async fn off_runtime<T: Send + 'static>(
+    handler: &Arc<dyn ControlHandler>,
+    call: impl FnOnce(&dyn ControlHandler) -> T + Send + 'static,
+) -> io::Result<T> {
+    let handler = handler.clone();
+    tokio::task::spawn_blocking(move || call(handler.as_ref())).await.map_err(io::Error::other)
 }
 
 /// The request line without its newline; `None` if the client closed without one.

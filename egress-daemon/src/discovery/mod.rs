@@ -6,17 +6,21 @@
 //!   or systemd unit a cgroup path names.
 //! - [`ContainerNames`]: container names and id prefixes -> full ids, from the runtime CLIs when
 //!   installed and from the ids seen in cgroup paths.
+//! - [`check_placement`]: whether only root could have made a cgroup, or an unprivileged user in
+//!   a delegated subtree (where any name can be forged).
 //!
 //! Paths are relative to the cgroup2 mount, written as `cgroup::Hierarchy::relative` writes them
 //! (`system.slice/nginx.service`, `/` for the root). Nothing here knows about policies: the
 //! engine matches what discovery reports against its selectors.
 
 mod names;
+mod placement;
 mod runtime;
 mod scan;
 mod watch;
 
 pub use names::{ContainerNames, MIN_PREFIX};
+pub use placement::{check as check_placement, Reason as UntrustedReason, Untrusted};
 pub use runtime::{container_of, enclosing_container, unit_of, ContainerRef, Runtime};
 pub use scan::{scan, Found};
 pub use watch::{spawn_watcher, Change, WatchHandle};

@@ -646,6 +646,7 @@ fn settings_default_when_absent_or_empty() {
         control_group: None,
         metrics: None,
         pin_dir: "/sys/fs/bpf/egress".into(),
+        events_per_second: egress_common::DEFAULT_EVENT_BUDGET,
     };
     assert_eq!(Settings::default(), defaults);
     assert_eq!(PolicySet::default().settings, defaults);
@@ -669,6 +670,7 @@ settings:
   control_group: adm
   metrics: 127.0.0.1:9154
   pin_dir: /sys/fs/bpf/egress-test/
+  events_per_second: 2_000
 policies:
   - name: a
     cgroup: egress-test/parent/a
@@ -684,6 +686,7 @@ policies:
             control_group: Some("adm".to_owned()),
             metrics: Some("127.0.0.1:9154".parse().expect("addr")),
             pin_dir: "/sys/fs/bpf/egress-test".into(),
+            events_per_second: 2_000,
         }
     );
     let settings = |lines: &str| parse(&format!("settings:\n{lines}policies: []\n")).settings;
@@ -992,7 +995,8 @@ fn compiles_nested_cidrs() {
             active: 1,
             default_action: action::DENY,
             mode: egress_common::mode::ENFORCE,
-            _pad: 0
+            _pad: 0,
+            allowed_sockets: 0,
         }
     );
     let slot = 7u32.to_be_bytes();
