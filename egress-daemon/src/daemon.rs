@@ -68,7 +68,11 @@ pub async fn run(args: RunArgs) -> Result<(), Failure> {
         .open(&settings.attach)
         .with_context(|| format!("settings.attach: cgroup {:?}", settings.attach))?;
 
-    let (mut enforcer, start) = Enforcer::load(Some(&settings.pin_dir)).context("loading the kernel programs")?;
+    let (mut enforcer, start) = Enforcer::load(Some(&settings.pin_dir)).map_err(|error| {
+        let what = preflight::missing_helper(&error.to_string())
+            .map_or_else(|| "loading the kernel programs".to_owned(), |m| format!("loading the kernel programs: {m}"));
+        anyhow::Error::new(error).context(what)
+    })?;
     if start == Start::Adopted {
         tracing::info!(pins = %settings.pin_dir.display(), "adopting the enforcement an earlier daemon left in place");
     }

@@ -991,7 +991,14 @@ fn load_socket_guard(ebpf: &mut Ebpf) -> SocketGuard {
     };
     match lsm_program(ebpf).and_then(|p| p.load(LSM_HOOK, &btf).map_err(program_error(LSM_PROGRAM))) {
         Ok(()) => SocketGuard::On,
-        Err(error) => SocketGuard::Off(format!("loading the LSM program: {error}")),
+        Err(error) => {
+            let error = error.to_string();
+            tracing::debug!(%error, "the LSM program did not load");
+            match crate::preflight::missing_helper(&error) {
+                Some(missing) => SocketGuard::Off(format!("{missing}; AF_PACKET and other non-IP sockets are not refused")),
+                None => SocketGuard::Off(format!("loading the LSM program: {error}")),
+            }
+        }
     }
 }
 

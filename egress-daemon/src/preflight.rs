@@ -25,7 +25,7 @@ pub enum PreflightError {
     NotHostRoot { mount: std::path::PathBuf },
     #[error("{0}")]
     Cgroup(#[source] CgroupError),
-    #[error("this kernel cannot run egress: missing {0} (needs Linux 5.8 or later with CONFIG_BPF_SYSCALL and CONFIG_CGROUP_BPF)")]
+    #[error("this kernel cannot run egress: missing {0} (needs Linux 5.10 or later, the oldest kernel tested, with CONFIG_BPF_SYSCALL and CONFIG_CGROUP_BPF)")]
     Unsupported(String),
 }
 
@@ -64,6 +64,35 @@ pub fn check() -> Result<Hierarchy, PreflightError> {
     }
 }
 
+/// Helpers the verifier refused to one of our programs on a tested kernel, and the first tested
+/// kernel that allows them there (`cargo xtask vm-test`, KERNELS.md): (helper, program, kernel).
+const HELPERS_BY_KERNEL: &[(&str, &str, &str)] = &[
+    ("bpf_get_current_ancestor_cgroup_id", "socket_create", "6.1"),
+    ("bpf_get_current_pid_tgid", "egress_packet", "6.12"),
+    ("bpf_get_current_uid_gid", "egress_packet", "6.18"),
+];
+
+/// One line for a program the verifier refused because this kernel does not let that program
+/// type call a helper: names the helper and, where known, the first tested kernel that has it.
+/// `None` when the error is something else (its full text then says more).
+pub fn missing_helper(error: &str) -> Option<String> {
+    let program = error
+        .split("program ")
+        .nth(1)
+        .and_then(|rest| rest.split(':').next())
+        .filter(|name| name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_'))
+        .unwrap_or("a program");
+    let helper = ["unknown func ", "cannot use helper "].iter().find_map(|marker| {
+        let rest = &error[error.find(marker)? + marker.len()..];
+        Some(rest.split(|c: char| c == '#' || c.is_whitespace()).next()?.to_owned())
+    })?;
+    let since = HELPERS_BY_KERNEL
+        .iter()
+        .find(|(h, p, _)| *h == helper && *p == program)
+        .map_or_else(String::new, |(_, _, kernel)| format!(" (Linux {kernel} has it)"));
+    Some(format!("this kernel does not let {program} call {helper}{since}"))
+}
+
 /// bpffs magic number (`BPF_FS_MAGIC`).
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 
@@ -98,5 +127,28 @@ fn is_bpffs(path: &std::path::Path) -> bool {
     unsafe {
         let mut stats: libc::statfs = std::mem::zeroed();
         libc::statfs(c_path.as_ptr(), &mut stats) == 0 && stats.f_type as i64 == BPF_FS_MAGIC
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_the_missing_helper_and_the_kernel_that_has_it() {
+        let error = "program socket_create: the BPF_PROG_LOAD syscall returned Invalid argument (os error 22). \
+                     Verifier output: arg#0 type is not a struct\n53: (85) call bpf_get_current_ancestor_cgroup_id#123\n\
+                     unknown func bpf_get_current_ancestor_cgroup_id#123\nverification time 4278 usec";
+        assert_eq!(
+            missing_helper(error).as_deref(),
+            Some("this kernel does not let socket_create call bpf_get_current_ancestor_cgroup_id (Linux 6.1 has it)")
+        );
+        let error = "program egress_packet: ... 715: (85) call bpf_get_current_uid_gid#15\n\
+                     program of this type cannot use helper bpf_get_current_uid_gid#15\n";
+        assert_eq!(
+            missing_helper(error).as_deref(),
+            Some("this kernel does not let egress_packet call bpf_get_current_uid_gid (Linux 6.18 has it)")
+        );
+        assert_eq!(missing_helper("program connect4: R1 invalid mem access"), None);
     }
 }

@@ -26,8 +26,14 @@ pub struct Sender {
 
 /// Counts the flow and reports it, unless `once` is set and the same socket already reported
 /// the same decision for this destination (sendmsg and packet hooks run per datagram).
+///
+/// `TASK`: whether the hook may call the current-task helpers (pid, uid, comm). `cgroup_skb`
+/// programs may not on older kernels, and the verifier then refuses the whole program (seen by
+/// `cargo xtask vm-test`: 5.10 and 6.1 refuse `bpf_get_current_pid_tgid`, 6.12
+/// `bpf_get_current_uid_gid`; 6.18 accepts both), so packet-hook events carry the socket's uid
+/// and no pid or process name.
 #[inline(always)]
-pub fn report(binding: &CgroupBinding, flow: &Flow, judgement: &Judgement, hook: u8, sender: &Sender, once: bool) {
+pub fn report<const TASK: bool>(binding: &CgroupBinding, flow: &Flow, judgement: &Judgement, hook: u8, sender: &Sender, once: bool) {
     if once {
         let key = FlowKey {
             cookie: sender.cookie,
@@ -54,10 +60,16 @@ pub fn report(binding: &CgroupBinding, flow: &Flow, judgement: &Judgement, hook:
         bump(counter::EVENTS_DROPPED);
         return;
     };
-    let pid_tgid = bpf_get_current_pid_tgid();
-    let uid = sender
-        .socket_uid
-        .unwrap_or(bpf_get_current_uid_gid() as u32);
+    let (pid_tgid, comm) = if TASK {
+        (bpf_get_current_pid_tgid(), bpf_get_current_comm().unwrap_or([0; 16]))
+    } else {
+        (0, [0; 16])
+    };
+    let uid = match sender.socket_uid {
+        Some(uid) => uid,
+        None if TASK => bpf_get_current_uid_gid() as u32,
+        None => u32::MAX,
+    };
     let event = FlowEvent {
         boot_ns: now,
         cgroup_id: sender.cgroup_id,
@@ -72,7 +84,7 @@ pub fn report(binding: &CgroupBinding, flow: &Flow, judgement: &Judgement, hook:
         verdict: judgement.verdict,
         hook,
         _pad: [0; 2],
-        comm: bpf_get_current_comm().unwrap_or([0; 16]),
+        comm,
     };
     entry.write(event);
     entry.submit(wakeup_flag());

@@ -77,7 +77,7 @@ pub fn egress_packet(ctx: SkBuffContext) -> i32 {
             socket_uid: Some(bpf_get_socket_uid(skb.cast())),
         }
     };
-    report(&binding, &flow, &judgement, hook::SKB, &sender, true);
+    report::<false>(&binding, &flow, &judgement, hook::SKB, &sender, true);
     if judgement.lets_through() {
         PASS
     } else {

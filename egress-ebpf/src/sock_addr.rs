@@ -56,7 +56,7 @@ fn on_send(ctx: &SockAddrContext, socket_family: u8, hook: u8, per_datagram: boo
         cookie,
         socket_uid: None,
     };
-    report(&binding, &flow, &judgement, hook, &sender, per_datagram);
+    report::<true>(&binding, &flow, &judgement, hook, &sender, per_datagram);
     if judgement.lets_through() {
         ALLOW
     } else {

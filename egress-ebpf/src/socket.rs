@@ -68,7 +68,7 @@ fn may_open(family: u32, protocol: u32, hook: u8) -> bool {
     let flow = Flow { family: family as u8, addr: [0; 16], port: 0, protocol: protocol as u8 };
     // SAFETY: helper without arguments.
     let sender = Sender { cgroup_id: unsafe { bpf_get_current_cgroup_id() }, cookie: 0, socket_uid: None };
-    report(&binding, &flow, &judgement, hook, &sender, false);
+    report::<true>(&binding, &flow, &judgement, hook, &sender, false);
     judgement.lets_through()
 }
 

@@ -1,4 +1,4 @@
-//! `cargo xtask`: the developer entry point for egress (setup, build, test, run, bench).
+//! `cargo xtask`: the developer entry point for egress (setup, build, test, run, bench, vm-test).
 //!
 //! Everything here shells out to the same tools a person would type; the value is in doing the
 //! steps in the right order with the right environment on a fresh Debian machine.
@@ -9,6 +9,7 @@ mod run;
 mod setup;
 mod sys;
 mod test;
+mod vm;
 mod workspace;
 
 use std::process::ExitCode;
@@ -56,6 +57,21 @@ enum Task {
         #[arg(long)]
         quick: bool,
     },
+    /// Set up, build, then boot each kernel under QEMU with the daemon and a functional suite,
+    /// and print a kernel x check table (kernels are fetched from Debian once and cached).
+    VmTest {
+        /// Kernel series to test (default: 5.10 6.1 6.12 6.18).
+        kernels: Vec<String>,
+        /// Guests booted at once (default: one per CPU).
+        #[arg(long)]
+        jobs: Option<usize>,
+        /// Seconds one guest may take before it is stopped and its missing checks fail.
+        #[arg(long, default_value_t = 300)]
+        timeout: u64,
+        /// Write the table into KERNELS.md (between its generated-section markers).
+        #[arg(long)]
+        write_doc: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -66,6 +82,12 @@ fn main() -> ExitCode {
         Task::Test { unit_only, args } => test::test_command(unit_only, &args),
         Task::Run { args } => run::run_command(&args),
         Task::Bench { quick } => bench::bench_command(quick),
+        Task::VmTest { kernels, jobs, timeout, write_doc } => vm::vm_test_command(vm::Options {
+            kernels,
+            jobs,
+            timeout: std::time::Duration::from_secs(timeout),
+            write_doc,
+        }),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -38,6 +38,8 @@ const TEST_PACKAGES: &[&str] = &[
     // tests/clients/uring_connect.c: connect and sendmsg through io_uring.
     "gcc",
     "liburing-dev",
+    // `cargo xtask vm-test`: boots other kernels with software emulation.
+    "qemu-system-x86",
 ];
 /// What `cargo xtask bench` compares against and measures with.
 const BENCH_PACKAGES: &[&str] = &[
