@@ -51,7 +51,10 @@ fn main() {
         }
     }
     let status = cmd.status().expect("could not start the BPF cargo");
-    assert!(status.success(), "building egress-ebpf failed (see above); `cargo xtask setup` installs the BPF toolchain");
+    assert!(
+        status.success(),
+        "building egress-ebpf failed (see above); `cargo xtask setup` installs the BPF toolchain"
+    );
 
     let object = target_dir.join("bpfel-unknown-none/release/egress");
     std::fs::copy(&object, out_dir.join("egress.bpf.o")).expect("copy the kernel object");

@@ -91,10 +91,7 @@ impl Hierarchy {
             io::ErrorKind::NotFound => CgroupError::Missing { path: dir.clone() },
             _ => CgroupError::Io { action: "stat", path: dir.clone(), source: e },
         })?;
-        let level = dir
-            .strip_prefix(&self.mount)
-            .map(|rel| rel.components().count() as u32)
-            .unwrap_or(0);
+        let level = dir.strip_prefix(&self.mount).map(|rel| rel.components().count() as u32).unwrap_or(0);
         Ok(Cgroup { relative: self.relative(&dir), dir, id: meta.ino(), level })
     }
 

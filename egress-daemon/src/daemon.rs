@@ -32,8 +32,9 @@ use crate::{
     matching::{self, IgnoredMatches, Match},
     metrics,
     output::{escaped, EventWriter, LogFormat},
-    pipeline, preflight, service,
+    pipeline,
     policy::model::PolicySet,
+    preflight, service,
 };
 
 pub struct RunArgs {
@@ -64,9 +65,8 @@ pub async fn run(args: RunArgs) -> Result<(), Failure> {
     let set = load_policies(&args.config)?;
     let settings = set.settings.clone();
     preflight::ensure_bpffs(&settings.pin_dir)?;
-    let attach_point = hierarchy
-        .open(&settings.attach)
-        .with_context(|| format!("settings.attach: cgroup {:?}", settings.attach))?;
+    let attach_point =
+        hierarchy.open(&settings.attach).with_context(|| format!("settings.attach: cgroup {:?}", settings.attach))?;
 
     let (mut enforcer, start) = Enforcer::load(Some(&settings.pin_dir)).map_err(|error| {
         let what = preflight::missing_helper(&error.to_string())
@@ -106,13 +106,10 @@ pub async fn run(args: RunArgs) -> Result<(), Failure> {
     let events = pipeline::spawn(ring, daemon.engine.clone(), writer, Some(daemon.history.clone()))
         .context("starting the event pipeline")?;
     let cgroups = CgroupFollower::spawn(daemon.clone(), changes).context("starting the cgroup follower")?;
-    let control_server = control::server::serve(
-        &settings.control_socket,
-        settings.control_group.clone(),
-        Arc::new(daemon.clone()),
-    )
-    .await
-    .context("starting the control socket")?;
+    let control_server =
+        control::server::serve(&settings.control_socket, settings.control_group.clone(), Arc::new(daemon.clone()))
+            .await
+            .context("starting the control socket")?;
     let _metrics = match settings.metrics {
         Some(address) => Some(metrics::serve(address, daemon.clone()).await.context("starting the metrics listener")?),
         None => None,
@@ -210,16 +207,14 @@ impl Daemon {
     pub fn reload(&self) -> Result<String, String> {
         let _changing = self.changing();
         service::notify_reloading();
-        let result = load_policies(&self.config)
-            .map_err(|failure| format!("{:#}", failure.error))
-            .and_then(|set| {
-                if set.settings.attach != self.attach {
-                    tracing::warn!("settings.attach changed; it takes effect when the daemon restarts");
-                }
-                let count = set.policies.len();
-                self.apply(set).map_err(|failure| format!("{:#}", failure.error))?;
-                Ok(format!("{count} policies enforced from {}", self.config.display()))
-            });
+        let result = load_policies(&self.config).map_err(|failure| format!("{:#}", failure.error)).and_then(|set| {
+            if set.settings.attach != self.attach {
+                tracing::warn!("settings.attach changed; it takes effect when the daemon restarts");
+            }
+            let count = set.policies.len();
+            self.apply(set).map_err(|failure| format!("{:#}", failure.error))?;
+            Ok(format!("{count} policies enforced from {}", self.config.display()))
+        });
         match &result {
             Ok(summary) => tracing::info!("reloaded: {summary}"),
             Err(message) => tracing::error!("reload rejected: {message}"),
@@ -288,7 +283,9 @@ impl Daemon {
                     let binding = Binding { policy, cgroup: self.cgroup(&found) };
                     match self.engine.bind(&binding) {
                         Ok(()) => tracing::info!(cgroup = %escaped(&found.relative), "new cgroup bound to its policy"),
-                        Err(error) => tracing::error!(cgroup = %escaped(&found.relative), "binding a new cgroup: {error:#}"),
+                        Err(error) => {
+                            tracing::error!(cgroup = %escaped(&found.relative), "binding a new cgroup: {error:#}")
+                        }
                     }
                 }
             }
@@ -296,9 +293,10 @@ impl Daemon {
                 self.ignored().forget(&relative);
                 let id = {
                     let state = self.engine.state();
-                    state.active.as_ref().and_then(|active| {
-                        active.bound.iter().find(|(_, b)| b.relative == relative).map(|(id, _)| *id)
-                    })
+                    state
+                        .active
+                        .as_ref()
+                        .and_then(|active| active.bound.iter().find(|(_, b)| b.relative == relative).map(|(id, _)| *id))
                 };
                 if let Some(id) = id {
                     self.engine.unbind(id);

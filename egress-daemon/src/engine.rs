@@ -67,10 +67,7 @@ pub struct Engine {
 
 impl Engine {
     pub fn new(enforcer: Enforcer, catalog: Catalog) -> Self {
-        Self {
-            state: Arc::new(Mutex::new(State { enforcer, active: None })),
-            catalog: Arc::new(Mutex::new(catalog)),
-        }
+        Self { state: Arc::new(Mutex::new(State { enforcer, active: None })), catalog: Arc::new(Mutex::new(catalog)) }
     }
 
     pub fn state(&self) -> MutexGuard<'_, State> {
@@ -178,9 +175,9 @@ fn deep_guard_of(cgroup: &Cgroup) -> anyhow::Result<Option<u64>> {
     if cgroup.level <= MAX_CGROUP_LEVEL {
         return Ok(None);
     }
-    let ancestor = cgroup.ancestor_at(MAX_CGROUP_LEVEL).with_context(|| {
-        format!("finding the level-{MAX_CGROUP_LEVEL} ancestor of deep cgroup {}", cgroup.relative)
-    })?;
+    let ancestor = cgroup
+        .ancestor_at(MAX_CGROUP_LEVEL)
+        .with_context(|| format!("finding the level-{MAX_CGROUP_LEVEL} ancestor of deep cgroup {}", cgroup.relative))?;
     Ok(Some(ancestor))
 }
 

@@ -105,9 +105,9 @@ impl Catalog {
             rule_id::SOURCE_ROUTED => "source-routed".to_string(),
             rule_id::SOCKET_KIND => "socket-kind".to_string(),
             rule_id::TOO_DEEP => "too-deep".to_string(),
-            index => names
-                .and_then(|n| n.rules.get(index as usize).cloned())
-                .unwrap_or_else(|| format!("rule {index}")),
+            index => {
+                names.and_then(|n| n.rules.get(index as usize).cloned()).unwrap_or_else(|| format!("rule {index}"))
+            }
         };
         let at = SystemTime::UNIX_EPOCH + self.boot_to_wall + Duration::from_nanos(event.boot_ns);
         FlowRecord {

@@ -12,9 +12,13 @@ use std::{
 use aya::{
     maps::{lpm_trie::Key, Array, HashMap as BpfHashMap, LpmTrie, MapData, MapError, PerCpuArray, RingBuf},
     programs::{
-        cgroup_skb::CgroupSkbLinkId, cgroup_sock::CgroupSockLinkId, cgroup_sock_addr::CgroupSockAddrLinkId,
-        links::PinnedLink, links::{FdLink, LinkError}, lsm::LsmLinkId, CgroupAttachMode, CgroupSkb,
-        CgroupSkbAttachType, CgroupSock, CgroupSockAddr, Lsm, ProgramError,
+        cgroup_skb::CgroupSkbLinkId,
+        cgroup_sock::CgroupSockLinkId,
+        cgroup_sock_addr::CgroupSockAddrLinkId,
+        links::PinnedLink,
+        links::{FdLink, LinkError},
+        lsm::LsmLinkId,
+        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSock, CgroupSockAddr, Lsm, ProgramError,
     },
     Btf, Ebpf, EbpfError, EbpfLoader,
 };
@@ -419,10 +423,9 @@ impl Enforcer {
         for id in ids {
             let (name, link) = self.take_link(id)?;
             let path = links_dir.join(format!("{cgroup_id}-{name}-{stamp}"));
-            let link = link.pin(&path).map_err(|e| LoaderError::Pin {
-                path: path.clone(),
-                source: std::io::Error::other(e.to_string()),
-            })?;
+            let link = link
+                .pin(&path)
+                .map_err(|e| LoaderError::Pin { path: path.clone(), source: std::io::Error::other(e.to_string()) })?;
             pinned.push(link);
         }
         // The earlier daemon's links: unpinning and closing them detaches them.
@@ -447,8 +450,7 @@ impl Enforcer {
                 (name, FdLink::try_from(link)?)
             }
             LinkId::Sock(id) => {
-                let link =
-                    sock_program(&mut self.ebpf)?.take_link(id).map_err(program_error(SOCK_CREATE_PROGRAM))?;
+                let link = sock_program(&mut self.ebpf)?.take_link(id).map_err(program_error(SOCK_CREATE_PROGRAM))?;
                 (SOCK_CREATE_PROGRAM, FdLink::try_from(link)?)
             }
             LinkId::Lsm(id) => {
@@ -463,18 +465,17 @@ impl Enforcer {
         match self.attachments.remove(&cgroup_id) {
             Some(Attachment::Owned(ids)) => {
                 for id in ids {
-                    let result = match id {
-                        LinkId::SockAddr(name, id) => sock_addr_program(&mut self.ebpf, name)
-                            .and_then(|p| p.detach(id).map_err(program_error(name))),
-                        LinkId::Skb(name, id) => {
-                            skb_program(&mut self.ebpf, name).and_then(|p| p.detach(id).map_err(program_error(name)))
-                        }
-                        LinkId::Sock(id) => sock_program(&mut self.ebpf)
-                            .and_then(|p| p.detach(id).map_err(program_error(SOCK_CREATE_PROGRAM))),
-                        LinkId::Lsm(id) => {
-                            lsm_program(&mut self.ebpf).and_then(|p| p.detach(id).map_err(program_error(LSM_PROGRAM)))
-                        }
-                    };
+                    let result =
+                        match id {
+                            LinkId::SockAddr(name, id) => sock_addr_program(&mut self.ebpf, name)
+                                .and_then(|p| p.detach(id).map_err(program_error(name))),
+                            LinkId::Skb(name, id) => skb_program(&mut self.ebpf, name)
+                                .and_then(|p| p.detach(id).map_err(program_error(name))),
+                            LinkId::Sock(id) => sock_program(&mut self.ebpf)
+                                .and_then(|p| p.detach(id).map_err(program_error(SOCK_CREATE_PROGRAM))),
+                            LinkId::Lsm(id) => lsm_program(&mut self.ebpf)
+                                .and_then(|p| p.detach(id).map_err(program_error(LSM_PROGRAM))),
+                        };
                     if let Err(error) = result {
                         tracing::warn!(%error, cgroup_id, "detaching");
                     }
@@ -995,7 +996,9 @@ fn load_socket_guard(ebpf: &mut Ebpf) -> SocketGuard {
             let error = error.to_string();
             tracing::debug!(%error, "the LSM program did not load");
             match crate::preflight::missing_helper(&error) {
-                Some(missing) => SocketGuard::Off(format!("{missing}; AF_PACKET and other non-IP sockets are not refused")),
+                Some(missing) => {
+                    SocketGuard::Off(format!("{missing}; AF_PACKET and other non-IP sockets are not refused"))
+                }
                 None => SocketGuard::Off(format!("loading the LSM program: {error}")),
             }
         }

@@ -146,9 +146,7 @@ fn selects(selector: &Selector, path: &str, names: &ContainerNames) -> bool {
         Selector::Cgroup(pattern) => cgroup_glob_matches(pattern, path),
         Selector::SystemdUnit(unit) => path.rsplit('/').next() == Some(unit.as_str()),
         // An id prefix that fits several containers selects none of them.
-        Selector::Container(wanted) => {
-            container_of(path).is_some_and(|found| names.ids_for(wanted) == [found.id])
-        }
+        Selector::Container(wanted) => container_of(path).is_some_and(|found| names.ids_for(wanted) == [found.id]),
     }
 }
 

@@ -245,7 +245,8 @@ mod tests {
         assert_eq!(text, r#"{"comm":"x\n\u001b[2K\u007f\u009b\u2028é"}"#);
         let back: serde_json::Value = serde_json::from_str(&text).expect("parses");
         assert_eq!(back["comm"], name);
-        let pretty = String::from_utf8(json_bytes(&serde_json::json!({ "a": [1] }), true).expect("json")).expect("utf-8");
+        let pretty =
+            String::from_utf8(json_bytes(&serde_json::json!({ "a": [1] }), true).expect("json")).expect("utf-8");
         assert_eq!(pretty, "{\n  \"a\": [\n    1\n  ]\n}");
     }
 

@@ -162,9 +162,8 @@ impl Wakeups {
         let mut interest = libc::epoll_event { events: (libc::EPOLLIN | libc::EPOLLET) as u32, u64: 0 };
         // SAFETY: both descriptors are open; `interest` is a valid epoll_event. The ring's fd stays
         // open as long as the ring, which lives beside this in the same `Source`.
-        let added = unsafe {
-            libc::epoll_ctl(epoll.as_raw_fd(), libc::EPOLL_CTL_ADD, ring.as_fd().as_raw_fd(), &mut interest)
-        };
+        let added =
+            unsafe { libc::epoll_ctl(epoll.as_raw_fd(), libc::EPOLL_CTL_ADD, ring.as_fd().as_raw_fd(), &mut interest) };
         if added < 0 {
             return Err(io::Error::last_os_error());
         }

@@ -89,9 +89,10 @@ impl Wire {
     fn wait_for_packet(&self, dst: &str, dport: Option<u64>) {
         let deadline = Instant::now() + Duration::from_secs(5);
         loop {
-            let seen = self.packets().iter().any(|p| {
-                p["dst"].as_str() == Some(dst) && dport.is_none_or(|port| p["dport"].as_u64() == Some(port))
-            });
+            let seen = self
+                .packets()
+                .iter()
+                .any(|p| p["dst"].as_str() == Some(dst) && dport.is_none_or(|port| p["dport"].as_u64() == Some(port)));
             if seen {
                 return;
             }
@@ -221,7 +222,9 @@ attempt("udp-lsrr", lambda: u.sendto(b"x" * 8, (final, 9999)))
     assert!(out.contains("udp-lsrr:EPERM"), "{out}");
 
     // The capture works: a plain datagram to the allowed host shows up.
-    let plain = script("attempt('plain', lambda: socket.socket(socket.AF_INET6, socket.SOCK_DGRAM).sendto(b'x', (sys.argv[1], 9999)))");
+    let plain = script(
+        "attempt('plain', lambda: socket.socket(socket.AF_INET6, socket.SOCK_DGRAM).sendto(b'x', (sys.argv[1], 9999)))",
+    );
     assert_eq!(as_nobody(&cg, &plain, &[&wire.host6(2)]), "plain:ok");
     wire.wait_for_packet(&wire.host6(2), Some(9999));
     wire.assert_nothing_denied_reached("routing headers");
@@ -447,7 +450,9 @@ fn a_cgroup_deeper_than_the_kernel_walk_is_enforced_and_its_unbound_neighbours_r
         .unwrap_or_else(|| panic!("deep cgroup missing from status: {report}"));
     assert_eq!(row["deep"], true, "{row}");
     assert!(
-        report["guarantees"].as_array().is_some_and(|lines| lines.iter().any(|l| l.as_str().is_some_and(|l| l.starts_with("deep cgroups:")))),
+        report["guarantees"]
+            .as_array()
+            .is_some_and(|lines| lines.iter().any(|l| l.as_str().is_some_and(|l| l.starts_with("deep cgroups:")))),
         "{report}"
     );
 }

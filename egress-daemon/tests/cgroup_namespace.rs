@@ -51,10 +51,9 @@ fn run_and_exec_refuse_the_namespaces_own_cgroup2_mount_and_check_still_works() 
     let mount = cgroup2_mount();
     let remount = format!("umount {m} && mount -t cgroup2 cgroup2 {m}", m = mount.display());
 
-    for args in [
-        vec!["run", "--config", &config],
-        vec!["exec", "--config", &config, "--policy", "strict", "--", "true"],
-    ] {
+    for args in
+        [vec!["run", "--config", &config], vec!["exec", "--config", &config, "--policy", "strict", "--", "true"]]
+    {
         let out = in_namespaces(&inside, &remount, &args, Some(20)).output().expect("run egress");
         let stderr = stderr_of(&out);
         assert_eq!(out.status.code(), Some(1), "egress {}: {stderr}", args[0]);
@@ -96,7 +95,8 @@ fn run_uses_the_hosts_cgroup2_root_when_it_is_mounted_too() {
         mount = mount.display(),
         host = host_root.0.display()
     );
-    let daemon = Daemon::spawn(in_namespaces(&inside, &setup, &["run", "--log-format", "json", "--config", &config], None));
+    let daemon =
+        Daemon::spawn(in_namespaces(&inside, &setup, &["run", "--log-format", "json", "--config", &config], None));
     let port = tcp_server("127.0.0.1:0");
     assert_eq!(tcp_connect_from(&work, "127.0.0.1", port), "EPERM", "log:\n{}", daemon.log());
     let event = daemon.wait_event(std::time::Duration::from_secs(3), |e| e["verdict"] == "blocked");

@@ -391,10 +391,7 @@ fn assert_config_error(run: &Run, file: &Path, line: usize, column: usize, fragm
     // The position starts the message (after at most the program's name).
     let message = diagnostic.strip_prefix("egress: ").unwrap_or(diagnostic);
     assert!(message.starts_with(&position), "diagnostic does not start with the position: {diagnostic:?}");
-    assert!(
-        diagnostic.contains(fragment),
-        "diagnostic {diagnostic:?} does not say {fragment:?}"
-    );
+    assert!(diagnostic.contains(fragment), "diagnostic {diagnostic:?} does not say {fragment:?}");
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -662,12 +659,8 @@ fn exec_blocks_a_denied_destination_at_once_with_one_json_event() {
     let name = common::unique("acceptance");
     let policy = Config::new(&web_policy(&name, "enforce", port));
     let from = SystemTime::now();
-    let run = exec_sh(
-        &policy,
-        &name,
-        true,
-        &format!("echo PID=$$; exec curl -v -sS --max-time 10 http://127.0.0.2:{port}/"),
-    );
+    let run =
+        exec_sh(&policy, &name, true, &format!("echo PID=$$; exec curl -v -sS --max-time 10 http://127.0.0.2:{port}/"));
     let to = SystemTime::now();
     let pid = printed_number(&run.stdout, "PID=");
 
@@ -753,12 +746,8 @@ fn exec_text_output_names_verdict_destination_process_and_rule() {
     let name = common::unique("text");
     let policy = Config::new(&web_policy(&name, "enforce", port));
     let from = SystemTime::now();
-    let run = exec_sh(
-        &policy,
-        &name,
-        false,
-        &format!("echo PID=$$; exec curl -sS --max-time 10 http://127.0.0.2:{port}/"),
-    );
+    let run =
+        exec_sh(&policy, &name, false, &format!("echo PID=$$; exec curl -sS --max-time 10 http://127.0.0.2:{port}/"));
     let to = SystemTime::now();
     let pid = printed_number(&run.stdout, "PID=");
     assert_eq!(run.code(), Some(7), "{}", run.describe());
@@ -882,8 +871,7 @@ fn exec_with_an_unknown_policy_name_fails_naming_it() {
     let name = common::unique("known");
     let policy = any_policy(&name);
     let marker = policy.path.with_file_name("ran");
-    let mut cmd =
-        egress(&["exec", "--config", policy.path.to_str().unwrap(), "--policy", "no-such-policy", "--"]);
+    let mut cmd = egress(&["exec", "--config", policy.path.to_str().unwrap(), "--policy", "no-such-policy", "--"]);
     cmd.arg("touch").arg(&marker);
     let run = run_limited(cmd, Duration::from_secs(30));
     assert_ne!(run.code(), Some(0), "{}", run.describe());
@@ -1050,9 +1038,12 @@ fn run_waits_for_a_missing_cgroup_and_enforces_it_once_it_appears() {
     let later = format!("{}/later", attach.relative);
     let name = common::unique("ghost");
     let port = common::tcp_server("127.0.0.2:0");
-    let policy = Config::for_run(&attach, &format!(
+    let policy = Config::for_run(
+        &attach,
+        &format!(
         "policies:\n  - name: {name}\n    cgroup: {later}\n    default: deny\n    rules:\n      - deny: 127.0.0.0/8\n"
-    ));
+    ),
+    );
     let daemon = common::Daemon::spawn(egress_run(&policy, true));
     let log = daemon.log();
     let warning = log
@@ -1109,8 +1100,10 @@ fn run_events_name_the_policy_cgroup_and_descendant_cgroups() {
     let leaf = parent.child("leaf");
     let port = common::tcp_server("127.0.0.1:0");
     let name = common::unique("run-events");
-    let policy = Config::for_run(&parent, &format!(
-        "\
+    let policy = Config::for_run(
+        &parent,
+        &format!(
+            "\
 policies:
   - name: {name}
     cgroup: {}
@@ -1119,8 +1112,9 @@ policies:
       - deny: 127.0.0.0/8
         protocol: tcp
 ",
-        parent.relative
-    ));
+            parent.relative
+        ),
+    );
     let daemon = common::Daemon::spawn(egress_run(&policy, true));
 
     let from = SystemTime::now();

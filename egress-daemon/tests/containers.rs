@@ -21,7 +21,8 @@ const NEW_CRI_ID: &str = "5e5e5e5e405162738495a6b7c8d9eaf00c1d2e3f405162738495a6
 
 /// cgroup ids currently in the kernel's cgroup -> policy map of a test daemon.
 fn bound_cgroup_ids(pin_dir: &Path) -> HashSet<u64> {
-    let data = aya::maps::MapData::from_pin(pin_dir.join(egress::loader::MAPS_DIR).join("CGROUP_POLICY")).expect("open pinned map");
+    let data = aya::maps::MapData::from_pin(pin_dir.join(egress::loader::MAPS_DIR).join("CGROUP_POLICY"))
+        .expect("open pinned map");
     let map = aya::maps::Map::from_map_data(data).expect("map");
     let hash: aya::maps::HashMap<_, u64, u64> = aya::maps::HashMap::try_from(map).expect("hash map");
     hash.keys().map(|k| k.expect("key")).collect()
@@ -104,9 +105,7 @@ fn each_workload_gets_its_own_policy_and_new_children_are_covered_at_once() {
     assert_eq!(tcp_connect_from(&unfiltered, "127.0.0.1", port_a), "ok", "no policy up the path: not filtered");
 
     // Events name the container and the unit.
-    let event = daemon.wait_event(Duration::from_secs(3), |e| {
-        e["policy"] == "web" && e["verdict"] == "blocked"
-    });
+    let event = daemon.wait_event(Duration::from_secs(3), |e| e["policy"] == "web" && e["verdict"] == "blocked");
     assert_eq!(event["workload"], format!("docker:{}", &DOCKER_ID[..12]));
     assert_eq!(event["cgroup"], docker.relative.as_str());
     let event = daemon.wait_event(Duration::from_secs(3), |e| e["policy"] == "nginx" && e["verdict"] == "blocked");
@@ -150,10 +149,7 @@ fn a_thousand_cgroups_with_distinct_policies_and_100k_cidrs() {
     let mut children = Vec::new();
     for i in 0..1000u32 {
         let child = parent.child(&format!("svc-{i}.service"));
-        yaml.push_str(&format!(
-            "  - name: p{i}\n    cgroup: {}\n    default: allow\n    rules:\n",
-            child.relative
-        ));
+        yaml.push_str(&format!("  - name: p{i}\n    cgroup: {}\n    default: allow\n    rules:\n", child.relative));
         // 100 CIDRs per policy, 100,000 in total; policy i also denies 127.0.{i/250}.{i%250+1}.
         yaml.push_str(&format!("      - deny: 127.1.{}.{}\n", i / 250, i % 250 + 1));
         for j in 0..99u32 {

@@ -67,7 +67,9 @@ fn ignored(status: &Value) -> Vec<(String, String)> {
         .as_array()
         .map(|rows| {
             rows.iter()
-                .map(|row| (row["cgroup"].as_str().unwrap_or("").to_string(), row["policy"].as_str().unwrap_or("").to_string()))
+                .map(|row| {
+                    (row["cgroup"].as_str().unwrap_or("").to_string(), row["policy"].as_str().unwrap_or("").to_string())
+                })
                 .collect()
         })
         .unwrap_or_default();
@@ -80,7 +82,9 @@ fn bound(status: &Value) -> Vec<(String, String)> {
         .as_array()
         .map(|rows| {
             rows.iter()
-                .map(|row| (row["cgroup"].as_str().unwrap_or("").to_string(), row["policy"].as_str().unwrap_or("").to_string()))
+                .map(|row| {
+                    (row["cgroup"].as_str().unwrap_or("").to_string(), row["policy"].as_str().unwrap_or("").to_string())
+                })
                 .collect()
         })
         .unwrap_or_default();

@@ -51,9 +51,13 @@ fn tcp_connect_ipv4_allowed_and_refused_with_eperm() {
     let cg = TestCgroup::new("tcp4");
     let port = tcp_server("127.0.0.1:0");
     let other = tcp_server("127.0.0.2:0");
-    let file = policy(&cg, "deny", &format!(
-        "      - allow: 127.0.0.1\n        protocol: tcp\n        ports: [{port}]\n      - deny: 127.0.0.0/8\n"
-    ));
+    let file = policy(
+        &cg,
+        "deny",
+        &format!(
+            "      - allow: 127.0.0.1\n        protocol: tcp\n        ports: [{port}]\n      - deny: 127.0.0.0/8\n"
+        ),
+    );
     let daemon = Daemon::start(&file);
 
     assert_eq!(tcp_connect_from(&cg, "127.0.0.1", port), "ok");
@@ -111,9 +115,8 @@ fn udp_connected_unconnected_and_sendmsg_are_judged() {
     let cg = TestCgroup::new("udp");
     let allowed = udp_echo("127.0.0.1:0");
     let denied = udp_echo("127.0.0.3:0");
-    let file = policy(&cg, "deny", &format!(
-        "      - allow: 127.0.0.1\n        protocol: udp\n        ports: [{allowed}]\n"
-    ));
+    let file =
+        policy(&cg, "deny", &format!("      - allow: 127.0.0.1\n        protocol: udp\n        ports: [{allowed}]\n"));
     let daemon = Daemon::start(&file);
 
     for mode in ["connected", "sendto", "sendmsg"] {
@@ -240,12 +243,8 @@ else:
     data, peer = s.recvfrom(100); s.sendto(data.upper(), peer)
 "#;
     for kind in ["tcp", "udp"] {
-        let mut child = cg
-            .command("python3")
-            .args(["-c", server, kind])
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("start server");
+        let mut child =
+            cg.command("python3").args(["-c", server, kind]).stdout(Stdio::piped()).spawn().expect("start server");
         let mut line = String::new();
         let mut stdout = child.stdout.take().expect("stdout");
         let mut byte = [0u8; 1];
@@ -390,7 +389,12 @@ fn io_uring_connect_and_sendmsg_are_judged_like_the_system_calls() {
     let file = policy(&cg, "allow", "      - deny: 127.0.0.2\n");
     let _daemon = Daemon::start(&file);
     let run = |kind: &str, port: u16| {
-        stdout_of(&cg.command(binary.to_str().expect("path")).args([kind, "127.0.0.2", &port.to_string()]).output().expect("run client"))
+        stdout_of(
+            &cg.command(binary.to_str().expect("path"))
+                .args([kind, "127.0.0.2", &port.to_string()])
+                .output()
+                .expect("run client"),
+        )
     };
     let tcp_result = run("tcp", tcp);
     let udp_result = run("udp", udp);

@@ -35,7 +35,9 @@ while True:
 
 /// A policy file with one policy, `lifecycle`, that denies 127.0.0.2.
 fn policy() -> PolicyFile {
-    PolicyFile::new("policies:\n  - name: lifecycle\n    cgroup: ignored-by-exec\n    rules:\n      - deny: 127.0.0.2\n")
+    PolicyFile::new(
+        "policies:\n  - name: lifecycle\n    cgroup: ignored-by-exec\n    rules:\n      - deny: 127.0.0.2\n",
+    )
 }
 
 /// The scratch files of one test: the loop client and its log.
@@ -53,7 +55,11 @@ impl Scratch {
 
     /// Shell words that start the connect loop in the background against `port` on 127.0.0.2.
     fn loop_command(&self, port: u16) -> String {
-        format!("python3 {} 127.0.0.2 {port} {} >/dev/null 2>&1 </dev/null", self.script().display(), self.log().display())
+        format!(
+            "python3 {} 127.0.0.2 {port} {} >/dev/null 2>&1 </dev/null",
+            self.script().display(),
+            self.log().display()
+        )
     }
 
     fn script(&self) -> PathBuf {

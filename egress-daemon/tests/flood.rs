@@ -118,7 +118,8 @@ impl FloodDaemon {
         let other_events = Arc::new(Mutex::new(Vec::new()));
         let log = Arc::new(Mutex::new(String::new()));
         let stdout = child.stdout.take().expect("stdout");
-        let (counted, kept, needle) = (flood_events.clone(), other_events.clone(), format!("\"cgroup\":\"{flood_cgroup}\""));
+        let (counted, kept, needle) =
+            (flood_events.clone(), other_events.clone(), format!("\"cgroup\":\"{flood_cgroup}\""));
         thread::spawn(move || {
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
                 if line.contains(&needle) {
@@ -143,7 +144,11 @@ impl FloodDaemon {
             }
         });
         let daemon = Self { child, flood_events, other_events, log };
-        assert!(ready_rx.recv_timeout(Duration::from_secs(20)).is_ok(), "egress run did not become ready:\n{}", daemon.log());
+        assert!(
+            ready_rx.recv_timeout(Duration::from_secs(20)).is_ok(),
+            "egress run did not become ready:\n{}",
+            daemon.log()
+        );
         daemon
     }
 
@@ -331,12 +336,7 @@ policies:
     let daemon = FloodDaemon::start(&file, &noisy.relative);
 
     let calm = round(&file, &pods, "calm", port, &daemon);
-    eprintln!(
-        "no flood:     bind {}, status {}, reload {}",
-        ms(calm.bind),
-        ms(calm.status),
-        ms(calm.reload)
-    );
+    eprintln!("no flood:     bind {}, status {}, reload {}", ms(calm.bind), ms(calm.status), ms(calm.reload));
 
     let started = Instant::now();
     let flooders: Vec<Child> = (0..FLOODERS)
@@ -366,7 +366,8 @@ policies:
     // The refusals of the new cgroups reach the output while the flood goes on.
     for round in &rounds {
         let cgroup = round.new_cgroup.relative.clone();
-        let waited = daemon.wait_event(Duration::from_secs(5), |e| e["cgroup"] == cgroup.as_str() && e["verdict"] == "blocked");
+        let waited =
+            daemon.wait_event(Duration::from_secs(5), |e| e["cgroup"] == cgroup.as_str() && e["verdict"] == "blocked");
         assert!(waited.is_some(), "no blocked event from {cgroup} during the flood; log:\n{}", daemon.log());
     }
     let flood_events_during = daemon.flood_events.load(Ordering::Relaxed);

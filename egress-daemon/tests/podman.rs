@@ -130,7 +130,8 @@ fn checked(output: Output, what: &str) -> String {
 
 /// cgroup ids currently in the kernel's cgroup -> policy map of a test daemon.
 fn bound_cgroup_ids(pin_dir: &Path) -> HashSet<u64> {
-    let data = aya::maps::MapData::from_pin(pin_dir.join(egress::loader::MAPS_DIR).join("CGROUP_POLICY")).expect("open pinned map");
+    let data = aya::maps::MapData::from_pin(pin_dir.join(egress::loader::MAPS_DIR).join("CGROUP_POLICY"))
+        .expect("open pinned map");
     let map = aya::maps::Map::from_map_data(data).expect("map");
     let hash: aya::maps::HashMap<_, u64, u64> = aya::maps::HashMap::try_from(map).expect("hash map");
     hash.keys().map(|k| k.expect("key")).collect()

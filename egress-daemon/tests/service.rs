@@ -44,7 +44,10 @@ fn sigkill_leaves_enforcement_in_place_and_a_new_daemon_takes_over() {
     let cg = TestCgroup::new("restart");
     let allowed = tcp_server("127.0.0.1:0");
     let denied = tcp_server("127.0.0.2:0");
-    let file = file_for(&cg, &one_policy(&cg, &format!("      - allow: 127.0.0.1\n        protocol: tcp\n        ports: [{allowed}]\n")));
+    let file = file_for(
+        &cg,
+        &one_policy(&cg, &format!("      - allow: 127.0.0.1\n        protocol: tcp\n        ports: [{allowed}]\n")),
+    );
     let first = Daemon::start(&file);
     assert_eq!(tcp_connect_from(&cg, "127.0.0.2", denied), "EPERM");
     first.signal(libc::SIGKILL);
@@ -89,9 +92,8 @@ fn reloads_switch_atomically_and_never_let_anything_through_unfiltered() {
     let [a, b, c, d] = ["127.0.0.1", "127.0.0.2", "127.0.0.3", "127.0.0.4"];
     let ports: Vec<u16> = [a, b, c, d].iter().map(|ip| tcp_server(&format!("{ip}:0"))).collect();
     // v1 allows a, v2 allows b; both allow d and deny c.
-    let version = |allowed: &str| {
-        one_policy(&cg, &format!("      - allow: {allowed}\n      - allow: {d}\n      - deny: {c}\n"))
-    };
+    let version =
+        |allowed: &str| one_policy(&cg, &format!("      - allow: {allowed}\n      - allow: {d}\n      - deny: {c}\n"));
     let file = file_for(&cg, &version(a));
     let _daemon = Daemon::start(&file);
     let client = r#"
@@ -114,14 +116,8 @@ while time.time() < end:
         args.push(port.to_string());
     }
     args.push("4".into());
-    let child = cg
-        .command("python3")
-        .arg("-c")
-        .arg(client)
-        .args(&args)
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("client loop");
+    let child =
+        cg.command("python3").arg("-c").arg(client).args(&args).stdout(Stdio::piped()).spawn().expect("client loop");
     let socket = file.socket.to_string_lossy().to_string();
     let started = Instant::now();
     let mut reloads = 0;

@@ -2,8 +2,7 @@
 
 use aya_ebpf::bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP};
 use aya_ebpf::helpers::{
-    bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_uid_gid,
-    generated::bpf_ktime_get_boot_ns,
+    bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_uid_gid, generated::bpf_ktime_get_boot_ns,
 };
 use egress_common::{
     counter, verdict, CgroupBinding, FlowEvent, FlowKey, PolicyStats, DEFAULT_EVENT_BUDGET,
@@ -33,7 +32,14 @@ pub struct Sender {
 /// `bpf_get_current_uid_gid`; 6.18 accepts both), so packet-hook events carry the socket's uid
 /// and no pid or process name.
 #[inline(always)]
-pub fn report<const TASK: bool>(binding: &CgroupBinding, flow: &Flow, judgement: &Judgement, hook: u8, sender: &Sender, once: bool) {
+pub fn report<const TASK: bool>(
+    binding: &CgroupBinding,
+    flow: &Flow,
+    judgement: &Judgement,
+    hook: u8,
+    sender: &Sender,
+    once: bool,
+) {
     if once {
         let key = FlowKey {
             cookie: sender.cookie,
@@ -60,11 +66,8 @@ pub fn report<const TASK: bool>(binding: &CgroupBinding, flow: &Flow, judgement:
         bump(counter::EVENTS_DROPPED);
         return;
     };
-    let (pid_tgid, comm) = if TASK {
-        (bpf_get_current_pid_tgid(), bpf_get_current_comm().unwrap_or([0; 16]))
-    } else {
-        (0, [0; 16])
-    };
+    let (pid_tgid, comm) =
+        if TASK { (bpf_get_current_pid_tgid(), bpf_get_current_comm().unwrap_or([0; 16])) } else { (0, [0; 16]) };
     let uid = match sender.socket_uid {
         Some(uid) => uid,
         None if TASK => bpf_get_current_uid_gid() as u32,

@@ -11,8 +11,8 @@ mod events;
 mod maps;
 mod policy;
 mod skb;
-mod socket;
 mod sock_addr;
+mod socket;
 
 #[cfg(not(test))]
 #[panic_handler]

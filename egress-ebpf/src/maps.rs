@@ -6,21 +6,19 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
 };
 use egress_common::{
-    CgroupBinding, Decision, FlowKey, PeerKey, PolicyInfo, PolicyStats, PortTable, RuleKeyV4, RuleKeyV6,
-    Settings, EVENTS_RING_BYTES, MAX_CGROUPS, MAX_CIDRS_V4, MAX_CIDRS_V6, MAX_DEEP_GUARDS, MAX_FLOWS_SEEN,
-    MAX_POLICY_SLOTS, MAX_PORT_TABLES, MAX_UDP_PEERS,
+    CgroupBinding, Decision, FlowKey, PeerKey, PolicyInfo, PolicyStats, PortTable, RuleKeyV4, RuleKeyV6, Settings,
+    EVENTS_RING_BYTES, MAX_CGROUPS, MAX_CIDRS_V4, MAX_CIDRS_V6, MAX_DEEP_GUARDS, MAX_FLOWS_SEEN, MAX_POLICY_SLOTS,
+    MAX_PORT_TABLES, MAX_UDP_PEERS,
 };
 
 /// cgroup id -> policy slot.
 #[map]
-pub static CGROUP_POLICY: HashMap<u64, CgroupBinding> =
-    HashMap::with_max_entries(MAX_CGROUPS, BPF_F_NO_PREALLOC);
+pub static CGROUP_POLICY: HashMap<u64, CgroupBinding> = HashMap::with_max_entries(MAX_CGROUPS, BPF_F_NO_PREALLOC);
 
 /// Level-`MAX_CGROUP_LEVEL` cgroup id -> guard binding (slot `GUARD_SLOT`), for cgroups that
 /// have a bound descendant deeper than the walk.
 #[map]
-pub static DEEP_GUARDS: HashMap<u64, CgroupBinding> =
-    HashMap::with_max_entries(MAX_DEEP_GUARDS, BPF_F_NO_PREALLOC);
+pub static DEEP_GUARDS: HashMap<u64, CgroupBinding> = HashMap::with_max_entries(MAX_DEEP_GUARDS, BPF_F_NO_PREALLOC);
 
 #[map]
 pub static POLICY_INFO: Array<PolicyInfo> = Array::with_max_entries(MAX_POLICY_SLOTS, 0);
@@ -32,8 +30,7 @@ pub static RULES_V4: LpmTrie<RuleKeyV4, Decision> = LpmTrie::with_max_entries(MA
 pub static RULES_V6: LpmTrie<RuleKeyV6, Decision> = LpmTrie::with_max_entries(MAX_CIDRS_V6, 0);
 
 #[map]
-pub static PORT_TABLES: HashMap<u32, PortTable> =
-    HashMap::with_max_entries(MAX_PORT_TABLES, BPF_F_NO_PREALLOC);
+pub static PORT_TABLES: HashMap<u32, PortTable> = HashMap::with_max_entries(MAX_PORT_TABLES, BPF_F_NO_PREALLOC);
 
 #[map]
 pub static SETTINGS: Array<Settings> = Array::with_max_entries(1, 0);
@@ -42,8 +39,7 @@ pub static SETTINGS: Array<Settings> = Array::with_max_entries(1, 0);
 pub static EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_RING_BYTES, 0);
 
 #[map]
-pub static COUNTERS: PerCpuArray<u64> =
-    PerCpuArray::with_max_entries(egress_common::counter::COUNT, 0);
+pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(egress_common::counter::COUNT, 0);
 
 #[map]
 pub static BINDING_STATS: PerCpuArray<PolicyStats> = PerCpuArray::with_max_entries(MAX_CGROUPS, 0);

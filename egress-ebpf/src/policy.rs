@@ -159,8 +159,8 @@ fn decide(slot: u32, flow: &Flow) -> Option<(u8, u32)> {
                 }
                 let r = &table.rules[i];
                 let proto_matches = r.proto == proto::ANY || r.proto == flow.protocol;
-                let port_matches = r.has_ports == 0
-                    || (flow.port != 0 && r.port_lo <= flow.port && flow.port <= r.port_hi);
+                let port_matches =
+                    r.has_ports == 0 || (flow.port != 0 && r.port_lo <= flow.port && flow.port <= r.port_hi);
                 if proto_matches && port_matches {
                     return Some((r.action, r.rule));
                 }

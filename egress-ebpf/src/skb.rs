@@ -12,8 +12,7 @@
 use aya_ebpf::{
     bindings::{__sk_buff, bpf_sock},
     helpers::generated::{
-        bpf_get_socket_cookie, bpf_get_socket_uid, bpf_sk_fullsock, bpf_skb_ancestor_cgroup_id,
-        bpf_skb_cgroup_id,
+        bpf_get_socket_cookie, bpf_get_socket_uid, bpf_sk_fullsock, bpf_skb_ancestor_cgroup_id, bpf_skb_cgroup_id,
     },
     macros::cgroup_skb,
     programs::SkBuffContext,
@@ -108,7 +107,9 @@ pub fn ingress_packet(ctx: SkBuffContext) -> i32 {
     }
     // SAFETY: reading a context field.
     let ingress_ifindex = unsafe { (*skb).ingress_ifindex };
-    if ingress_ifindex == LOOPBACK_IFINDEX && !is_loopback(packet.family, &packet.source) && packet.source != packet.destination
+    if ingress_ifindex == LOOPBACK_IFINDEX
+        && !is_loopback(packet.family, &packet.source)
+        && packet.source != packet.destination
     {
         return PASS;
     }

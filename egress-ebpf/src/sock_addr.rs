@@ -66,13 +66,7 @@ fn on_send(ctx: &SockAddrContext, socket_family: u8, hook: u8, per_datagram: boo
 
 #[inline(always)]
 fn peer_spoke_first(cookie: u64, flow: &Flow) -> bool {
-    let key = PeerKey {
-        cookie,
-        addr: flow.addr,
-        port: flow.port,
-        family: flow.family,
-        _pad: [0; 5],
-    };
+    let key = PeerKey { cookie, addr: flow.addr, port: flow.port, family: flow.family, _pad: [0; 5] };
     UDP_PEERS.get_ptr(&key).is_some()
 }
 
@@ -120,11 +114,7 @@ fn destination(sa: *mut bpf_sock_addr, socket_family: u8, sendmsg: bool) -> Flow
                 && core::ptr::read_volatile(&raw const (*source).src_ip6[0]) == 0
                 && core::ptr::read_volatile(&raw const (*source).src_ip6[1]) == 0
                 && core::ptr::read_volatile(&raw const (*source).src_ip6[2]) == u32::from_be(0x0000_ffff);
-            w = if bound_mapped {
-                [0, 0, u32::from_be(0x0000_ffff), LOOPBACK_V4]
-            } else {
-                [0, 0, 0, u32::from_be(1)]
-            };
+            w = if bound_mapped { [0, 0, u32::from_be(0x0000_ffff), LOOPBACK_V4] } else { [0, 0, 0, u32::from_be(1)] };
             let mut i = 0;
             while i < 4 {
                 core::ptr::write_volatile(&raw mut (*sa).user_ip6[i], w[i]);

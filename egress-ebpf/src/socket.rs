@@ -14,8 +14,8 @@ use egress_common::{hook, socket_kind, CgroupBinding};
 
 use crate::{
     events::{report, Sender},
-    policy::{current_ancestor, policy_of, refused, Flow, Judgement},
     maps::POLICY_INFO,
+    policy::{current_ancestor, policy_of, refused, Flow, Judgement},
 };
 
 const EPERM: i32 = 1;

@@ -36,8 +36,7 @@ pub fn bench_command(quick: bool) -> Result<()> {
     fs::create_dir_all(&bin).with_context(|| format!("create {}", bin.display()))?;
     // Run a copy: a rebuild of target/release/egress during the run must not change what is measured.
     let egress = bin.join("egress");
-    fs::copy(&daemon, &egress)
-        .with_context(|| format!("copy {} to {}", daemon.display(), egress.display()))?;
+    fs::copy(&daemon, &egress).with_context(|| format!("copy {} to {}", daemon.display(), egress.display()))?;
     build_tools(&workspace::root().join("bench").join("src"), &bin)?;
 
     let mut cmd = Command::new("bash");
@@ -53,28 +52,19 @@ pub fn bench_command(quick: bool) -> Result<()> {
         if quick { "quick smoke" } else { "full" },
         out.join("logs").display()
     );
-    let status = cmd
-        .status()
-        .context("could not start bash bench/run_all.sh")?;
+    let status = cmd.status().context("could not start bash bench/run_all.sh")?;
 
     let table = out.join("results.md");
     if let Ok(text) = fs::read_to_string(&table) {
         println!("\n{text}");
     }
-    println!(
-        "results: {} and {}",
-        out.join("results.jsonl").display(),
-        table.display()
-    );
+    println!("results: {} and {}", out.join("results.jsonl").display(), table.display());
     if !status.success() {
         bail!("the benchmark failed ({status}); see the messages above and target/bench/logs/");
     }
     if !quick {
         let doc = workspace::root().join("BENCH.md");
-        update_bench_md(
-            &doc,
-            &fs::read_to_string(&table).context("read results.md")?,
-        )?;
+        update_bench_md(&doc, &fs::read_to_string(&table).context("read results.md")?)?;
         println!("updated the table in {}", doc.display());
     }
     Ok(())
@@ -85,10 +75,7 @@ fn build_tools(src: &Path, bin: &Path) -> Result<()> {
     let arch_include = format!("/usr/include/{}-linux-gnu", std::env::consts::ARCH);
     let c = |name: &str, libs: &[&str]| -> Command {
         let mut cmd = Command::new("cc");
-        cmd.args(["-O2", "-Wall", "-o"])
-            .arg(bin.join(name))
-            .arg(src.join(format!("{name}.c")))
-            .args(libs);
+        cmd.args(["-O2", "-Wall", "-o"]).arg(bin.join(name)).arg(src.join(format!("{name}.c"))).args(libs);
         cmd
     };
     sys::run(&mut c("tcpconn", &[]))?;
@@ -139,9 +126,7 @@ mod tests {
 
     #[test]
     fn replaces_only_the_generated_part() {
-        let doc = format!(
-            "# Bench\n\nintro\n\n{BEGIN_MARKER}\nold table\n{END_MARKER}\n\n## Reading\n\nprose\n"
-        );
+        let doc = format!("# Bench\n\nintro\n\n{BEGIN_MARKER}\nold table\n{END_MARKER}\n\n## Reading\n\nprose\n");
         let new = replace_generated(&doc, "| new | table |\n");
         assert_eq!(
             new,
@@ -153,14 +138,8 @@ mod tests {
 
     #[test]
     fn appends_when_markers_are_missing() {
-        assert_eq!(
-            replace_generated("# Bench\n", "t"),
-            format!("# Bench\n\n{BEGIN_MARKER}\nt\n{END_MARKER}\n")
-        );
-        assert_eq!(
-            replace_generated("", "t"),
-            format!("{BEGIN_MARKER}\nt\n{END_MARKER}\n")
-        );
+        assert_eq!(replace_generated("# Bench\n", "t"), format!("# Bench\n\n{BEGIN_MARKER}\nt\n{END_MARKER}\n"));
+        assert_eq!(replace_generated("", "t"), format!("{BEGIN_MARKER}\nt\n{END_MARKER}\n"));
         // A lone begin marker is not a pair: append rather than eat the rest of the file.
         let broken = format!("a\n{BEGIN_MARKER}\nb\n");
         assert!(replace_generated(&broken, "t").starts_with(&broken.trim_end().to_owned()));

@@ -24,8 +24,7 @@ pub fn run_command(extra: &[String]) -> Result<()> {
     if cgroup.is_dir() {
         println!("ok: cgroup {} exists", cgroup.display());
     } else {
-        fs::create_dir(&cgroup)
-            .with_context(|| format!("create the demo cgroup {}", cgroup.display()))?;
+        fs::create_dir(&cgroup).with_context(|| format!("create the demo cgroup {}", cgroup.display()))?;
         println!("created cgroup {}", cgroup.display());
     }
     println!(
@@ -38,10 +37,7 @@ pub fn run_command(extra: &[String]) -> Result<()> {
     let mut cmd = Command::new(&bin);
     cmd.arg("run");
     // Let `cargo xtask run --config other.yaml` replace the demo policy instead of clashing.
-    if !extra
-        .iter()
-        .any(|arg| arg == "--config" || arg.starts_with("--config="))
-    {
+    if !extra.iter().any(|arg| arg == "--config" || arg.starts_with("--config=")) {
         cmd.arg("--config").arg(workspace::demo_config());
     }
     // The demo removes its enforcement when stopped, unless asked otherwise.

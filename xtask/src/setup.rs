@@ -15,12 +15,7 @@ use anyhow::{bail, Context, Result};
 use crate::{sys, workspace};
 
 /// The BPF toolchain: Debian's rustc/cargo, `core` for the BPF target, and the LLVM bpf-linker uses.
-const BUILD_PACKAGES: &[&str] = &[
-    "rustc-web",
-    "cargo-web",
-    "libstd-rust-web-dev-bpf",
-    "llvm-22-dev",
-];
+const BUILD_PACKAGES: &[&str] = &["rustc-web", "cargo-web", "libstd-rust-web-dev-bpf", "llvm-22-dev"];
 /// The clients the integration tests drive traffic with.
 const TEST_PACKAGES: &[&str] = &[
     "iproute2",
@@ -42,15 +37,7 @@ const TEST_PACKAGES: &[&str] = &[
     "qemu-system-x86",
 ];
 /// What `cargo xtask bench` compares against and measures with.
-const BENCH_PACKAGES: &[&str] = &[
-    "nftables",
-    "iptables",
-    "ipset",
-    "iperf3",
-    "clang",
-    "libbpf-dev",
-    "linux-libc-dev",
-];
+const BENCH_PACKAGES: &[&str] = &["nftables", "iptables", "ipset", "iperf3", "clang", "libbpf-dev", "linux-libc-dev"];
 
 const BPF_LINKER: &str = "bpf-linker";
 const BPF_LINKER_VERSION: &str = "0.13.0";
@@ -119,23 +106,13 @@ pub fn ensure(scope: Scope, verbosity: Verbosity) -> Result<Toolchain> {
     let state = State::inspect(scope)?;
 
     if verbosity == Verbosity::Summary && state.is_complete() {
-        let bpffs = if scope >= Scope::Test {
-            ", bpffs mounted"
-        } else {
-            ""
-        };
-        println!(
-            "ok: setup complete ({} packages, {BPF_LINKER} {BPF_LINKER_VERSION}{bpffs})",
-            state.present.len()
-        );
+        let bpffs = if scope >= Scope::Test { ", bpffs mounted" } else { "" };
+        println!("ok: setup complete ({} packages, {BPF_LINKER} {BPF_LINKER_VERSION}{bpffs})", state.present.len());
         return state.toolchain();
     }
 
     if state.needs_root() && !sys::is_root()? {
-        bail!(
-            "the machine is not set up ({}); run `cargo xtask setup` as root first",
-            state.describe_missing()
-        );
+        bail!("the machine is not set up ({}); run `cargo xtask setup` as root first", state.describe_missing());
     }
     install_packages(&state)?;
     let bpf_linker = ensure_bpf_linker(state.bpf_linker)?;
@@ -180,23 +157,12 @@ impl State {
                 missing.push(package);
             }
         }
-        let bpffs_mounted = if scope >= Scope::Test {
-            Some(sys::is_mounted(Path::new(BPFFS), "bpf")?)
-        } else {
-            None
-        };
-        Ok(Self {
-            present,
-            missing,
-            bpf_linker: find_bpf_linker(),
-            bpffs_mounted,
-        })
+        let bpffs_mounted = if scope >= Scope::Test { Some(sys::is_mounted(Path::new(BPFFS), "bpf")?) } else { None };
+        Ok(Self { present, missing, bpf_linker: find_bpf_linker(), bpffs_mounted })
     }
 
     fn is_complete(&self) -> bool {
-        self.missing.is_empty()
-            && matches!(self.bpf_linker, LinkerState::Ready(_))
-            && self.bpffs_mounted != Some(false)
+        self.missing.is_empty() && matches!(self.bpf_linker, LinkerState::Ready(_)) && self.bpffs_mounted != Some(false)
     }
 
     /// apt and mount need root; `cargo install` into ~/.cargo does not.
@@ -210,9 +176,7 @@ impl State {
             parts.push(format!("missing packages: {}", self.missing.join(", ")));
         }
         if !matches!(self.bpf_linker, LinkerState::Ready(_)) {
-            parts.push(format!(
-                "{BPF_LINKER} {BPF_LINKER_VERSION} is not installed"
-            ));
+            parts.push(format!("{BPF_LINKER} {BPF_LINKER_VERSION} is not installed"));
         }
         if self.bpffs_mounted == Some(false) {
             parts.push(format!("bpffs is not mounted at {BPFFS}"));
@@ -222,9 +186,7 @@ impl State {
 
     fn toolchain(&self) -> Result<Toolchain> {
         match &self.bpf_linker {
-            LinkerState::Ready(path) => Ok(Toolchain {
-                bpf_linker: path.clone(),
-            }),
+            LinkerState::Ready(path) => Ok(Toolchain { bpf_linker: path.clone() }),
             _ => bail!("{BPF_LINKER} {BPF_LINKER_VERSION} is not installed"),
         }
     }
@@ -272,9 +234,7 @@ fn apt_get() -> Command {
 
 /// Places to look for bpf-linker: `PATH`, then where `cargo install` puts binaries.
 fn bpf_linker_candidates() -> Vec<PathBuf> {
-    let mut dirs: Vec<PathBuf> = env::var_os("PATH")
-        .map(|path| env::split_paths(&path).collect())
-        .unwrap_or_default();
+    let mut dirs: Vec<PathBuf> = env::var_os("PATH").map(|path| env::split_paths(&path).collect()).unwrap_or_default();
     if let Some(root) = env::var_os("CARGO_INSTALL_ROOT") {
         dirs.push(PathBuf::from(root).join("bin"));
     }
@@ -303,10 +263,8 @@ fn find_bpf_linker() -> LinkerState {
             return LinkerState::Ready(path);
         }
         if first_wrong.is_none() {
-            first_wrong = Some(LinkerState::WrongVersion {
-                path,
-                reported: reported.unwrap_or_else(|| "no version".to_owned()),
-            });
+            first_wrong =
+                Some(LinkerState::WrongVersion { path, reported: reported.unwrap_or_else(|| "no version".to_owned()) });
         }
     }
     first_wrong.unwrap_or(LinkerState::Missing)
@@ -325,23 +283,18 @@ fn linker_version(path: &Path) -> Option<String> {
 fn ensure_bpf_linker(state: LinkerState) -> Result<PathBuf> {
     match state {
         LinkerState::Ready(path) => {
-            println!(
-                "ok: {BPF_LINKER} {BPF_LINKER_VERSION} already installed ({})",
-                path.display()
-            );
+            println!("ok: {BPF_LINKER} {BPF_LINKER_VERSION} already installed ({})", path.display());
             return Ok(path);
         }
-        LinkerState::WrongVersion { path, reported } => println!(
-            "installing {BPF_LINKER} {BPF_LINKER_VERSION} ({} reports {reported})",
-            path.display()
-        ),
+        LinkerState::WrongVersion { path, reported } => {
+            println!("installing {BPF_LINKER} {BPF_LINKER_VERSION} ({} reports {reported})", path.display())
+        }
         LinkerState::Missing => println!("installing {BPF_LINKER} {BPF_LINKER_VERSION}"),
     }
 
     let path = env::var_os("PATH").unwrap_or_default();
-    let path =
-        env::join_paths(std::iter::once(PathBuf::from(LLVM_BIN)).chain(env::split_paths(&path)))
-            .context("build PATH for cargo install")?;
+    let path = env::join_paths(std::iter::once(PathBuf::from(LLVM_BIN)).chain(env::split_paths(&path)))
+        .context("build PATH for cargo install")?;
     sys::run(
         workspace::cargo()
             .args(["install", BPF_LINKER, "--version", BPF_LINKER_VERSION])

@@ -11,9 +11,7 @@ use anyhow::{bail, Context, Result};
 /// Whether this process runs with effective uid 0.
 pub fn is_root() -> Result<bool> {
     let status = fs::read_to_string("/proc/self/status").context("read /proc/self/status")?;
-    effective_uid(&status)
-        .map(|uid| uid == 0)
-        .context("no `Uid:` line in /proc/self/status")
+    effective_uid(&status).map(|uid| uid == 0).context("no `Uid:` line in /proc/self/status")
 }
 
 /// The effective uid from the `Uid:` line of `/proc/<pid>/status` (real, effective, saved, fs).
@@ -74,11 +72,7 @@ fn parse_mountinfo(text: &str) -> Vec<Mount> {
             let root = unescape(left.get(3)?);
             let point = PathBuf::from(unescape(left.get(4)?));
             let fstype = right.split(' ').next()?.to_owned();
-            Some(Mount {
-                root,
-                point,
-                fstype,
-            })
+            Some(Mount { root, point, fstype })
         })
         .collect()
 }
@@ -93,9 +87,7 @@ fn unescape(field: &str) -> String {
             .get(i + 1..i + 4)
             .filter(|digits| bytes[i] == b'\\' && digits.iter().all(|d| (b'0'..=b'7').contains(d)));
         if let Some(digits) = escape {
-            let value = digits
-                .iter()
-                .fold(0u32, |acc, d| acc * 8 + u32::from(d - b'0'));
+            let value = digits.iter().fold(0u32, |acc, d| acc * 8 + u32::from(d - b'0'));
             out.push(u8::try_from(value).unwrap_or(b'?'));
             i += 4;
         } else {
@@ -109,23 +101,17 @@ fn unescape(field: &str) -> String {
 /// Where the cgroup v2 hierarchy is mounted (`/sys/fs/cgroup`, or `/sys/fs/cgroup/unified` in
 /// the hybrid layout).
 pub fn cgroup2_mount() -> Result<PathBuf> {
-    cgroup2_in(&mounts()?)
-        .context("no cgroup2 filesystem is mounted (looked in /proc/self/mountinfo)")
+    cgroup2_in(&mounts()?).context("no cgroup2 filesystem is mounted (looked in /proc/self/mountinfo)")
 }
 
 fn cgroup2_in(mounts: &[Mount]) -> Option<PathBuf> {
     // A bind mount of a subtree (root other than "/") is not the hierarchy's top.
-    mounts
-        .iter()
-        .find(|m| m.fstype == "cgroup2" && m.root == "/")
-        .map(|m| m.point.clone())
+    mounts.iter().find(|m| m.fstype == "cgroup2" && m.root == "/").map(|m| m.point.clone())
 }
 
 /// Whether a filesystem of type `fstype` is mounted at `point`.
 pub fn is_mounted(point: &Path, fstype: &str) -> Result<bool> {
-    Ok(mounts()?
-        .iter()
-        .any(|m| m.point == point && m.fstype == fstype))
+    Ok(mounts()?.iter().any(|m| m.point == point && m.fstype == fstype))
 }
 
 /// The command line, for messages.
@@ -140,9 +126,7 @@ pub fn describe(cmd: &Command) -> String {
 /// Runs `cmd` with inherited stdio and fails unless it exits successfully.
 pub fn run(cmd: &mut Command) -> Result<()> {
     let line = describe(cmd);
-    let status = cmd
-        .status()
-        .with_context(|| format!("could not start `{line}`"))?;
+    let status = cmd.status().with_context(|| format!("could not start `{line}`"))?;
     if !status.success() {
         bail!("`{line}` failed ({status})");
     }
@@ -165,10 +149,7 @@ mod tests {
     #[test]
     fn finds_cgroup2_in_hybrid_layout() {
         let mounts = parse_mountinfo(HYBRID);
-        assert_eq!(
-            cgroup2_in(&mounts),
-            Some(PathBuf::from("/sys/fs/cgroup/unified"))
-        );
+        assert_eq!(cgroup2_in(&mounts), Some(PathBuf::from("/sys/fs/cgroup/unified")));
     }
 
     #[test]
@@ -177,21 +158,14 @@ mod tests {
 50 30 0:38 /system.slice /srv/cg rw - cgroup2 cgroup2 rw
 51 30 0:38 / /sys/fs/cgroup rw - cgroup2 cgroup2 rw
 ";
-        assert_eq!(
-            cgroup2_in(&parse_mountinfo(text)),
-            Some(PathBuf::from("/sys/fs/cgroup"))
-        );
+        assert_eq!(cgroup2_in(&parse_mountinfo(text)), Some(PathBuf::from("/sys/fs/cgroup")));
     }
 
     #[test]
     fn parses_fstype_and_escaped_mount_points() {
         let mounts = parse_mountinfo(HYBRID);
-        assert!(mounts
-            .iter()
-            .any(|m| m.point == Path::new("/sys/fs/bpf") && m.fstype == "bpf"));
-        assert!(mounts
-            .iter()
-            .any(|m| m.point == Path::new("/mnt/with space")));
+        assert!(mounts.iter().any(|m| m.point == Path::new("/sys/fs/bpf") && m.fstype == "bpf"));
+        assert!(mounts.iter().any(|m| m.point == Path::new("/mnt/with space")));
     }
 
     #[test]

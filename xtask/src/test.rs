@@ -40,21 +40,13 @@ fn run_steps(unit_only: bool, extra: &[String], summary: &mut Summary) -> Result
     summary.step(label, || run_tests(&bin, unit_only, &toolchain, extra))
 }
 
-fn run_tests(
-    bin: &Path,
-    unit_only: bool,
-    toolchain: &setup::Toolchain,
-    extra: &[String],
-) -> Result<()> {
+fn run_tests(bin: &Path, unit_only: bool, toolchain: &setup::Toolchain, extra: &[String]) -> Result<()> {
     let mut cmd = workspace::cargo();
     cmd.args(["test", "--workspace", "--release"]);
     if unit_only {
         cmd.arg("--lib");
     }
-    cmd.args(extra)
-        .env("EGRESS_BIN", bin)
-        .env("PATH", toolchain.path_env()?)
-        .env("RUST_BACKTRACE", "1");
+    cmd.args(extra).env("EGRESS_BIN", bin).env("PATH", toolchain.path_env()?).env("RUST_BACKTRACE", "1");
     sys::run(&mut cmd)
 }
 

@@ -35,38 +35,17 @@ pub const DEFAULT_KERNELS: &[&str] = &["5.10", "6.1", "6.12", "6.18"];
 
 /// The checks of xtask/vm/init.sh, in the order of the table.
 const CHECKS: &[(&str, &str)] = &[
-    (
-        "load",
-        "the daemon loads and attaches every program and reports ready",
-    ),
-    (
-        "tcp",
-        "TCP connect: EPERM for denied IPv4/IPv6 destinations, allowed ones go through",
-    ),
+    ("load", "the daemon loads and attaches every program and reports ready"),
+    ("tcp", "TCP connect: EPERM for denied IPv4/IPv6 destinations, allowed ones go through"),
     ("udp", "UDP sendto and connect: EPERM when denied"),
     ("icmp", "ping sockets: EPERM when denied"),
     ("raw", "raw ICMP sockets: EPERM when denied (packet hook)"),
-    (
-        "v4-mapped",
-        "TCP and UDP to ::ffff:a.b.c.d on IPv6 sockets judged by the IPv4 rules",
-    ),
-    (
-        "stateful",
-        "a server in the cgroup answers TCP and UDP clients the policy denies; not others",
-    ),
+    ("v4-mapped", "TCP and UDP to ::ffff:a.b.c.d on IPv6 sockets judged by the IPv4 rules"),
+    ("stateful", "a server in the cgroup answers TCP and UDP clients the policy denies; not others"),
     ("events", "blocked and reply events name the process (comm)"),
-    (
-        "reload",
-        "`egress reload` of an edited file changes the verdicts",
-    ),
-    (
-        "restart",
-        "SIGKILLed daemon: pinned programs keep enforcing; a new daemon adopts them",
-    ),
-    (
-        "af-packet",
-        "AF_PACKET sockets refused in the cgroup by the BPF LSM (booted with lsm=...,bpf)",
-    ),
+    ("reload", "`egress reload` of an edited file changes the verdicts"),
+    ("restart", "SIGKILLed daemon: pinned programs keep enforcing; a new daemon adopts them"),
+    ("af-packet", "AF_PACKET sockets refused in the cgroup by the BPF LSM (booted with lsm=...,bpf)"),
 ];
 
 /// Checks that are known not to pass on a kernel series, and why. Each entry is a fact found by
@@ -145,11 +124,7 @@ pub fn vm_test_command(options: Options) -> Result<()> {
     }
     let failures = matrix.failures();
     if !failures.is_empty() {
-        bail!(
-            "{} check(s) failed where expected to pass: {}",
-            failures.len(),
-            failures.join(", ")
-        );
+        bail!("{} check(s) failed where expected to pass: {}", failures.len(), failures.join(", "));
     }
     Ok(())
 }
@@ -158,12 +133,7 @@ pub fn vm_test_command(options: Options) -> Result<()> {
 fn build_initramfs(work: &Path, daemon: &Path) -> Result<PathBuf> {
     let source = workspace::root().join("xtask").join("vm");
     let client = work.join("vmclient");
-    sys::run(
-        Command::new("cc")
-            .args(["-static", "-O2", "-Wall", "-o"])
-            .arg(&client)
-            .arg(source.join("vmclient.c")),
-    )?;
+    sys::run(Command::new("cc").args(["-static", "-O2", "-Wall", "-o"]).arg(&client).arg(source.join("vmclient.c")))?;
     let mut image = initramfs::Image::default();
     for dir in ["/proc", "/sys", "/dev", "/tmp", "/run", "/etc"] {
         image.dir(dir);
@@ -178,13 +148,7 @@ fn build_initramfs(work: &Path, daemon: &Path) -> Result<PathBuf> {
 }
 
 /// Boots every kernel, `jobs` at a time.
-fn boot_all(
-    kernels: &[Kernel],
-    image: &Path,
-    logs: &Path,
-    timeout: Duration,
-    jobs: usize,
-) -> Result<Vec<boot::Run>> {
+fn boot_all(kernels: &[Kernel], image: &Path, logs: &Path, timeout: Duration, jobs: usize) -> Result<Vec<boot::Run>> {
     let next = Arc::new(Mutex::new(0usize));
     let results: Arc<Mutex<BTreeMap<usize, Result<boot::Run>>>> = Arc::default();
     thread::scope(|scope| {
@@ -209,16 +173,10 @@ fn boot_all(
                         kernel.series,
                         kernel.release,
                         run.seconds,
-                        run.problem
-                            .as_deref()
-                            .map(|p| format!(": {p}"))
-                            .unwrap_or_default()
+                        run.problem.as_deref().map(|p| format!(": {p}")).unwrap_or_default()
                     );
                 }
-                results
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .insert(index, run);
+                results.lock().unwrap_or_else(|e| e.into_inner()).insert(index, run);
             });
         }
     });
@@ -255,10 +213,7 @@ impl Matrix {
             .iter()
             .zip(runs)
             .map(|(kernel, run)| {
-                let cells = CHECKS
-                    .iter()
-                    .map(|(check, _)| cell(&kernel.series, check, run))
-                    .collect();
+                let cells = CHECKS.iter().map(|(check, _)| cell(&kernel.series, check, run)).collect();
                 // The package version names the upstream release (5.10.262), which `uname -r`
                 // of Debian's 5.10 and 6.1 packages does not (5.10.0-46-cloud-amd64).
                 let label = format!("{} (Debian `{}`)", kernel.series, kernel.version);
@@ -305,17 +260,11 @@ impl Matrix {
                         format!("**FAIL** [{}]", note(format!("{check}: {detail}")))
                     }
                     Cell::Known(why, detail) => {
-                        format!(
-                            "known failure [{}]",
-                            note(format!("{check}: {why} (seen: {detail})"))
-                        )
+                        format!("known failure [{}]", note(format!("{check}: {why} (seen: {detail})")))
                     }
                     Cell::Skip(why) => format!("skip [{}]", note(format!("{check}: {why}"))),
                     Cell::UnexpectedPass(why) => {
-                        format!(
-                            "pass (listed as failing) [{}]",
-                            note(format!("{check}: {why}"))
-                        )
+                        format!("pass (listed as failing) [{}]", note(format!("{check}: {why}")))
                     }
                     Cell::NotRun(why) => format!("**not run** [{}]", note(why.clone())),
                 };
@@ -340,9 +289,7 @@ fn cell(series: &str, check: &str, run: &boot::Run) -> Cell {
         (Some(Reported::Skip(why)), _) => Cell::Skip(why.clone()),
         (None, Some(why)) => Cell::Known(why, "not run".to_owned()),
         (None, None) => Cell::NotRun(
-            run.problem
-                .clone()
-                .unwrap_or_else(|| "the suite stopped before this check (see its log)".to_owned()),
+            run.problem.clone().unwrap_or_else(|| "the suite stopped before this check (see its log)".to_owned()),
         ),
     }
 }
@@ -354,20 +301,13 @@ const DOC_END: &str = "<!-- vm-test:end -->";
 fn write_doc(path: &Path, table: &str) -> Result<()> {
     let text = fs::read_to_string(path).with_context(|| format!("read {}", path.display()))?;
     let (Some(begin), Some(end)) = (text.find(DOC_BEGIN), text.find(DOC_END)) else {
-        bail!(
-            "{} has no `{DOC_BEGIN}` ... `{DOC_END}` section",
-            path.display()
-        );
+        bail!("{} has no `{DOC_BEGIN}` ... `{DOC_END}` section", path.display());
     };
     let mut legend = String::from("\n| check | what it shows |\n|---|---|\n");
     for (check, what) in CHECKS {
         legend.push_str(&format!("| {check} | {what} |\n"));
     }
-    let updated = format!(
-        "{}{DOC_BEGIN}\n{table}{legend}\n{}",
-        &text[..begin],
-        &text[end..]
-    );
+    let updated = format!("{}{DOC_BEGIN}\n{table}{legend}\n{}", &text[..begin], &text[end..]);
     fs::write(path, updated).with_context(|| format!("write {}", path.display()))
 }
 
@@ -377,10 +317,7 @@ mod tests {
 
     #[test]
     fn a_missing_check_is_a_failure_unless_known() {
-        let run = boot::Run {
-            problem: Some("no power-off within 300 s".into()),
-            ..Default::default()
-        };
+        let run = boot::Run { problem: Some("no power-off within 300 s".into()), ..Default::default() };
         assert!(matches!(cell("6.1", "tcp", &run), Cell::NotRun(_)));
         let kernels = vec![Kernel {
             series: "6.1".into(),

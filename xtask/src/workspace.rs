@@ -11,11 +11,9 @@ use std::{
 pub fn root() -> PathBuf {
     // Prefer the runtime value `cargo run` sets: the compile-time one goes stale if the checkout
     // moves while the xtask binary stays fresh.
-    let manifest_dir = env::var_os("CARGO_MANIFEST_DIR")
-        .map_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")), PathBuf::from);
-    manifest_dir
-        .parent()
-        .map_or_else(|| manifest_dir.clone(), Path::to_path_buf)
+    let manifest_dir =
+        env::var_os("CARGO_MANIFEST_DIR").map_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")), PathBuf::from);
+    manifest_dir.parent().map_or_else(|| manifest_dir.clone(), Path::to_path_buf)
 }
 
 /// Cargo's target directory for the workspace, honouring `CARGO_TARGET_DIR`.

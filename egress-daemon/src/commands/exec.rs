@@ -46,9 +46,8 @@ pub async fn exec(args: ExecArgs) -> Result<i32, Failure> {
     let policy = set.policies.swap_remove(index);
     set.policies = vec![policy];
 
-    let cgroup = hierarchy
-        .create(&format!("egress-exec-{}", std::process::id()))
-        .context("creating the transient cgroup")?;
+    let cgroup =
+        hierarchy.create(&format!("egress-exec-{}", std::process::id())).context("creating the transient cgroup")?;
     let result = exec_in(&hierarchy, &cgroup, set, &args).await;
     if let Err(error) = cgroup.kill_and_remove() {
         tracing::warn!(%error, "removing the transient cgroup");
@@ -128,9 +127,8 @@ async fn empty(cgroup: &Cgroup) {
 }
 
 fn spawn_in_cgroup(cgroup: &Cgroup, command: &[String]) -> io::Result<tokio::process::Child> {
-    let (program, args) = command
-        .split_first()
-        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "no command given"))?;
+    let (program, args) =
+        command.split_first().ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "no command given"))?;
     let procs = std::ffi::CString::new(cgroup.dir.join("cgroup.procs").as_os_str().as_encoded_bytes())
         .map_err(io::Error::other)?;
     // SAFETY: getpid has no preconditions.

@@ -208,7 +208,9 @@ pub fn status_text(report: &StatusReport) -> String {
         );
     }
     if !report.ignored.is_empty() {
-        out.push_str("\nignored matches (named where unprivileged users make cgroups; their ancestors' policy applies):\n");
+        out.push_str(
+            "\nignored matches (named where unprivileged users make cgroups; their ancestors' policy applies):\n",
+        );
         for ignored in &report.ignored {
             let _ = writeln!(
                 out,

@@ -75,10 +75,7 @@ pub(crate) mod testutil {
     fn is_root() -> bool {
         // /proc/self/status "Uid:" real effective saved fs
         fs::read_to_string("/proc/self/status").is_ok_and(|status| {
-            status
-                .lines()
-                .find_map(|line| line.strip_prefix("Uid:"))
-                .and_then(|uids| uids.split_whitespace().nth(1))
+            status.lines().find_map(|line| line.strip_prefix("Uid:")).and_then(|uids| uids.split_whitespace().nth(1))
                 == Some("0")
         })
     }

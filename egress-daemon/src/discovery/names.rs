@@ -98,10 +98,7 @@ impl ContainerNames {
             return Vec::new();
         }
         let matching = |set: &BTreeSet<String>| -> Vec<String> {
-            set.range(prefix.clone()..)
-                .take_while(|id| id.starts_with(&prefix))
-                .cloned()
-                .collect()
+            set.range(prefix.clone()..).take_while(|id| id.starts_with(&prefix)).cloned().collect()
         };
         let mut ids: BTreeSet<String> = matching(&self.cli_ids).into_iter().collect();
         ids.extend(matching(&self.seen_ids));
@@ -110,11 +107,7 @@ impl ContainerNames {
 
     /// The names the CLIs gave a container id, for events.
     pub fn names_of(&self, id: &str) -> Vec<String> {
-        self.by_name
-            .iter()
-            .filter(|(_, ids)| ids.contains(id))
-            .map(|(name, _)| name.clone())
-            .collect()
+        self.by_name.iter().filter(|(_, ids)| ids.contains(id)).map(|(name, _)| name.clone()).collect()
     }
 }
 
@@ -142,9 +135,7 @@ fn parse_ps(text: &str) -> Vec<(String, Vec<String>)> {
 
 fn find_on_path(program: &str) -> Option<PathBuf> {
     let path = env::var_os("PATH")?;
-    env::split_paths(&path)
-        .map(|dir| dir.join(program))
-        .find(|candidate| is_executable(candidate))
+    env::split_paths(&path).map(|dir| dir.join(program)).find(|candidate| is_executable(candidate))
 }
 
 fn is_executable(path: &Path) -> bool {
@@ -200,9 +191,7 @@ mod tests {
     const POD: &str = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
 
     fn names() -> ContainerNames {
-        let docker = format!(
-            "{WEB} web\n{DB} db,app/db\nWARNING: something the CLI felt like saying\n\n"
-        );
+        let docker = format!("{WEB} web\n{DB} db,app/db\nWARNING: something the CLI felt like saying\n\n");
         let podman = format!("{POD} pg\n{WEB} web\n");
         let mut names = ContainerNames::new();
         names.set_cli_listings([(Runtime::Docker, docker.as_str()), (Runtime::Podman, podman.as_str())]);
@@ -295,7 +284,11 @@ mod tests {
         assert!(run_with_timeout(sh, &["-c", "sleep 5"], Duration::from_millis(200)).is_err());
         assert!(started.elapsed() < Duration::from_secs(2));
         // a listing far larger than a pipe buffer does not stall the child
-        let big = run_with_timeout(sh, &["-c", "i=0; while [ $i -lt 20000 ]; do echo 0123456789; i=$((i+1)); done"], CLI_TIMEOUT);
+        let big = run_with_timeout(
+            sh,
+            &["-c", "i=0; while [ $i -lt 20000 ]; do echo 0123456789; i=$((i+1)); done"],
+            CLI_TIMEOUT,
+        );
         assert_eq!(big.map(|t| t.len()), Ok(20000 * 11));
         assert!(run_with_timeout(Path::new("/nonexistent/docker"), PS_ARGS, CLI_TIMEOUT).is_err());
     }

@@ -107,9 +107,7 @@ pub fn unit_of(path: &str) -> Option<String> {
     path.split('/')
         .rev()
         .find(|component| {
-            UNIT_SUFFIXES
-                .iter()
-                .any(|suffix| component.len() > suffix.len() && component.ends_with(suffix))
+            UNIT_SUFFIXES.iter().any(|suffix| component.len() > suffix.len() && component.ends_with(suffix))
         })
         .map(str::to_string)
 }
@@ -146,7 +144,9 @@ mod tests {
         );
         // dockershim-era kubelet: docker scopes inside pod slices
         assert_eq!(
-            found(&format!("kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-{POD}.slice/docker-{ID}.scope")),
+            found(&format!(
+                "kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-{POD}.slice/docker-{ID}.scope"
+            )),
             is(Runtime::Docker)
         );
         // the docker daemon's own unit is not a container
@@ -158,7 +158,9 @@ mod tests {
     fn containerd_under_kubernetes_systemd_driver_every_qos_class() {
         for path in [
             format!("kubepods.slice/kubepods-burstable.slice/kubepods-burstable-{POD}.slice/cri-containerd-{ID}.scope"),
-            format!("kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-{POD}.slice/cri-containerd-{ID}.scope"),
+            format!(
+                "kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-{POD}.slice/cri-containerd-{ID}.scope"
+            ),
             format!("kubepods.slice/kubepods-{POD}.slice/cri-containerd-{ID}.scope"),
         ] {
             assert_eq!(found(&path), is(Runtime::Containerd), "{path}");
@@ -225,10 +227,7 @@ mod tests {
     #[test]
     fn enclosing_container_walks_up_to_the_container() {
         let scope = format!("machine.slice/libpod-{ID}.scope");
-        assert_eq!(
-            enclosing_container(&format!("{scope}/container")).map(|c| (c.runtime, c.id)),
-            is(Runtime::Podman)
-        );
+        assert_eq!(enclosing_container(&format!("{scope}/container")).map(|c| (c.runtime, c.id)), is(Runtime::Podman));
         assert_eq!(
             enclosing_container(&format!("kubepods/burstable/pod1/{ID}/sub")).map(|c| (c.runtime, c.id)),
             is(Runtime::Containerd)
@@ -246,14 +245,8 @@ mod tests {
             unit_of("user.slice/user-1000.slice/user@1000.service/app.slice/foo.service").as_deref(),
             Some("foo.service")
         );
-        assert_eq!(
-            unit_of("user.slice/user-1000.slice/user@1000.service/init.scope").as_deref(),
-            Some("init.scope")
-        );
-        assert_eq!(
-            unit_of(&format!("system.slice/docker-{ID}.scope")),
-            Some(format!("docker-{ID}.scope"))
-        );
+        assert_eq!(unit_of("user.slice/user-1000.slice/user@1000.service/init.scope").as_deref(), Some("init.scope"));
+        assert_eq!(unit_of(&format!("system.slice/docker-{ID}.scope")), Some(format!("docker-{ID}.scope")));
         assert_eq!(unit_of("system.slice/sshd.socket").as_deref(), Some("sshd.socket"));
         assert_eq!(unit_of("system.slice"), None);
         assert_eq!(unit_of("user.slice/user-1000.slice"), None);

@@ -144,10 +144,7 @@ mod tests {
         }
         found.sort_by(|a, b| a.relative.cmp(&b.relative));
         let rels: Vec<(&str, u32)> = found.iter().map(|f| (f.relative.as_str(), f.level)).collect();
-        assert_eq!(
-            rels,
-            [("top", 1), ("top/a", 2), ("top/a/b", 3), ("top/a/b/c", 4), ("top/a/d", 3), ("top/e", 2)]
-        );
+        assert_eq!(rels, [("top", 1), ("top/a", 2), ("top/a/b", 3), ("top/a/b/c", 4), ("top/a/d", 3), ("top/e", 2)]);
         for f in &found {
             let ino = fs::metadata(root.path().join(&f.relative)).expect("stat").ino();
             assert_eq!(f.id, ino, "{}", f.relative);
@@ -182,7 +179,10 @@ mod tests {
         for f in &found {
             let dir = mount.join(&f.relative);
             assert_eq!(f.id, fs::metadata(&dir).expect("stat").ino(), "{}", f.relative);
-            assert_eq!(f.level, u32::try_from(dir.strip_prefix(&mount).expect("below").components().count()).expect("small"));
+            assert_eq!(
+                f.level,
+                u32::try_from(dir.strip_prefix(&mount).expect("below").components().count()).expect("small")
+            );
             assert!(f.level >= base);
         }
     }

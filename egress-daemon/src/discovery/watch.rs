@@ -111,10 +111,7 @@ async fn read_events(fd: &mut AsyncFd<Inotify>, buffer: &mut [u8]) -> io::Result
     loop {
         let mut ready = fd.readable_mut().await?;
         let read = ready.try_io(|inner| {
-            inner
-                .get_mut()
-                .read_events(buffer)
-                .map(|events| events.map(|event| event.to_owned()).collect::<Vec<_>>())
+            inner.get_mut().read_events(buffer).map(|events| events.map(|event| event.to_owned()).collect::<Vec<_>>())
         });
         if let Ok(result) = read {
             return result;
@@ -169,14 +166,7 @@ struct Tree {
 
 impl Tree {
     fn new(watches: Watches, mount: PathBuf, under: &str) -> Self {
-        Self {
-            watches,
-            mount,
-            root: normalize(under),
-            above_root: None,
-            by_wd: HashMap::new(),
-            known: BTreeMap::new(),
-        }
+        Self { watches, mount, root: normalize(under), above_root: None, by_wd: HashMap::new(), known: BTreeMap::new() }
     }
 
     /// Watches the existing tree without reporting it (the caller scans).
@@ -311,10 +301,8 @@ impl Tree {
                 }
             };
             if let Some(wd) = &wd {
-                self.by_wd.insert(
-                    wd.get_watch_descriptor_id(),
-                    Node { dir: dir.clone(), relative: relative.clone(), id },
-                );
+                self.by_wd
+                    .insert(wd.get_watch_descriptor_id(), Node { dir: dir.clone(), relative: relative.clone(), id });
             }
             if let Some(seen) = seen.as_deref_mut() {
                 seen.insert(relative.clone());
@@ -387,9 +375,11 @@ impl Tree {
         if keep.is_some_and(|keep| keep.get_watch_descriptor_id() == id) {
             return;
         }
-        if self.by_wd.get(&id).is_some_and(|node| self.known.get(&node.relative).is_some_and(|e| {
-            e.wd.as_ref().is_some_and(|w| w.get_watch_descriptor_id() == id)
-        })) {
+        if self.by_wd.get(&id).is_some_and(|node| {
+            self.known
+                .get(&node.relative)
+                .is_some_and(|e| e.wd.as_ref().is_some_and(|w| w.get_watch_descriptor_id() == id))
+        }) {
             // Still the watch of another live path (a rename put it there): keep it.
             return;
         }
@@ -695,9 +685,7 @@ mod tests {
         let started = Instant::now();
         let (mut rx, handle) = spawn_watcher(mount.clone(), p.clone()).expect("watch");
         let watched = started.elapsed();
-        println!(
-            "10,101 cgroups: created in {made:?}, scanned in {scanned:?}, watched (spawn_watcher) in {watched:?}"
-        );
+        println!("10,101 cgroups: created in {made:?}, scanned in {scanned:?}, watched (spawn_watcher) in {watched:?}");
         assert!(scanned.as_secs() < 2 && watched.as_secs() < 2);
 
         fs::create_dir(mount.join(format!("{p}/p99/c99/new"))).expect("mkdir");

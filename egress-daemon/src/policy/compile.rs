@@ -9,8 +9,8 @@
 use std::collections::{HashMap, HashSet};
 
 use egress_common::{
-    action, mode, rule_id, Decision, PolicyInfo, PortRule, PortTable, RuleKeyV4, RuleKeyV6,
-    MAX_POLICY_SLOTS, MAX_PORT_RULES, POLICY_KEY_BITS,
+    action, mode, rule_id, Decision, PolicyInfo, PortRule, PortTable, RuleKeyV4, RuleKeyV6, MAX_POLICY_SLOTS,
+    MAX_PORT_RULES, POLICY_KEY_BITS,
 };
 use ipnet::IpNet;
 
@@ -30,11 +30,7 @@ pub enum CompileError {
         "policy {policy}: destinations in {cidr} are subject to {count} port-specific rules; \
          at most {MAX_PORT_RULES} fit"
     )]
-    TooManyPortRules {
-        policy: String,
-        cidr: IpNet,
-        count: usize,
-    },
+    TooManyPortRules { policy: String, cidr: IpNet, count: usize },
     #[error("policy {policy} has too many rules")]
     TooManyRules { policy: String },
     #[error("port tables: {needed} needed, {PORT_TABLES_PER_GENERATION} available per generation")]
@@ -66,11 +62,7 @@ pub fn protocol_number(p: Protocol) -> u8 {
 
 /// Compiles `set`, putting `set.policies[i]` in kernel slot `slots[i]` and numbering port tables
 /// from `first_table_id` (at least 1). Identical port tables are shared by the whole set.
-pub fn compile_set(
-    set: &PolicySet,
-    slots: &[u32],
-    first_table_id: u32,
-) -> Result<CompiledSet, CompileError> {
+pub fn compile_set(set: &PolicySet, slots: &[u32], first_table_id: u32) -> Result<CompiledSet, CompileError> {
     check_slots(set, slots)?;
     let mut tables = Tables::new(first_table_id)?;
     let policies = set
@@ -80,61 +72,38 @@ pub fn compile_set(
         .map(|(policy, &slot)| compile_policy(policy, slot, &mut tables))
         .collect::<Result<_, _>>()?;
     if tables.entries.len() > PORT_TABLES_PER_GENERATION as usize {
-        return Err(CompileError::TooManyPortTables {
-            needed: tables.entries.len(),
-        });
+        return Err(CompileError::TooManyPortTables { needed: tables.entries.len() });
     }
-    Ok(CompiledSet {
-        policies,
-        port_tables: tables.entries,
-    })
+    Ok(CompiledSet { policies, port_tables: tables.entries })
 }
 
 fn check_slots(set: &PolicySet, slots: &[u32]) -> Result<(), CompileError> {
     if slots.len() != set.policies.len() {
-        return Err(CompileError::SlotCount {
-            policies: set.policies.len(),
-            slots: slots.len(),
-        });
+        return Err(CompileError::SlotCount { policies: set.policies.len(), slots: slots.len() });
     }
     let mut seen = HashSet::new();
-    match slots
-        .iter()
-        .find(|&&slot| slot >= MAX_POLICY_SLOTS || !seen.insert(slot))
-    {
+    match slots.iter().find(|&&slot| slot >= MAX_POLICY_SLOTS || !seen.insert(slot)) {
         Some(&slot) => Err(CompileError::BadSlot(slot)),
         None => Ok(()),
     }
 }
 
-fn compile_policy(
-    policy: &Policy,
-    slot: u32,
-    tables: &mut Tables,
-) -> Result<CompiledPolicy, CompileError> {
+fn compile_policy(policy: &Policy, slot: u32, tables: &mut Tables) -> Result<CompiledPolicy, CompileError> {
     if u32::try_from(policy.rules.len()).map_or(true, |n| n >= rule_id::REPLY) {
-        return Err(CompileError::TooManyRules {
-            policy: policy.name.clone(),
-        });
+        return Err(CompileError::TooManyRules { policy: policy.name.clone() });
     }
     let policy_key = slot.to_be_bytes();
     let v4 = compile_family(policy, Family::V4, tables)?
         .into_iter()
         .map(|leaf| {
-            let key = RuleKeyV4 {
-                policy: policy_key,
-                addr: (leaf.addr as u32).to_be_bytes(),
-            };
+            let key = RuleKeyV4 { policy: policy_key, addr: (leaf.addr as u32).to_be_bytes() };
             (POLICY_KEY_BITS + u32::from(leaf.len), key, leaf.decision)
         })
         .collect();
     let v6 = compile_family(policy, Family::V6, tables)?
         .into_iter()
         .map(|leaf| {
-            let key = RuleKeyV6 {
-                policy: policy_key,
-                addr: leaf.addr.to_be_bytes(),
-            };
+            let key = RuleKeyV6 { policy: policy_key, addr: leaf.addr.to_be_bytes() };
             (POLICY_KEY_BITS + u32::from(leaf.len), key, leaf.decision)
         })
         .collect();
@@ -176,11 +145,7 @@ impl Family {
 /// A rule's CIDR as a number, IPv4 in the low 32 bits.
 fn cidr_of(net: &IpNet) -> (Family, u128, u8) {
     match net {
-        IpNet::V4(n) => (
-            Family::V4,
-            u128::from(u32::from(n.network())),
-            n.prefix_len(),
-        ),
+        IpNet::V4(n) => (Family::V4, u128::from(u32::from(n.network())), n.prefix_len()),
         IpNet::V6(n) => (Family::V6, u128::from(n.network()), n.prefix_len()),
     }
 }
@@ -223,11 +188,7 @@ type SortKey = (u128, u8, bool, usize);
 /// Sorted by (address, prefix length), CIDRs come in depth-first order of the prefix tree, so a
 /// stack holds the stored ancestors of the current CIDR and its top is the nearest: the rules
 /// that contain a CIDR are its own rules followed by everything its nearest ancestor's leaf lists.
-fn compile_family(
-    policy: &Policy,
-    family: Family,
-    tables: &mut Tables,
-) -> Result<Vec<Leaf>, CompileError> {
+fn compile_family(policy: &Policy, family: Family, tables: &mut Tables) -> Result<Vec<Leaf>, CompileError> {
     let bits = family.bits();
     let mut order: Vec<SortKey> = policy
         .rules
@@ -244,10 +205,7 @@ fn compile_family(
     let mut stack: Vec<Level> = Vec::new();
     for group in order.chunk_by(|a, b| (a.0, a.1) == (b.0, b.1)) {
         let (addr, len) = (group[0].0, group[0].1);
-        while stack
-            .last()
-            .is_some_and(|top| !top.contains(addr, len, bits))
-        {
+        while stack.last().is_some_and(|top| !top.contains(addr, len, bits)) {
             stack.pop();
         }
         let level = level_of(policy, group, stack.last())?;
@@ -257,22 +215,14 @@ fn compile_family(
             fallback_action: level.fallback.0,
             _pad: [0; 3],
         };
-        leaves.push(Leaf {
-            addr,
-            len,
-            decision,
-        });
+        leaves.push(Leaf { addr, len, decision });
         stack.push(level);
     }
     Ok(leaves)
 }
 
 /// The leaf of the CIDR whose own rules are `group`, in priority order.
-fn level_of(
-    policy: &Policy,
-    group: &[SortKey],
-    parent: Option<&Level>,
-) -> Result<Level, CompileError> {
+fn level_of(policy: &Policy, group: &[SortKey], parent: Option<&Level>) -> Result<Level, CompileError> {
     let (addr, len, _, first) = group[0];
     let mut port_rules = Vec::new();
     let mut fallback = None;
@@ -301,12 +251,7 @@ fn level_of(
             count: port_rules.len(),
         });
     }
-    Ok(Level {
-        addr,
-        len,
-        port_rules,
-        fallback,
-    })
+    Ok(Level { addr, len, port_rules, fallback })
 }
 
 /// The port-table entries of a rule that does not match every flow.
@@ -344,11 +289,7 @@ impl Tables {
         if first_id == 0 {
             return Err(CompileError::ZeroTableId);
         }
-        Ok(Tables {
-            ids: HashMap::new(),
-            entries: Vec::new(),
-            next_id: first_id,
-        })
+        Ok(Tables { ids: HashMap::new(), entries: Vec::new(), next_id: first_id })
     }
 
     /// The id of the table holding `rules` (at most `MAX_PORT_RULES`), 0 for none.
@@ -360,15 +301,8 @@ impl Tables {
             return Ok(id);
         }
         let id = self.next_id;
-        self.next_id = id
-            .checked_add(1)
-            .ok_or(CompileError::TooManyPortTables {
-                needed: self.entries.len() + 1,
-            })?;
-        let mut table = PortTable {
-            len: rules.len() as u32,
-            rules: [PortRule::default(); MAX_PORT_RULES],
-        };
+        self.next_id = id.checked_add(1).ok_or(CompileError::TooManyPortTables { needed: self.entries.len() + 1 })?;
+        let mut table = PortTable { len: rules.len() as u32, rules: [PortRule::default(); MAX_PORT_RULES] };
         table.rules[..rules.len()].copy_from_slice(rules);
         self.ids.insert(rules.to_vec(), id);
         self.entries.push((id, table));

@@ -8,10 +8,7 @@ pub mod reference;
 pub mod validate;
 
 pub use compile::{compile_set, protocol_number, CompileError, CompiledPolicy, CompiledSet};
-pub use model::{
-    cgroup_glob_matches, Action, Mode, Policy, PolicySet, PortRange, Protocol, Rule, Selector,
-    Settings,
-};
+pub use model::{cgroup_glob_matches, Action, Mode, Policy, PolicySet, PortRange, Protocol, Rule, Selector, Settings};
 pub use parse::{parse_policy_file, parse_policy_str, ConfigError};
 pub use validate::{validate_policy_file, validate_policy_str};
 

@@ -243,35 +243,20 @@ pub(crate) fn is_glob(pattern: &str) -> bool {
 pub fn cgroup_glob_matches(pattern: &str, path: &str) -> bool {
     let pattern: Vec<&str> = pattern.split('/').filter(|c| !c.is_empty()).collect();
     let path: Vec<&str> = path.split('/').filter(|c| !c.is_empty()).collect();
-    wildcard_match(
-        &pattern,
-        &path,
-        |p| *p == "**",
-        |p, c| component_matches(p, c),
-    )
+    wildcard_match(&pattern, &path, |p| *p == "**", |p, c| component_matches(p, c))
 }
 
 /// Whether one path component matches one pattern component (`*` and `?` wildcards).
 fn component_matches(pattern: &str, component: &str) -> bool {
     let pattern: Vec<char> = pattern.chars().collect();
     let component: Vec<char> = component.chars().collect();
-    wildcard_match(
-        &pattern,
-        &component,
-        |p| *p == '*',
-        |p, c| *p == '?' || p == c,
-    )
+    wildcard_match(&pattern, &component, |p| *p == '*', |p, c| *p == '?' || p == c)
 }
 
 /// Matches `text` against `pattern`, where `is_star` elements match any run of elements and other
 /// elements match one element as `one` says. The greedy algorithm with one backtrack point: at
 /// most `pattern.len() * text.len()` steps, never exponential.
-fn wildcard_match<P, T>(
-    pattern: &[P],
-    text: &[T],
-    is_star: impl Fn(&P) -> bool,
-    one: impl Fn(&P, &T) -> bool,
-) -> bool {
+fn wildcard_match<P, T>(pattern: &[P], text: &[T], is_star: impl Fn(&P) -> bool, one: impl Fn(&P, &T) -> bool) -> bool {
     let (mut p, mut t) = (0, 0);
     // After the last star seen: the pattern index following it and the text index it resumes at.
     let mut backtrack: Option<(usize, usize)> = None;

@@ -41,11 +41,7 @@ impl fmt::Display for ConfigError {
         if self.line == 0 {
             write!(f, "{}: {}", self.file, self.message)
         } else {
-            write!(
-                f,
-                "{}:{}:{}: {}",
-                self.file, self.line, self.column, self.message
-            )
+            write!(f, "{}:{}:{}: {}", self.file, self.line, self.column, self.message)
         }
     }
 }
@@ -109,29 +105,13 @@ fn yaml_error(err: &serde_norway::Error, text: &str, file: &str) -> ConfigError 
     let mut message = err.to_string();
     let Some(at) = err.location() else {
         let (line, column) = unmarked_position(&message, text);
-        return ConfigError {
-            file: file.to_owned(),
-            line,
-            column,
-            message,
-        };
+        return ConfigError { file: file.to_owned(), line, column, message };
     };
-    let suffixes = [
-        format!(" at line {} column {}", at.line(), at.column()),
-        format!(" at position {}", at.index()),
-    ];
-    if let Some((start, len)) = suffixes
-        .iter()
-        .find_map(|s| message.find(s.as_str()).map(|start| (start, s.len())))
-    {
+    let suffixes = [format!(" at line {} column {}", at.line(), at.column()), format!(" at position {}", at.index())];
+    if let Some((start, len)) = suffixes.iter().find_map(|s| message.find(s.as_str()).map(|start| (start, s.len()))) {
         message.replace_range(start..start + len, "");
     }
-    ConfigError {
-        file: file.to_owned(),
-        line: at.line(),
-        column: at.column(),
-        message,
-    }
+    ConfigError { file: file.to_owned(), line: at.line(), column: at.column(), message }
 }
 
 /// Where to point an error `serde_norway` gives no position (a document that is empty, one of
@@ -152,9 +132,7 @@ fn unmarked_position(message: &str, text: &str) -> (usize, usize) {
             .map(|(n, _)| (n, 1))
     } else if message.contains("repetition limit") {
         lines().find_map(|(n, l)| {
-            let at = l.char_indices().find(|&(i, c)| {
-                c == '*' && (i == 0 || l[..i].ends_with([' ', '[', '{', ',']))
-            })?;
+            let at = l.char_indices().find(|&(i, c)| c == '*' && (i == 0 || l[..i].ends_with([' ', '[', '{', ','])))?;
             Some((n, l[..at.0].chars().count() + 1))
         })
     } else {
@@ -199,13 +177,8 @@ impl SettingsDoc {
             attach: self.attach.map_or(defaults.attach, |v| v.0 .0),
             history: self.history.map_or(defaults.history, |v| v.0 .0),
             events_per_second: self.events_per_second.map_or(defaults.events_per_second, |v| v.0 .0),
-            control_socket: self
-                .control_socket
-                .map_or(defaults.control_socket, |v| v.0 .0),
-            control_group: self
-                .control_group
-                .map(|v| v.0 .0)
-                .or(defaults.control_group),
+            control_socket: self.control_socket.map_or(defaults.control_socket, |v| v.0 .0),
+            control_group: self.control_group.map(|v| v.0 .0).or(defaults.control_group),
             metrics: self.metrics.map(|v| v.0 .0).or(defaults.metrics),
             pin_dir: self.pin_dir.map_or(defaults.pin_dir, |v| v.0 .0),
         }
@@ -282,10 +255,7 @@ impl PolicyDoc {
             selectors.push((Selector::Container(at.value.0), (at.line, at.column)));
         }
         if selectors.len() > 1 {
-            let mut keys: Vec<String> = selectors
-                .iter()
-                .map(|(s, _)| format!("`{}`", s.kind()))
-                .collect();
+            let mut keys: Vec<String> = selectors.iter().map(|(s, _)| format!("`{}`", s.kind())).collect();
             let last = keys.pop().unwrap_or_default();
             return Err(format!(
                 "a policy takes exactly one selector, one of {SELECTOR_KEYS}; this one has {} and {last}",
@@ -312,26 +282,17 @@ impl PolicyDoc {
 
 impl FileDoc {
     fn into_set(self, file: &str) -> Result<PolicySet, ConfigError> {
-        let names = self
-            .policies
-            .iter()
-            .map(|e| (e.policy.name.as_str(), "name", e.name_at));
-        check_unique(names, file, |name, _, first| {
-            format!("duplicate policy name `{name}` (first at line {first})")
-        })?;
+        let names = self.policies.iter().map(|e| (e.policy.name.as_str(), "name", e.name_at));
+        check_unique(names, file, |name, _, first| format!("duplicate policy name `{name}` (first at line {first})"))?;
         let selectors = self.policies.iter().map(|e| {
             let s = &e.policy.selector;
             ((s.kind(), s.value()), s.kind(), e.selector_at)
         });
         check_unique(selectors, file, |(kind, value), _, first| {
-            format!(
-                "{kind} `{value}` already has the policy at line {first}; a selector takes one policy"
-            )
+            format!("{kind} `{value}` already has the policy at line {first}; a selector takes one policy")
         })?;
         Ok(PolicySet {
-            settings: self
-                .settings
-                .map_or_else(Settings::default, SettingsDoc::into_settings),
+            settings: self.settings.map_or_else(Settings::default, SettingsDoc::into_settings),
             policies: self.policies.into_iter().map(|e| e.policy).collect(),
         })
     }
@@ -383,13 +344,7 @@ impl RuleDoc {
         if protocol == Protocol::Icmp && !self.ports.0.is_empty() {
             return Err("icmp has no ports: leave out `ports` or use protocol tcp or udp");
         }
-        Ok(Rule {
-            action,
-            net: net.value,
-            protocol,
-            ports: self.ports.0,
-            line: net.line,
-        })
+        Ok(Rule { action, net: net.value, protocol, ports: self.ports.0, line: net.line })
     }
 }
 
@@ -468,9 +423,7 @@ impl<'de> Visitor<'de> for PortsVisitor {
             ranges.push(range);
         }
         if ranges.is_empty() {
-            return Err(de::Error::custom(
-                "the port list is empty; leave out `ports` to match every port",
-            ));
+            return Err(de::Error::custom("the port list is empty; leave out `ports` to match every port"));
         }
         Ok(Ports(ranges))
     }
@@ -490,9 +443,7 @@ struct Checked<T>(T);
 
 impl<'de, T: Scalar> Deserialize<'de> for Checked<T> {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        deserializer
-            .deserialize_str(ScalarVisitor(PhantomData))
-            .map(Checked)
+        deserializer.deserialize_str(ScalarVisitor(PhantomData)).map(Checked)
     }
 }
 
@@ -539,11 +490,7 @@ impl<'de, T: Scalar> Deserialize<'de> for Located<T> {
         match value {
             Some(value) => {
                 let (line, column) = position_in(&err.to_string());
-                Ok(Located {
-                    value,
-                    line,
-                    column,
-                })
+                Ok(Located { value, line, column })
             }
             None => Err(err),
         }
@@ -635,9 +582,7 @@ impl Scalar for Protocol {
             "tcp" => Ok(Protocol::Tcp),
             "udp" => Ok(Protocol::Udp),
             "icmp" => Ok(Protocol::Icmp),
-            _ => Err(format!(
-                "unknown protocol `{text}`; expected tcp, udp, icmp or any"
-            )),
+            _ => Err(format!("unknown protocol `{text}`; expected tcp, udp, icmp or any")),
         }
     }
 }
@@ -651,9 +596,7 @@ impl Scalar for PortRange {
             None => (port(text, text)?, port(text, text)?),
         };
         if lo > hi {
-            return Err(format!(
-                "port range {text} is reversed; did you mean {hi}-{lo}?"
-            ));
+            return Err(format!("port range {text} is reversed; did you mean {hi}-{lo}?"));
         }
         Ok(PortRange { lo, hi })
     }
@@ -662,14 +605,11 @@ impl Scalar for PortRange {
 /// One port of `whole` (a port or a range).
 fn port(text: &str, whole: &str) -> Result<u16, String> {
     match text.trim().parse::<u32>() {
-        Ok(0) => Err(format!(
-            "port 0 in `{whole}` is not a port; ports are 1-65535"
-        )),
-        Ok(port) => u16::try_from(port)
-            .map_err(|_| format!("port {port} in `{whole}` is out of range; ports are 1-65535")),
-        Err(_) => Err(format!(
-            "`{whole}` is not a port or a port range like 8000-8080"
-        )),
+        Ok(0) => Err(format!("port 0 in `{whole}` is not a port; ports are 1-65535")),
+        Ok(port) => {
+            u16::try_from(port).map_err(|_| format!("port {port} in `{whole}` is out of range; ports are 1-65535"))
+        }
+        Err(_) => Err(format!("`{whole}` is not a port or a port range like 8000-8080")),
     }
 }
 
@@ -677,17 +617,11 @@ impl Scalar for IpNet {
     const EXPECTING: &'static str = "an IP address or CIDR";
 
     fn parse(text: &str) -> Result<Self, String> {
-        let net = if text.contains('/') {
-            text.parse::<IpNet>().ok()
-        } else {
-            text.parse::<IpAddr>().ok().map(IpNet::from)
-        };
+        let net =
+            if text.contains('/') { text.parse::<IpNet>().ok() } else { text.parse::<IpAddr>().ok().map(IpNet::from) };
         let net = net.ok_or_else(|| format!("`{text}` is not an IPv4 or IPv6 address or CIDR"))?;
         if net != net.trunc() {
-            return Err(format!(
-                "{text} has host bits set; did you mean {}?",
-                net.trunc()
-            ));
+            return Err(format!("{text} has host bits set; did you mean {}?", net.trunc()));
         }
         Ok(unmap(net))
     }
@@ -697,10 +631,7 @@ impl Scalar for IpNet {
 /// judges v4-mapped destinations with the IPv4 rules.
 pub(crate) fn unmap(net: IpNet) -> IpNet {
     let IpNet::V6(v6) = net else { return net };
-    match (
-        v6.prefix_len().checked_sub(96),
-        v6.network().to_ipv4_mapped(),
-    ) {
+    match (v6.prefix_len().checked_sub(96), v6.network().to_ipv4_mapped()) {
         (Some(len), Some(addr)) => Ipv4Net::new(addr, len).map_or(net, IpNet::V4),
         _ => net,
     }
@@ -723,14 +654,9 @@ impl Scalar for Name {
 /// The components of a cgroup path relative to the cgroup2 mount, without empty or `.` ones.
 fn cgroup_components<'a>(text: &'a str, what: &str) -> Result<Vec<&'a str>, String> {
     if text.starts_with('/') {
-        return Err(format!(
-            "{what} `{text}` must be relative to the cgroup2 mount (no leading `/`)"
-        ));
+        return Err(format!("{what} `{text}` must be relative to the cgroup2 mount (no leading `/`)"));
     }
-    let parts: Vec<&str> = text
-        .split('/')
-        .filter(|p| !p.is_empty() && *p != ".")
-        .collect();
+    let parts: Vec<&str> = text.split('/').filter(|p| !p.is_empty() && *p != ".").collect();
     if parts.contains(&"..") {
         return Err(format!("{what} `{text}` must not contain `..`"));
     }
@@ -746,9 +672,7 @@ impl Scalar for CgroupPattern {
     fn parse(text: &str) -> Result<Self, String> {
         let mut parts = cgroup_components(text, "cgroup path")?;
         if parts.is_empty() {
-            return Err(
-                "the cgroup path is empty; name a cgroup below the cgroup2 mount".to_owned(),
-            );
+            return Err("the cgroup path is empty; name a cgroup below the cgroup2 mount".to_owned());
         }
         if let Some(part) = parts.iter().find(|p| p.contains("**") && **p != "**") {
             return Err(format!(
@@ -766,8 +690,7 @@ impl Scalar for CgroupPattern {
 struct AttachPath(String);
 
 impl Scalar for AttachPath {
-    const EXPECTING: &'static str =
-        "a cgroup path relative to the cgroup2 mount, or / for its root";
+    const EXPECTING: &'static str = "a cgroup path relative to the cgroup2 mount, or / for its root";
 
     fn parse(text: &str) -> Result<Self, String> {
         if text.trim() == "/" || text.is_empty() {
@@ -775,9 +698,7 @@ impl Scalar for AttachPath {
         }
         let parts = cgroup_components(text, "cgroup path")?;
         if is_glob(text) {
-            return Err(format!(
-                "`{text}` is a glob; the programs attach to one cgroup (or / for the cgroup2 root)"
-            ));
+            return Err(format!("`{text}` is a glob; the programs attach to one cgroup (or / for the cgroup2 root)"));
         }
         Ok(AttachPath(parts.join("/")))
     }
@@ -794,14 +715,10 @@ impl Scalar for UnitName {
 
     fn parse(text: &str) -> Result<Self, String> {
         if text.contains('/') {
-            return Err(format!(
-                "`{text}` is a path, not a systemd unit name; use `cgroup:` for cgroup paths"
-            ));
+            return Err(format!("`{text}` is a path, not a systemd unit name; use `cgroup:` for cgroup paths"));
         }
         if is_glob(text) {
-            return Err(format!(
-                "`{text}`: systemd_unit takes one unit name; use a `cgroup:` glob to match several"
-            ));
+            return Err(format!("`{text}`: systemd_unit takes one unit name; use a `cgroup:` glob to match several"));
         }
         let Some(prefix) = UNIT_SUFFIXES.iter().find_map(|s| text.strip_suffix(s)) else {
             return Err(format!(
@@ -819,10 +736,7 @@ impl Scalar for UnitName {
             return Err(format!("unit name `{text}` is longer than 255 characters"));
         }
         if prefix.ends_with('@') {
-            return Err(format!(
-                "`{text}` is a template; name an instance like {prefix}NAME{}",
-                &text[prefix.len()..]
-            ));
+            return Err(format!("`{text}` is a template; name an instance like {prefix}NAME{}", &text[prefix.len()..]));
         }
         Ok(UnitName(text.to_owned()))
     }
@@ -836,9 +750,7 @@ impl Scalar for ContainerRef {
 
     fn parse(text: &str) -> Result<Self, String> {
         let valid_first = text.starts_with(|c: char| c.is_ascii_alphanumeric());
-        let valid_rest = text
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c));
+        let valid_rest = text.chars().all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c));
         if !valid_first || !valid_rest || text.len() > 255 {
             return Err(format!(
                 "`{text}` is not a container id or name: a letter or digit, then letters, digits, \
@@ -856,16 +768,11 @@ impl Scalar for History {
     const EXPECTING: &'static str = "a number of events";
 
     fn parse(text: &str) -> Result<Self, String> {
-        let number = text
-            .trim()
-            .replace('_', "")
-            .parse::<u64>()
-            .map_err(|_| format!("`{text}` is not a number of events"))?;
+        let number =
+            text.trim().replace('_', "").parse::<u64>().map_err(|_| format!("`{text}` is not a number of events"))?;
         match usize::try_from(number) {
             Ok(n) if (1..=MAX_HISTORY).contains(&n) => Ok(History(n)),
-            _ => Err(format!(
-                "history {number} is out of range; keep 1 to {MAX_HISTORY} events"
-            )),
+            _ => Err(format!("history {number} is out of range; keep 1 to {MAX_HISTORY} events")),
         }
     }
 }
@@ -889,10 +796,7 @@ fn absolute_path(text: &str) -> Result<PathBuf, String> {
     if !text.starts_with('/') {
         return Err(format!("`{text}` is not an absolute path"));
     }
-    let parts: Vec<&str> = text
-        .split('/')
-        .filter(|p| !p.is_empty() && *p != ".")
-        .collect();
+    let parts: Vec<&str> = text.split('/').filter(|p| !p.is_empty() && *p != ".").collect();
     if parts.contains(&"..") {
         return Err(format!("path `{text}` must not contain `..`"));
     }
@@ -935,9 +839,7 @@ impl Scalar for PinDir {
     fn parse(text: &str) -> Result<Self, String> {
         let path = absolute_path(text)?;
         if path == Path::new("/") {
-            return Err(
-                "pin_dir must be a directory in a bpffs, like /sys/fs/bpf/egress, not /".to_owned(),
-            );
+            return Err("pin_dir must be a directory in a bpffs, like /sys/fs/bpf/egress, not /".to_owned());
         }
         Ok(PinDir(path))
     }
@@ -952,9 +854,7 @@ impl Scalar for GroupName {
     fn parse(text: &str) -> Result<Self, String> {
         let body = text.strip_suffix('$').unwrap_or(text);
         let valid_first = body.starts_with(|c: char| c.is_ascii_alphanumeric() || c == '_');
-        let valid_rest = body
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c));
+        let valid_rest = body.chars().all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c));
         if !valid_first || !valid_rest || text.len() > 32 {
             return Err(format!(
                 "`{text}` is not a group name: a letter, digit or `_`, then letters, digits, \
@@ -979,8 +879,6 @@ impl Scalar for MetricsAddr {
         if let Ok(port) = text.parse::<u16>() {
             return Ok(MetricsAddr(SocketAddr::from((Ipv4Addr::LOCALHOST, port))));
         }
-        Err(format!(
-            "`{text}` is not a listen address like 127.0.0.1:9154 or [::1]:9154"
-        ))
+        Err(format!("`{text}` is not a listen address like 127.0.0.1:9154 or [::1]:9154"))
     }
 }

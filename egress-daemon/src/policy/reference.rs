@@ -14,27 +14,20 @@ use super::model::{Action, Policy, Protocol, Rule};
 /// rule.
 pub fn evaluate(policy: &Policy, dst: IpAddr, protocol: u8, port: u16) -> (Action, Option<usize>) {
     let dst = dst.to_canonical();
-    let protocol = if protocol == proto::ICMPV6 {
-        proto::ICMP
-    } else {
-        protocol
-    };
+    let protocol = if protocol == proto::ICMPV6 { proto::ICMP } else { protocol };
     let mut best: Option<(usize, &Rule)> = None;
     for (index, rule) in policy.rules.iter().enumerate() {
         if matches(rule, dst, protocol, port) && best.is_none_or(|(_, b)| outranks(rule, b)) {
             best = Some((index, rule));
         }
     }
-    best.map_or((policy.default, None), |(index, rule)| {
-        (rule.action, Some(index))
-    })
+    best.map_or((policy.default, None), |(index, rule)| (rule.action, Some(index)))
 }
 
 fn matches(rule: &Rule, dst: IpAddr, protocol: u8, port: u16) -> bool {
     let protocol_matches = rule.protocol == Protocol::Any || rule.protocol.number() == protocol;
     let has_port = protocol == proto::TCP || protocol == proto::UDP;
-    let port_matches =
-        rule.ports.is_empty() || (has_port && rule.ports.iter().any(|r| r.contains(port)));
+    let port_matches = rule.ports.is_empty() || (has_port && rule.ports.iter().any(|r| r.contains(port)));
     rule.net.contains(&dst) && protocol_matches && port_matches
 }
 

@@ -7,8 +7,7 @@ use std::{
 };
 
 use egress_common::{
-    action, proto, rule_id, Decision, PolicyInfo, PortRule, MAX_POLICY_SLOTS, MAX_PORT_RULES,
-    POLICY_KEY_BITS,
+    action, proto, rule_id, Decision, PolicyInfo, PortRule, MAX_POLICY_SLOTS, MAX_PORT_RULES, POLICY_KEY_BITS,
 };
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use proptest::prelude::*;
@@ -35,10 +34,7 @@ fn assert_error(text: &str, line: usize, column: usize, needle: &str) {
     let err = parse_err(text);
     assert_eq!((err.line, err.column), (line, column), "{err}");
     assert!(err.message.contains(needle), "{err:?} lacks {needle:?}");
-    assert_eq!(
-        err.to_string(),
-        format!("p.yaml:{line}:{column}: {}", err.message)
-    );
+    assert_eq!(err.to_string(), format!("p.yaml:{line}:{column}: {}", err.message));
 }
 
 fn net(text: &str) -> IpNet {
@@ -92,17 +88,8 @@ fn parses_the_example() {
     );
     let lines: Vec<usize> = demo.rules.iter().map(|r| r.line).collect();
     assert_eq!(lines, [7, 10, 11, 13]);
-    assert_eq!(
-        demo.rules[0].ports,
-        [
-            PortRange { lo: 80, hi: 80 },
-            PortRange { lo: 8000, hi: 8080 }
-        ]
-    );
-    assert_eq!(
-        demo.summary(),
-        "demo: cgroup egress-demo, default allow, mode audit, 4 rules (3 IPv4, 1 IPv6)"
-    );
+    assert_eq!(demo.rules[0].ports, [PortRange { lo: 80, hi: 80 }, PortRange { lo: 8000, hi: 8080 }]);
+    assert_eq!(demo.summary(), "demo: cgroup egress-demo, default allow, mode audit, 4 rules (3 IPv4, 1 IPv6)");
     let other = &set.policies[1];
     assert_eq!(other.selector, Selector::Cgroup("a/b".to_owned()));
     assert_eq!(set.settings, Settings::default());
@@ -130,9 +117,8 @@ fn accepts_empty_settings() {
 
 #[test]
 fn normalises_v4_mapped_cidrs() {
-    let set = parse(&with_rules(
-        "      - deny: ::ffff:0:0/96\n      - allow: ::ffff:192.168.1.7\n      - allow: ::/0\n",
-    ));
+    let set =
+        parse(&with_rules("      - deny: ::ffff:0:0/96\n      - allow: ::ffff:192.168.1.7\n      - allow: ::/0\n"));
     let nets: Vec<IpNet> = set.policies[0].rules.iter().map(|r| r.net).collect();
     assert_eq!(nets, [net("0.0.0.0/0"), net("192.168.1.7/32"), net("::/0")]);
 }
@@ -145,77 +131,40 @@ fn error_host_bits_points_at_the_cidr() {
         16,
         "policies[0].rules[0].allow: 10.0.0.1/8 has host bits set; did you mean 10.0.0.0/8?",
     );
-    assert_error(
-        &with_rules("      - deny: 2001:db8::1/32\n"),
-        5,
-        15,
-        "did you mean 2001:db8::/32?",
-    );
+    assert_error(&with_rules("      - deny: 2001:db8::1/32\n"), 5, 15, "did you mean 2001:db8::/32?");
 }
 
 #[test]
 fn error_bad_address_points_at_it() {
-    assert_error(
-        &with_rules("      - allow: 10.0.0.0/33\n"),
-        5,
-        16,
-        "not an IPv4 or IPv6",
-    );
-    assert_error(
-        &with_rules("      - allow: example.com\n"),
-        5,
-        16,
-        "not an IPv4 or IPv6",
-    );
+    assert_error(&with_rules("      - allow: 10.0.0.0/33\n"), 5, 16, "not an IPv4 or IPv6");
+    assert_error(&with_rules("      - allow: example.com\n"), 5, 16, "not an IPv4 or IPv6");
 }
 
 #[test]
 fn error_reversed_range_points_at_it() {
-    let rules =
-        "      - allow: 10.0.0.0/8\n        protocol: tcp\n        ports: [80, 9000-8000]\n";
+    let rules = "      - allow: 10.0.0.0/8\n        protocol: tcp\n        ports: [80, 9000-8000]\n";
     assert_error(
         &with_rules(rules),
         7,
         21,
         "policies[0].rules[0].ports[1]: port range 9000-8000 is reversed; did you mean 8000-9000?",
     );
-    let block =
-        "      - allow: 10.0.0.0/8\n        ports:\n          - 22\n          - \"9000-8000\"\n";
+    let block = "      - allow: 10.0.0.0/8\n        ports:\n          - 22\n          - \"9000-8000\"\n";
     assert_error(&with_rules(block), 8, 13, "is reversed");
 }
 
 #[test]
 fn error_port_zero_and_out_of_range() {
-    assert_error(
-        &with_rules("      - allow: 10.0.0.0/8\n        ports: 0\n"),
-        6,
-        16,
-        "port 0",
-    );
-    assert_error(
-        &with_rules("      - allow: 10.0.0.0/8\n        ports: [0-80]\n"),
-        6,
-        17,
-        "port 0",
-    );
+    assert_error(&with_rules("      - allow: 10.0.0.0/8\n        ports: 0\n"), 6, 16, "port 0");
+    assert_error(&with_rules("      - allow: 10.0.0.0/8\n        ports: [0-80]\n"), 6, 17, "port 0");
     assert_error(
         &with_rules("      - allow: 10.0.0.0/8\n        ports: [70000]\n"),
         6,
         17,
         "port 70000 in `70000` is out of range",
     );
-    assert_error(
-        &with_rules("      - allow: 10.0.0.0/8\n        ports: [-5]\n"),
-        6,
-        17,
-        "not a port",
-    );
-    assert_error(
-        &with_rules("      - allow: 10.0.0.0/8\n        ports: []\n"),
-        6,
-        16,
-        "port list is empty",
-    );
+    assert_error(&with_rules("      - allow: 10.0.0.0/8\n        ports: [-5]\n"), 6, 17, "not a port");
+    assert_error(&with_rules("      - allow: 10.0.0.0/8\n        ports: []\n"), 6, 16, "port list is empty");
 }
 
 #[test]
@@ -226,41 +175,16 @@ fn error_unknown_key_points_at_the_key() {
         9,
         "policies[0].rules[0]: unknown field `proto`",
     );
-    assert_error(
-        "policies:\n  - name: demo\n    cgroup: demo\n    defualt: deny\n",
-        4,
-        5,
-        "unknown field `defualt`",
-    );
+    assert_error("policies:\n  - name: demo\n    cgroup: demo\n    defualt: deny\n", 4, 5, "unknown field `defualt`");
     assert_error("policies: []\npolicy: []\n", 2, 1, "unknown field `policy`");
-    assert_error(
-        "settings:\n  level: 3\npolicies: []\n",
-        2,
-        3,
-        "unknown field `level`",
-    );
+    assert_error("settings:\n  level: 3\npolicies: []\n", 2, 3, "unknown field `level`");
 }
 
 #[test]
 fn error_bad_keywords_point_at_the_value() {
-    assert_error(
-        &with_rules("      - allow: 10.0.0.0/8\n        protocol: sctp\n"),
-        6,
-        19,
-        "unknown protocol `sctp`",
-    );
-    assert_error(
-        "policies:\n  - name: a\n    cgroup: a\n    mode: loud\n",
-        4,
-        11,
-        "unknown mode",
-    );
-    assert_error(
-        "policies:\n  - name: a\n    cgroup: a\n    default: maybe\n",
-        4,
-        14,
-        "unknown action",
-    );
+    assert_error(&with_rules("      - allow: 10.0.0.0/8\n        protocol: sctp\n"), 6, 19, "unknown protocol `sctp`");
+    assert_error("policies:\n  - name: a\n    cgroup: a\n    mode: loud\n", 4, 11, "unknown mode");
+    assert_error("policies:\n  - name: a\n    cgroup: a\n    default: maybe\n", 4, 14, "unknown action");
 }
 
 #[test]
@@ -272,62 +196,25 @@ fn error_rule_shape_points_at_the_rule() {
         "policies[0].rules[0]: icmp has no ports",
     );
     assert_error(
-        &with_rules(
-            "      - allow: 10.0.0.0/8\n      - allow: 10.0.0.0/8\n        deny: 10.0.0.0/8\n",
-        ),
+        &with_rules("      - allow: 10.0.0.0/8\n      - allow: 10.0.0.0/8\n        deny: 10.0.0.0/8\n"),
         6,
         9,
         "policies[0].rules[1]: a rule takes `allow` or `deny`, not both",
     );
-    assert_error(
-        &with_rules("      - protocol: tcp\n"),
-        5,
-        9,
-        "needs `allow: CIDR` or `deny: CIDR`",
-    );
+    assert_error(&with_rules("      - protocol: tcp\n"), 5, 9, "needs `allow: CIDR` or `deny: CIDR`");
     assert_error(&with_rules("      - 10.0.0.0/8\n"), 5, 9, "expected a rule");
 }
 
 #[test]
 fn error_names_and_cgroups() {
     let two = "policies:\n  - name: web\n    cgroup: a/b\n  - name: web\n    cgroup: c\n";
-    assert_error(
-        two,
-        4,
-        11,
-        "policies[1].name: duplicate policy name `web` (first at line 2)",
-    );
+    assert_error(two, 4, 11, "policies[1].name: duplicate policy name `web` (first at line 2)");
     let same_cgroup = "policies:\n  - name: a\n    cgroup: x/y\n  - name: b\n    cgroup: x//y/\n";
-    assert_error(
-        same_cgroup,
-        5,
-        13,
-        "policies[1].cgroup: cgroup `x/y` already has the policy at line 3",
-    );
-    assert_error(
-        "policies:\n  - name: \"\"\n    cgroup: a\n",
-        2,
-        11,
-        "policy name is empty",
-    );
-    assert_error(
-        "policies:\n  - name: a\n    cgroup: /sys/fs/cgroup/a\n",
-        3,
-        13,
-        "must be relative",
-    );
-    assert_error(
-        "policies:\n  - name: a\n    cgroup: a/../b\n",
-        3,
-        13,
-        "must not contain `..`",
-    );
-    assert_error(
-        "policies:\n  - name: a\n    cgroup: ./\n",
-        3,
-        13,
-        "cgroup path is empty",
-    );
+    assert_error(same_cgroup, 5, 13, "policies[1].cgroup: cgroup `x/y` already has the policy at line 3");
+    assert_error("policies:\n  - name: \"\"\n    cgroup: a\n", 2, 11, "policy name is empty");
+    assert_error("policies:\n  - name: a\n    cgroup: /sys/fs/cgroup/a\n", 3, 13, "must be relative");
+    assert_error("policies:\n  - name: a\n    cgroup: a/../b\n", 3, 13, "must not contain `..`");
+    assert_error("policies:\n  - name: a\n    cgroup: ./\n", 3, 13, "cgroup path is empty");
     assert_error(
         "policies:\n  - name: a\n",
         2,
@@ -341,11 +228,7 @@ fn error_yaml_syntax_has_a_position() {
     let err = parse_err("policies:\n  - name: a\n   cgroup: [\n");
     assert!(err.line >= 2, "{err}");
     assert!(err.column >= 1, "{err}");
-    assert!(
-        !err.message
-            .contains(&format!("at line {} column {}", err.line, err.column)),
-        "{err}"
-    );
+    assert!(!err.message.contains(&format!("at line {} column {}", err.line, err.column)), "{err}");
 }
 
 #[test]
@@ -356,11 +239,7 @@ fn unreadable_file_has_no_position() {
         Err(err) => err,
     };
     assert_eq!((err.line, err.column), (0, 0));
-    assert!(
-        err.to_string()
-            .starts_with("/nonexistent/egress/policy.yaml: cannot read"),
-        "{err}"
-    );
+    assert!(err.to_string().starts_with("/nonexistent/egress/policy.yaml: cannot read"), "{err}");
 }
 
 /// One policy named `p` with the selector line `selector` (e.g. `cgroup: a`).
@@ -397,11 +276,8 @@ policies:
     container: 3f2a
 ";
     let set = parse(text);
-    let selectors: Vec<(&str, &str, bool)> = set
-        .policies
-        .iter()
-        .map(|p| (p.selector.kind(), p.selector.value(), p.selector.is_glob()))
-        .collect();
+    let selectors: Vec<(&str, &str, bool)> =
+        set.policies.iter().map(|p| (p.selector.kind(), p.selector.value(), p.selector.is_glob())).collect();
     assert_eq!(
         selectors,
         [
@@ -410,23 +286,13 @@ policies:
             ("cgroup", "kubepods.slice/**", true),
             ("systemd_unit", "nginx.service", false),
             ("container", "web-1", false),
-            (
-                "container",
-                "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef",
-                false
-            ),
+            ("container", "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef", false),
             ("container", "3f2a", false),
         ]
     );
-    assert_eq!(
-        set.policies[3].selector.to_string(),
-        "systemd_unit nginx.service"
-    );
+    assert_eq!(set.policies[3].selector.to_string(), "systemd_unit nginx.service");
     assert_eq!(set.policies[4].selector.to_string(), "container web-1");
-    assert_eq!(
-        set.policies[1].selector.to_string(),
-        "cgroup system.slice/docker-*.scope"
-    );
+    assert_eq!(set.policies[1].selector.to_string(), "cgroup system.slice/docker-*.scope");
     assert_eq!(
         set.policies[4].summary(),
         "web: container web-1, default allow, mode enforce, 1 rules (1 IPv4, 0 IPv6)"
@@ -443,39 +309,15 @@ fn accepts_selector_variants() {
         ("cgroup: \"**\"", Selector::Cgroup("**".to_owned())),
         ("cgroup: a/?/b", Selector::Cgroup("a/?/b".to_owned())),
         ("cgroup: ./a/./b", Selector::Cgroup("a/b".to_owned())),
-        (
-            "cgroup: \"**/x/**/**/y\"",
-            Selector::Cgroup("**/x/**/y".to_owned()),
-        ),
-        (
-            "systemd_unit: getty@tty1.service",
-            Selector::SystemdUnit("getty@tty1.service".to_owned()),
-        ),
-        (
-            "systemd_unit: user-1000.slice",
-            Selector::SystemdUnit("user-1000.slice".to_owned()),
-        ),
-        (
-            "systemd_unit: session-3.scope",
-            Selector::SystemdUnit("session-3.scope".to_owned()),
-        ),
-        (
-            "systemd_unit: sshd.socket",
-            Selector::SystemdUnit("sshd.socket".to_owned()),
-        ),
-        (
-            "systemd_unit: 'dev-x\\x2dy.service'",
-            Selector::SystemdUnit("dev-x\\x2dy.service".to_owned()),
-        ),
+        ("cgroup: \"**/x/**/**/y\"", Selector::Cgroup("**/x/**/y".to_owned())),
+        ("systemd_unit: getty@tty1.service", Selector::SystemdUnit("getty@tty1.service".to_owned())),
+        ("systemd_unit: user-1000.slice", Selector::SystemdUnit("user-1000.slice".to_owned())),
+        ("systemd_unit: session-3.scope", Selector::SystemdUnit("session-3.scope".to_owned())),
+        ("systemd_unit: sshd.socket", Selector::SystemdUnit("sshd.socket".to_owned())),
+        ("systemd_unit: 'dev-x\\x2dy.service'", Selector::SystemdUnit("dev-x\\x2dy.service".to_owned())),
         ("container: 1234", Selector::Container("1234".to_owned())),
-        (
-            "container: my_app.v2",
-            Selector::Container("my_app.v2".to_owned()),
-        ),
-        (
-            "container: 0123456789ab",
-            Selector::Container("0123456789ab".to_owned()),
-        ),
+        ("container: my_app.v2", Selector::Container("my_app.v2".to_owned())),
+        ("container: 0123456789ab", Selector::Container("0123456789ab".to_owned())),
     ];
     for (line, expected) in cases {
         assert_eq!(selector_of(line), expected, "{line}");
@@ -492,59 +334,27 @@ fn error_cgroup_globs_point_at_the_value() {
         13,
         "policies[0].cgroup: cgroup glob `kubepods.slice/pod**`: `**` must be a whole path component",
     );
-    assert_error(
-        &with_selector("cgroup: /system.slice/*.scope"),
-        3,
-        13,
-        "must be relative to the cgroup2 mount",
-    );
-    assert_error(
-        &with_selector("cgroup: a/../*"),
-        3,
-        13,
-        "must not contain `..`",
-    );
-    assert_error(
-        &with_selector("cgroup: \"\""),
-        3,
-        13,
-        "cgroup path is empty",
-    );
+    assert_error(&with_selector("cgroup: /system.slice/*.scope"), 3, 13, "must be relative to the cgroup2 mount");
+    assert_error(&with_selector("cgroup: a/../*"), 3, 13, "must not contain `..`");
+    assert_error(&with_selector("cgroup: \"\""), 3, 13, "cgroup path is empty");
 }
 
 #[test]
 fn error_unit_names_point_at_the_value() {
     let cases = [
-        (
-            "nginx",
-            "`nginx` is not a .service, .scope, .slice or .socket unit",
-        ),
-        (
-            "home.mount",
-            "is not a .service, .scope, .slice or .socket unit",
-        ),
-        (
-            "multi-user.target",
-            "is not a .service, .scope, .slice or .socket unit",
-        ),
-        (
-            "system.slice/nginx.service",
-            "is a path, not a systemd unit name; use `cgroup:`",
-        ),
+        ("nginx", "`nginx` is not a .service, .scope, .slice or .socket unit"),
+        ("home.mount", "is not a .service, .scope, .slice or .socket unit"),
+        ("multi-user.target", "is not a .service, .scope, .slice or .socket unit"),
+        ("system.slice/nginx.service", "is a path, not a systemd unit name; use `cgroup:`"),
         ("nginx-*.service", "use a `cgroup:` glob"),
-        (
-            "getty@.service",
-            "is a template; name an instance like getty@NAME.service",
-        ),
+        ("getty@.service", "is a template; name an instance like getty@NAME.service"),
         (".service", "is not a systemd unit name"),
         ("'ng inx.service'", "is not a systemd unit name"),
     ];
     for (value, needle) in cases {
         let text = with_selector(&format!("systemd_unit: {value}"));
         assert_error(&text, 3, 19, needle);
-        assert!(parse_err(&text)
-            .message
-            .starts_with("policies[0].systemd_unit: "));
+        assert!(parse_err(&text).message.starts_with("policies[0].systemd_unit: "));
     }
     let long = format!("systemd_unit: {}.service", "a".repeat(250));
     assert_error(&with_selector(&long), 3, 19, "longer than 255");
@@ -553,19 +363,9 @@ fn error_unit_names_point_at_the_value() {
 #[test]
 fn error_container_refs_point_at_the_value() {
     for value in ["-web", "web/1", "'web 1'", "\"\"", "_web", "wéb", "\"*\""] {
-        assert_error(
-            &with_selector(&format!("container: {value}")),
-            3,
-            16,
-            "policies[0].container: ",
-        );
+        assert_error(&with_selector(&format!("container: {value}")), 3, 16, "policies[0].container: ");
     }
-    assert_error(
-        &with_selector(&format!("container: {}", "a".repeat(256))),
-        3,
-        16,
-        "is not a container id or name",
-    );
+    assert_error(&with_selector(&format!("container: {}", "a".repeat(256))), 3, 16, "is not a container id or name");
 }
 
 #[test]
@@ -596,12 +396,7 @@ fn error_selector_count_points_at_the_policy() {
         5,
         "policies[0]: a policy needs a selector: one of `cgroup`, `systemd_unit` or `container`",
     );
-    assert_error(
-        "policies:\n  - name: p\n    cgroup:\n",
-        2,
-        5,
-        "a policy needs a selector",
-    );
+    assert_error("policies:\n  - name: p\n    cgroup:\n", 2, 5, "a policy needs a selector");
     assert_error(
         "policies:\n  - name: p\n    pod: x\n",
         3,
@@ -696,28 +491,11 @@ policies:
     assert_eq!(settings("  history: 1\n").history, 1);
     assert_eq!(settings("  history: 10000000\n").history, 10_000_000);
     assert_eq!(settings("  history: \"10_000\"\n").history, 10_000);
-    assert_eq!(
-        settings("  metrics: 9154\n").metrics,
-        Some("127.0.0.1:9154".parse().expect("addr"))
-    );
-    assert_eq!(
-        settings("  metrics: \"[::1]:9154\"\n").metrics,
-        Some("[::1]:9154".parse().expect("addr"))
-    );
-    assert_eq!(
-        settings("  metrics: 0.0.0.0:80\n").metrics,
-        Some("0.0.0.0:80".parse().expect("addr"))
-    );
-    assert_eq!(
-        settings("  control_group: 100\n").control_group.as_deref(),
-        Some("100")
-    );
-    assert_eq!(
-        settings("  control_group: _egress-ops\n")
-            .control_group
-            .as_deref(),
-        Some("_egress-ops")
-    );
+    assert_eq!(settings("  metrics: 9154\n").metrics, Some("127.0.0.1:9154".parse().expect("addr")));
+    assert_eq!(settings("  metrics: \"[::1]:9154\"\n").metrics, Some("[::1]:9154".parse().expect("addr")));
+    assert_eq!(settings("  metrics: 0.0.0.0:80\n").metrics, Some("0.0.0.0:80".parse().expect("addr")));
+    assert_eq!(settings("  control_group: 100\n").control_group.as_deref(), Some("100"));
+    assert_eq!(settings("  control_group: _egress-ops\n").control_group.as_deref(), Some("_egress-ops"));
     // Settings may come after the policies.
     let set = parse("policies: []\nsettings:\n  history: 7\n");
     assert_eq!(set.settings.history, 7);
@@ -726,130 +504,54 @@ policies:
 #[test]
 fn error_bad_settings_point_at_the_value() {
     let cases: &[(&str, usize, &str)] = &[
-        (
-            "attach: /sys/fs/cgroup/x",
-            11,
-            "settings.attach: cgroup path `/sys/fs/cgroup/x` must be relative",
-        ),
+        ("attach: /sys/fs/cgroup/x", 11, "settings.attach: cgroup path `/sys/fs/cgroup/x` must be relative"),
         ("attach: a/../b", 11, "must not contain `..`"),
-        (
-            "attach: system.slice/docker-*.scope",
-            11,
-            "is a glob; the programs attach to one cgroup",
-        ),
+        ("attach: system.slice/docker-*.scope", 11, "is a glob; the programs attach to one cgroup"),
         ("attach: [a]", 11, "invalid type"),
-        (
-            "history: 0",
-            12,
-            "settings.history: history 0 is out of range; keep 1 to 10000000 events",
-        ),
+        ("history: 0", 12, "settings.history: history 0 is out of range; keep 1 to 10000000 events"),
         ("history: 10000001", 12, "out of range"),
-        (
-            "history: 99999999999999999999999",
-            12,
-            "is not a number of events",
-        ),
+        ("history: 99999999999999999999999", 12, "is not a number of events"),
         ("history: -1", 12, "`-1` is not a number of events"),
         ("history: many", 12, "is not a number of events"),
         ("history: 1.5", 12, "is not a number of events"),
-        (
-            "control_socket: run/egress.sock",
-            19,
-            "settings.control_socket: `run/egress.sock` is not an absolute path",
-        ),
+        ("control_socket: run/egress.sock", 19, "settings.control_socket: `run/egress.sock` is not an absolute path"),
         ("control_socket: /run/egress/", 19, "names a directory"),
-        (
-            "control_socket: /run/../etc/x.sock",
-            19,
-            "must not contain `..`",
-        ),
+        ("control_socket: /run/../etc/x.sock", 19, "must not contain `..`"),
         ("control_socket: \"\"", 19, "is not an absolute path"),
-        (
-            "control_group: \"adm staff\"",
-            18,
-            "settings.control_group: `adm staff` is not a group name",
-        ),
+        ("control_group: \"adm staff\"", 18, "settings.control_group: `adm staff` is not a group name"),
         ("control_group: \"\"", 18, "is not a group name"),
         ("control_group: -adm", 18, "is not a group name"),
-        (
-            "metrics: localhost:9154",
-            12,
-            "settings.metrics: `localhost:9154` is not a listen address",
-        ),
+        ("metrics: localhost:9154", 12, "settings.metrics: `localhost:9154` is not a listen address"),
         ("metrics: 127.0.0.1", 12, "is not a listen address"),
         ("metrics: 70000", 12, "is not a listen address"),
-        (
-            "metrics: \"127.0.0.1:99999\"",
-            12,
-            "is not a listen address",
-        ),
-        (
-            "pin_dir: sys/fs/bpf/egress",
-            12,
-            "settings.pin_dir: `sys/fs/bpf/egress` is not an absolute path",
-        ),
+        ("metrics: \"127.0.0.1:99999\"", 12, "is not a listen address"),
+        ("pin_dir: sys/fs/bpf/egress", 12, "settings.pin_dir: `sys/fs/bpf/egress` is not an absolute path"),
         ("pin_dir: /", 12, "not /"),
-        (
-            "pin_dir: /sys/fs/bpf/../egress",
-            12,
-            "must not contain `..`",
-        ),
+        ("pin_dir: /sys/fs/bpf/../egress", 12, "must not contain `..`"),
     ];
     for &(line, column, needle) in cases {
-        assert_error(
-            &format!("settings:\n  {line}\npolicies: []\n"),
-            2,
-            column,
-            needle,
-        );
+        assert_error(&format!("settings:\n  {line}\npolicies: []\n"), 2, column, needle);
     }
     let long = format!("control_socket: /run/{}.sock", "s".repeat(100));
-    assert_error(
-        &format!("settings:\n  {long}\npolicies: []\n"),
-        2,
-        19,
-        "a Unix socket path holds at most 107",
-    );
+    assert_error(&format!("settings:\n  {long}\npolicies: []\n"), 2, 19, "a Unix socket path holds at most 107");
     let long = format!("control_group: {}", "g".repeat(33));
-    assert_error(
-        &format!("settings:\n  {long}\npolicies: []\n"),
-        2,
-        18,
-        "at most 32",
-    );
+    assert_error(&format!("settings:\n  {long}\npolicies: []\n"), 2, 18, "at most 32");
     assert_error(
         "settings:\n  history: 5\n  atach: x\npolicies: []\n",
         3,
         3,
         "settings: unknown field `atach`, expected one of `attach`, `history`",
     );
-    assert_error(
-        "settings: [history]\npolicies: []\n",
-        1,
-        11,
-        "invalid type: sequence",
-    );
+    assert_error("settings: [history]\npolicies: []\n", 1, 11, "invalid type: sequence");
 }
 
 #[test]
 fn glob_star_stays_within_a_component() {
     let m = cgroup_glob_matches;
-    assert!(m(
-        "system.slice/docker-*.scope",
-        "system.slice/docker-3f2a.scope"
-    ));
-    assert!(m(
-        "system.slice/docker-*.scope",
-        "system.slice/docker-.scope"
-    ));
-    assert!(!m(
-        "system.slice/docker-*.scope",
-        "system.slice/docker-a/b.scope"
-    ));
-    assert!(!m(
-        "system.slice/docker-*.scope",
-        "system.slice/docker-3f2a.scope/init"
-    ));
+    assert!(m("system.slice/docker-*.scope", "system.slice/docker-3f2a.scope"));
+    assert!(m("system.slice/docker-*.scope", "system.slice/docker-.scope"));
+    assert!(!m("system.slice/docker-*.scope", "system.slice/docker-a/b.scope"));
+    assert!(!m("system.slice/docker-*.scope", "system.slice/docker-3f2a.scope/init"));
     assert!(!m("system.slice/docker-*.scope", "docker-3f2a.scope"));
     assert!(m("*", "a"));
     assert!(!m("*", "a/b"));
@@ -880,10 +582,7 @@ fn glob_double_star_spans_whole_components() {
     let kube = "kubepods.slice/**";
     assert!(m(kube, "kubepods.slice"));
     assert!(m(kube, "kubepods.slice/kubepods-besteffort.slice"));
-    assert!(m(
-        kube,
-        "kubepods.slice/a.slice/b.slice/cri-containerd-1.scope"
-    ));
+    assert!(m(kube, "kubepods.slice/a.slice/b.slice/cri-containerd-1.scope"));
     assert!(!m(kube, "kubepods.slicex"));
     assert!(!m(kube, "system.slice/kubepods.slice"));
     assert!(m("**", ""));
@@ -945,13 +644,7 @@ fn components(text: &str) -> Vec<&str> {
 
 fn rule(action: Action, cidr: &str, protocol: Protocol, ports: &[(u16, u16)]) -> Rule {
     let ports = ports.iter().map(|&(lo, hi)| PortRange { lo, hi }).collect();
-    Rule {
-        action,
-        net: net(cidr),
-        protocol,
-        ports,
-        line: 0,
-    }
+    Rule { action, net: net(cidr), protocol, ports, line: 0 }
 }
 
 fn policy(rules: Vec<Rule>) -> Policy {
@@ -966,10 +659,7 @@ fn policy(rules: Vec<Rule>) -> Policy {
 }
 
 fn set_of(policies: Vec<Policy>) -> PolicySet {
-    PolicySet {
-        settings: Settings::default(),
-        policies,
-    }
+    PolicySet { settings: Settings::default(), policies }
 }
 
 fn compile(set: &PolicySet, slots: &[u32], first_table_id: u32) -> CompiledSet {
@@ -1006,20 +696,12 @@ fn compiles_nested_cidrs() {
         fallback_action,
         _pad: [0; 3],
     };
-    let v4: Vec<(u32, [u8; 4], [u8; 4], Decision)> = policy
-        .v4
-        .iter()
-        .map(|(len, key, d)| (*len, key.policy, key.addr, *d))
-        .collect();
+    let v4: Vec<(u32, [u8; 4], [u8; 4], Decision)> =
+        policy.v4.iter().map(|(len, key, d)| (*len, key.policy, key.addr, *d)).collect();
     assert_eq!(
         v4,
         [
-            (
-                40,
-                slot,
-                [10, 0, 0, 0],
-                leaf(action::DENY, rule_id::DEFAULT, 5)
-            ),
+            (40, slot, [10, 0, 0, 0], leaf(action::DENY, rule_id::DEFAULT, 5)),
             (48, slot, [10, 1, 0, 0], leaf(action::DENY, 1, 0)),
             (56, slot, [10, 1, 2, 0], leaf(action::DENY, 1, 6)),
         ]
@@ -1027,11 +709,8 @@ fn compiles_nested_cidrs() {
     assert_eq!(policy.v6.len(), 1);
     assert_eq!(policy.v6[0].0, POLICY_KEY_BITS + 32);
     assert_eq!(policy.v6[0].2, leaf(action::ALLOW, 3, 0));
-    let tables: Vec<(u32, Vec<PortRule>)> = compiled
-        .port_tables
-        .iter()
-        .map(|(id, t)| (*id, t.rules[..t.len as usize].to_vec()))
-        .collect();
+    let tables: Vec<(u32, Vec<PortRule>)> =
+        compiled.port_tables.iter().map(|(id, t)| (*id, t.rules[..t.len as usize].to_vec())).collect();
     let port_rule = |rule, port_lo, port_hi, proto, has_ports| PortRule {
         rule,
         port_lo,
@@ -1043,10 +722,7 @@ fn compiles_nested_cidrs() {
     };
     assert_eq!(
         tables,
-        [
-            (5, vec![port_rule(0, 80, 80, proto::TCP, 1)]),
-            (6, vec![port_rule(2, 0, 65535, proto::UDP, 0)]),
-        ]
+        [(5, vec![port_rule(0, 80, 80, proto::TCP, 1)]), (6, vec![port_rule(2, 0, 65535, proto::UDP, 0)]),]
     );
 }
 
@@ -1054,12 +730,7 @@ fn compiles_nested_cidrs() {
 fn shares_identical_port_tables_across_policies() {
     let rules = vec![
         rule(Action::Allow, "10.0.0.0/8", Protocol::Tcp, &[(443, 443)]),
-        rule(
-            Action::Allow,
-            "192.168.0.0/16",
-            Protocol::Tcp,
-            &[(443, 443)],
-        ),
+        rule(Action::Allow, "192.168.0.0/16", Protocol::Tcp, &[(443, 443)]),
     ];
     let mut other = policy(rules.clone());
     other.name = "other".to_owned();
@@ -1074,9 +745,8 @@ fn shares_identical_port_tables_across_policies() {
 
 #[test]
 fn rejects_too_many_port_rules() {
-    let mut rules: Vec<Rule> = (1..=MAX_PORT_RULES as u16)
-        .map(|p| rule(Action::Allow, "10.0.0.0/8", Protocol::Tcp, &[(p, p)]))
-        .collect();
+    let mut rules: Vec<Rule> =
+        (1..=MAX_PORT_RULES as u16).map(|p| rule(Action::Allow, "10.0.0.0/8", Protocol::Tcp, &[(p, p)])).collect();
     let set = set_of(vec![policy(rules.clone())]);
     assert!(compile_set(&set, &[0], 1).is_ok());
     rules.push(rule(Action::Deny, "10.1.0.0/16", Protocol::Udp, &[]));
@@ -1090,35 +760,16 @@ fn rejects_too_many_port_rules() {
             count: MAX_PORT_RULES + 1
         }
     );
-    assert!(
-        err.to_string()
-            .contains("policy demo: destinations in 10.1.0.0/16"),
-        "{err}"
-    );
+    assert!(err.to_string().contains("policy demo: destinations in 10.1.0.0/16"), "{err}");
 }
 
 #[test]
 fn rejects_bad_slots_and_table_ids() {
     let set = set_of(vec![policy(vec![]), policy(vec![])]);
-    assert_eq!(
-        compile_set(&set, &[0], 1).err(),
-        Some(CompileError::SlotCount {
-            policies: 2,
-            slots: 1
-        })
-    );
-    assert_eq!(
-        compile_set(&set, &[3, 3], 1).err(),
-        Some(CompileError::BadSlot(3))
-    );
-    assert_eq!(
-        compile_set(&set, &[0, MAX_POLICY_SLOTS], 1).err(),
-        Some(CompileError::BadSlot(MAX_POLICY_SLOTS))
-    );
-    assert_eq!(
-        compile_set(&set, &[0, 1], 0).err(),
-        Some(CompileError::ZeroTableId)
-    );
+    assert_eq!(compile_set(&set, &[0], 1).err(), Some(CompileError::SlotCount { policies: 2, slots: 1 }));
+    assert_eq!(compile_set(&set, &[3, 3], 1).err(), Some(CompileError::BadSlot(3)));
+    assert_eq!(compile_set(&set, &[0, MAX_POLICY_SLOTS], 1).err(), Some(CompileError::BadSlot(MAX_POLICY_SLOTS)));
+    assert_eq!(compile_set(&set, &[0, 1], 0).err(), Some(CompileError::ZeroTableId));
 }
 
 #[test]
@@ -1131,27 +782,12 @@ fn reference_ranks_prefix_then_deny_then_order() {
         rule(Action::Allow, "10.0.0.0/24", Protocol::Tcp, &[(1, 100)]),
     ]);
     let at = |a: [u8; 4]| IpAddr::from(a);
-    assert_eq!(
-        reference::evaluate(&p, at([10, 9, 0, 1]), proto::TCP, 22),
-        (Action::Deny, Some(1))
-    );
-    assert_eq!(
-        reference::evaluate(&p, at([10, 9, 0, 1]), proto::UDP, 22),
-        (Action::Allow, Some(0))
-    );
-    assert_eq!(
-        reference::evaluate(&p, at([10, 0, 0, 1]), proto::TCP, 22),
-        (Action::Allow, Some(2))
-    );
+    assert_eq!(reference::evaluate(&p, at([10, 9, 0, 1]), proto::TCP, 22), (Action::Deny, Some(1)));
+    assert_eq!(reference::evaluate(&p, at([10, 9, 0, 1]), proto::UDP, 22), (Action::Allow, Some(0)));
+    assert_eq!(reference::evaluate(&p, at([10, 0, 0, 1]), proto::TCP, 22), (Action::Allow, Some(2)));
     let mapped = IpAddr::V6(Ipv4Addr::new(10, 0, 0, 1).to_ipv6_mapped());
-    assert_eq!(
-        reference::evaluate(&p, mapped, proto::ICMPV6, 0),
-        (Action::Allow, Some(3))
-    );
-    assert_eq!(
-        reference::evaluate(&p, at([11, 0, 0, 1]), proto::TCP, 22),
-        (Action::Deny, None)
-    );
+    assert_eq!(reference::evaluate(&p, mapped, proto::ICMPV6, 0), (Action::Allow, Some(3)));
+    assert_eq!(reference::evaluate(&p, at([11, 0, 0, 1]), proto::TCP, 22), (Action::Deny, None));
 }
 
 /// Bits `[0, bits)` of `a` and `b` are equal.
@@ -1163,48 +799,30 @@ fn prefix_equal(a: &[u8], b: &[u8], bits: u32) -> bool {
 
 /// The kernel's lookup (`egress-ebpf/src/policy.rs`): the longest prefix in the tries (holding
 /// every policy of the set) for slot and destination, its port table, then the policy default.
-fn kernel_judge(
-    set: &CompiledSet,
-    slot: u32,
-    info: PolicyInfo,
-    flow: (IpAddr, u8, u16),
-) -> (u8, u32) {
+fn kernel_judge(set: &CompiledSet, slot: u32, info: PolicyInfo, flow: (IpAddr, u8, u16)) -> (u8, u32) {
     let (dst, protocol, port) = flow;
     // As sock_addr.rs builds the flow.
-    let protocol = if protocol == proto::ICMPV6 {
-        proto::ICMP
-    } else {
-        protocol
-    };
+    let protocol = if protocol == proto::ICMPV6 { proto::ICMP } else { protocol };
     let port = if protocol == proto::ICMP { 0 } else { port };
     let mut lookup = slot.to_be_bytes().to_vec();
     let entries: Vec<(u32, Vec<u8>, &Decision)> = match dst.to_canonical() {
         IpAddr::V4(a) => {
             lookup.extend(a.octets());
             let all = set.policies.iter().flat_map(|p| &p.v4);
-            all.map(|(len, k, d)| (*len, [k.policy.as_slice(), &k.addr].concat(), d))
-                .collect()
+            all.map(|(len, k, d)| (*len, [k.policy.as_slice(), &k.addr].concat(), d)).collect()
         }
         IpAddr::V6(a) => {
             lookup.extend(a.octets());
             let all = set.policies.iter().flat_map(|p| &p.v6);
-            all.map(|(len, k, d)| (*len, [k.policy.as_slice(), &k.addr].concat(), d))
-                .collect()
+            all.map(|(len, k, d)| (*len, [k.policy.as_slice(), &k.addr].concat(), d)).collect()
         }
     };
-    let leaf = entries
-        .iter()
-        .filter(|(len, key, _)| prefix_equal(key, &lookup, *len))
-        .max_by_key(|(len, ..)| *len);
+    let leaf = entries.iter().filter(|(len, key, _)| prefix_equal(key, &lookup, *len)).max_by_key(|(len, ..)| *len);
     let Some((_, _, decision)) = leaf else {
         return (info.default_action, rule_id::DEFAULT);
     };
     if decision.port_table != 0 {
-        if let Some((_, table)) = set
-            .port_tables
-            .iter()
-            .find(|(id, _)| *id == decision.port_table)
-        {
+        if let Some((_, table)) = set.port_tables.iter().find(|(id, _)| *id == decision.port_table) {
             let mut i = 0;
             while i < MAX_PORT_RULES {
                 if i as u32 >= table.len {
@@ -1212,8 +830,7 @@ fn kernel_judge(
                 }
                 let r = &table.rules[i];
                 let proto_matches = r.proto == proto::ANY || r.proto == protocol;
-                let port_matches =
-                    r.has_ports == 0 || (port != 0 && r.port_lo <= port && port <= r.port_hi);
+                let port_matches = r.has_ports == 0 || (port != 0 && r.port_lo <= port && port <= r.port_hi);
                 if proto_matches && port_matches {
                     return (r.action, r.rule);
                 }
@@ -1226,11 +843,7 @@ fn kernel_judge(
 
 fn reference_judge(policy: &Policy, flow: (IpAddr, u8, u16)) -> (u8, u32) {
     let (decided, rule) = reference::evaluate(policy, flow.0, flow.1, flow.2);
-    let decided = if decided == Action::Allow {
-        action::ALLOW
-    } else {
-        action::DENY
-    };
+    let decided = if decided == Action::Allow { action::ALLOW } else { action::DENY };
     (decided, rule.map_or(rule_id::DEFAULT, |i| i as u32))
 }
 
@@ -1239,46 +852,28 @@ fn check_shape(compiled: &CompiledSet, first_table_id: u32) {
     let mut keys = HashSet::new();
     for p in &compiled.policies {
         for (len, key, _) in &p.v4 {
-            assert!(
-                keys.insert((*len, key.policy, key.addr.to_vec())),
-                "duplicate key"
-            );
+            assert!(keys.insert((*len, key.policy, key.addr.to_vec())), "duplicate key");
         }
         for (len, key, _) in &p.v6 {
-            assert!(
-                keys.insert((*len, key.policy, key.addr.to_vec())),
-                "duplicate key"
-            );
+            assert!(keys.insert((*len, key.policy, key.addr.to_vec())), "duplicate key");
         }
     }
     let ids: Vec<u32> = compiled.port_tables.iter().map(|(id, _)| *id).collect();
     let expected: Vec<u32> = (first_table_id..).take(ids.len()).collect();
     assert_eq!(ids, expected);
-    let contents: HashSet<Vec<PortRule>> = compiled
-        .port_tables
-        .iter()
-        .map(|(_, t)| t.rules[..t.len as usize].to_vec())
-        .collect();
+    let contents: HashSet<Vec<PortRule>> =
+        compiled.port_tables.iter().map(|(_, t)| t.rules[..t.len as usize].to_vec()).collect();
     assert_eq!(contents.len(), ids.len(), "duplicate port tables");
     for p in &compiled.policies {
         let leaves = p.v4.iter().map(|e| e.2).chain(p.v6.iter().map(|e| e.2));
         for d in leaves {
-            assert!(
-                d.port_table == 0 || ids.contains(&d.port_table),
-                "missing table"
-            );
+            assert!(d.port_table == 0 || ids.contains(&d.port_table), "missing table");
         }
     }
 }
 
 fn net_strategy() -> impl Strategy<Value = IpNet> {
-    let v4 = |x: u8, len: u8| {
-        IpNet::V4(
-            Ipv4Net::new(Ipv4Addr::new(10, 0, 0, x), len)
-                .expect("len")
-                .trunc(),
-        )
-    };
+    let v4 = |x: u8, len: u8| IpNet::V4(Ipv4Net::new(Ipv4Addr::new(10, 0, 0, x), len).expect("len").trunc());
     let v6 = |addr: Ipv6Addr, len: u8| Ipv6Net::new(addr, len).expect("len").trunc();
     let mapped = |x: u8| Ipv4Addr::new(10, 0, 0, x).to_ipv6_mapped();
     let v4_lens = prop::sample::select(vec![0u8, 8, 16, 24, 25, 26, 28, 30, 31, 32]);
@@ -1297,38 +892,19 @@ fn net_strategy() -> impl Strategy<Value = IpNet> {
 }
 
 fn rule_strategy() -> impl Strategy<Value = Rule> {
-    let protocols = prop::sample::select(vec![
-        Protocol::Any,
-        Protocol::Tcp,
-        Protocol::Udp,
-        Protocol::Icmp,
-    ]);
-    let range = prop::sample::select(vec![
-        (22, 22),
-        (53, 53),
-        (80, 80),
-        (443, 443),
-        (80, 443),
-        (8000, 8080),
-    ]);
+    let protocols = prop::sample::select(vec![Protocol::Any, Protocol::Tcp, Protocol::Udp, Protocol::Icmp]);
+    let range = prop::sample::select(vec![(22, 22), (53, 53), (80, 80), (443, 443), (80, 443), (8000, 8080)]);
     let ports = prop_oneof![
         2 => Just(Vec::new()),
         1 => prop::collection::vec(range, 1..=3),
     ];
     (any::<bool>(), net_strategy(), protocols, ports).prop_map(|(allow, net, protocol, ports)| {
-        let ports = if protocol == Protocol::Icmp {
-            Vec::new()
-        } else {
-            ports
-        };
+        let ports = if protocol == Protocol::Icmp { Vec::new() } else { ports };
         Rule {
             action: if allow { Action::Allow } else { Action::Deny },
             net,
             protocol,
-            ports: ports
-                .into_iter()
-                .map(|(lo, hi)| PortRange { lo, hi })
-                .collect(),
+            ports: ports.into_iter().map(|(lo, hi)| PortRange { lo, hi }).collect(),
             line: 0,
         }
     })
@@ -1365,13 +941,10 @@ fn flow_strategy() -> impl Strategy<Value = (IpAddr, u8, u16)> {
     ];
     let with_port = (
         prop::sample::select(vec![proto::TCP, proto::UDP]),
-        prop::sample::select(vec![
-            0u16, 22, 53, 79, 80, 81, 443, 444, 8000, 8050, 8080, 8081, 65535,
-        ]),
+        prop::sample::select(vec![0u16, 22, 53, 79, 80, 81, 443, 444, 8000, 8050, 8080, 8081, 65535]),
     );
     // The kernel reports port 0 for protocols without ports.
-    let portless =
-        prop::sample::select(vec![proto::ICMP, proto::ICMPV6, 132]).prop_map(|p| (p, 0u16));
+    let portless = prop::sample::select(vec![proto::ICMP, proto::ICMPV6, 132]).prop_map(|p| (p, 0u16));
     let protocol_port = prop_oneof![3 => with_port, 1 => portless];
     (dst, protocol_port).prop_map(|(dst, (protocol, port))| (dst, protocol, port))
 }
@@ -1439,18 +1012,10 @@ fn compiles_100k_cidrs() {
             let addr = Ipv4Addr::from((r >> 32) as u32);
             let tcp = i % 10 == 0;
             Rule {
-                action: if r & 1 == 0 {
-                    Action::Allow
-                } else {
-                    Action::Deny
-                },
+                action: if r & 1 == 0 { Action::Allow } else { Action::Deny },
                 net: IpNet::V4(Ipv4Net::new(addr, len).expect("len").trunc()),
                 protocol: if tcp { Protocol::Tcp } else { Protocol::Any },
-                ports: if tcp {
-                    vec![PortRange { lo: 443, hi: 443 }]
-                } else {
-                    Vec::new()
-                },
+                ports: if tcp { vec![PortRange { lo: 443, hi: 443 }] } else { Vec::new() },
                 line: i + 1,
             }
         })

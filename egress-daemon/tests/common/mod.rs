@@ -44,9 +44,7 @@ pub fn privileged() -> bool {
 
 /// The `egress` binary under test.
 pub fn egress_bin() -> PathBuf {
-    std::env::var_os("EGRESS_BIN")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_egress")))
+    std::env::var_os("EGRESS_BIN").map(PathBuf::from).unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_egress")))
 }
 
 pub fn cgroup2_mount() -> PathBuf {
@@ -155,11 +153,8 @@ impl PolicyFile {
     }
 
     pub fn settings(&self, attach: Option<&str>) -> String {
-        let mut settings = format!(
-            "settings:\n  pin_dir: {}\n  control_socket: {}\n",
-            self.pin_dir.display(),
-            self.socket.display()
-        );
+        let mut settings =
+            format!("settings:\n  pin_dir: {}\n  control_socket: {}\n", self.pin_dir.display(), self.socket.display());
         if let Some(attach) = attach {
             settings.push_str(&format!("  attach: {attach}\n"));
         }

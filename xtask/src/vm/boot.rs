@@ -41,24 +41,14 @@ pub fn boot(vmlinuz: &Path, initramfs: &Path, log: &Path, timeout: Duration) -> 
     let mut child = Command::new("qemu-system-x86_64")
         // /dev/kvm on these machines is a nested hypervisor stock kernels cannot use.
         .args(["-accel", "tcg", "-cpu", "max", "-m", "1024", "-smp", "1"])
-        .args([
-            "-nodefaults",
-            "-display",
-            "none",
-            "-serial",
-            "stdio",
-            "-no-reboot",
-        ])
+        .args(["-nodefaults", "-display", "none", "-serial", "stdio", "-no-reboot"])
         .arg("-kernel")
         .arg(vmlinuz)
         .arg("-initrd")
         .arg(initramfs)
         // `bpf` in the LSM list turns the BPF LSM on where the kernel is built with it but does
         // not enable it by default (5.10); panic=-1 turns a guest panic into a QEMU exit.
-        .args([
-            "-append",
-            "console=ttyS0 quiet panic=-1 lsm=lockdown,capability,yama,bpf",
-        ])
+        .args(["-append", "console=ttyS0 quiet panic=-1 lsm=lockdown,capability,yama,bpf"])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -71,9 +61,7 @@ pub fn boot(vmlinuz: &Path, initramfs: &Path, log: &Path, timeout: Duration) -> 
     let err_tx = tx.clone();
     thread::spawn(move || {
         for line in BufReader::new(stdout).split(b'\n').map_while(Result::ok) {
-            let line = String::from_utf8_lossy(&line)
-                .trim_end_matches('\r')
-                .to_owned();
+            let line = String::from_utf8_lossy(&line).trim_end_matches('\r').to_owned();
             if tx.send(line).is_err() {
                 break;
             }
@@ -111,9 +99,7 @@ pub fn boot(vmlinuz: &Path, initramfs: &Path, log: &Path, timeout: Duration) -> 
             .lines()
             .find(|line| line.contains("Kernel panic"))
             .map_or_else(|| format!("qemu: {status}"), |line| line.trim().to_owned());
-        run.problem = Some(format!(
-            "the guest stopped before the end of the suite ({why})"
-        ));
+        run.problem = Some(format!("the guest stopped before the end of the suite ({why})"));
     }
     fs::write(log, console).with_context(|| format!("write {}", log.display()))?;
     Ok(run)
@@ -134,11 +120,7 @@ fn parse_line(line: &str, run: &mut Run) {
             run.checks.insert(name.to_owned(), reported);
         }
         (Some("INFO"), Some(key), value, rest) => {
-            let value = [value, rest]
-                .into_iter()
-                .flatten()
-                .collect::<Vec<_>>()
-                .join(" ");
+            let value = [value, rest].into_iter().flatten().collect::<Vec<_>>().join(" ");
             run.info.insert(key.to_owned(), value);
         }
         (Some("DONE"), None, ..) => run.done = true,
@@ -168,13 +150,7 @@ mod tests {
         assert_eq!(run.info["kernel"], "6.1.0-50-cloud-amd64");
         assert_eq!(run.info["guard"], "AF_PACKET guard: on");
         assert_eq!(run.checks["tcp"], Reported::Pass);
-        assert_eq!(
-            run.checks["udp"],
-            Reported::Fail("sendto-deny:want=EPERM,got=pass other:x".into())
-        );
-        assert_eq!(
-            run.checks["af-packet"],
-            Reported::Skip("BPF LSM not active".into())
-        );
+        assert_eq!(run.checks["udp"], Reported::Fail("sendto-deny:want=EPERM,got=pass other:x".into()));
+        assert_eq!(run.checks["af-packet"], Reported::Skip("BPF LSM not active".into()));
     }
 }

@@ -84,21 +84,7 @@ fn push_entry(out: &mut Vec<u8>, ino: u32, path: &str, mode: u32, data: &[u8]) {
     let name = if name.is_empty() { "." } else { name };
     let nlink = if mode & 0o040_000 != 0 { 2 } else { 1 };
     let size = u32::try_from(data.len()).unwrap_or(u32::MAX);
-    let fields = [
-        ino,
-        mode,
-        0,
-        0,
-        nlink,
-        0,
-        size,
-        0,
-        0,
-        0,
-        0,
-        name.len() as u32 + 1,
-        0,
-    ];
+    let fields = [ino, mode, 0, 0, nlink, 0, size, 0, 0, 0, 0, name.len() as u32 + 1, 0];
     out.extend_from_slice(b"070701");
     for field in fields {
         out.extend_from_slice(format!("{field:08x}").as_bytes());
@@ -118,10 +104,7 @@ fn pad4(out: &mut Vec<u8>) {
 
 /// The absolute paths `ldd` prints for `binary` (the loader included).
 fn shared_libraries(binary: &Path) -> Result<Vec<PathBuf>> {
-    let output = Command::new("ldd")
-        .arg(binary)
-        .output()
-        .context("run ldd")?;
+    let output = Command::new("ldd").arg(binary).output().context("run ldd")?;
     if !output.status.success() {
         bail!("ldd {} failed", binary.display());
     }
@@ -133,11 +116,7 @@ fn parse_ldd(text: &str) -> Vec<PathBuf> {
         .filter_map(|line| {
             // "libc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x...)" or "/lib64/ld-linux-x86-64.so.2 (0x...)"
             let target = line.split_once("=>").map_or(line, |(_, right)| right);
-            target
-                .split_whitespace()
-                .next()
-                .filter(|p| p.starts_with('/'))
-                .map(PathBuf::from)
+            target.split_whitespace().next().filter(|p| p.starts_with('/')).map(PathBuf::from)
         })
         .collect()
 }
@@ -153,10 +132,7 @@ mod tests {
                     \t/lib64/ld-linux-x86-64.so.2 (0x00007f)\n";
         assert_eq!(
             parse_ldd(text),
-            vec![
-                PathBuf::from("/lib/x86_64-linux-gnu/libc.so.6"),
-                PathBuf::from("/lib64/ld-linux-x86-64.so.2")
-            ]
+            vec![PathBuf::from("/lib/x86_64-linux-gnu/libc.so.6"), PathBuf::from("/lib64/ld-linux-x86-64.so.2")]
         );
     }
 

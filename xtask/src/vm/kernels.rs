@@ -44,10 +44,7 @@ pub fn cache_dir() -> Result<PathBuf> {
     }
     let base = match env::var_os("XDG_CACHE_HOME").filter(|d| !d.is_empty()) {
         Some(dir) => PathBuf::from(dir),
-        None => {
-            PathBuf::from(env::var_os("HOME").context("neither EGRESS_VM_CACHE nor HOME is set")?)
-                .join(".cache")
-        }
+        None => PathBuf::from(env::var_os("HOME").context("neither EGRESS_VM_CACHE nor HOME is set")?).join(".cache"),
     };
     Ok(base.join("egress-vm"))
 }
@@ -55,11 +52,7 @@ pub fn cache_dir() -> Result<PathBuf> {
 /// Checks that `series` looks like `6.1` (major.minor), the form the package search needs.
 pub fn validate_series(series: &str) -> Result<()> {
     let parts: Vec<&str> = series.split('.').collect();
-    if parts.len() != 2
-        || parts
-            .iter()
-            .any(|p| p.is_empty() || !p.bytes().all(|b| b.is_ascii_digit()))
-    {
+    if parts.len() != 2 || parts.iter().any(|p| p.is_empty() || !p.bytes().all(|b| b.is_ascii_digit())) {
         bail!("kernel `{series}` is not a major.minor series such as 6.1");
     }
     Ok(())
@@ -108,21 +101,13 @@ fn cached(dir: &Path, series: &str) -> Option<Kernel> {
 
 fn fetch(apt: &PrivateApt, cache: &Path, dir: &Path, series: &str) -> Result<Kernel> {
     let package = apt.newest_cloud_image(series)?;
-    let release = package
-        .strip_prefix("linux-image-")
-        .context("unexpected package name")?
-        .to_owned();
+    let release = package.strip_prefix("linux-image-").context("unexpected package name")?.to_owned();
     println!("vm: fetching {package}");
 
     let work = cache.join("download").join(series);
     let _ = fs::remove_dir_all(&work);
     fs::create_dir_all(&work).with_context(|| format!("create {}", work.display()))?;
-    sys::run(
-        apt.command("apt-get")
-            .arg("download")
-            .arg(&package)
-            .current_dir(&work),
-    )?;
+    sys::run(apt.command("apt-get").arg("download").arg(&package).current_dir(&work))?;
     let deb = only_deb(&work)?;
     let version = deb_version(&deb)?;
     let tree = work.join("tree");
@@ -141,12 +126,7 @@ fn fetch(apt: &PrivateApt, cache: &Path, dir: &Path, series: &str) -> Result<Ker
     // Written last: its presence marks the cache entry complete.
     fs::write(dir.join("package"), format!("{release} {version}\n"))?;
     let _ = fs::remove_dir_all(&work);
-    Ok(Kernel {
-        series: series.to_owned(),
-        release,
-        version,
-        vmlinuz,
-    })
+    Ok(Kernel { series: series.to_owned(), release, version, vmlinuz })
 }
 
 fn only_deb(dir: &Path) -> Result<PathBuf> {
@@ -157,12 +137,7 @@ fn only_deb(dir: &Path) -> Result<PathBuf> {
 }
 
 fn deb_version(deb: &Path) -> Result<String> {
-    let output = Command::new("dpkg-deb")
-        .args(["-f"])
-        .arg(deb)
-        .arg("Version")
-        .output()
-        .context("run dpkg-deb -f")?;
+    let output = Command::new("dpkg-deb").args(["-f"]).arg(deb).arg("Version").output().context("run dpkg-deb -f")?;
     if !output.status.success() {
         bail!("dpkg-deb -f {} Version failed", deb.display());
     }
@@ -176,14 +151,8 @@ struct PrivateApt {
 
 impl PrivateApt {
     fn prepare(root: &Path) -> Result<Self> {
-        for sub in [
-            "lists/partial",
-            "cache/archives/partial",
-            "state",
-            "etc/parts",
-        ] {
-            fs::create_dir_all(root.join(sub))
-                .with_context(|| format!("create {}", root.join(sub).display()))?;
+        for sub in ["lists/partial", "cache/archives/partial", "state", "etc/parts"] {
+            fs::create_dir_all(root.join(sub)).with_context(|| format!("create {}", root.join(sub).display()))?;
         }
         fs::write(root.join("etc/sources.list"), SOURCES)?;
         let status = root.join("state/status");
@@ -223,10 +192,7 @@ impl PrivateApt {
 
     /// The newest `linux-image-<series>...-cloud-amd64` the archives carry.
     fn newest_cloud_image(&self, series: &str) -> Result<String> {
-        let pattern = format!(
-            "^linux-image-{}[.-].*-cloud-amd64$",
-            series.replace('.', "\\.")
-        );
+        let pattern = format!("^linux-image-{}[.-].*-cloud-amd64$", series.replace('.', "\\."));
         let output = self
             .command("apt-cache")
             .args(["search", "--names-only", &pattern])
@@ -236,20 +202,14 @@ impl PrivateApt {
             bail!("apt-cache search {pattern} failed");
         }
         let text = String::from_utf8_lossy(&output.stdout);
-        let mut names: Vec<&str> = text
-            .lines()
-            .filter_map(|l| l.split_whitespace().next())
-            .collect();
+        let mut names: Vec<&str> = text.lines().filter_map(|l| l.split_whitespace().next()).collect();
         names.sort_by(|a, b| version_key(a).cmp(&version_key(b)));
-        names
-            .last()
-            .map(|name| (*name).to_owned())
-            .with_context(|| {
-                format!(
-                    "no cloud kernel package for Linux {series} in Debian's archives (bullseye-security, \
+        names.last().map(|name| (*name).to_owned()).with_context(|| {
+            format!(
+                "no cloud kernel package for Linux {series} in Debian's archives (bullseye-security, \
                      bookworm, trixie and their backports carry 5.10, 6.1, 6.12 and 6.16 and later)"
-                )
-            })
+            )
+        })
     }
 }
 
