@@ -203,7 +203,7 @@ impl PrivateApt {
         }
         let text = String::from_utf8_lossy(&output.stdout);
         let mut names: Vec<&str> = text.lines().filter_map(|l| l.split_whitespace().next()).collect();
-        names.sort_by(|a, b| version_key(a).cmp(&version_key(b)));
+        names.sort_by_key(|name| version_key(name));
         names.last().map(|name| (*name).to_owned()).with_context(|| {
             format!(
                 "no cloud kernel package for Linux {series} in Debian's archives (bullseye-security, \
@@ -237,12 +237,12 @@ mod tests {
 
     #[test]
     fn newest_package_sorts_numerically() {
-        let mut names = vec![
+        let mut names = [
             "linux-image-6.1.0-9-cloud-amd64",
             "linux-image-6.1.0-50-cloud-amd64",
             "linux-image-6.1.0-10-cloud-amd64",
         ];
-        names.sort_by(|a, b| version_key(a).cmp(&version_key(b)));
+        names.sort_by_key(|name| version_key(name));
         assert_eq!(names.last(), Some(&"linux-image-6.1.0-50-cloud-amd64"));
     }
 
