@@ -237,11 +237,8 @@ mod tests {
 
     #[test]
     fn newest_package_sorts_numerically() {
-        let mut names = [
-            "linux-image-6.1.0-9-cloud-amd64",
-            "linux-image-6.1.0-50-cloud-amd64",
-            "linux-image-6.1.0-10-cloud-amd64",
-        ];
+        let mut names =
+            ["linux-image-6.1.0-9-cloud-amd64", "linux-image-6.1.0-50-cloud-amd64", "linux-image-6.1.0-10-cloud-amd64"];
         names.sort_by_key(|name| version_key(name));
         assert_eq!(names.last(), Some(&"linux-image-6.1.0-50-cloud-amd64"));
     }
