@@ -438,12 +438,7 @@ fn a_cgroup_deeper_than_the_kernel_walk_is_enforced_and_its_unbound_neighbours_r
     assert_eq!(tcp_connect_from(&unbound, "127.0.0.1", port), "EPERM");
     blocked_with_rule(&daemon, "too-deep");
 
-    let status = std::process::Command::new(egress_bin())
-        .args(["status", "--json", "--socket"])
-        .arg(&file.socket)
-        .output()
-        .expect("egress status");
-    let report: Value = serde_json::from_str(&stdout_of(&status)).expect("status JSON");
+    let report = file.status_json();
     let row = report["cgroups"]
         .as_array()
         .and_then(|rows| rows.iter().find(|row| row["cgroup"] == bound.relative.as_str()))

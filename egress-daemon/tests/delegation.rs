@@ -51,19 +51,9 @@ fn mark_delegated(cgroup: &TestCgroup) {
     assert_eq!(set, 0, "setxattr trusted.delegate: {}", std::io::Error::last_os_error());
 }
 
-fn status_json(file: &PolicyFile) -> Value {
-    let out = Command::new(egress_bin())
-        .args(["status", "--json", "--socket"])
-        .arg(&file.socket)
-        .output()
-        .expect("run egress status");
-    assert!(out.status.success(), "egress status failed: {}", stderr_of(&out));
-    serde_json::from_slice(&out.stdout).expect("status is JSON")
-}
-
-/// `(cgroup, policy)` of every ignored match in a status report.
-fn ignored(status: &Value) -> Vec<(String, String)> {
-    let mut list: Vec<(String, String)> = status["ignored"]
+/// `(cgroup, policy)` of every row of a status report's `rows` list ("ignored" or "cgroups").
+fn rows(status: &Value, rows: &str) -> Vec<(String, String)> {
+    let mut list: Vec<(String, String)> = status[rows]
         .as_array()
         .map(|rows| {
             rows.iter()
@@ -75,21 +65,14 @@ fn ignored(status: &Value) -> Vec<(String, String)> {
         .unwrap_or_default();
     list.sort();
     list
+}
+
+fn ignored(status: &Value) -> Vec<(String, String)> {
+    rows(status, "ignored")
 }
 
 fn bound(status: &Value) -> Vec<(String, String)> {
-    let mut list: Vec<(String, String)> = status["cgroups"]
-        .as_array()
-        .map(|rows| {
-            rows.iter()
-                .map(|row| {
-                    (row["cgroup"].as_str().unwrap_or("").to_string(), row["policy"].as_str().unwrap_or("").to_string())
-                })
-                .collect()
-        })
-        .unwrap_or_default();
-    list.sort();
-    list
+    rows(status, "cgroups")
 }
 
 fn pair(cgroup: &TestCgroup, policy: &str) -> (String, String) {
@@ -154,7 +137,7 @@ fn unit_and_container_names_in_a_delegated_subtree_do_not_select_it() {
     assert_eq!(tcp_connect_from(&forged_docker, "127.0.0.1", port), "EPERM", "forged container id");
     assert_eq!(tcp_connect_from(&runner_nginx, "127.0.0.1", port), "EPERM", "inside a Delegate=yes unit");
 
-    let status = status_json(&file);
+    let status = file.status_json();
     assert_eq!(
         bound(&status),
         {
@@ -185,7 +168,7 @@ fn unit_and_container_names_in_a_delegated_subtree_do_not_select_it() {
     mkdir_as(USER, &user.dir.join("late.slice/nginx.service"));
     let late = user.child("late.slice/nginx.service");
     let started = Instant::now();
-    while !ignored(&status_json(&file)).contains(&pair(&late, "nginx")) {
+    while !ignored(&file.status_json()).contains(&pair(&late, "nginx")) {
         assert!(started.elapsed() < Duration::from_secs(5), "the new cgroup never showed as ignored");
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -205,13 +188,13 @@ fn unit_and_container_names_in_a_delegated_subtree_do_not_select_it() {
     assert_eq!(warnings(&forged_nginx), 2, "one per policy: {log}");
     assert_eq!(warnings(&forged_docker), 1, "{log}");
     assert_eq!(warnings(&late), 2, "{log}");
-    assert_eq!(ignored(&status_json(&file)).len(), want_ignored.len() + 2);
+    assert_eq!(ignored(&file.status_json()).len(), want_ignored.len() + 2);
     assert_eq!(tcp_connect_from(&forged_docker, "127.0.0.1", port), "EPERM");
 
     // Gone cgroups leave the list.
     drop(late);
     let started = Instant::now();
-    while ignored(&status_json(&file)).len() != want_ignored.len() {
+    while ignored(&file.status_json()).len() != want_ignored.len() {
         assert!(started.elapsed() < Duration::from_secs(5), "the removed cgroup stayed in the list");
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -251,5 +234,5 @@ fn an_exact_path_into_a_delegated_subtree_is_the_operators_word() {
     assert_eq!(tcp_connect_from(&web, "127.0.0.1", port), "ok", "the exact path selects it");
     let other = user.child("app.slice");
     assert_eq!(tcp_connect_from(&other, "127.0.0.1", port), "EPERM", "the user's policy covers the rest");
-    assert!(ignored(&status_json(&file)).is_empty());
+    assert!(ignored(&file.status_json()).is_empty());
 }

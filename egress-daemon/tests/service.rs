@@ -26,12 +26,6 @@ fn egress(args: &[&str]) -> std::process::Output {
     Command::new(egress_bin()).args(args).output().expect("run egress")
 }
 
-fn status_json(file: &PolicyFile) -> Value {
-    let out = egress(&["status", "--json", "--socket", &file.socket.to_string_lossy()]);
-    assert!(out.status.success(), "egress status failed: {}", stderr_of(&out));
-    serde_json::from_slice(&out.stdout).expect("status is JSON")
-}
-
 fn link_pins(file: &PolicyFile) -> usize {
     fs::read_dir(file.pin_dir.join("links")).map(|d| d.count()).unwrap_or(0)
 }
@@ -153,7 +147,7 @@ fn a_broken_file_on_reload_is_rejected_with_its_position_and_enforcement_goes_on
     let port = tcp_server("127.0.0.2:0");
     let file = file_for(&cg, &one_policy(&cg, ""));
     let daemon = Daemon::start(&file);
-    let before = status_json(&file);
+    let before = file.status_json();
     file.rewrite_with(Some(&cg.relative), &one_policy(&cg, "      - allow: 127.0.0.1/8\n"));
     let out = egress(&["reload", "--socket", &file.socket.to_string_lossy()]);
     assert_eq!(out.status.code(), Some(2));
@@ -166,7 +160,7 @@ fn a_broken_file_on_reload_is_rejected_with_its_position_and_enforcement_goes_on
     std::thread::sleep(Duration::from_millis(300));
     assert!(daemon.log().contains("reload rejected"), "log:\n{}", daemon.log());
     assert_eq!(tcp_connect_from(&cg, "127.0.0.2", port), "EPERM", "the old policy stays in force");
-    assert_eq!(status_json(&file)["loaded_at"], before["loaded_at"]);
+    assert_eq!(file.status_json()["loaded_at"], before["loaded_at"]);
 }
 
 #[test]
@@ -232,7 +226,7 @@ fn status_and_metrics_say_what_is_enforced_where() {
     let _daemon = Daemon::start(&file);
     assert_eq!(tcp_connect_from(&cg, "127.0.0.2", port), "EPERM");
     std::thread::sleep(Duration::from_millis(100));
-    let status = status_json(&file);
+    let status = file.status_json();
     let row = status["cgroups"]
         .as_array()
         .and_then(|rows| rows.iter().find(|r| r["cgroup"] == cg.relative.as_str()))

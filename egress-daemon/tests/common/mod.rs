@@ -166,6 +166,17 @@ impl PolicyFile {
         self.rewrite(&format!("{}{policies}", self.settings(attach)));
     }
 
+    /// `egress status --json` from the daemon running this file.
+    pub fn status_json(&self) -> Value {
+        let out = Command::new(egress_bin())
+            .args(["status", "--json", "--socket"])
+            .arg(&self.socket)
+            .output()
+            .expect("run egress status");
+        assert!(out.status.success(), "egress status failed: {}", stderr_of(&out));
+        serde_json::from_slice(&out.stdout).expect("status is JSON")
+    }
+
     pub fn rewrite(&self, yaml: &str) {
         let tmp = self.path.with_extension("tmp");
         fs::write(&tmp, yaml).expect("write policy");
