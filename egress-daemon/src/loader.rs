@@ -38,8 +38,10 @@ use crate::{
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/egress.bpf.o"));
 
 const SOCK_ADDR_PROGRAMS: [&str; 4] = ["connect4", "connect6", "sendmsg4", "sendmsg6"];
-const SKB_PROGRAMS: [(&str, CgroupSkbAttachType); 2] =
-    [("egress_packet", CgroupSkbAttachType::Egress), ("ingress_packet", CgroupSkbAttachType::Ingress)];
+/// The packet backstop, first with process names in its events, then without: kernels before
+/// 6.18 refuse the current-task helpers in packet programs (KERNELS.md).
+const EGRESS_PROGRAMS: [&str; 2] = ["egress_packet", "egress_packet_portable"];
+const INGRESS_PROGRAM: &str = "ingress_packet";
 const SOCK_CREATE_PROGRAM: &str = "sock_create";
 const LSM_PROGRAM: &str = "socket_create";
 const LSM_HOOK: &str = "socket_create";
@@ -208,6 +210,8 @@ pub struct Enforcer {
     /// The half the next generation goes into may hold entries a failed removal left behind.
     leftovers: bool,
     socket_guard: SocketGuard,
+    /// Which of `EGRESS_PROGRAMS` this kernel accepted.
+    egress_program: &'static str,
 }
 
 impl Enforcer {
@@ -234,9 +238,8 @@ impl Enforcer {
         for name in SOCK_ADDR_PROGRAMS {
             sock_addr_program(&mut ebpf, name)?.load().map_err(program_error(name))?;
         }
-        for (name, _) in SKB_PROGRAMS {
-            skb_program(&mut ebpf, name)?.load().map_err(program_error(name))?;
-        }
+        let egress_program = load_egress_program(&mut ebpf)?;
+        skb_program(&mut ebpf, INGRESS_PROGRAM)?.load().map_err(program_error(INGRESS_PROGRAM))?;
         sock_program(&mut ebpf)?.load().map_err(program_error(SOCK_CREATE_PROGRAM))?;
         let socket_guard = load_socket_guard(&mut ebpf);
         let mut enforcer = Self {
@@ -251,6 +254,7 @@ impl Enforcer {
             generation: Generation::default(),
             leftovers: false,
             socket_guard,
+            egress_program,
         };
         if start == Start::Adopted {
             enforcer.adopt_state()?;
@@ -394,7 +398,9 @@ impl Enforcer {
                 .map_err(program_error(name))?;
             ids.push(LinkId::SockAddr(name, id));
         }
-        for (name, attach_type) in SKB_PROGRAMS {
+        let skb_programs =
+            [(self.egress_program, CgroupSkbAttachType::Egress), (INGRESS_PROGRAM, CgroupSkbAttachType::Ingress)];
+        for (name, attach_type) in skb_programs {
             let id = skb_program(&mut self.ebpf, name)?
                 .attach(cgroup, attach_type, CgroupAttachMode::Single)
                 .map_err(program_error(name))?;
@@ -963,6 +969,23 @@ fn sock_program(ebpf: &mut Ebpf) -> Result<&mut CgroupSock, LoaderError> {
 fn lsm_program(ebpf: &mut Ebpf) -> Result<&mut Lsm, LoaderError> {
     let program = ebpf.program_mut(LSM_PROGRAM).ok_or(LoaderError::MissingProgram(LSM_PROGRAM))?;
     program.try_into().map_err(program_error(LSM_PROGRAM))
+}
+
+/// Loads the first of `EGRESS_PROGRAMS` the verifier accepts.
+fn load_egress_program(ebpf: &mut Ebpf) -> Result<&'static str, LoaderError> {
+    let [full, portable] = EGRESS_PROGRAMS;
+    match skb_program(ebpf, full)?.load() {
+        Ok(()) => Ok(full),
+        Err(error) => {
+            tracing::info!(
+                %error,
+                "this kernel refuses the current-task helpers in packet programs: events of raw and other \
+                 packet-judged flows name no process"
+            );
+            skb_program(ebpf, portable)?.load().map_err(program_error(portable))?;
+            Ok(portable)
+        }
+    }
 }
 
 /// Loads the LSM program where the kernel runs BPF LSM programs; says why not otherwise.

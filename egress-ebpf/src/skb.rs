@@ -44,11 +44,23 @@ const MAX_EXTENSION_HEADERS: u32 = 4;
 
 #[cgroup_skb(egress)]
 pub fn egress_packet(ctx: SkBuffContext) -> i32 {
+    on_egress::<true>(&ctx)
+}
+
+/// `egress_packet` without the current-task helpers (its events name no process), for kernels
+/// whose verifier refuses them in packet programs; the daemon loads it when the other fails.
+#[cgroup_skb(egress)]
+pub fn egress_packet_portable(ctx: SkBuffContext) -> i32 {
+    on_egress::<false>(&ctx)
+}
+
+#[inline(always)]
+fn on_egress<const TASK: bool>(ctx: &SkBuffContext) -> i32 {
     let skb = ctx.skb.skb;
-    if judged_at_syscall(skb) && !may_name_its_route(&ctx) {
+    if judged_at_syscall(skb) && !may_name_its_route(ctx) {
         return PASS;
     }
-    let Some(packet) = parse(&ctx) else {
+    let Some(packet) = parse(ctx) else {
         return PASS;
     };
     if judged_at_syscall(skb) && !packet.routed {
@@ -76,7 +88,7 @@ pub fn egress_packet(ctx: SkBuffContext) -> i32 {
             socket_uid: Some(bpf_get_socket_uid(skb.cast())),
         }
     };
-    report::<false>(&binding, &flow, &judgement, hook::SKB, &sender, true);
+    report::<TASK>(&binding, &flow, &judgement, hook::SKB, &sender, true);
     if judgement.lets_through() {
         PASS
     } else {
