@@ -1022,9 +1022,20 @@ fn load_socket_guard(ebpf: &mut Ebpf) -> SocketGuard {
                 Some(missing) => {
                     SocketGuard::Off(format!("{missing}; AF_PACKET and other non-IP sockets are not refused"))
                 }
-                None => SocketGuard::Off(format!("loading the LSM program: {error}")),
+                None => SocketGuard::Off(format!("loading the LSM program: {error}{}", lockdown_hint())),
             }
         }
+    }
+}
+
+/// A locked-down kernel (`/sys/kernel/security/lockdown` not `[none]`) may refuse BPF LSM
+/// programs with EPERM; say so next to the error.
+fn lockdown_hint() -> String {
+    match fs::read_to_string(format!("{SECURITYFS}/lockdown")) {
+        Ok(modes) if !modes.contains("[none]") => {
+            format!(" (the kernel is locked down: {}; lockdown may refuse BPF LSM programs)", modes.trim())
+        }
+        _ => String::new(),
     }
 }
 
