@@ -57,13 +57,14 @@ pub fn egress_packet_portable(ctx: SkBuffContext) -> i32 {
 #[inline(always)]
 fn on_egress<const TASK: bool>(ctx: &SkBuffContext) -> i32 {
     let skb = ctx.skb.skb;
-    if judged_at_syscall(skb) && !may_name_its_route(ctx) {
+    let judged = judged_at_syscall(skb);
+    if judged && !may_name_its_route(ctx) {
         return PASS;
     }
     let Some(packet) = parse(ctx) else {
         return PASS;
     };
-    if judged_at_syscall(skb) && !packet.routed {
+    if judged && !packet.routed {
         return PASS;
     }
     let Some(binding) = policy_of(|level| skb_ancestor(skb, level), || skb_cgroup(skb)) else {
