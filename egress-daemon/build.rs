@@ -36,7 +36,8 @@ fn main() {
         .arg("--target-dir")
         .arg(&target_dir)
         .env("RUSTC", BPF_RUSTC)
-        .env("RUSTC_BOOTSTRAP", "aya_ebpf")
+        // `egress` (the kernel crate) uses BPF inline assembly for atomic counter adds.
+        .env("RUSTC_BOOTSTRAP", "aya_ebpf,egress")
         .env("RUSTFLAGS", "-C debuginfo=2 -C link-arg=--btf")
         // The outer build's settings are for the host toolchain, not this one.
         .env_remove("RUSTC_WORKSPACE_WRAPPER")

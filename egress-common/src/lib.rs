@@ -5,9 +5,11 @@
 #![no_std]
 
 pub mod event;
+pub mod flow;
 pub mod maps;
 
 pub use event::*;
+pub use flow::*;
 pub use maps::*;
 
 /// What the kernel does with a flow.

@@ -15,6 +15,10 @@ pub mod names {
     pub const UDP_PEERS: &str = "UDP_PEERS";
     pub const FLOWS_SEEN: &str = "FLOWS_SEEN";
     pub const DEEP_GUARDS: &str = "DEEP_GUARDS";
+    pub const FLOWS: &str = "FLOWS";
+    pub const FLOW_ENDS: &str = "FLOW_ENDS";
+    pub const CLOSED_SOCKETS: &str = "CLOSED_SOCKETS";
+    pub const WORKLOAD_DESTINATIONS: &str = "WORKLOAD_DESTINATIONS";
 }
 
 /// Capacity of the cgroup id -> policy slot map.
@@ -117,13 +121,14 @@ pub struct PolicyInfo {
     pub active: u8,
     pub default_action: u8,
     pub mode: u8,
-    pub _pad: u8,
+    /// `log::*`: which allowed flows raise an event.
+    pub log: u8,
     /// `socket_kind` bits this policy lets its cgroups open.
     pub allowed_sockets: u32,
 }
 
-/// Global settings written by the daemon (index 0 of `SETTINGS`). Only `policy_levels` is read
-/// by the kernel; the rest is the daemon's own state, kept in the pinned map across restarts.
+/// Global settings written by the daemon (index 0 of `SETTINGS`). `policy_levels`,
+/// `event_budget` and `policy_epoch` are read by the kernel; the rest is the daemon's own state, kept in the pinned map across restarts.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct Settings {
@@ -136,7 +141,9 @@ pub struct Settings {
     /// Flow events per second one cgroup may write on each CPU; 0 means
     /// [`DEFAULT_EVENT_BUDGET`]. Read by the kernel.
     pub event_budget: u32,
-    pub _pad: u32,
+    /// Bumped by the daemon before it writes policies into a half of the slots: a decision
+    /// cached under an older epoch is taken again. Read by the kernel.
+    pub policy_epoch: u32,
 }
 
 /// Value of `CGROUP_POLICY`: the policy slot of a cgroup, and where its flows are counted.
@@ -152,6 +159,8 @@ pub struct CgroupBinding {
 pub mod counter {
     /// Events that did not fit in the ring buffer.
     pub const EVENTS_DROPPED: u32 = 0;
+    /// Ends of flows that did not fit in the `FLOW_ENDS` ring (the daemon ends them later).
+    pub const FLOW_ENDS_DROPPED: u32 = 1;
     pub const COUNT: u32 = 4;
 }
 

@@ -28,6 +28,7 @@ use crate::{
     discovery::{self, Change, ContainerNames, Found},
     engine::{Binding, Engine},
     events::Catalog,
+    flows::{self, store::FlowLog},
     loader::{Enforcer, OnExit, SocketGuard, Start},
     matching::{self, IgnoredMatches, Match},
     metrics,
@@ -50,6 +51,8 @@ pub struct Daemon {
     pub hierarchy: Hierarchy,
     pub config: PathBuf,
     pub history: Arc<EventHistory>,
+    /// Flow records, for `egress logs --flows`, `egress top` and the metrics.
+    pub flows: Arc<FlowLog>,
     names: Arc<Mutex<ContainerNames>>,
     /// Selector matches that do not count (see `matching`), for status.
     ignored: Arc<Mutex<IgnoredMatches>>,
@@ -78,11 +81,13 @@ pub async fn run(args: RunArgs) -> Result<(), Failure> {
     }
     log_socket_guard(enforcer.socket_guard());
     let ring = enforcer.take_events()?;
+    let flow_maps = enforcer.take_flow_maps()?;
     let daemon = Daemon {
         engine: Engine::new(enforcer, Catalog::new(hierarchy.clone())),
         hierarchy: hierarchy.clone(),
         config: args.config.clone(),
         history: Arc::new(EventHistory::new(settings.history)),
+        flows: Arc::new(FlowLog::new(settings.history, settings.flow_interval)),
         names: Arc::new(Mutex::new(ContainerNames::default())),
         ignored: Arc::new(Mutex::new(IgnoredMatches::default())),
         attach: settings.attach.clone(),
@@ -105,6 +110,8 @@ pub async fn run(args: RunArgs) -> Result<(), Failure> {
     let writer = EventWriter::new(args.log_format, io::stdout()).with_journal_priorities(service::under_journal());
     let events = pipeline::spawn(ring, daemon.engine.clone(), writer, Some(daemon.history.clone()))
         .context("starting the event pipeline")?;
+    let flow_sweeper = flows::spawn(flow_maps, daemon.engine.clone(), daemon.flows.clone())
+        .context("starting the flow record sweeper")?;
     let cgroups = CgroupFollower::spawn(daemon.clone(), changes).context("starting the cgroup follower")?;
     let control_server =
         control::server::serve(&settings.control_socket, settings.control_group.clone(), Arc::new(daemon.clone()))
@@ -122,6 +129,7 @@ pub async fn run(args: RunArgs) -> Result<(), Failure> {
     service::notify_stopping();
     cgroups.stop(watcher).await;
     let drained = events.stop().await;
+    flow_sweeper.stop().await;
     drop(control_server);
     if args.on_exit == OnExit::Keep {
         tracing::info!("stopping; enforcement stays in place (--on-exit keep)");
@@ -239,6 +247,7 @@ impl Daemon {
             }
         }
         drop(names);
+        self.flows.set_interval(set.settings.flow_interval);
         for policy in &set.policies {
             let count = bindings.iter().filter(|b| set.policies[b.policy].name == policy.name).count();
             let untrusted = ignored.iter().filter(|i| i.policy == policy.name).count();
@@ -434,5 +443,9 @@ impl control::server::ControlHandler for Daemon {
 
     fn history(&self) -> &EventHistory {
         &self.history
+    }
+
+    fn flow_log(&self) -> Option<&FlowLog> {
+        Some(&self.flows)
     }
 }

@@ -54,6 +54,14 @@ fn unix_epoch() -> SystemTime {
     SystemTime::UNIX_EPOCH
 }
 
+/// The names of a decision: its policy, rule and cgroup (with the workload running there).
+pub struct Names {
+    pub policy: String,
+    pub rule: String,
+    pub cgroup: String,
+    pub workload: Option<String>,
+}
+
 /// Names of what one policy slot holds.
 #[derive(Clone, Debug)]
 pub struct SlotNames {
@@ -95,29 +103,17 @@ impl Catalog {
     }
 
     fn describe(&mut self, event: &FlowEvent) -> FlowRecord {
-        let cgroup = self.cgroup_name(event.cgroup_id);
-        let names = self.slots.get(&event.policy);
-        let policy = names.map_or_else(|| format!("slot {}", event.policy), |n| n.policy.clone());
-        let rule = match event.rule {
-            rule_id::DEFAULT => "default".to_string(),
-            rule_id::REPLY => "reply".to_string(),
-            rule_id::PORT_ZERO => "port-zero".to_string(),
-            rule_id::SOURCE_ROUTED => "source-routed".to_string(),
-            rule_id::SOCKET_KIND => "socket-kind".to_string(),
-            rule_id::TOO_DEEP => "too-deep".to_string(),
-            index => {
-                names.and_then(|n| n.rules.get(index as usize).cloned()).unwrap_or_else(|| format!("rule {index}"))
-            }
-        };
-        let at = SystemTime::UNIX_EPOCH + self.boot_to_wall + Duration::from_nanos(event.boot_ns);
+        let names = self.names(event.policy, event.rule, event.cgroup_id);
+        let (policy, rule, cgroup) = (names.policy, names.rule, names.cgroup);
+        let at = self.wall_time(event.boot_ns);
         FlowRecord {
             time: crate::output::rfc3339(at),
             at,
             verdict: verdict_name(event.verdict).to_string(),
             policy,
             rule,
-            cgroup: cgroup.relative,
-            workload: cgroup.workload,
+            cgroup,
+            workload: names.workload,
             pid: event.pid,
             comm: comm_name(&event.comm),
             uid: event.uid,
@@ -129,6 +125,30 @@ impl Catalog {
             dst: address(event),
             dport: event.dport,
         }
+    }
+
+    /// Names of a policy slot, one of its rules and a cgroup, as events show them.
+    pub fn names(&mut self, slot: u32, rule: u32, cgroup_id: u64) -> Names {
+        let cgroup = self.cgroup_name(cgroup_id);
+        let names = self.slots.get(&slot);
+        let policy = names.map_or_else(|| format!("slot {slot}"), |n| n.policy.clone());
+        let rule = match rule {
+            rule_id::DEFAULT => "default".to_string(),
+            rule_id::REPLY => "reply".to_string(),
+            rule_id::PORT_ZERO => "port-zero".to_string(),
+            rule_id::SOURCE_ROUTED => "source-routed".to_string(),
+            rule_id::SOCKET_KIND => "socket-kind".to_string(),
+            rule_id::TOO_DEEP => "too-deep".to_string(),
+            index => {
+                names.and_then(|n| n.rules.get(index as usize).cloned()).unwrap_or_else(|| format!("rule {index}"))
+            }
+        };
+        Names { policy, rule, cgroup: cgroup.relative, workload: cgroup.workload }
+    }
+
+    /// Wall-clock time of a `CLOCK_BOOTTIME` stamp from the kernel.
+    pub fn wall_time(&self, boot_ns: u64) -> SystemTime {
+        SystemTime::UNIX_EPOCH + self.boot_to_wall + Duration::from_nanos(boot_ns)
     }
 
     fn cgroup_name(&mut self, id: u64) -> CgroupName {
@@ -189,7 +209,7 @@ pub fn verdict_name(value: u8) -> &'static str {
     }
 }
 
-fn protocol_name(protocol: u8, fam: u8) -> String {
+pub fn protocol_name(protocol: u8, fam: u8) -> String {
     match protocol {
         proto::TCP => "tcp".into(),
         proto::UDP => "udp".into(),
@@ -210,7 +230,7 @@ fn socket_name(fam: u8) -> String {
     }
 }
 
-fn comm_name(comm: &[u8; 16]) -> String {
+pub fn comm_name(comm: &[u8; 16]) -> String {
     let end = comm.iter().position(|&b| b == 0).unwrap_or(comm.len());
     String::from_utf8_lossy(&comm[..end]).into_owned()
 }

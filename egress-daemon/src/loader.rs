@@ -43,6 +43,8 @@ const SOCK_ADDR_PROGRAMS: [&str; 4] = ["connect4", "connect6", "sendmsg4", "send
 const EGRESS_PROGRAMS: [&str; 2] = ["egress_packet", "egress_packet_portable"];
 const INGRESS_PROGRAM: &str = "ingress_packet";
 const SOCK_CREATE_PROGRAM: &str = "sock_create";
+/// Ends flow records when a socket is released (`cgroup/sock_release`, Linux 5.9+).
+const SOCK_RELEASE_PROGRAM: &str = "sock_release";
 const LSM_PROGRAM: &str = "socket_create";
 const LSM_HOOK: &str = "socket_create";
 /// The kernel's list of active LSMs; the BPF LSM runs programs only when `bpf` is in it.
@@ -51,7 +53,7 @@ const SECURITYFS: &str = "/sys/kernel/security";
 
 /// Maps that live in bpffs (under `<pin dir>/maps-v2/`) so enforcement survives the daemon.
 /// The suffix changes whenever a key or value layout changes.
-const PINNED_MAPS: [&str; 12] = [
+const PINNED_MAPS: [&str; 16] = [
     names::CGROUP_POLICY,
     names::POLICY_INFO,
     names::RULES_V4,
@@ -64,6 +66,10 @@ const PINNED_MAPS: [&str; 12] = [
     names::UDP_PEERS,
     names::FLOWS_SEEN,
     names::DEEP_GUARDS,
+    names::FLOWS,
+    names::FLOW_ENDS,
+    names::CLOSED_SOCKETS,
+    names::WORKLOAD_DESTINATIONS,
 ];
 /// Where the maps are pinned below the pin directory (tests open them there too).
 pub const MAPS_DIR: &str = "maps-v2";
@@ -147,7 +153,7 @@ struct Installed {
 enum LinkId {
     SockAddr(&'static str, CgroupSockAddrLinkId),
     Skb(&'static str, CgroupSkbLinkId),
-    Sock(CgroupSockLinkId),
+    Sock(&'static str, CgroupSockLinkId),
     Lsm(LsmLinkId),
 }
 
@@ -212,6 +218,9 @@ pub struct Enforcer {
     socket_guard: SocketGuard,
     /// Which of `EGRESS_PROGRAMS` this kernel accepted.
     egress_program: &'static str,
+    /// Whether this kernel has `cgroup/sock_release` (flows then end when their socket closes;
+    /// without it, by idle expiry).
+    sock_release: bool,
 }
 
 impl Enforcer {
@@ -240,7 +249,14 @@ impl Enforcer {
         }
         let egress_program = load_egress_program(&mut ebpf)?;
         skb_program(&mut ebpf, INGRESS_PROGRAM)?.load().map_err(program_error(INGRESS_PROGRAM))?;
-        sock_program(&mut ebpf)?.load().map_err(program_error(SOCK_CREATE_PROGRAM))?;
+        sock_program(&mut ebpf, SOCK_CREATE_PROGRAM)?.load().map_err(program_error(SOCK_CREATE_PROGRAM))?;
+        let sock_release = match sock_program(&mut ebpf, SOCK_RELEASE_PROGRAM)?.load() {
+            Ok(()) => true,
+            Err(error) => {
+                tracing::warn!(%error, "no cgroup/sock_release on this kernel (Linux 5.9+): flows end by idle expiry");
+                false
+            }
+        };
         let socket_guard = load_socket_guard(&mut ebpf);
         let mut enforcer = Self {
             ebpf,
@@ -255,6 +271,7 @@ impl Enforcer {
             leftovers: false,
             socket_guard,
             egress_program,
+            sock_release,
         };
         if start == Start::Adopted {
             enforcer.adopt_state()?;
@@ -406,10 +423,16 @@ impl Enforcer {
                 .map_err(program_error(name))?;
             ids.push(LinkId::Skb(name, id));
         }
-        let id = sock_program(&mut self.ebpf)?
-            .attach(cgroup, CgroupAttachMode::Single)
-            .map_err(program_error(SOCK_CREATE_PROGRAM))?;
-        ids.push(LinkId::Sock(id));
+        let mut sock_programs = vec![SOCK_CREATE_PROGRAM];
+        if self.sock_release {
+            sock_programs.push(SOCK_RELEASE_PROGRAM);
+        }
+        for name in sock_programs {
+            let id = sock_program(&mut self.ebpf, name)?
+                .attach(cgroup, CgroupAttachMode::Single)
+                .map_err(program_error(name))?;
+            ids.push(LinkId::Sock(name, id));
+        }
         if self.socket_guard == SocketGuard::On {
             let id = lsm_program(&mut self.ebpf)?.attach().map_err(program_error(LSM_PROGRAM))?;
             ids.push(LinkId::Lsm(id));
@@ -455,9 +478,9 @@ impl Enforcer {
                 let link = skb_program(&mut self.ebpf, name)?.take_link(id).map_err(program_error(name))?;
                 (name, FdLink::try_from(link)?)
             }
-            LinkId::Sock(id) => {
-                let link = sock_program(&mut self.ebpf)?.take_link(id).map_err(program_error(SOCK_CREATE_PROGRAM))?;
-                (SOCK_CREATE_PROGRAM, FdLink::try_from(link)?)
+            LinkId::Sock(name, id) => {
+                let link = sock_program(&mut self.ebpf, name)?.take_link(id).map_err(program_error(name))?;
+                (name, FdLink::try_from(link)?)
             }
             LinkId::Lsm(id) => {
                 let link = lsm_program(&mut self.ebpf)?.take_link(id).map_err(program_error(LSM_PROGRAM))?;
@@ -477,8 +500,8 @@ impl Enforcer {
                                 .and_then(|p| p.detach(id).map_err(program_error(name))),
                             LinkId::Skb(name, id) => skb_program(&mut self.ebpf, name)
                                 .and_then(|p| p.detach(id).map_err(program_error(name))),
-                            LinkId::Sock(id) => sock_program(&mut self.ebpf)
-                                .and_then(|p| p.detach(id).map_err(program_error(SOCK_CREATE_PROGRAM))),
+                            LinkId::Sock(name, id) => sock_program(&mut self.ebpf, name)
+                                .and_then(|p| p.detach(id).map_err(program_error(name))),
                             LinkId::Lsm(id) => lsm_program(&mut self.ebpf)
                                 .and_then(|p| p.detach(id).map_err(program_error(LSM_PROGRAM))),
                         };
@@ -532,6 +555,10 @@ impl Enforcer {
         levels: u32,
     ) -> Result<(), LoaderError> {
         self.check_fits(generation, set, slots, cgroups)?;
+        // Before any slot's contents change: decisions the kernel cached under the old epoch
+        // are taken again, so no cached allow outlives the rules it came from (also when the
+        // daemon dies half-way).
+        self.update_settings(|s| s.policy_epoch = s.policy_epoch.wrapping_add(1))?;
         if self.leftovers {
             let live = self.generation;
             self.installed = self.sweep(|slot| live.owns_slot(slot))?;
@@ -550,7 +577,11 @@ impl Enforcer {
         });
         fault::crash_point("after-marker");
         if let Err(error) = marked.and_then(|()| self.switch(cgroups)) {
-            let restored = self.update_settings(|s| *s = Settings { dropped_reported: s.dropped_reported, ..previous });
+            // The epoch never goes back: decisions cached under the failed attempt's epoch must
+            // stay invalid when a later generation reuses its slots.
+            let restored = self.update_settings(|s| {
+                *s = Settings { dropped_reported: s.dropped_reported, policy_epoch: s.policy_epoch, ..previous }
+            });
             if let Err(restore) = restored {
                 tracing::warn!(error = %restore, "restoring the generation marker");
             }
@@ -838,6 +869,20 @@ impl Enforcer {
         settings.set(0, value, 0).map_err(map_error(names::SETTINGS))
     }
 
+    /// The maps flow records are read from; can be taken once.
+    pub fn take_flow_maps(&mut self) -> Result<crate::flows::FlowMaps, LoaderError> {
+        let mut take = |name: &'static str| self.ebpf.take_map(name).ok_or(LoaderError::MissingMap(name));
+        let flows = take(names::FLOWS)?;
+        let ends = take(names::FLOW_ENDS)?;
+        let closed = take(names::CLOSED_SOCKETS)?;
+        Ok(crate::flows::FlowMaps {
+            flows: BpfHashMap::try_from(flows).map_err(map_error(names::FLOWS))?,
+            ends: RingBuf::try_from(ends).map_err(map_error(names::FLOW_ENDS))?,
+            closed: BpfHashMap::try_from(closed).map_err(map_error(names::CLOSED_SOCKETS))?,
+            sock_release: self.sock_release,
+        })
+    }
+
     /// The event ring buffer; can be taken once.
     pub fn take_events(&mut self) -> Result<RingBuf<MapData>, LoaderError> {
         let map = self.ebpf.take_map(names::EVENTS).ok_or(LoaderError::MissingMap(names::EVENTS))?;
@@ -961,9 +1006,9 @@ fn skb_program<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut Cgr
     program.try_into().map_err(program_error(name))
 }
 
-fn sock_program(ebpf: &mut Ebpf) -> Result<&mut CgroupSock, LoaderError> {
-    let program = ebpf.program_mut(SOCK_CREATE_PROGRAM).ok_or(LoaderError::MissingProgram(SOCK_CREATE_PROGRAM))?;
-    program.try_into().map_err(program_error(SOCK_CREATE_PROGRAM))
+fn sock_program<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut CgroupSock, LoaderError> {
+    let program = ebpf.program_mut(name).ok_or(LoaderError::MissingProgram(name))?;
+    program.try_into().map_err(program_error(name))
 }
 
 fn lsm_program(ebpf: &mut Ebpf) -> Result<&mut Lsm, LoaderError> {

@@ -5,7 +5,10 @@ use std::{path::PathBuf, process::ExitCode};
 use clap::{Parser, Subcommand};
 use egress::{
     commands::{self, exec::ExecArgs, Failure, EXIT_INVALID_CONFIG},
-    control::client::{self, LogsArgs},
+    control::{
+        client::{self, LogsArgs},
+        flows_client,
+    },
     daemon::{self, RunArgs},
     loader::OnExit,
     output::LogFormat,
@@ -70,6 +73,22 @@ enum Command {
         since: Option<std::time::Duration>,
         #[arg(long)]
         json: bool,
+        /// Flow records (packets and bytes per flow and interval) instead of flow events.
+        #[arg(long, conflicts_with = "blocked")]
+        flows: bool,
+    },
+    /// The top talkers by bytes per workload and destination, refreshed live.
+    Top {
+        #[arg(long, default_value = DEFAULT_SOCKET)]
+        socket: PathBuf,
+        /// Over the last this long (`30s`, `5m`).
+        #[arg(long, default_value = "60s", value_parser = client::parse_duration)]
+        window: std::time::Duration,
+        /// Print the table once and exit.
+        #[arg(long)]
+        once: bool,
+        #[arg(long)]
+        json: bool,
     },
     /// Ask the running daemon to reload its policy file.
     Reload {
@@ -113,9 +132,17 @@ fn dispatch(command: Command) -> Result<i32, Failure> {
             runtime()?.block_on(client::status(&socket, json))?;
             Ok(0)
         }
-        Command::Logs { socket, follow, blocked, policy, since, json } => {
+        Command::Logs { socket, follow, blocked, policy, since, json, flows } => {
             let args = LogsArgs { follow, blocked_only: blocked, policy, since };
-            runtime()?.block_on(client::logs(&socket, args, json))?;
+            if flows {
+                runtime()?.block_on(flows_client::flow_logs(&socket, args, json, &mut std::io::stdout()))?;
+            } else {
+                runtime()?.block_on(client::logs(&socket, args, json))?;
+            }
+            Ok(0)
+        }
+        Command::Top { socket, window, once, json } => {
+            runtime()?.block_on(flows_client::top(&socket, window, once, json))?;
             Ok(0)
         }
         Command::Reload { socket } => {

@@ -119,6 +119,20 @@ pub fn render(daemon: &Daemon) -> String {
     for (map, _, capacity) in &fill {
         let _ = writeln!(out, "egress_map_capacity{{map=\"{map}\"}} {capacity}");
     }
+    let totals = daemon.flows.totals();
+    let counters = [
+        ("egress_flow_bytes_out_total", "IP bytes sent, headers included, per policy and workload (flow records).", 0),
+        ("egress_flow_packets_out_total", "Packets sent per policy and workload (flow records).", 1),
+        ("egress_flow_bytes_in_total", "IP bytes received per policy and workload (flow records).", 2),
+        ("egress_flow_packets_in_total", "Packets received per policy and workload (flow records).", 3),
+    ];
+    for (name, help, which) in counters {
+        header(&mut out, name, "counter", help);
+        for ((policy, workload), t) in &totals {
+            let value = [t.bytes_out, t.packets_out, t.bytes_in, t.packets_in][which];
+            let _ = writeln!(out, "{name}{{policy=\"{}\",workload=\"{}\"}} {value}", escape(policy), escape(workload));
+        }
+    }
     header(&mut out, "egress_reloads_total", "counter", "Policy reloads attempted.");
     let _ = writeln!(out, "egress_reloads_total {}", RELOADS.load(Ordering::Relaxed));
     header(&mut out, "egress_reload_failures_total", "counter", "Policy reloads rejected.");

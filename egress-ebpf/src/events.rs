@@ -1,15 +1,14 @@
 //! Flow events into the ring buffer, and the counters that make losses visible.
 
 use aya_ebpf::bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP};
-use aya_ebpf::helpers::{
-    bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_uid_gid, generated::bpf_ktime_get_boot_ns,
-};
+use aya_ebpf::helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_uid_gid};
 use egress_common::{
-    counter, verdict, CgroupBinding, FlowEvent, FlowKey, PolicyStats, DEFAULT_EVENT_BUDGET,
+    counter, log, verdict, CgroupBinding, FlowEvent, FlowKey, PolicyStats, DEFAULT_EVENT_BUDGET,
     EVENTS_WAKEUP_BACKLOG_BYTES as WAKEUP_BACKLOG_BYTES,
 };
 
 use crate::{
+    flows::{first_in_window, now, workload_destination},
     maps::{BINDING_STATS, COUNTERS, EVENTS, FLOWS_SEEN, SETTINGS},
     policy::{Flow, Judgement},
 };
@@ -24,7 +23,8 @@ pub struct Sender {
 }
 
 /// Counts the flow and reports it, unless `once` is set and the same socket already reported
-/// the same decision for this destination (sendmsg and packet hooks run per datagram).
+/// the same decision for this destination (sendmsg and packet hooks run per datagram), or the
+/// flow is allowed and its policy's `log` setting wants no event for it.
 ///
 /// `TASK`: whether the hook may call the current-task helpers (pid, uid, comm). `cgroup_skb`
 /// programs may not on older kernels, and the verifier then refuses the whole program (seen by
@@ -39,6 +39,7 @@ pub fn report<const TASK: bool>(
     hook: u8,
     sender: &Sender,
     once: bool,
+    epoch: u32,
 ) {
     if once {
         let key = FlowKey {
@@ -56,9 +57,20 @@ pub fn report<const TASK: bool>(
         }
         let _ = FLOWS_SEEN.insert(&key, &0, 0);
     }
-    // SAFETY: a helper without arguments.
-    let now = unsafe { bpf_ktime_get_boot_ns() };
-    if !count_flow(binding.stats, judgement.verdict, now) {
+    let now = now();
+    count(binding.stats, judgement.verdict);
+    if judgement.verdict == verdict::ALLOWED {
+        let first = first_in_window(&workload_destination(sender.cgroup_id, flow), binding.slot, epoch, judgement, now);
+        let wanted = match judgement.log {
+            log::ALL => true,
+            log::BLOCKED => false,
+            _ => first,
+        };
+        if !wanted {
+            return;
+        }
+    }
+    if !within_budget(binding.stats, now) {
         return;
     }
 
@@ -104,13 +116,11 @@ fn wakeup_flag() -> u64 {
     }
 }
 
-/// Counts the flow for its cgroup; false when the cgroup has used up this second's event budget
-/// on this CPU (the event is then counted as suppressed, not written), so one workload cannot
-/// fill the ring buffer and blind the daemon to the others.
+/// Counts a flow decision for its cgroup.
 #[inline(always)]
-fn count_flow(index: u32, verdict: u8, now: u64) -> bool {
+pub fn count(index: u32, verdict: u8) {
     let Some(stats) = BINDING_STATS.get_ptr_mut(index) else {
-        return true;
+        return;
     };
     // SAFETY: per-CPU value, no other writer on this CPU while the program runs.
     let stats: &mut PolicyStats = unsafe { &mut *stats };
@@ -119,6 +129,18 @@ fn count_flow(index: u32, verdict: u8, now: u64) -> bool {
         verdict::AUDIT => stats.audited += 1,
         _ => stats.blocked += 1,
     }
+}
+
+/// False when the cgroup has used up this second's event budget on this CPU (the event is then
+/// counted as suppressed, not written), so one workload cannot fill the ring buffer and blind the
+/// daemon to the others.
+#[inline(always)]
+fn within_budget(index: u32, now: u64) -> bool {
+    let Some(stats) = BINDING_STATS.get_ptr_mut(index) else {
+        return true;
+    };
+    // SAFETY: per-CPU value, no other writer on this CPU while the program runs.
+    let stats: &mut PolicyStats = unsafe { &mut *stats };
     if now.wrapping_sub(stats.window_start_ns) >= 1_000_000_000 {
         stats.window_start_ns = now;
         stats.window_events = 0;

@@ -6,9 +6,10 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
 };
 use egress_common::{
-    CgroupBinding, Decision, FlowKey, PeerKey, PolicyInfo, PolicyStats, PortTable, RuleKeyV4, RuleKeyV6, Settings,
-    EVENTS_RING_BYTES, MAX_CGROUPS, MAX_CIDRS_V4, MAX_CIDRS_V6, MAX_DEEP_GUARDS, MAX_FLOWS_SEEN, MAX_POLICY_SLOTS,
-    MAX_PORT_TABLES, MAX_UDP_PEERS,
+    CgroupBinding, Decision, DestinationSeen, FlowId, FlowKey, FlowState, PeerKey, PolicyInfo, PolicyStats, PortTable,
+    RuleKeyV4, RuleKeyV6, Settings, WorkloadDestination, EVENTS_RING_BYTES, FLOW_ENDS_RING_BYTES, MAX_CGROUPS,
+    MAX_CIDRS_V4, MAX_CIDRS_V6, MAX_CLOSED_SOCKETS, MAX_DEEP_GUARDS, MAX_FLOWS, MAX_FLOWS_SEEN, MAX_POLICY_SLOTS,
+    MAX_PORT_TABLES, MAX_UDP_PEERS, MAX_WORKLOAD_DESTINATIONS,
 };
 
 /// cgroup id -> policy slot.
@@ -49,3 +50,20 @@ pub static UDP_PEERS: LruHashMap<PeerKey, u8> = LruHashMap::with_max_entries(MAX
 
 #[map]
 pub static FLOWS_SEEN: LruHashMap<FlowKey, u8> = LruHashMap::with_max_entries(MAX_FLOWS_SEEN, 0);
+
+/// Flows being counted (see `flows`).
+#[map]
+pub static FLOWS: LruHashMap<FlowId, FlowState> = LruHashMap::with_max_entries(MAX_FLOWS, 0);
+
+/// Flows that ended, for the daemon's flow records.
+#[map]
+pub static FLOW_ENDS: RingBuf = RingBuf::with_byte_size(FLOW_ENDS_RING_BYTES, 0);
+
+/// Socket cookie -> release time of datagram and raw sockets, whose flows the daemon ends.
+#[map]
+pub static CLOSED_SOCKETS: LruHashMap<u64, u64> = LruHashMap::with_max_entries(MAX_CLOSED_SOCKETS, 0);
+
+/// Destinations each workload reached: when they were last logged, and the last decision.
+#[map]
+pub static WORKLOAD_DESTINATIONS: LruHashMap<WorkloadDestination, DestinationSeen> =
+    LruHashMap::with_max_entries(MAX_WORKLOAD_DESTINATIONS, 0);

@@ -2,7 +2,7 @@
 
 use aya_ebpf::{helpers::generated::bpf_get_current_ancestor_cgroup_id, maps::lpm_trie::Key};
 use egress_common::{
-    action, family, mode, proto, rule_id, verdict, CgroupBinding, RuleKeyV4, RuleKeyV6, DEEP_LEVELS_BIT,
+    action, family, log, mode, proto, rule_id, verdict, CgroupBinding, RuleKeyV4, RuleKeyV6, DEEP_LEVELS_BIT,
     MAX_CGROUP_LEVEL, MAX_POLICY_SLOTS, MAX_PORT_RULES, POLICY_KEY_BITS,
 };
 
@@ -23,6 +23,8 @@ pub struct Judgement {
     /// `verdict::*`, what the event reports.
     pub verdict: u8,
     pub rule: u32,
+    /// `log::*` of the deciding policy: which allowed flows raise an event.
+    pub log: u8,
 }
 
 impl Flow {
@@ -107,20 +109,20 @@ fn deep_binding(ancestor: &impl Fn(i32) -> u64, own: impl Fn() -> u64) -> Option
 pub fn judge(slot: u32, flow: &Flow, udp_reply: impl FnOnce() -> bool) -> Judgement {
     if slot >= MAX_POLICY_SLOTS {
         // A deep guard (see `deep_binding`) or a slot no policy owns: fail closed.
-        return Judgement { verdict: verdict::BLOCKED, rule: rule_id::TOO_DEEP };
+        return Judgement { verdict: verdict::BLOCKED, rule: rule_id::TOO_DEEP, log: log::ALL };
     }
     let Some(info) = POLICY_INFO.get(slot) else {
-        return Judgement { verdict: verdict::BLOCKED, rule: rule_id::DEFAULT };
+        return Judgement { verdict: verdict::BLOCKED, rule: rule_id::DEFAULT, log: log::ALL };
     };
     if flow.has_ports() && flow.port == 0 {
         return refused(info.mode, rule_id::PORT_ZERO);
     }
     let (decided, rule) = decide(slot, flow).unwrap_or((info.default_action, rule_id::DEFAULT));
     if decided == action::ALLOW {
-        return Judgement { verdict: verdict::ALLOWED, rule };
+        return Judgement { verdict: verdict::ALLOWED, rule, log: info.log };
     }
     if flow.protocol == proto::UDP && udp_reply() {
-        return Judgement { verdict: verdict::ALLOWED, rule: rule_id::REPLY };
+        return Judgement { verdict: verdict::ALLOWED, rule: rule_id::REPLY, log: info.log };
     }
     refused(info.mode, rule)
 }
@@ -129,7 +131,7 @@ pub fn judge(slot: u32, flow: &Flow, udp_reply: impl FnOnce() -> bool) -> Judgem
 #[inline(always)]
 pub fn refused(mode: u8, rule: u32) -> Judgement {
     let verdict = if mode == mode::AUDIT { verdict::AUDIT } else { verdict::BLOCKED };
-    Judgement { verdict, rule }
+    Judgement { verdict, rule, log: log::ALL }
 }
 
 /// The mode of the policy in `slot` (`mode::ENFORCE` for guards and unknown slots).

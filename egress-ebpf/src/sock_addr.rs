@@ -9,12 +9,13 @@ use aya_ebpf::{
     macros::cgroup_sock_addr,
     programs::SockAddrContext,
 };
-use egress_common::{family, hook, PeerKey};
+use egress_common::{family, hook, log, verdict, PeerKey, NEW_DESTINATION_WINDOW_NS};
 
 use crate::{
-    events::{report, Sender},
-    maps::UDP_PEERS,
-    policy::{current_ancestor, judge, normalise_protocol, policy_of, Flow},
+    events::{count, report, Sender},
+    flows::{cached_for_workload, cached_on_socket, flow_id, now, open, policy_epoch, workload_destination, Opener},
+    maps::{POLICY_INFO, UDP_PEERS},
+    policy::{current_ancestor, judge, normalise_protocol, policy_of, Flow, Judgement},
 };
 
 const ALLOW: i32 = 1;
@@ -42,22 +43,42 @@ pub fn sendmsg6(ctx: SockAddrContext) -> i32 {
 
 #[inline(always)]
 fn on_send(ctx: &SockAddrContext, socket_family: u8, hook: u8, per_datagram: bool) -> i32 {
+    let epoch = policy_epoch();
     // SAFETY: helper without arguments.
     let Some(binding) = policy_of(current_ancestor, || unsafe { bpf_get_current_cgroup_id() }) else {
         return ALLOW;
     };
     let sa = ctx.sock_addr;
     let flow = destination(sa, socket_family, per_datagram);
-    let cookie = unsafe { bpf_get_socket_cookie(sa.cast()) };
+    // SAFETY: helpers on the program's own context, and without arguments.
+    let (cookie, cgroup_id) = unsafe { (bpf_get_socket_cookie(sa.cast()), bpf_get_current_cgroup_id()) };
+    let id = flow_id(cookie, &flow);
+    let sender = Sender { cgroup_id, cookie, socket_uid: None };
+    let opener = Opener { cgroup_id, slot: binding.slot, epoch, socket_uid: None };
+    if per_datagram {
+        if cached_on_socket(&id, binding.slot, epoch, cgroup_id) {
+            return ALLOW;
+        }
+    } else if let Some((rule, logged_ns)) =
+        cached_for_workload(&workload_destination(cgroup_id, &flow), binding.slot, epoch)
+    {
+        // A destination this workload was allowed to reach under the same policy and epoch.
+        let log = POLICY_INFO.get(binding.slot).map_or(log::ALL, |info| info.log);
+        let judgement = Judgement { verdict: verdict::ALLOWED, rule, log };
+        let now = now();
+        let quiet = log == log::BLOCKED || (log == log::NEW && now.wrapping_sub(logged_ns) < NEW_DESTINATION_WINDOW_NS);
+        if quiet {
+            count(binding.stats, verdict::ALLOWED);
+        } else {
+            report::<true>(&binding, &flow, &judgement, hook, &sender, false, epoch);
+        }
+        open::<true>(&id, &opener, &judgement, now);
+        return ALLOW;
+    }
     let judgement = judge(binding.slot, &flow, || peer_spoke_first(cookie, &flow));
-    let sender = Sender {
-        // SAFETY: a helper without arguments.
-        cgroup_id: unsafe { bpf_get_current_cgroup_id() },
-        cookie,
-        socket_uid: None,
-    };
-    report::<true>(&binding, &flow, &judgement, hook, &sender, per_datagram);
+    report::<true>(&binding, &flow, &judgement, hook, &sender, per_datagram, epoch);
     if judgement.lets_through() {
+        open::<true>(&id, &opener, &judgement, now());
         ALLOW
     } else {
         REFUSE

@@ -68,16 +68,18 @@ fn may_open(family: u32, protocol: u32, hook: u8) -> bool {
     let flow = Flow { family: family as u8, addr: [0; 16], port: 0, protocol: protocol as u8 };
     // SAFETY: helper without arguments.
     let sender = Sender { cgroup_id: unsafe { bpf_get_current_cgroup_id() }, cookie: 0, socket_uid: None };
-    report::<true>(&binding, &flow, &judgement, hook, &sender, false);
+    report::<true>(&binding, &flow, &judgement, hook, &sender, false, crate::flows::policy_epoch());
     judgement.lets_through()
 }
 
 #[inline(always)]
 fn judge_socket(binding: &CgroupBinding, kind: u32) -> Judgement {
     match POLICY_INFO.get(binding.slot) {
-        Some(info) if info.allowed_sockets & kind != 0 => {
-            Judgement { verdict: egress_common::verdict::ALLOWED, rule: egress_common::rule_id::SOCKET_KIND }
-        }
+        Some(info) if info.allowed_sockets & kind != 0 => Judgement {
+            verdict: egress_common::verdict::ALLOWED,
+            rule: egress_common::rule_id::SOCKET_KIND,
+            log: info.log,
+        },
         Some(info) => refused(info.mode, egress_common::rule_id::SOCKET_KIND),
         None => refused(egress_common::mode::ENFORCE, egress_common::rule_id::SOCKET_KIND),
     }

@@ -7,6 +7,8 @@
 //! - `client`: the CLI's side (`egress status|logs|reload`).
 
 pub mod client;
+pub mod flows;
+pub mod flows_client;
 pub mod history;
 pub mod protocol;
 pub mod server;

@@ -12,7 +12,10 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::events::FlowRecord;
+use crate::{
+    events::FlowRecord,
+    flows::{record::FlowLogRecord, store::TopRow},
+};
 
 /// Longest request line the server reads, newline included.
 pub const MAX_REQUEST_LINE: usize = 64 * 1024;
@@ -34,6 +37,24 @@ pub enum Request {
         since_secs: Option<u64>,
     },
     Reload,
+    /// Flow records (`egress logs --flows`).
+    Flows {
+        #[serde(default)]
+        follow: bool,
+        #[serde(default)]
+        policy: Option<String>,
+        #[serde(default)]
+        since_secs: Option<u64>,
+    },
+    /// The top talkers by bytes over the last `window_secs` (`egress top`).
+    Top {
+        #[serde(default = "default_top_window")]
+        window_secs: u64,
+    },
+}
+
+fn default_top_window() -> u64 {
+    60
 }
 
 /// One line of the server's answer.
@@ -42,6 +63,11 @@ pub enum Request {
 pub enum Response {
     Status(StatusReport),
     Event(FlowRecord),
+    Flow(FlowLogRecord),
+    Top {
+        window_secs: u64,
+        rows: Vec<TopRow>,
+    },
     /// Something the reader should know that is not an event (events it missed).
     Notice {
         message: String,

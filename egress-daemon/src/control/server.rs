@@ -44,6 +44,10 @@ pub trait ControlHandler: Send + Sync + 'static {
     /// running policies left in force.
     fn reload(&self) -> Result<String, String>;
     fn history(&self) -> &EventHistory;
+    /// Flow records, where the handler keeps them.
+    fn flow_log(&self) -> Option<&crate::flows::store::FlowLog> {
+        None
+    }
 }
 
 /// The socket being served. Dropping it stops serving (the listener and every open
@@ -234,6 +238,14 @@ async fn converse(stream: UnixStream, access: &Access, handler: Arc<dyn ControlH
             let filter = LogFilter { blocked_only, policy, since };
             logs(handler.history(), &filter, follow, &mut reader, &mut out).await
         }
+        Request::Flows { follow, policy, since_secs } => match handler.flow_log() {
+            Some(log) => super::flows::flows(log, policy, since_secs, follow, &mut reader, &mut out).await,
+            None => reply(&mut out, &Response::Error { message: "no flow records here".into() }).await,
+        },
+        Request::Top { window_secs } => match handler.flow_log() {
+            Some(log) => super::flows::top(log, window_secs, &mut out).await,
+            None => reply(&mut out, &Response::Error { message: "no flow records here".into() }).await,
+        },
     }
 }
 

@@ -114,7 +114,7 @@ fn compile_policy(policy: &Policy, slot: u32, tables: &mut Tables) -> Result<Com
             Mode::Enforce => mode::ENFORCE,
             Mode::Audit => mode::AUDIT,
         },
-        _pad: 0,
+        log: policy.log.number(),
         allowed_sockets: policy.allow_sockets.iter().fold(0, |bits, kind| bits | kind.bit()),
     };
     Ok(CompiledPolicy { info, v4, v6 })

@@ -60,6 +60,39 @@ impl SocketKind {
     }
 }
 
+/// Which allowed flows raise an event (`log:`); blocked and audited flows always do.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub enum LogLevel {
+    /// Only blocked and audited flows.
+    Blocked,
+    /// Also the first time a workload reaches a destination (address, port, protocol) within
+    /// an hour.
+    #[default]
+    New,
+    /// Every allowed flow decision.
+    All,
+}
+
+impl LogLevel {
+    /// The keyword used in policy files.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LogLevel::Blocked => "blocked",
+            LogLevel::New => "new",
+            LogLevel::All => "all",
+        }
+    }
+
+    /// The kernel's `log::*` value.
+    pub fn number(self) -> u8 {
+        match self {
+            LogLevel::Blocked => egress_common::log::BLOCKED,
+            LogLevel::New => egress_common::log::NEW,
+            LogLevel::All => egress_common::log::ALL,
+        }
+    }
+}
+
 /// How a policy applies its verdicts.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub enum Mode {
@@ -292,6 +325,8 @@ pub struct Policy {
     /// What happens when no rule matches.
     pub default: Action,
     pub mode: Mode,
+    /// Which allowed flows raise an event.
+    pub log: LogLevel,
     pub rules: Vec<Rule>,
     /// Socket kinds outside the flow hooks' view that the policy allows.
     pub allow_sockets: Vec<SocketKind>,
@@ -344,7 +379,12 @@ pub struct Settings {
     /// Flow events one cgroup may raise per second on each CPU; the kernel counts the rest
     /// as suppressed (`1..=MAX_EVENT_BUDGET`).
     pub events_per_second: u32,
+    /// Between interim flow records of a long flow (`1..=MAX_FLOW_INTERVAL_SECS` seconds).
+    pub flow_interval: std::time::Duration,
 }
+
+/// Largest [`Settings::flow_interval`], in seconds.
+pub const MAX_FLOW_INTERVAL_SECS: u64 = 3600;
 
 impl Default for Settings {
     fn default() -> Self {
@@ -356,6 +396,7 @@ impl Default for Settings {
             metrics: None,
             pin_dir: PathBuf::from(DEFAULT_PIN_DIR),
             events_per_second: egress_common::DEFAULT_EVENT_BUDGET,
+            flow_interval: std::time::Duration::from_secs(60),
         }
     }
 }

@@ -22,8 +22,8 @@ use serde::{
 };
 
 use super::model::{
-    is_glob, Action, Mode, Policy, PolicySet, PortRange, Protocol, Rule, Selector, Settings, SocketKind,
-    MAX_EVENT_BUDGET, MAX_HISTORY,
+    is_glob, Action, LogLevel, Mode, Policy, PolicySet, PortRange, Protocol, Rule, Selector, Settings, SocketKind,
+    MAX_EVENT_BUDGET, MAX_FLOW_INTERVAL_SECS, MAX_HISTORY,
 };
 
 /// A policy file that cannot be used, and where the problem is.
@@ -168,6 +168,8 @@ struct SettingsDoc {
     pin_dir: Option<Checked<PinDir>>,
     #[serde(default)]
     events_per_second: Option<Checked<EventBudget>>,
+    #[serde(default)]
+    flow_interval: Option<Checked<FlowInterval>>,
 }
 
 impl SettingsDoc {
@@ -177,6 +179,7 @@ impl SettingsDoc {
             attach: self.attach.map_or(defaults.attach, |v| v.0 .0),
             history: self.history.map_or(defaults.history, |v| v.0 .0),
             events_per_second: self.events_per_second.map_or(defaults.events_per_second, |v| v.0 .0),
+            flow_interval: self.flow_interval.map_or(defaults.flow_interval, |v| v.0 .0),
             control_socket: self.control_socket.map_or(defaults.control_socket, |v| v.0 .0),
             control_group: self.control_group.map(|v| v.0 .0).or(defaults.control_group),
             metrics: self.metrics.map(|v| v.0 .0).or(defaults.metrics),
@@ -200,6 +203,8 @@ struct PolicyDoc {
     default: Checked<Action>,
     #[serde(default)]
     mode: Checked<Mode>,
+    #[serde(default)]
+    log: Checked<LogLevel>,
     #[serde(default)]
     rules: Vec<Rule>,
     #[serde(default)]
@@ -271,6 +276,7 @@ impl PolicyDoc {
                 selector,
                 default: self.default.0,
                 mode: self.mode.0,
+                log: self.log.0,
                 rules: self.rules,
                 allow_sockets: self.allow_sockets.into_iter().map(|kind| kind.0).collect(),
             },
@@ -773,6 +779,40 @@ impl Scalar for History {
         match usize::try_from(number) {
             Ok(n) if (1..=MAX_HISTORY).contains(&n) => Ok(History(n)),
             _ => Err(format!("history {number} is out of range; keep 1 to {MAX_HISTORY} events")),
+        }
+    }
+}
+
+impl Scalar for LogLevel {
+    const EXPECTING: &'static str = "blocked, new or all";
+
+    fn parse(text: &str) -> Result<Self, String> {
+        match text.to_ascii_lowercase().as_str() {
+            "blocked" => Ok(LogLevel::Blocked),
+            "new" => Ok(LogLevel::New),
+            "all" => Ok(LogLevel::All),
+            _ => Err(format!("unknown log setting `{text}`; expected blocked, new or all")),
+        }
+    }
+}
+
+/// `settings.flow_interval`: seconds, as a number or with an `s` or `m` suffix.
+struct FlowInterval(std::time::Duration);
+
+impl Scalar for FlowInterval {
+    const EXPECTING: &'static str = "a number of seconds like 60, 60s or 1m";
+
+    fn parse(text: &str) -> Result<Self, String> {
+        let trimmed = text.trim();
+        let (number, scale) = match trimmed.strip_suffix('m') {
+            Some(minutes) => (minutes, 60),
+            None => (trimmed.strip_suffix('s').unwrap_or(trimmed), 1),
+        };
+        match number.trim().parse::<u64>().ok().and_then(|n| n.checked_mul(scale)) {
+            Some(secs) if (1..=MAX_FLOW_INTERVAL_SECS).contains(&secs) => {
+                Ok(FlowInterval(std::time::Duration::from_secs(secs)))
+            }
+            _ => Err(format!("flow_interval `{text}` is out of range; keep 1s to {MAX_FLOW_INTERVAL_SECS}s")),
         }
     }
 }

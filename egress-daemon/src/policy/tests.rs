@@ -442,6 +442,7 @@ fn settings_default_when_absent_or_empty() {
         metrics: None,
         pin_dir: "/sys/fs/bpf/egress".into(),
         events_per_second: egress_common::DEFAULT_EVENT_BUDGET,
+        flow_interval: std::time::Duration::from_secs(60),
     };
     assert_eq!(Settings::default(), defaults);
     assert_eq!(PolicySet::default().settings, defaults);
@@ -455,6 +456,10 @@ fn settings_default_when_absent_or_empty() {
     }
 }
 
+fn settings_of(lines: &str) -> Settings {
+    parse(&format!("settings:\n{lines}policies: []\n")).settings
+}
+
 #[test]
 fn parses_every_setting() {
     let text = "\
@@ -466,6 +471,7 @@ settings:
   metrics: 127.0.0.1:9154
   pin_dir: /sys/fs/bpf/egress-test/
   events_per_second: 2_000
+  flow_interval: 2s
 policies:
   - name: a
     cgroup: egress-test/parent/a
@@ -482,9 +488,12 @@ policies:
             metrics: Some("127.0.0.1:9154".parse().expect("addr")),
             pin_dir: "/sys/fs/bpf/egress-test".into(),
             events_per_second: 2_000,
+            flow_interval: std::time::Duration::from_secs(2),
         }
     );
-    let settings = |lines: &str| parse(&format!("settings:\n{lines}policies: []\n")).settings;
+    assert_eq!(settings_of("  flow_interval: 5m\n").flow_interval, std::time::Duration::from_secs(300));
+    assert_eq!(settings_of("  flow_interval: 90\n").flow_interval, std::time::Duration::from_secs(90));
+    let settings = settings_of;
     assert_eq!(settings("  attach: /\n").attach, "");
     assert_eq!(settings("  attach: \"\"\n").attach, "");
     assert_eq!(settings("  attach: ./a/.\n").attach, "a");
@@ -653,6 +662,7 @@ fn policy(rules: Vec<Rule>) -> Policy {
         selector: Selector::Cgroup("demo".to_owned()),
         default: Action::Deny,
         mode: Mode::Enforce,
+        log: Default::default(),
         allow_sockets: Vec::new(),
         rules,
     }
@@ -685,7 +695,7 @@ fn compiles_nested_cidrs() {
             active: 1,
             default_action: action::DENY,
             mode: egress_common::mode::ENFORCE,
-            _pad: 0,
+            log: egress_common::log::NEW,
             allowed_sockets: 0,
         }
     );
@@ -925,6 +935,7 @@ fn policy_strategy() -> impl Strategy<Value = Policy> {
             selector: Selector::Cgroup("p".to_owned()),
             default: if allow { Action::Allow } else { Action::Deny },
             mode: if audit { Mode::Audit } else { Mode::Enforce },
+            log: Default::default(),
             rules,
             allow_sockets: Vec::new(),
         })
