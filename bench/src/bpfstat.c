@@ -28,6 +28,7 @@ static const struct {
     {BPF_CGROUP_UDP4_RECVMSG, "recvmsg4"},    {BPF_CGROUP_UDP6_RECVMSG, "recvmsg6"},
     {BPF_CGROUP_INET_EGRESS, "skb_egress"},   {BPF_CGROUP_INET_INGRESS, "skb_ingress"},
     {BPF_CGROUP_INET_SOCK_CREATE, "sock_create"}, {BPF_CGROUP_SOCK_OPS, "sock_ops"},
+    {BPF_CGROUP_INET_SOCK_RELEASE, "sock_release"},
 };
 
 static int progs(const char *cgroup_dir) {

@@ -42,6 +42,9 @@ const SOCK_ADDR_PROGRAMS: [&str; 4] = ["connect4", "connect6", "sendmsg4", "send
 /// 6.18 refuse the current-task helpers in packet programs (KERNELS.md).
 const EGRESS_PROGRAMS: [&str; 2] = ["egress_packet", "egress_packet_portable"];
 const INGRESS_PROGRAM: &str = "ingress_packet";
+/// Flow accounting, attached after the filters on the same hooks.
+const COUNT_PROGRAMS: [(&str, CgroupSkbAttachType); 2] =
+    [("egress_count", CgroupSkbAttachType::Egress), ("ingress_count", CgroupSkbAttachType::Ingress)];
 const SOCK_CREATE_PROGRAM: &str = "sock_create";
 /// Ends flow records when a socket is released (`cgroup/sock_release`, Linux 5.9+).
 const SOCK_RELEASE_PROGRAM: &str = "sock_release";
@@ -249,6 +252,9 @@ impl Enforcer {
         }
         let egress_program = load_egress_program(&mut ebpf)?;
         skb_program(&mut ebpf, INGRESS_PROGRAM)?.load().map_err(program_error(INGRESS_PROGRAM))?;
+        for (name, _) in COUNT_PROGRAMS {
+            skb_program(&mut ebpf, name)?.load().map_err(program_error(name))?;
+        }
         sock_program(&mut ebpf, SOCK_CREATE_PROGRAM)?.load().map_err(program_error(SOCK_CREATE_PROGRAM))?;
         let sock_release = match sock_program(&mut ebpf, SOCK_RELEASE_PROGRAM)?.load() {
             Ok(()) => true,
@@ -415,8 +421,13 @@ impl Enforcer {
                 .map_err(program_error(name))?;
             ids.push(LinkId::SockAddr(name, id));
         }
-        let skb_programs =
-            [(self.egress_program, CgroupSkbAttachType::Egress), (INGRESS_PROGRAM, CgroupSkbAttachType::Ingress)];
+        let [count_egress, count_ingress] = COUNT_PROGRAMS;
+        let skb_programs = [
+            (self.egress_program, CgroupSkbAttachType::Egress),
+            (INGRESS_PROGRAM, CgroupSkbAttachType::Ingress),
+            count_egress,
+            count_ingress,
+        ];
         for (name, attach_type) in skb_programs {
             let id = skb_program(&mut self.ebpf, name)?
                 .attach(cgroup, attach_type, CgroupAttachMode::Single)

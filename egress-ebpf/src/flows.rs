@@ -117,8 +117,17 @@ pub enum Direction {
 
 /// Adds one packet (or one GSO/GRO train of `gso_segs` packets) to its flow, if the flow is
 /// counted. Bytes are IP bytes, headers included, as they go on the wire.
+/// `local`: the packet's own source going out, where the hook parsed it (an unconnected
+/// socket's address is unspecified); taken from the socket when `local.2` is false. (A flag,
+/// not an `Option`: the verifier refuses code that copies the undefined payload of a `None`.)
 #[inline(always)]
-pub fn count_packet(skb: *mut __sk_buff, id: &FlowId, direction: Direction, header_len: impl FnOnce() -> u32) {
+pub fn count_packet(
+    skb: *mut __sk_buff,
+    id: &FlowId,
+    direction: Direction,
+    local: ([u8; 16], u16, bool),
+    header_len: impl FnOnce() -> u32,
+) {
     let Some(state) = FLOWS.get_ptr_mut(id) else {
         return;
     };
@@ -137,7 +146,12 @@ pub fn count_packet(skb: *mut __sk_buff, id: &FlowId, direction: Direction, head
                 atomic_add(&raw mut (*state).packets_out, packets);
                 atomic_add(&raw mut (*state).bytes_out, bytes);
                 if (*state).local_port == 0 {
-                    note_local(skb, state, id.family);
+                    if local.2 {
+                        (*state).local_addr = local.0;
+                        (*state).local_port = local.1;
+                    } else {
+                        note_local(skb, state, id.family);
+                    }
                 }
             }
             Direction::In => {
@@ -179,20 +193,20 @@ unsafe fn atomic_add(target: *mut u64, value: u64) {
     }
 }
 
-/// The remote end of a connected socket, from the packet's socket (`None` when the socket has
-/// no remote port: unconnected datagram sockets, raw and ping sockets; take it from the packet).
+/// The remote end of a connected socket, from the packet's socket; port 0 when the socket has
+/// no remote port (unconnected datagram sockets, raw and ping sockets: take it from the packet).
 #[inline(always)]
-pub fn remote_of_socket(skb: *mut __sk_buff, protocol: u8) -> Option<Flow> {
+pub fn remote_of_socket(skb: *mut __sk_buff, protocol: u8) -> Flow {
     // SAFETY: context reads.
     unsafe {
         let port = ((*skb).remote_port >> 16) as u16;
-        if port == 0 {
-            return None;
-        }
         let mut flow = Flow { family: family::INET, addr: [0; 16], port: u16::from_be(port), protocol };
+        if port == 0 {
+            return flow;
+        }
         if (*skb).family == u32::from(family::INET) {
             flow.addr[..4].copy_from_slice(&(*skb).remote_ip4.to_ne_bytes());
-            return Some(flow);
+            return flow;
         }
         let w = [
             core::ptr::read_volatile(&raw const (*skb).remote_ip6[0]),
@@ -202,7 +216,7 @@ pub fn remote_of_socket(skb: *mut __sk_buff, protocol: u8) -> Option<Flow> {
         ];
         if w[0] == 0 && w[1] == 0 && w[2] == u32::from_be(0x0000_ffff) {
             flow.addr[..4].copy_from_slice(&w[3].to_ne_bytes());
-            return Some(flow);
+            return flow;
         }
         flow.family = family::INET6;
         let mut i = 0;
@@ -210,7 +224,7 @@ pub fn remote_of_socket(skb: *mut __sk_buff, protocol: u8) -> Option<Flow> {
             flow.addr[i * 4..i * 4 + 4].copy_from_slice(&w[i].to_ne_bytes());
             i += 1;
         }
-        Some(flow)
+        flow
     }
 }
 

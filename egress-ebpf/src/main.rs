@@ -14,6 +14,7 @@ mod flows;
 mod maps;
 mod policy;
 mod skb;
+mod skb_count;
 mod sock_addr;
 mod socket;
 

@@ -21,7 +21,7 @@ use egress_common::{family, hook, proto, rule_id, PeerKey};
 
 use crate::{
     events::{report, Sender},
-    flows::{count_packet, flow_id, now, open, policy_epoch, remote_of_socket, Direction, Opener},
+    flows::{flow_id, now, open, policy_epoch, Opener},
     maps::UDP_PEERS,
     policy::{judge, mode_of, normalise_protocol, policy_of, refused, Flow},
 };
@@ -30,8 +30,8 @@ const PASS: i32 = 1;
 const DROP: i32 = 0;
 
 const SOCK_STREAM: u32 = 1;
-const SOCK_DGRAM: u32 = 2;
-const ETH_P_IP: u16 = 0x0800;
+pub(crate) const SOCK_DGRAM: u32 = 2;
+pub(crate) const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86DD;
 /// The loopback device is ifindex 1 in every network namespace.
 const LOOPBACK_IFINDEX: u32 = 1;
@@ -58,17 +58,14 @@ pub fn egress_packet_portable(ctx: SkBuffContext) -> i32 {
 #[inline(always)]
 fn on_egress<const TASK: bool>(ctx: &SkBuffContext) -> i32 {
     let skb = ctx.skb.skb;
-    let kind = socket_kind(skb);
-    let judged = judged_at_syscall(kind);
+    let judged = judged_at_syscall(skb);
     if judged && !may_name_its_route(ctx) {
-        account(ctx, kind, None, Direction::Out);
         return PASS;
     }
     let Some(packet) = parse(ctx) else {
         return PASS;
     };
     if judged && !packet.routed {
-        account(ctx, kind, Some(&packet), Direction::Out);
         return PASS;
     }
     let epoch = policy_epoch();
@@ -99,69 +96,15 @@ fn on_egress<const TASK: bool>(ctx: &SkBuffContext) -> i32 {
         return DROP;
     }
     if !judged {
-        // Raw, ping and other sockets: their flows start here.
+        // Raw, ping and other sockets: their flows start here (`skb_count` counts the packets).
         let opener = Opener { cgroup_id: sender.cgroup_id, slot: binding.slot, epoch, socket_uid: sender.socket_uid };
         open::<TASK>(&flow_id(sender.cookie, &flow), &opener, &judgement, now());
     }
-    account(ctx, kind, Some(&packet), Direction::Out);
     PASS
 }
 
-/// Adds the packet to its flow: the socket's connected remote end, else the packet's far end
-/// (its destination going out, its source coming in).
-#[inline(always)]
-fn account(ctx: &SkBuffContext, kind: (u32, u32), parsed: Option<&Packet>, direction: Direction) {
-    let skb = ctx.skb.skb;
-    let (socket_type, socket_protocol) = kind;
-    if socket_type == 0 || socket_type == MINI_SOCKET {
-        return;
-    }
-    let remote = match remote_of_socket(skb, normalise_protocol(socket_protocol as u8)) {
-        Some(remote) => remote,
-        None => match parsed {
-            Some(packet) => far_end(packet, direction),
-            None => match parse(ctx) {
-                Some(packet) => far_end(&packet, direction),
-                None => return,
-            },
-        },
-    };
-    // SAFETY: helper on the program's own context.
-    let cookie = unsafe { bpf_get_socket_cookie(skb.cast()) };
-    count_packet(skb, &flow_id(cookie, &remote), direction, || header_len(ctx));
-}
-
-#[inline(always)]
-fn far_end(packet: &Packet, direction: Direction) -> Flow {
-    let (addr, port) = match direction {
-        Direction::Out => (packet.destination, packet.destination_port),
-        Direction::In => (packet.source, packet.source_port),
-    };
-    Flow { family: packet.family, addr, port, protocol: normalise_protocol(packet.protocol) }
-}
-
-/// IP plus transport header length of a packet (for the headers of a GSO/GRO train).
-#[inline(always)]
-fn header_len(ctx: &SkBuffContext) -> u32 {
-    // SAFETY: reading a context field.
-    let ethertype = u16::from_be(unsafe { (*ctx.skb.skb).protocol } as u16);
-    let (ip_len, protocol) = if ethertype == ETH_P_IP {
-        let first: u8 = ctx.load(0).unwrap_or(0x45);
-        (u32::from(first & 0x0f) * 4, ctx.load::<u8>(9).unwrap_or(0))
-    } else {
-        (40, ctx.load::<u8>(6).unwrap_or(0))
-    };
-    let transport = match protocol {
-        proto::TCP => ctx.load::<u8>(ip_len as usize + 12).map_or(20, |offset| u32::from(offset >> 4) * 4),
-        proto::UDP => 8,
-        _ => 0,
-    };
-    ip_len + transport
-}
-
-/// Remembers the source of a datagram arriving at a covered UDP socket (the socket may then
-/// answer it even where its policy denies that address), and counts every arriving packet into
-/// its flow.
+/// Remembers the source of a datagram arriving at a covered UDP socket: the socket may then
+/// answer it even where its policy denies that address.
 ///
 /// A datagram that came in over loopback proves nothing about its source address (any user can
 /// bind a foreign IPv6 address with `IPV6_FREEBIND` and send from it locally), so over loopback
@@ -169,19 +112,16 @@ fn header_len(ctx: &SkBuffContext) -> u32 {
 #[cgroup_skb(ingress)]
 pub fn ingress_packet(ctx: SkBuffContext) -> i32 {
     let skb = ctx.skb.skb;
-    let kind = socket_kind(skb);
-    if kind != (SOCK_DGRAM, u32::from(proto::UDP)) {
-        account(&ctx, kind, None, Direction::In);
+    if !is_udp_socket(skb) {
+        return PASS;
+    }
+    if policy_of(|level| skb_ancestor(skb, level), || skb_cgroup(skb)).is_none() {
         return PASS;
     }
     let Some(packet) = parse(&ctx) else {
         return PASS;
     };
-    account(&ctx, kind, Some(&packet), Direction::In);
     if packet.protocol != proto::UDP {
-        return PASS;
-    }
-    if policy_of(|level| skb_ancestor(skb, level), || skb_cgroup(skb)).is_none() {
         return PASS;
     }
     // SAFETY: reading a context field.
@@ -216,35 +156,40 @@ fn skb_cgroup(skb: *mut __sk_buff) -> u64 {
     unsafe { bpf_skb_cgroup_id(skb.cast()) }
 }
 
-/// `(type, protocol)` of the packet's full socket; `(MINI_SOCKET, 0)` for mini sockets
-/// (SYN-ACKs of a listener, TIME_WAIT), `(0, 0)` when there is no socket. (A plain pair, not an
-/// `Option`: the verifier refuses code that copies the undefined payload of a `None`.)
+/// `(type, protocol)` of the packet's full socket; `None` for mini sockets (SYN-ACKs of a
+/// listener, TIME_WAIT), `Some((0, 0))` when there is no socket.
 #[inline(always)]
-fn socket_kind(skb: *mut __sk_buff) -> (u32, u32) {
+pub(crate) fn socket_kind(skb: *mut __sk_buff) -> Option<(u32, u32)> {
     // SAFETY: reading the context's socket pointer; checked for null before use.
     let sk: *mut bpf_sock = unsafe { (*skb).__bindgen_anon_2.sk };
     if sk.is_null() {
-        return (0, 0);
+        return Some((0, 0));
     }
     // SAFETY: helper on a non-null socket from the context.
     let full = unsafe { bpf_sk_fullsock(sk) };
     if full.is_null() {
-        return (MINI_SOCKET, 0);
+        return None;
     }
     // SAFETY: a full socket returned by the kernel.
-    unsafe { ((*full).type_, (*full).protocol) }
+    Some(unsafe { ((*full).type_, (*full).protocol) })
 }
-
-/// `socket_kind` of a mini socket.
-const MINI_SOCKET: u32 = u32::MAX;
 
 /// TCP stream and UDP datagram sockets are judged by the `sock_addr` programs; TCP mini sockets
 /// belong to connections let in from outside.
 #[inline(always)]
-fn judged_at_syscall((kind, protocol): (u32, u32)) -> bool {
-    kind == MINI_SOCKET
-        || (kind == SOCK_STREAM && protocol == u32::from(proto::TCP))
-        || (kind == SOCK_DGRAM && protocol == u32::from(proto::UDP))
+fn judged_at_syscall(skb: *mut __sk_buff) -> bool {
+    match socket_kind(skb) {
+        None => true,
+        Some((kind, protocol)) => {
+            (kind == SOCK_STREAM && protocol == u32::from(proto::TCP))
+                || (kind == SOCK_DGRAM && protocol == u32::from(proto::UDP))
+        }
+    }
+}
+
+#[inline(always)]
+fn is_udp_socket(skb: *mut __sk_buff) -> bool {
+    socket_kind(skb) == Some((SOCK_DGRAM, u32::from(proto::UDP)))
 }
 
 #[inline(always)]
@@ -278,22 +223,22 @@ fn may_name_its_route(ctx: &SkBuffContext) -> bool {
 }
 
 /// What the hooks need of an IP packet.
-struct Packet {
-    family: u8,
+pub(crate) struct Packet {
+    pub(crate) family: u8,
     /// The upper-layer protocol (after IPv6 extension headers), not normalised.
-    protocol: u8,
-    source: [u8; 16],
-    destination: [u8; 16],
+    pub(crate) protocol: u8,
+    pub(crate) source: [u8; 16],
+    pub(crate) destination: [u8; 16],
     /// 0 when the protocol has no ports or this is not the first fragment.
-    source_port: u16,
-    destination_port: u16,
+    pub(crate) source_port: u16,
+    pub(crate) destination_port: u16,
     /// The packet carries its own route: IPv4 options (source routes among them) or an IPv6
     /// routing header.
-    routed: bool,
+    pub(crate) routed: bool,
 }
 
 #[inline(always)]
-fn parse(ctx: &SkBuffContext) -> Option<Packet> {
+pub(crate) fn parse(ctx: &SkBuffContext) -> Option<Packet> {
     // SAFETY: reading a context field.
     let ethertype = u16::from_be(unsafe { (*ctx.skb.skb).protocol } as u16);
     let mut packet = Packet {
