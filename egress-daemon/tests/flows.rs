@@ -112,13 +112,13 @@ fn a_tcp_transfer_and_a_udp_exchange_are_counted_as_the_peer_received_them() {
     let file = policy(&cg, "  flow_interval: 2\n", "10.213.61.0/24", "new");
     let _daemon = Daemon::start(&file);
 
-    let mut tcp_sink = ns
+    let tcp_sink = ns
         .command("python3")
         .args(["-c", TCP_SINK, "10.213.61.2", "9000"])
         .stdout(std::process::Stdio::piped())
         .spawn()
         .expect("tcp sink in netns");
-    let mut udp_echo = ns
+    let udp_echo = ns
         .command("python3")
         .args(["-c", UDP_ECHO_COUNT, "10.213.61.2", "9001", "20"])
         .stdout(std::process::Stdio::piped())
@@ -200,7 +200,7 @@ fn a_flow_longer_than_the_interval_gets_interim_records() {
     let cg = TestCgroup::new("flows-interim");
     let file = policy(&cg, "  flow_interval: 2\n", "10.213.62.0/24", "new");
     let _daemon = Daemon::start(&file);
-    let mut sink = ns
+    let sink = ns
         .command("python3")
         .args(["-c", TCP_SINK, "10.213.62.2", "9000"])
         .stdout(std::process::Stdio::piped())

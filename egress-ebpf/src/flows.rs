@@ -333,7 +333,7 @@ fn remote_of_released(sk: *mut bpf_sock, protocol: u8) -> Option<Flow> {
         if port == 0 {
             return None;
         }
-        let protocol = crate::policy::normalise_protocol(protocol);
+        let protocol = egress_common::lookup::normalise_protocol(protocol);
         let mut flow = Flow { family: family::INET, addr: [0; 16], port: u16::from_be(port), protocol };
         let sock_family = core::ptr::read_volatile(&raw const (*sk).family);
         if sock_family == u32::from(family::INET) {

@@ -23,7 +23,7 @@ use crate::{
     events::{report, Sender},
     flows::{flow_id, now, open, policy_epoch, Opener},
     maps::UDP_PEERS,
-    policy::{judge, mode_of, normalise_protocol, policy_of, refused, Flow},
+    policy::{judge, mode_of, policy_of, refused, Flow},
 };
 
 const PASS: i32 = 1;
@@ -76,7 +76,7 @@ fn on_egress<const TASK: bool>(ctx: &SkBuffContext) -> i32 {
         family: packet.family,
         addr: packet.destination,
         port: packet.destination_port,
-        protocol: normalise_protocol(packet.protocol),
+        protocol: egress_common::lookup::normalise_protocol(packet.protocol),
     };
     let judgement = if packet.routed {
         refused(mode_of(binding.slot), rule_id::SOURCE_ROUTED)

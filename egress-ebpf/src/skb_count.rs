@@ -9,11 +9,11 @@
 use aya_ebpf::{
     bindings::__sk_buff, helpers::generated::bpf_get_socket_cookie, macros::cgroup_skb, programs::SkBuffContext,
 };
-use egress_common::proto;
+use egress_common::{lookup::normalise_protocol, proto};
 
 use crate::{
     flows::{count_packet, flow_id, remote_of_socket, Direction},
-    policy::{normalise_protocol, Flow},
+    policy::Flow,
     skb::{parse, socket_kind, ETH_P_IP},
 };
 

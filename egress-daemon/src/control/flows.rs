@@ -43,12 +43,12 @@ where
             received = live.recv() => {
                 match received {
                     Ok(record) if policy.as_ref().is_none_or(|p| *p == record.policy) => {
-                        line(out, &Response::Flow(record)).await?
+                        line(out, &Response::Flow(record)).await?;
                     }
                     Ok(_) => {}
                     Err(RecvError::Lagged(missed)) => {
                         let message = format!("{missed} flow records skipped (client too slow)");
-                        line(out, &Response::Notice { message }).await?
+                        line(out, &Response::Notice { message }).await?;
                     }
                     Err(RecvError::Closed) => return out.flush().await,
                 }

@@ -13,7 +13,7 @@ use super::{
 };
 use crate::{
     flows::{record::endpoint, store::TopRow},
-    output::{escaped, json_bytes},
+    printable::{escaped, json_bytes},
 };
 
 /// How often `egress top` redraws.

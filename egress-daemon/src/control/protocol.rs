@@ -104,6 +104,31 @@ pub struct StatusReport {
     /// Selector matches that do not govern their cgroup: it lies where an unprivileged user could
     /// have made it under that name.
     pub ignored: Vec<IgnoredStatus>,
+    /// Fill of the kernel maps that grow with policies and cgroups.
+    pub maps: Vec<MapFill>,
+    /// Packets and bytes of the flow records since the daemon started, per policy and workload.
+    pub flow_totals: Vec<FlowTotal>,
+}
+
+/// What the flow records of one policy and workload (else cgroup) add up to.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct FlowTotal {
+    pub policy: String,
+    pub workload: String,
+    pub packets_out: u64,
+    pub bytes_out: u64,
+    pub packets_in: u64,
+    pub bytes_in: u64,
+}
+
+/// Entries in use and capacity of one kernel map.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct MapFill {
+    pub map: String,
+    pub used: usize,
+    pub capacity: u32,
 }
 
 /// One policy of the file in force.

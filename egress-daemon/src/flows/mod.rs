@@ -19,14 +19,13 @@ use std::{
     io,
     sync::{
         atomic::{AtomicBool, Ordering},
-        Arc,
+        Arc, Mutex,
     },
     thread::{self, JoinHandle},
     time::{Duration, Instant},
 };
 
-use aya::maps::{HashMap as BpfHashMap, MapData, RingBuf};
-use egress_common::{FlowEnd, FlowId, FlowState};
+use egress_common::{FlowId, FlowState};
 
 use self::{
     record::{action_name, address, FlowLogRecord},
@@ -34,19 +33,9 @@ use self::{
     tracker::{RawRecord, Timeouts, Tracker},
 };
 use crate::{
-    engine::Engine,
-    events::{comm_name, protocol_name},
+    events::{comm_name, protocol_name, Catalog},
+    kernel::FlowSource,
 };
-
-/// The kernel maps flow records come from (taken from the loader once).
-pub struct FlowMaps {
-    pub flows: BpfHashMap<MapData, FlowId, FlowState>,
-    pub ends: RingBuf<MapData>,
-    pub closed: BpfHashMap<MapData, u64, u64>,
-    /// Whether the kernel ends flows at their socket's release; without it TCP flows end by
-    /// idle expiry.
-    pub sock_release: bool,
-}
 
 /// Default of `settings.flow_interval`, as VPC Flow Logs.
 pub const DEFAULT_FLOW_INTERVAL: Duration = Duration::from_secs(60);
@@ -78,11 +67,11 @@ impl Drop for Sweeper {
     }
 }
 
-pub fn spawn(maps: FlowMaps, engine: Engine, log: Arc<FlowLog>) -> io::Result<Sweeper> {
+pub fn spawn(maps: FlowSource, catalog: Arc<Mutex<Catalog>>, log: Arc<FlowLog>) -> io::Result<Sweeper> {
     let stop = Arc::new(AtomicBool::new(false));
     let stopped = stop.clone();
     let thread = thread::Builder::new().name("egress-flows".into()).spawn(move || {
-        let mut sweeper = Sweep { tracker: Tracker::new(timeouts(&log, maps.sock_release)), maps, engine, log };
+        let mut sweeper = Sweep { tracker: Tracker::new(timeouts(&log, maps.ends_at_release())), maps, catalog, log };
         sweeper.run(&stopped);
     })?;
     Ok(Sweeper { stop, thread: Some(thread) })
@@ -105,8 +94,8 @@ fn sweep_period(interval: Duration) -> Duration {
 
 struct Sweep {
     tracker: Tracker,
-    maps: FlowMaps,
-    engine: Engine,
+    maps: FlowSource,
+    catalog: Arc<Mutex<Catalog>>,
     log: Arc<FlowLog>,
 }
 
@@ -117,7 +106,7 @@ impl Sweep {
             let stopping = stop.load(Ordering::Acquire);
             self.drain_ends();
             if stopping || Instant::now() >= next_sweep {
-                self.tracker.set_timeouts(timeouts(&self.log, self.maps.sock_release));
+                self.tracker.set_timeouts(timeouts(&self.log, self.maps.ends_at_release()));
                 self.sweep();
                 next_sweep = Instant::now() + sweep_period(self.log.interval());
             }
@@ -129,28 +118,21 @@ impl Sweep {
     }
 
     fn drain_ends(&mut self) {
-        let mut raw = Vec::new();
-        while let Some(item) = self.maps.ends.next() {
-            if item.len() < size_of::<FlowEnd>() {
-                continue;
-            }
-            // SAFETY: FlowEnd is plain old data and the length is checked.
-            let end: FlowEnd = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
-            raw.push(self.tracker.end(end.id, end.state));
-        }
+        let raw = self.maps.drain_ends().into_iter().map(|end| self.tracker.end(end.id, end.state)).collect();
         self.publish(raw);
     }
 
     fn sweep(&mut self) {
-        let closed: HashMap<u64, u64> = self.maps.closed.iter().filter_map(Result::ok).collect();
-        let snapshot: Vec<(FlowId, FlowState)> = self.maps.flows.iter().filter_map(Result::ok).collect();
+        // Closed sockets first: every flow of a socket released before this read is in the
+        // snapshot taken after it.
+        let closed: HashMap<u64, u64> = self.maps.closed_sockets();
+        let snapshot: Vec<(FlowId, FlowState)> = self.maps.snapshot();
         let (raw, remove) = self.tracker.sweep(snapshot, &closed, boot_ns());
         for id in &remove {
-            // Gone already when the kernel ended it meanwhile.
-            let _ = self.maps.flows.remove(id);
+            self.maps.remove(id);
         }
         for cookie in closed.keys() {
-            let _ = self.maps.closed.remove(cookie);
+            self.maps.forget_closed(*cookie);
         }
         self.publish(raw);
         let open: Vec<RawRecord> = self
@@ -181,7 +163,7 @@ impl Sweep {
 
     /// Puts names on records (one hold of the catalog's lock for the batch).
     fn name(&self, raw: Vec<RawRecord>, status: &str) -> Vec<FlowLogRecord> {
-        let mut catalog = self.engine.catalog();
+        let mut catalog = self.catalog.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         raw.into_iter()
             .map(|r| {
                 let names = catalog.names(r.state.policy, r.state.rule, r.state.cgroup_id);

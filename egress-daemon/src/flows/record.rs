@@ -9,7 +9,7 @@ use std::{
 use egress_common::{family, verdict};
 use serde::{Deserialize, Serialize};
 
-use crate::output::{escaped, rfc3339};
+use crate::{events::timestamp, printable::escaped};
 
 /// One flow over one interval (or until it ended).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -103,5 +103,5 @@ pub fn address(fam: u8, bytes: [u8; 16]) -> IpAddr {
 
 /// Formats for `start`/`end`.
 pub fn time(at: SystemTime) -> String {
-    rfc3339(at)
+    timestamp(at)
 }
