@@ -66,6 +66,8 @@ pub(super) struct Loaded {
     /// Whether this kernel has `cgroup/sock_release` (flows then end when their socket closes;
     /// without it, by idle expiry).
     pub sock_release: bool,
+    /// Whether the flow accounting programs loaded.
+    pub counting: bool,
 }
 
 /// Loads (verifies) every program of the object.
@@ -75,8 +77,14 @@ pub(super) fn load_all(ebpf: &mut Ebpf) -> Result<Loaded, KernelError> {
     }
     let egress_program = load_egress_program(ebpf)?;
     skb_program(ebpf, INGRESS_PROGRAM)?.load().map_err(KernelError::program(INGRESS_PROGRAM))?;
+    // Flow records are worth less than enforcement: a kernel that refuses the accounting
+    // programs still gets its policies enforced.
+    let mut counting = true;
     for (name, _) in COUNT_PROGRAMS {
-        skb_program(ebpf, name)?.load().map_err(KernelError::program(name))?;
+        if let Err(error) = skb_program(ebpf, name)?.load() {
+            tracing::warn!(%error, program = name, "this kernel refuses the flow accounting program: no flow records");
+            counting = false;
+        }
     }
     sock_program(ebpf, SOCK_CREATE_PROGRAM)?.load().map_err(KernelError::program(SOCK_CREATE_PROGRAM))?;
     let sock_release = match sock_program(ebpf, SOCK_RELEASE_PROGRAM)?.load() {
@@ -87,7 +95,7 @@ pub(super) fn load_all(ebpf: &mut Ebpf) -> Result<Loaded, KernelError> {
         }
     };
     let socket_guard = load_socket_guard(ebpf);
-    Ok(Loaded { egress_program, socket_guard, sock_release })
+    Ok(Loaded { egress_program, socket_guard, sock_release, counting })
 }
 
 /// Attaches every loaded program to `cgroup`, pushing each link as it is made (so that a
@@ -104,13 +112,11 @@ pub(super) fn attach_all(
             .map_err(KernelError::program(name))?;
         ids.push(LinkId::SockAddr(name, id));
     }
-    let [count_egress, count_ingress] = COUNT_PROGRAMS;
-    let skb_programs = [
-        (loaded.egress_program, CgroupSkbAttachType::Egress),
-        (INGRESS_PROGRAM, CgroupSkbAttachType::Ingress),
-        count_egress,
-        count_ingress,
-    ];
+    let mut skb_programs =
+        vec![(loaded.egress_program, CgroupSkbAttachType::Egress), (INGRESS_PROGRAM, CgroupSkbAttachType::Ingress)];
+    if loaded.counting {
+        skb_programs.extend(COUNT_PROGRAMS);
+    }
     for (name, attach_type) in skb_programs {
         let id = skb_program(ebpf, name)?
             .attach(cgroup, attach_type, CgroupAttachMode::Single)
