@@ -16,11 +16,6 @@ use std::{
 
 use common::*;
 
-/// Links of one attachment on this machine: connect4/6, sendmsg4/6, the packet filters and the
-/// flow accounting on egress and ingress, sock_create and sock_release (the BPF LSM program is
-/// refused on these locked-down test machines).
-const LINKS_PER_ATTACH: usize = 10;
-
 fn egress(args: &[&str]) -> std::process::Output {
     Command::new(egress_bin()).args(args).output().expect("run egress")
 }

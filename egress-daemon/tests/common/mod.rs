@@ -21,6 +21,11 @@ use std::{
 
 use serde_json::Value;
 
+/// Links of one attachment on these test machines: connect4/6, sendmsg4/6, the packet filters
+/// and the flow accounting on egress and ingress, sock_create and sock_release (their kernel,
+/// locked down, refuses the BPF LSM program).
+pub const LINKS_PER_ATTACH: usize = 10;
+
 static UNIQUE: AtomicU32 = AtomicU32::new(0);
 
 /// A name no other test (or concurrent test run) uses.
