@@ -1,7 +1,8 @@
 # shellcheck shell=bash
 # CONFIG egress: the daemon of this repository, `egress run --log-format json`, with one policy
-# for the client cgroup. Its flow events (one per connect, allowed ones too) go to a file on
-# tmpfs: they are part of the product's cost and stay on. `--on-exit detach` and the bench's own
+# for the client cgroup (default `log: new`: an allowed event per new destination, blocked ones
+# always, flow records counted). Its events go to a file on tmpfs: they are part of the product's
+# cost and stay on. `--on-exit detach` and the bench's own
 # pin directory and control socket (see bench.py egress_policy) keep it apart from any other
 # egress on the machine.
 CFG_DESC="egress run: one policy on the client cgroup, JSON flow events on"
@@ -25,7 +26,7 @@ cfg_teardown() {
         log "egress warnings/errors:"; grep '"level":"\(ERROR\|WARN\)"' "$TMP/egress.err" | tail -n 5 >&2
     fi
 }
-# kind=matrix_events: events the daemon wrote during this point (every connect is one) against
+# kind=matrix_events: events the daemon wrote during this point (one per new destination) against
 # the connects the clients made, and the drops it reported.
 cfg_report() {
     [ -f "$TMP/events.jsonl" ] || return 0
