@@ -14,6 +14,7 @@ pub mod discovery;
 pub mod engine;
 pub mod events;
 pub mod fault;
+pub mod features;
 pub mod generation;
 pub mod loader;
 pub mod matching;
