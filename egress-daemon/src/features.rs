@@ -240,6 +240,10 @@ pub fn detect(lsm_list: Option<&str>) -> Probes {
     }
     let ringbuf = probes.has(Feature::MapRingBuf);
     probes.accepted.extend(ringbuf.then_some([Feature::MapBatch, Feature::CgroupLinks]).into_iter().flatten());
+    // Test hook: a kernel without the ring buffer, for the refusal on a real kernel (vm-test).
+    if crate::fault::fails("fail-probe-ringbuf") {
+        probes.accepted.remove(&Feature::MapRingBuf);
+    }
     if lsm_list.is_some_and(|list| list.trim().split(',').any(|lsm| lsm == "bpf")) {
         probes.accepted.insert(Feature::LsmActive);
     }

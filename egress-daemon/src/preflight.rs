@@ -23,7 +23,7 @@ pub enum PreflightError {
     NotHostRoot { mount: std::path::PathBuf },
     #[error("{0}")]
     Cgroup(#[source] CgroupError),
-    #[error("{0}")]
+    #[error(transparent)]
     Unsupported(#[from] Refusal),
 }
 

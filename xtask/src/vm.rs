@@ -40,6 +40,10 @@ pub const DEFAULT_KERNELS: &[&str] = &["5.10", "6.1", "6.12", "6.18"];
 
 /// The checks of xtask/vm/init.sh, in the order of the table.
 const CHECKS: &[(&str, &str)] = &[
+    (
+        "refusal",
+        "the daemon refuses a kernel without the ring buffer (masked by its test hook), naming it and Linux 5.8",
+    ),
     ("load", "the daemon loads and attaches every program and reports ready"),
     ("tcp", "TCP connect: EPERM for denied IPv4/IPv6 destinations, allowed ones go through"),
     ("udp", "UDP sendto and connect: EPERM when denied"),
