@@ -23,18 +23,17 @@ use crate::{
     control::{
         self,
         history::EventHistory,
-        protocol::{CgroupStatus, IgnoredStatus, PolicyStatus, StatusReport},
+        protocol::{CgroupStatus, IgnoredStatus, MapFill, PolicyStatus, StatusReport},
     },
     discovery::{self, Change, ContainerNames, Found},
     engine::{Binding, Engine},
-    events::Catalog,
-    loader::{Enforcer, OnExit, SocketGuard, Start},
+    kernel::{self, DropCounter, OnExit, SocketGuard, Start},
     matching::{self, IgnoredMatches, Match},
     metrics,
     output::{escaped, EventWriter, LogFormat},
     pipeline,
     policy::model::PolicySet,
-    preflight, service,
+    service,
 };
 
 pub struct RunArgs {
@@ -50,6 +49,7 @@ pub struct Daemon {
     pub hierarchy: Hierarchy,
     pub config: PathBuf,
     pub history: Arc<EventHistory>,
+    pub drops: DropCounter,
     names: Arc<Mutex<ContainerNames>>,
     /// Selector matches that do not count (see `matching`), for status.
     ignored: Arc<Mutex<IgnoredMatches>>,
@@ -61,25 +61,21 @@ pub struct Daemon {
 }
 
 pub async fn run(args: RunArgs) -> Result<(), Failure> {
-    let hierarchy = preflight::check()?;
+    let hierarchy = kernel::preflight()?;
     let set = load_policies(&args.config)?;
     let settings = set.settings.clone();
-    preflight::ensure_bpffs(&settings.pin_dir)?;
+    kernel::ensure_bpffs(&settings.pin_dir)?;
     let attach_point =
         hierarchy.open(&settings.attach).with_context(|| format!("settings.attach: cgroup {:?}", settings.attach))?;
 
-    let (mut enforcer, start) = Enforcer::load(Some(&settings.pin_dir)).map_err(|error| {
-        let what = preflight::missing_helper(&error.to_string())
-            .map_or_else(|| "loading the kernel programs".to_owned(), |m| format!("loading the kernel programs: {m}"));
-        anyhow::Error::new(error).context(what)
-    })?;
-    if start == Start::Adopted {
+    let loaded = Engine::load(Some(&settings.pin_dir), &hierarchy)?;
+    if loaded.start == Start::Adopted {
         tracing::info!(pins = %settings.pin_dir.display(), "adopting the enforcement an earlier daemon left in place");
     }
-    log_socket_guard(enforcer.socket_guard());
-    let ring = enforcer.take_events()?;
+    log_socket_guard(loaded.engine.state().enforcer.socket_guard());
     let daemon = Daemon {
-        engine: Engine::new(enforcer, Catalog::new(hierarchy.clone())),
+        engine: loaded.engine,
+        drops: loaded.drops.clone(),
         hierarchy: hierarchy.clone(),
         config: args.config.clone(),
         history: Arc::new(EventHistory::new(settings.history)),
@@ -103,15 +99,25 @@ pub async fn run(args: RunArgs) -> Result<(), Failure> {
     daemon.engine.attach(&attach_point)?;
 
     let writer = EventWriter::new(args.log_format, io::stdout()).with_journal_priorities(service::under_journal());
-    let events = pipeline::spawn(ring, daemon.engine.clone(), writer, Some(daemon.history.clone()))
-        .context("starting the event pipeline")?;
+    let events = pipeline::spawn(pipeline::Ends {
+        events: loaded.events,
+        drops: loaded.drops,
+        catalog: daemon.engine.shared_catalog(),
+        writer,
+        history: Some(daemon.history.clone()),
+    })
+    .context("starting the event pipeline")?;
     let cgroups = CgroupFollower::spawn(daemon.clone(), changes).context("starting the cgroup follower")?;
     let control_server =
         control::server::serve(&settings.control_socket, settings.control_group.clone(), Arc::new(daemon.clone()))
             .await
             .context("starting the control socket")?;
     let _metrics = match settings.metrics {
-        Some(address) => Some(metrics::serve(address, daemon.clone()).await.context("starting the metrics listener")?),
+        Some(address) => {
+            let snapshot = daemon.clone();
+            let snapshot: metrics::Snapshot = Arc::new(move || control::server::ControlHandler::status(&snapshot));
+            Some(metrics::serve(address, snapshot).await.context("starting the metrics listener")?)
+        }
         None => None,
     };
     // Said once the control socket answers too: scripts and tests wait for this line.
@@ -367,7 +373,7 @@ fn guarantees(state: &crate::engine::State) -> Vec<String> {
 impl control::server::ControlHandler for Daemon {
     fn status(&self) -> StatusReport {
         let mut state = self.engine.state();
-        let dropped_events = state.enforcer.dropped_events().map(|(total, _)| total).unwrap_or(0);
+        let dropped_events = self.drops.read().map_or(0, |drops| drops.total);
         let guarantees = guarantees(&state);
         let Some(active) = &state.active else {
             return StatusReport { attach: self.attach.clone(), dropped_events, guarantees, ..StatusReport::default() };
@@ -398,6 +404,12 @@ impl control::server::ControlHandler for Daemon {
             guarantees,
             policies,
             cgroups: Vec::new(),
+            maps: state
+                .enforcer
+                .map_fill()
+                .into_iter()
+                .map(|(map, used, capacity)| MapFill { map: map.to_owned(), used, capacity })
+                .collect(),
             ignored: self
                 .ignored()
                 .iter()

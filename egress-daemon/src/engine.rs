@@ -3,6 +3,7 @@
 
 use std::{
     collections::HashMap,
+    path::Path,
     sync::{Arc, Mutex, MutexGuard},
     time::SystemTime,
 };
@@ -11,10 +12,10 @@ use anyhow::{bail, Context};
 use egress_common::{DEEP_LEVELS_BIT, MAX_CGROUP_LEVEL};
 
 use crate::{
-    cgroup::Cgroup,
+    cgroup::{Cgroup, Hierarchy},
     events::{Catalog, SlotNames},
     generation::Generation,
-    loader::Enforcer,
+    kernel::{self, DropCounter, Enforcer, EventSource, Start},
     policy::{compile::compile_set, model::PolicySet},
 };
 
@@ -65,16 +66,40 @@ pub struct Engine {
     catalog: Arc<Mutex<Catalog>>,
 }
 
+/// The programs loaded (nothing attached or enforced yet) and the event path's ends.
+pub struct Loaded {
+    pub engine: Engine,
+    pub start: Start,
+    pub events: EventSource,
+    pub drops: DropCounter,
+}
+
 impl Engine {
-    pub fn new(enforcer: Enforcer, catalog: Catalog) -> Self {
-        Self { state: Arc::new(Mutex::new(State { enforcer, active: None })), catalog: Arc::new(Mutex::new(catalog)) }
+    /// Loads the kernel programs; with a pin directory an earlier daemon's maps are adopted.
+    pub fn load(pin_dir: Option<&Path>, hierarchy: &Hierarchy) -> anyhow::Result<Loaded> {
+        let (mut enforcer, start) = Enforcer::load(pin_dir).map_err(|error| {
+            let what = kernel::missing_helper(&error.to_string()).map_or_else(
+                || "loading the kernel programs".to_owned(),
+                |m| format!("loading the kernel programs: {m}"),
+            );
+            anyhow::Error::new(error).context(what)
+        })?;
+        let (events, drops) = enforcer.take_event_source().context("taking the event ring")?;
+        let catalog = Arc::new(Mutex::new(Catalog::new(hierarchy.clone())));
+        let engine = Self { state: Arc::new(Mutex::new(State { enforcer, active: None })), catalog };
+        Ok(Loaded { engine, start, events, drops })
+    }
+
+    /// The names events are reported with, shared with the event pipeline.
+    pub fn shared_catalog(&self) -> Arc<Mutex<Catalog>> {
+        self.catalog.clone()
     }
 
     pub fn state(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    pub fn catalog(&self) -> MutexGuard<'_, Catalog> {
+    fn catalog(&self) -> MutexGuard<'_, Catalog> {
         self.catalog.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 

@@ -1,7 +1,7 @@
 //! egress: per-cgroup egress filtering on eBPF.
 //!
-//! Data flows one way: `policy` (file -> model -> compiled map entries) -> `loader` (kernel maps,
-//! program attachment, pinning) -> kernel -> `pipeline`/`events` (ring buffer -> records) ->
+//! Data flows one way: `policy` (file -> model -> compiled map entries) -> `kernel` (programs, maps,
+//! pins, probes, the event ring) -> kernel -> `pipeline`/`events` (ring buffer -> records) ->
 //! `output` and `control` (history, live logs). `engine` is the control plane that keeps the
 //! kernel in step with the policy file, `discovery` and `matching` decide which cgroups each
 //! policy governs, `daemon` runs it all, `commands` and `control::client` are the CLI.
@@ -16,11 +16,10 @@ pub mod events;
 pub mod fault;
 pub mod features;
 pub mod generation;
-pub mod loader;
+pub mod kernel;
 pub mod matching;
 pub mod metrics;
 pub mod output;
 pub mod pipeline;
 pub mod policy;
-pub mod preflight;
 pub mod service;

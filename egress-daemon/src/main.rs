@@ -7,7 +7,7 @@ use egress::{
     commands::{self, exec::ExecArgs, Failure, EXIT_INVALID_CONFIG},
     control::client::{self, LogsArgs},
     daemon::{self, RunArgs},
-    loader::OnExit,
+    kernel::OnExit,
     output::LogFormat,
     service,
 };
@@ -22,6 +22,24 @@ struct Cli {
     command: Command,
 }
 
+/// `--on-exit`: what a clean stop leaves behind.
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum OnExitArg {
+    /// Enforcement stays in place (programs, links and maps stay pinned).
+    Keep,
+    /// Enforcement is removed with the daemon.
+    Detach,
+}
+
+impl From<OnExitArg> for OnExit {
+    fn from(arg: OnExitArg) -> Self {
+        match arg {
+            OnExitArg::Keep => Self::Keep,
+            OnExitArg::Detach => Self::Detach,
+        }
+    }
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Run the daemon in the foreground: enforce every policy of the file, stream flow events.
@@ -31,8 +49,8 @@ enum Command {
         #[arg(long, value_enum, default_value_t = LogFormat::Text)]
         log_format: LogFormat,
         /// What a clean stop leaves behind: `keep` enforcement in place, or `detach` it.
-        #[arg(long, value_enum, default_value_t = OnExit::Keep)]
-        on_exit: OnExit,
+        #[arg(long, value_enum, default_value_t = OnExitArg::Keep)]
+        on_exit: OnExitArg,
     },
     /// Validate a policy file; print one line per policy.
     Check { file: PathBuf },
@@ -103,7 +121,7 @@ fn dispatch(command: Command) -> Result<i32, Failure> {
     match command {
         Command::Check { file } => commands::check::check(&file).map(|()| 0),
         Command::Run { config, log_format, on_exit } => {
-            runtime()?.block_on(daemon::run(RunArgs { config, log_format, on_exit }))?;
+            runtime()?.block_on(daemon::run(RunArgs { config, log_format, on_exit: on_exit.into() }))?;
             Ok(0)
         }
         Command::Exec { config, policy, log_format, command } => {

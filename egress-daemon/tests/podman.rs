@@ -11,7 +11,6 @@
 mod common;
 
 use std::{
-    collections::HashSet,
     fs,
     os::unix::fs::{symlink, MetadataExt},
     path::{Path, PathBuf},
@@ -126,15 +125,6 @@ fn remove_dirs_below(dir: &Path) {
 fn checked(output: Output, what: &str) -> String {
     assert!(output.status.success(), "{what} failed: {}{}", stdout_of(&output), stderr_of(&output));
     stdout_of(&output)
-}
-
-/// cgroup ids currently in the kernel's cgroup -> policy map of a test daemon.
-fn bound_cgroup_ids(pin_dir: &Path) -> HashSet<u64> {
-    let data = aya::maps::MapData::from_pin(pin_dir.join(egress::loader::MAPS_DIR).join("CGROUP_POLICY"))
-        .expect("open pinned map");
-    let map = aya::maps::Map::from_map_data(data).expect("map");
-    let hash: aya::maps::HashMap<_, u64, u64> = aya::maps::HashMap::try_from(map).expect("hash map");
-    hash.keys().map(|k| k.expect("key")).collect()
 }
 
 #[test]

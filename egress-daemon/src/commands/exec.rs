@@ -17,10 +17,9 @@ use super::{
 use crate::{
     cgroup::{Cgroup, Hierarchy},
     engine::{Binding, Engine},
-    events::Catalog,
-    loader::Enforcer,
+    kernel,
     output::{EventWriter, LogFormat},
-    pipeline, preflight,
+    pipeline,
 };
 
 pub struct ExecArgs {
@@ -36,7 +35,7 @@ const EMPTY_WAIT: Duration = Duration::from_secs(10);
 
 /// Returns the command's exit status (128 + signal when it was killed).
 pub async fn exec(args: ExecArgs) -> Result<i32, Failure> {
-    let hierarchy = preflight::check()?;
+    let hierarchy = kernel::preflight()?;
     let mut set = load_policies(&args.config)?;
     let index = set
         .policies
@@ -61,9 +60,8 @@ async fn exec_in(
     set: crate::policy::model::PolicySet,
     args: &ExecArgs,
 ) -> Result<i32, Failure> {
-    let (mut enforcer, _) = Enforcer::load(None).context("loading the kernel programs")?;
-    let ring = enforcer.take_events()?;
-    let engine = Engine::new(enforcer, Catalog::new(hierarchy.clone()));
+    let loaded = Engine::load(None, hierarchy)?;
+    let engine = loaded.engine;
     engine.apply(set, &args.config.display().to_string(), &[Binding { policy: 0, cgroup: cgroup.clone() }])?;
     engine.attach(cgroup)?;
     let guard = Guard::start(cgroup).context("starting the guard process")?;
@@ -72,7 +70,14 @@ async fn exec_in(
     // that left these signals unblocked would let them end exec while the command runs.
     let signals = Forwarded::install().context("taking over SIGINT, SIGTERM, SIGHUP and SIGQUIT")?;
     let writer = EventWriter::new(args.log_format, io::stderr());
-    let events = pipeline::spawn(ring, engine.clone(), writer, None).context("starting the event pipeline")?;
+    let events = pipeline::spawn(pipeline::Ends {
+        events: loaded.events,
+        drops: loaded.drops,
+        catalog: engine.shared_catalog(),
+        writer,
+        history: None,
+    })
+    .context("starting the event pipeline")?;
 
     let status = run_command(cgroup, &args.command, &signals).await;
     // Before the programs go: nothing of the command may outlive its filter.

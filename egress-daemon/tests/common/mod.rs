@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 use std::{
+    collections::HashSet,
     fs,
     io::{BufRead, BufReader, Read},
     net::{TcpListener, UdpSocket},
@@ -419,4 +420,9 @@ impl Drop for NetNs {
 pub fn sh(command: &str) {
     let status = Command::new("sh").arg("-c").arg(command).status().expect("run sh");
     assert!(status.success(), "`{command}` failed");
+}
+
+/// cgroup ids currently in the kernel's cgroup -> policy map of a test daemon.
+pub fn bound_cgroup_ids(pin_dir: &Path) -> HashSet<u64> {
+    egress::kernel::pinned_bindings(pin_dir).expect("read the pinned cgroup map").into_keys().collect()
 }
