@@ -2,7 +2,7 @@
 //! as a pure function of recorded probe results: a kernel that lacks a required feature is
 //! refused with the feature and the first Linux release that has it; one that lacks an optional
 //! feature gets the fallback, named. Kernels not at hand are checked by feeding the probe
-//! results they give (see the tests).
+//! results they give (see the tests). The probes themselves run in `kernel::probe`.
 
 use std::{collections::BTreeSet, fmt};
 
@@ -113,7 +113,7 @@ pub struct Probes {
 }
 
 impl Probes {
-    fn has(&self, feature: Feature) -> bool {
+    pub fn has(&self, feature: Feature) -> bool {
         self.accepted.contains(&feature)
     }
 }
@@ -128,7 +128,7 @@ pub enum PacketEvents {
 
 /// Whether the BPF LSM program refuses AF_PACKET and other non-IP sockets.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum SocketGuard {
+pub enum GuardSupport {
     On,
     /// On if the verifier accepts the program (the one thing only the real load can tell).
     IfVerifierAccepts,
@@ -139,7 +139,7 @@ pub enum SocketGuard {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Support {
     pub packet_events: PacketEvents,
-    pub socket_guard: SocketGuard,
+    pub socket_guard: GuardSupport,
 }
 
 /// Why egress cannot run on this kernel.
@@ -180,75 +180,24 @@ pub fn decide(probes: &Probes) -> Result<Support, Refusal> {
             )),
         };
     let socket_guard = if !probes.has(Feature::ProgLsm) {
-        SocketGuard::Off(format!(
+        GuardSupport::Off(format!(
             "this kernel lacks the {} (Linux {})",
             Feature::ProgLsm.describe(),
             Feature::ProgLsm.since()
         ))
     } else if !probes.has(Feature::LsmActive) {
-        SocketGuard::Off("BPF LSM not enabled (boot with lsm=...,bpf)".to_owned())
+        GuardSupport::Off("BPF LSM not enabled (boot with lsm=...,bpf)".to_owned())
     } else if probes.has(Feature::LsmAncestorCgroupId) {
-        SocketGuard::On
+        GuardSupport::On
     } else if probes.unprobed.contains(&Feature::LsmAncestorCgroupId) {
-        SocketGuard::IfVerifierAccepts
+        GuardSupport::IfVerifierAccepts
     } else {
-        SocketGuard::Off(format!(
+        GuardSupport::Off(format!(
             "this kernel does not let socket_create call bpf_get_current_ancestor_cgroup_id (Linux {} has it)",
             Feature::LsmAncestorCgroupId.since()
         ))
     };
     Ok(Support { packet_events, socket_guard })
-}
-
-/// Asks the running kernel (needs root). Batched updates and cgroup links cannot be asked
-/// without side effects; they are older than the ring buffer (5.6 and 5.7 against 5.8), so a
-/// kernel with a ring buffer has them. The LSM program's helper is learned when it loads.
-pub fn detect(lsm_list: Option<&str>) -> Probes {
-    use aya::{
-        maps::MapType,
-        programs::{LsmAttachType, ProgramType},
-        sys::{is_helper_supported, is_map_supported, is_program_supported, BpfHelper},
-    };
-    let mut probes = Probes::default();
-    let mut record = |feature, supported: bool| {
-        if supported {
-            probes.accepted.insert(feature);
-        }
-    };
-    for (program, feature) in [
-        (ProgramType::CgroupSkb, Feature::ProgCgroupSkb),
-        (ProgramType::CgroupSock, Feature::ProgCgroupSock),
-        (ProgramType::CgroupSockAddr, Feature::ProgCgroupSockAddr),
-        (ProgramType::Lsm(LsmAttachType::Mac), Feature::ProgLsm),
-    ] {
-        record(feature, is_program_supported(program).unwrap_or(false));
-    }
-    for (map, feature) in [
-        (MapType::LpmTrie, Feature::MapLpmTrie),
-        (MapType::LruHash, Feature::MapLruHash),
-        (MapType::RingBuf, Feature::MapRingBuf),
-    ] {
-        record(feature, is_map_supported(map).unwrap_or(false));
-    }
-    for (helper, feature) in [
-        (BpfHelper::BPF_FUNC_ktime_get_boot_ns, Feature::HelperKtimeGetBootNs),
-        (BpfHelper::BPF_FUNC_sk_fullsock, Feature::SkbSkFullsock),
-        (BpfHelper::BPF_FUNC_get_current_pid_tgid, Feature::SkbCurrentPidTgid),
-        (BpfHelper::BPF_FUNC_get_current_uid_gid, Feature::SkbCurrentUidGid),
-    ] {
-        record(feature, is_helper_supported(ProgramType::CgroupSkb, helper).unwrap_or(false));
-    }
-    let ringbuf = probes.has(Feature::MapRingBuf);
-    probes.accepted.extend(ringbuf.then_some([Feature::MapBatch, Feature::CgroupLinks]).into_iter().flatten());
-    // Test hook: a kernel without the ring buffer, for the refusal on a real kernel (vm-test).
-    if crate::fault::fails("fail-probe-ringbuf") {
-        probes.accepted.remove(&Feature::MapRingBuf);
-    }
-    if lsm_list.is_some_and(|list| list.trim().split(',').any(|lsm| lsm == "bpf")) {
-        probes.accepted.insert(Feature::LsmActive);
-    }
-    probes.unprobed.insert(Feature::LsmAncestorCgroupId);
-    probes
 }
 
 #[cfg(test)]
@@ -320,14 +269,14 @@ mod tests {
     fn debian_5_10_runs_without_the_guard_and_without_process_names_in_packet_events() {
         // Debian's 5.10 does not list bpf in its default LSM order.
         let support = decide(&kernel(LINUX_5_10)).unwrap();
-        assert_eq!(support.socket_guard, SocketGuard::Off("BPF LSM not enabled (boot with lsm=...,bpf)".into()));
+        assert_eq!(support.socket_guard, GuardSupport::Off("BPF LSM not enabled (boot with lsm=...,bpf)".into()));
         let PacketEvents::WithoutProcess(why) = support.packet_events else { panic!("5.10 has no pid in skb") };
         assert!(why.contains("bpf_get_current_pid_tgid in cgroup_skb programs (Linux 6.12)"), "{why}");
         // Booted with lsm=...,bpf: the verifier still refuses the helper to LSM programs.
         let support = decide(&with(LINUX_5_10, &[LsmActive])).unwrap();
         assert_eq!(
             support.socket_guard,
-            SocketGuard::Off(
+            GuardSupport::Off(
                 "this kernel does not let socket_create call bpf_get_current_ancestor_cgroup_id (Linux 6.1 has it)"
                     .into()
             )
@@ -338,7 +287,7 @@ mod tests {
     fn newer_kernels_get_the_guard_and_then_process_names() {
         let linux_6_1 = with(LINUX_5_10, &[LsmActive, LsmAncestorCgroupId]);
         let support = decide(&linux_6_1).unwrap();
-        assert_eq!(support.socket_guard, SocketGuard::On);
+        assert_eq!(support.socket_guard, GuardSupport::On);
         assert!(matches!(support.packet_events, PacketEvents::WithoutProcess(_)));
 
         let linux_6_12 = with(LINUX_5_10, &[LsmActive, LsmAncestorCgroupId, SkbCurrentPidTgid]);
@@ -350,7 +299,7 @@ mod tests {
         let linux_6_18 = with(LINUX_5_10, &[LsmActive, LsmAncestorCgroupId, SkbCurrentPidTgid, SkbCurrentUidGid]);
         assert_eq!(
             decide(&linux_6_18).unwrap(),
-            Support { packet_events: PacketEvents::WithProcess, socket_guard: SocketGuard::On }
+            Support { packet_events: PacketEvents::WithProcess, socket_guard: GuardSupport::On }
         );
     }
 
@@ -361,7 +310,7 @@ mod tests {
         let support = decide(&probes).unwrap();
         assert_eq!(
             support.socket_guard,
-            SocketGuard::Off("this kernel lacks the BPF program type lsm (Linux 5.7)".into())
+            GuardSupport::Off("this kernel lacks the BPF program type lsm (Linux 5.7)".into())
         );
     }
 
@@ -369,6 +318,6 @@ mod tests {
     fn the_lsm_helper_is_left_to_the_real_load_when_not_probed() {
         let mut probes = with(LINUX_5_10, &[LsmActive]);
         probes.unprobed.insert(LsmAncestorCgroupId);
-        assert_eq!(decide(&probes).unwrap().socket_guard, SocketGuard::IfVerifierAccepts);
+        assert_eq!(decide(&probes).unwrap().socket_guard, GuardSupport::IfVerifierAccepts);
     }
 }

@@ -1,11 +1,16 @@
 //! Checks that this machine can run egress before anything is loaded, naming exactly what is
 //! missing: root, a host-rooted cgroup2, the program and map types, a bpffs for the pins.
 
+use aya::{
+    maps::MapType,
+    programs::{LsmAttachType, ProgramType},
+    sys::{is_helper_supported, is_map_supported, is_program_supported, BpfHelper},
+};
 use thiserror::Error;
 
 use crate::{
     cgroup::{CgroupError, Hierarchy},
-    features::{self, Refusal},
+    features::{self, Feature, Probes, Refusal},
 };
 
 #[derive(Debug, Error)]
@@ -39,8 +44,54 @@ pub fn check() -> Result<Hierarchy, PreflightError> {
         return Err(PreflightError::NotHostRoot { mount: hierarchy.mount().to_path_buf() });
     }
     let lsm = std::fs::read_to_string("/sys/kernel/security/lsm").ok();
-    features::decide(&features::detect(lsm.as_deref()))?;
+    features::decide(&detect(lsm.as_deref()))?;
     Ok(hierarchy)
+}
+
+/// Asks the running kernel (needs root). Batched updates and cgroup links cannot be asked
+/// without side effects; they are older than the ring buffer (5.6 and 5.7 against 5.8), so a
+/// kernel with a ring buffer has them. The LSM program's helper is learned when it loads.
+fn detect(lsm_list: Option<&str>) -> Probes {
+    let mut probes = Probes::default();
+    let mut record = |feature, supported: bool| {
+        if supported {
+            probes.accepted.insert(feature);
+        }
+    };
+    for (program, feature) in [
+        (ProgramType::CgroupSkb, Feature::ProgCgroupSkb),
+        (ProgramType::CgroupSock, Feature::ProgCgroupSock),
+        (ProgramType::CgroupSockAddr, Feature::ProgCgroupSockAddr),
+        (ProgramType::Lsm(LsmAttachType::Mac), Feature::ProgLsm),
+    ] {
+        record(feature, is_program_supported(program).unwrap_or(false));
+    }
+    for (map, feature) in [
+        (MapType::LpmTrie, Feature::MapLpmTrie),
+        (MapType::LruHash, Feature::MapLruHash),
+        (MapType::RingBuf, Feature::MapRingBuf),
+    ] {
+        record(feature, is_map_supported(map).unwrap_or(false));
+    }
+    for (helper, feature) in [
+        (BpfHelper::BPF_FUNC_ktime_get_boot_ns, Feature::HelperKtimeGetBootNs),
+        (BpfHelper::BPF_FUNC_sk_fullsock, Feature::SkbSkFullsock),
+        (BpfHelper::BPF_FUNC_get_current_pid_tgid, Feature::SkbCurrentPidTgid),
+        (BpfHelper::BPF_FUNC_get_current_uid_gid, Feature::SkbCurrentUidGid),
+    ] {
+        record(feature, is_helper_supported(ProgramType::CgroupSkb, helper).unwrap_or(false));
+    }
+    let ringbuf = probes.has(Feature::MapRingBuf);
+    probes.accepted.extend(ringbuf.then_some([Feature::MapBatch, Feature::CgroupLinks]).into_iter().flatten());
+    // Test hook: a kernel without the ring buffer, for the refusal on a real kernel (vm-test).
+    if crate::fault::fails("fail-probe-ringbuf") {
+        probes.accepted.remove(&Feature::MapRingBuf);
+    }
+    if lsm_list.is_some_and(|list| list.trim().split(',').any(|lsm| lsm == "bpf")) {
+        probes.accepted.insert(Feature::LsmActive);
+    }
+    probes.unprobed.insert(Feature::LsmAncestorCgroupId);
+    probes
 }
 
 /// One line for a program the verifier refused because this kernel does not let that program
