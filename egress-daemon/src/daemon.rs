@@ -19,20 +19,20 @@ use tokio::{
 
 use crate::{
     cgroup::{Cgroup, Hierarchy},
-    commands::{load_policies, Failure},
     control::{
         self,
         history::EventHistory,
         protocol::{CgroupStatus, IgnoredStatus, MapFill, PolicyStatus, StatusReport},
     },
-    discovery::{self, Change, ContainerNames, Found},
+    discovery::{self, Change, ContainerNames},
     engine::{Binding, Engine},
     kernel::{self, DropCounter, OnExit, SocketGuard, Start},
     matching::{self, IgnoredMatches, Match},
     metrics,
-    output::{escaped, EventWriter, LogFormat},
+    output::{EventWriter, LogFormat},
     pipeline,
-    policy::model::PolicySet,
+    policy::{model::PolicySet, parse_policy_file},
+    printable::escaped,
     service,
 };
 
@@ -60,9 +60,9 @@ pub struct Daemon {
     changing: Arc<Mutex<()>>,
 }
 
-pub async fn run(args: RunArgs) -> Result<(), Failure> {
+pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let hierarchy = kernel::preflight()?;
-    let set = load_policies(&args.config)?;
+    let set = parse_policy_file(&args.config)?;
     let settings = set.settings.clone();
     kernel::ensure_bpffs(&settings.pin_dir)?;
     let attach_point =
@@ -142,7 +142,7 @@ pub async fn run(args: RunArgs) -> Result<(), Failure> {
     })
     .await
     .context("shutting down")?;
-    result.and(drained.map_err(Failure::from))
+    result.and(drained)
 }
 
 /// Applies the cgroups the watcher reports, one at a time and in order, on a thread of its own:
@@ -188,7 +188,7 @@ fn log_socket_guard(guard: &SocketGuard) {
 }
 
 impl Daemon {
-    async fn serve_until_stopped(&self) -> Result<(), Failure> {
+    async fn serve_until_stopped(&self) -> anyhow::Result<()> {
         let mut terminate = signal(SignalKind::terminate())?;
         let mut interrupt = signal(SignalKind::interrupt())?;
         let mut hangup = signal(SignalKind::hangup())?;
@@ -213,12 +213,12 @@ impl Daemon {
     pub fn reload(&self) -> Result<String, String> {
         let _changing = self.changing();
         service::notify_reloading();
-        let result = load_policies(&self.config).map_err(|failure| format!("{:#}", failure.error)).and_then(|set| {
+        let result = parse_policy_file(&self.config).map_err(|error| error.to_string()).and_then(|set| {
             if set.settings.attach != self.attach {
                 tracing::warn!("settings.attach changed; it takes effect when the daemon restarts");
             }
             let count = set.policies.len();
-            self.apply(set).map_err(|failure| format!("{:#}", failure.error))?;
+            self.apply(set).map_err(|error| format!("{error:#}"))?;
             Ok(format!("{count} policies enforced from {}", self.config.display()))
         });
         match &result {
@@ -232,7 +232,7 @@ impl Daemon {
 
     /// Matches every existing cgroup below the attach point and puts `set` in force. Blocks (a walk
     /// of the tree, the runtimes' CLIs): call it off the runtime, holding `changing`.
-    fn apply(&self, set: PolicySet) -> Result<(), Failure> {
+    fn apply(&self, set: PolicySet) -> anyhow::Result<()> {
         let found = discovery::scan(self.hierarchy.mount(), &self.attach).context("scanning the cgroup tree")?;
         let names = self.refreshed_names(&found);
         let mut bindings = Vec::new();
@@ -241,7 +241,7 @@ impl Daemon {
             let matched = self.policy_for(&set, f, &names);
             ignored.add(&set, &f.relative, &matched);
             if let Some(policy) = matched.policy {
-                bindings.push(Binding { policy, cgroup: self.cgroup(f) });
+                bindings.push(Binding { policy, cgroup: f.clone() });
             }
         }
         drop(names);
@@ -286,26 +286,21 @@ impl Daemon {
                 };
                 drop(names);
                 if let Some(policy) = policy {
-                    let binding = Binding { policy, cgroup: self.cgroup(&found) };
+                    let binding = Binding { policy, cgroup: found.clone() };
                     match self.engine.bind(&binding) {
                         Ok(()) => tracing::info!(cgroup = %escaped(&found.relative), "new cgroup bound to its policy"),
                         Err(error) => {
-                            tracing::error!(cgroup = %escaped(&found.relative), "binding a new cgroup: {error:#}")
+                            tracing::error!(cgroup = %escaped(&found.relative), "binding a new cgroup: {error:#}");
                         }
                     }
                 }
             }
-            Change::Removed { relative } => {
+            Change::Removed { relative, id } => {
                 self.ignored().forget(&relative);
-                let id = {
-                    let state = self.engine.state();
-                    state
-                        .active
-                        .as_ref()
-                        .and_then(|active| active.bound.iter().find(|(_, b)| b.relative == relative).map(|(id, _)| *id))
-                };
-                if let Some(id) = id {
-                    self.engine.unbind(id);
+                if let Some(container) = discovery::container_of(&relative) {
+                    self.names.lock().unwrap_or_else(std::sync::PoisonError::into_inner).forget_id(&container.id);
+                }
+                if self.engine.unbind(id).is_some() {
                     tracing::info!(cgroup = %escaped(&relative), "cgroup removed; its binding is gone");
                 }
             }
@@ -316,18 +311,9 @@ impl Daemon {
         self.changing.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    fn cgroup(&self, found: &Found) -> Cgroup {
-        Cgroup {
-            dir: self.hierarchy.dir(&found.relative),
-            relative: if found.relative.is_empty() { "/".to_string() } else { found.relative.clone() },
-            id: found.id,
-            level: found.level,
-        }
-    }
-
     /// What governs a cgroup found on the tree, checking the placement of cgroups a selector
     /// names by what they are called (the check runs as each cgroup is discovered).
-    fn policy_for(&self, set: &PolicySet, found: &Found, names: &ContainerNames) -> Match {
+    fn policy_for(&self, set: &PolicySet, found: &Cgroup, names: &ContainerNames) -> Match {
         matching::policy_for(set, &found.relative, names, |depth| {
             discovery::check_placement(self.hierarchy.mount(), &found.relative, depth)
         })
@@ -340,7 +326,7 @@ impl Daemon {
     /// Container names (best effort, from the runtimes' CLIs) and ids seen in `found`. Only ids of
     /// cgroups root placed count: a user could otherwise make a prefix ambiguous (which selects
     /// nothing) with a forged `docker-<id>.scope`, or have the CLIs run for every one made.
-    fn refreshed_names(&self, found: &[Found]) -> std::sync::MutexGuard<'_, ContainerNames> {
+    fn refreshed_names(&self, found: &[Cgroup]) -> std::sync::MutexGuard<'_, ContainerNames> {
         let mut names = self.names.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let ids: Vec<String> = found
             .iter()
@@ -398,8 +384,8 @@ impl control::server::ControlHandler for Daemon {
         let mut report = StatusReport {
             generation: state.enforcer.generation(),
             config: active.source.clone(),
-            loaded_at: crate::output::rfc3339(active.loaded_at),
-            attach: if self.attach.is_empty() { "/".to_string() } else { self.attach.clone() },
+            loaded_at: crate::events::timestamp(active.loaded_at),
+            attach: self.attach.clone(),
             dropped_events,
             guarantees,
             policies,

@@ -171,7 +171,7 @@ impl Engine {
     fn name_slots(&self, set: &PolicySet, slots: &[u32]) {
         let mut catalog = self.catalog();
         for (policy, slot) in set.policies.iter().zip(slots) {
-            let rules = policy.rules.iter().map(|r| r.text()).collect();
+            let rules = policy.rules.iter().map(super::policy::model::Rule::text).collect();
             catalog.name_slot(*slot, SlotNames { policy: policy.name.clone(), rules });
         }
     }

@@ -64,12 +64,12 @@ impl Feature {
             Self::ProgCgroupSockAddr => "4.17",
             Self::SkbSkFullsock => "5.1",
             Self::MapBatch => "5.6",
-            Self::ProgLsm | Self::CgroupLinks => "5.7",
+            // The BPF LSM arrived with its program type.
+            Self::ProgLsm | Self::CgroupLinks | Self::LsmActive => "5.7",
             Self::MapRingBuf | Self::HelperKtimeGetBootNs => "5.8",
             Self::LsmAncestorCgroupId => "6.1",
             Self::SkbCurrentPidTgid => "6.12",
             Self::SkbCurrentUidGid => "6.18",
-            Self::LsmActive => "5.7",
         }
     }
 }

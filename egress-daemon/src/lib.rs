@@ -6,20 +6,23 @@
 //! kernel in step with the policy file, `discovery` and `matching` decide which cgroups each
 //! policy governs, `daemon` runs it all, `commands` and `control::client` are the CLI.
 
+#![cfg_attr(not(test), warn(clippy::unwrap_used))]
+
 pub mod cgroup;
 pub mod commands;
 pub mod control;
 pub mod daemon;
 pub mod discovery;
-pub mod engine;
-pub mod events;
-pub mod fault;
-pub mod features;
-pub mod generation;
+pub(crate) mod engine;
+pub(crate) mod events;
+pub(crate) mod fault;
+pub(crate) mod features;
+pub(crate) mod generation;
 pub mod kernel;
-pub mod matching;
-pub mod metrics;
+pub(crate) mod matching;
+pub(crate) mod metrics;
 pub mod output;
-pub mod pipeline;
+pub(crate) mod pipeline;
 pub mod policy;
+pub mod printable;
 pub mod service;

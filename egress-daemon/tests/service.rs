@@ -27,7 +27,7 @@ fn egress(args: &[&str]) -> std::process::Output {
 }
 
 fn link_pins(file: &PolicyFile) -> usize {
-    fs::read_dir(file.pin_dir.join("links")).map(|d| d.count()).unwrap_or(0)
+    fs::read_dir(file.pin_dir.join("links")).map(std::iter::Iterator::count).unwrap_or(0)
 }
 
 #[test]

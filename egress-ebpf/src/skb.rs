@@ -22,7 +22,7 @@ use egress_common::{family, hook, proto, rule_id, PeerKey};
 use crate::{
     events::{report, Sender},
     maps::UDP_PEERS,
-    policy::{judge, mode_of, normalise_protocol, policy_of, refused, Flow},
+    policy::{judge, mode_of, policy_of, refused, Flow},
 };
 
 const PASS: i32 = 1;
@@ -74,7 +74,7 @@ fn on_egress<const TASK: bool>(ctx: &SkBuffContext) -> i32 {
         family: packet.family,
         addr: packet.destination,
         port: packet.destination_port,
-        protocol: normalise_protocol(packet.protocol),
+        protocol: egress_common::lookup::normalise_protocol(packet.protocol),
     };
     let judgement = if packet.routed {
         refused(mode_of(binding.slot), rule_id::SOURCE_ROUTED)

@@ -12,7 +12,6 @@ use anyhow::{anyhow, Context};
 use super::{
     exec_guard::Guard,
     exec_signals::{self, Forwarded},
-    load_policies, Failure,
 };
 use crate::{
     cgroup::{Cgroup, Hierarchy},
@@ -20,6 +19,7 @@ use crate::{
     kernel,
     output::{EventWriter, LogFormat},
     pipeline,
+    policy::parse_policy_file,
 };
 
 pub struct ExecArgs {
@@ -34,9 +34,9 @@ pub struct ExecArgs {
 const EMPTY_WAIT: Duration = Duration::from_secs(10);
 
 /// Returns the command's exit status (128 + signal when it was killed).
-pub async fn exec(args: ExecArgs) -> Result<i32, Failure> {
+pub async fn exec(args: ExecArgs) -> anyhow::Result<i32> {
     let hierarchy = kernel::preflight()?;
-    let mut set = load_policies(&args.config)?;
+    let mut set = parse_policy_file(&args.config)?;
     let index = set
         .policies
         .iter()
@@ -59,7 +59,7 @@ async fn exec_in(
     cgroup: &Cgroup,
     set: crate::policy::model::PolicySet,
     args: &ExecArgs,
-) -> Result<i32, Failure> {
+) -> anyhow::Result<i32> {
     let loaded = Engine::load(None, hierarchy)?;
     let engine = loaded.engine;
     engine.apply(set, &args.config.display().to_string(), &[Binding { policy: 0, cgroup: cgroup.clone() }])?;
@@ -91,7 +91,7 @@ async fn exec_in(
 }
 
 /// Starts the command and waits for it, passing on the signals that would end `exec`.
-async fn run_command(cgroup: &Cgroup, command: &[String], signals: &Forwarded) -> Result<ExitStatus, Failure> {
+async fn run_command(cgroup: &Cgroup, command: &[String], signals: &Forwarded) -> anyhow::Result<ExitStatus> {
     let mut child = spawn_in_cgroup(cgroup, command).with_context(|| format!("starting {}", command.join(" ")))?;
     let pid = child.id().and_then(|pid| libc::pid_t::try_from(pid).ok());
     loop {

@@ -616,7 +616,8 @@ impl Enforcer {
         }
         match maps::policy_info(&mut self.ebpf) {
             Ok(mut infos) => {
-                failures += old.slots.iter().filter(|slot| infos.set(**slot, PolicyInfo::default(), 0).is_err()).count()
+                failures +=
+                    old.slots.iter().filter(|slot| infos.set(**slot, PolicyInfo::default(), 0).is_err()).count();
             }
             Err(_) => failures += 1,
         }
