@@ -126,7 +126,8 @@ impl Engine {
 
         // Name the new slots before they can raise events.
         self.name_slots(&set, &slots);
-        self.name_cgroups(bindings.iter().map(|b| &b.cgroup));
+        let bound: HashMap<u64, Bound> = bindings.iter().map(|b| (b.cgroup.id, Bound::of(b))).collect();
+        self.name_cgroups(&bound);
         let mut state = self.state();
         if state.enforcer.next_generation() != generation {
             bail!("another set of policies was put in force meanwhile; apply again");
@@ -139,7 +140,6 @@ impl Engine {
             .enforcer
             .install(generation, &compiled, &slots, &cgroup_slots, levels)
             .context("writing the policies into the kernel maps")?;
-        let bound = bindings.iter().map(|b| (b.cgroup.id, Bound::of(b))).collect();
         state.active = Some(Active { set, slots, source: source.to_string(), loaded_at: SystemTime::now(), bound });
         Ok(())
     }
@@ -151,13 +151,14 @@ impl Engine {
         let State { enforcer, active } = &mut *state;
         let Some(active) = active else { bail!("no policies are loaded") };
         let slot = *active.slots.get(binding.policy).context("policy index out of range")?;
-        self.name_cgroups([&binding.cgroup]);
+        let bound = Bound::of(binding);
+        self.name_cgroups([(&binding.cgroup.id, &bound)]);
         if let Some(guard) = guard {
             enforcer.add_deep_guard(guard).context("writing a deep-cgroup guard")?;
         }
         enforcer.add_levels(level_bit(binding.cgroup.level))?;
         enforcer.bind(binding.cgroup.id, slot)?;
-        active.bound.insert(binding.cgroup.id, Bound::of(binding));
+        active.bound.insert(binding.cgroup.id, bound);
         Ok(())
     }
 
@@ -176,10 +177,10 @@ impl Engine {
         }
     }
 
-    fn name_cgroups<'a>(&self, cgroups: impl IntoIterator<Item = &'a Cgroup>) {
+    fn name_cgroups<'a>(&self, cgroups: impl IntoIterator<Item = (&'a u64, &'a Bound)>) {
         let mut catalog = self.catalog();
-        for cgroup in cgroups {
-            catalog.name_cgroup(cgroup.id, cgroup.relative.clone());
+        for (id, bound) in cgroups {
+            catalog.name_cgroup(*id, bound.relative.clone(), bound.workload.clone());
         }
     }
 }
