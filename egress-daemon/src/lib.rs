@@ -16,6 +16,7 @@ pub mod discovery;
 pub(crate) mod engine;
 pub(crate) mod events;
 pub(crate) mod fault;
+pub(crate) mod features;
 pub mod flows;
 pub(crate) mod generation;
 pub mod kernel;

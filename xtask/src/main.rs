@@ -73,6 +73,9 @@ enum Task {
         /// Write the table into KERNELS.md (between its generated-section markers).
         #[arg(long)]
         write_doc: bool,
+        /// Skip the systemd guest (a Debian root file system running the README's service steps).
+        #[arg(long)]
+        no_service: bool,
     },
 }
 
@@ -84,11 +87,12 @@ fn main() -> ExitCode {
         Task::Test { unit_only, args } => test::test_command(unit_only, &args),
         Task::Run { args } => run::run_command(&args),
         Task::Bench { quick } => bench::bench_command(quick),
-        Task::VmTest { kernels, jobs, timeout, write_doc } => vm::vm_test_command(vm::Options {
+        Task::VmTest { kernels, jobs, timeout, write_doc, no_service } => vm::vm_test_command(vm::Options {
             kernels,
             jobs,
             timeout: std::time::Duration::from_secs(timeout),
             write_doc,
+            service: !no_service,
         }),
     };
     match result {

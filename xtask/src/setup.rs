@@ -33,8 +33,11 @@ const TEST_PACKAGES: &[&str] = &[
     // tests/clients/uring_connect.c: connect and sendmsg through io_uring.
     "gcc",
     "liburing-dev",
-    // `cargo xtask vm-test`: boots other kernels with software emulation.
+    // `cargo xtask vm-test`: boots other kernels with software emulation, and builds the
+    // systemd guest's Debian root file system (an initramfs archive).
     "qemu-system-x86",
+    "mmdebstrap",
+    "cpio",
 ];
 /// What `cargo xtask bench` compares against and measures with.
 const BENCH_PACKAGES: &[&str] = &["nftables", "iptables", "ipset", "iperf3", "clang", "libbpf-dev", "linux-libc-dev"];

@@ -5,10 +5,15 @@
 //! socket client (xtask/vm/vmclient.c) and the suite (xtask/vm/init.sh). The guest prints one
 //! line per check on its serial console; the host turns them into a kernel x check table and
 //! fails when a check fails on a kernel where it is expected to pass.
+//!
+//! One more guest boots a Debian root file system with systemd as PID 1 (rootfs.rs, service.rs)
+//! and runs the README's "Run as a service" steps with `systemctl` (xtask/vm/service.sh).
 
 mod boot;
 mod initramfs;
 mod kernels;
+mod rootfs;
+mod service;
 
 use std::{
     collections::BTreeMap,
@@ -35,6 +40,10 @@ pub const DEFAULT_KERNELS: &[&str] = &["5.10", "6.1", "6.12", "6.18"];
 
 /// The checks of xtask/vm/init.sh, in the order of the table.
 const CHECKS: &[(&str, &str)] = &[
+    (
+        "refusal",
+        "the daemon refuses a kernel without the ring buffer (masked by its test hook), naming it and Linux 5.8",
+    ),
     ("load", "the daemon loads and attaches every program and reports ready"),
     ("tcp", "TCP connect: EPERM for denied IPv4/IPv6 destinations, allowed ones go through"),
     ("udp", "UDP sendto and connect: EPERM when denied"),
@@ -46,6 +55,33 @@ const CHECKS: &[(&str, &str)] = &[
     ("reload", "`egress reload` of an edited file changes the verdicts"),
     ("restart", "SIGKILLed daemon: pinned programs keep enforcing; a new daemon adopts them"),
     ("af-packet", "AF_PACKET sockets refused in the cgroup by the BPF LSM (booted with lsm=...,bpf)"),
+];
+
+/// The kernel the systemd guest boots.
+const SERVICE_KERNEL: &str = "6.18";
+
+/// The steps of xtask/vm/service.sh, in the order of the table.
+const SERVICE_CHECKS: &[(&str, &str)] = &[
+    ("install", "the README's install lines run as written (the binary is built on the host)"),
+    (
+        "start",
+        "`systemctl enable --now egress` returns once the policy is enforced (checked at once, no wait); \
+         Type=notify",
+    ),
+    ("reload", "`systemctl reload egress`: unchanged file, then an edited file whose new verdicts apply"),
+    (
+        "reload-broken",
+        "`systemctl reload egress` with a broken file fails; the previous policy stays enforced, the \
+         service keeps running",
+    ),
+    ("status", "`egress status` answers and names the policy"),
+    ("logs", "`egress logs -f --blocked` shows a connection blocked after it started, live"),
+    ("journal", "`journalctl -u egress -p warning` holds that blocked flow, and no allowed ones"),
+    (
+        "restart",
+        "`systemctl restart egress` while a client in the cgroup connects to a denied address back to \
+         back: no connection gets through; a new main process",
+    ),
 ];
 
 /// Checks that are known not to pass on a kernel series, and why. Each entry is a fact found by
@@ -69,6 +105,8 @@ pub struct Options {
     pub timeout: Duration,
     /// Rewrite the generated table in KERNELS.md.
     pub write_doc: bool,
+    /// Also boot the systemd guest and run the README's service steps.
+    pub service: bool,
 }
 
 /// `cargo xtask vm-test`.
@@ -86,30 +124,72 @@ pub fn vm_test_command(options: Options) -> Result<()> {
     let bin = build::build_daemon(&toolchain)?;
 
     let work = workspace::target_dir().join("vm");
-    fs::create_dir_all(work.join("logs")).with_context(|| format!("create {}", work.display()))?;
-    let image = build_initramfs(&work, &bin)?;
+    let logs = work.join("logs");
+    fs::create_dir_all(&logs).with_context(|| format!("create {}", work.display()))?;
+    let (image, vmclient) = build_initramfs(&work, &bin)?;
 
-    let mut fetcher = kernels::Fetcher::new(kernels::cache_dir()?);
+    let cache = kernels::cache_dir()?;
+    let mut fetcher = kernels::Fetcher::new(cache.clone());
     let mut fetched = Vec::new();
     for series in &kernels {
         fetched.push(fetcher.ensure(series)?);
+    }
+    let mut guests = Vec::new();
+    let service_kernel = if options.service {
+        let kernel = fetcher.ensure(SERVICE_KERNEL)?;
+        // First: it runs longest, so it overlaps the others.
+        guests.push(Guest {
+            name: format!("systemd-{}", kernel.series),
+            release: kernel.release.clone(),
+            vmlinuz: kernel.vmlinuz.clone(),
+            initramfs: service::build_initramfs(&work, &cache, &bin, &vmclient)?,
+            arguments: service::kernel_arguments(),
+        });
+        Some(kernel)
+    } else {
+        None
+    };
+    for kernel in &fetched {
+        guests.push(Guest {
+            name: kernel.series.clone(),
+            release: kernel.release.clone(),
+            vmlinuz: kernel.vmlinuz.clone(),
+            initramfs: image.clone(),
+            arguments: String::new(),
+        });
     }
     let prepared = started.elapsed();
 
     let jobs = options
         .jobs
         .unwrap_or_else(|| thread::available_parallelism().map_or(1, usize::from))
-        .clamp(1, fetched.len().max(1));
+        .clamp(1, guests.len().max(1));
     println!(
-        "vm: booting {} kernel(s), {jobs} at a time, {} s limit each (logs in {})",
-        fetched.len(),
+        "vm: booting {} guest(s), {jobs} at a time, {} s limit each (logs in {})",
+        guests.len(),
         options.timeout.as_secs(),
-        work.join("logs").display()
+        logs.display()
     );
-    let results = boot_all(&fetched, &image, &work.join("logs"), options.timeout, jobs)?;
+    let mut results = boot_all(&guests, &logs, options.timeout, jobs)?;
+    let service_run = if service_kernel.is_some() { Some(results.remove(0)) } else { None };
 
-    let matrix = Matrix::new(&fetched, &results);
-    let table = matrix.markdown();
+    let matrix = Matrix::new(
+        "kernel",
+        CHECKS,
+        fetched.iter().zip(results).map(|(kernel, run)| (kernel.series.clone(), kernel_label(kernel), run)).collect(),
+    );
+    let mut table = matrix.markdown();
+    let mut failures = matrix.failures();
+    if let (Some(kernel), Some(run)) = (service_kernel, service_run) {
+        let systemd = run.info.get("systemd").cloned().unwrap_or_else(|| "?".to_owned());
+        let label = format!("{}, Debian 13 root fs, systemd `{systemd}` as PID 1", kernel_label(&kernel));
+        let service = Matrix::new("guest", SERVICE_CHECKS, vec![("systemd".to_owned(), label, run)]);
+        table.push_str(&format!(
+            "\nThe README's \"Run as a service\" steps under systemd (`xtask/vm/service.sh`):\n\n{}",
+            service.markdown()
+        ));
+        failures.extend(service.failures());
+    }
     println!("\n{table}");
     println!(
         "vm: {:.0} s in all ({:.0} s building and fetching, {:.0} s booting)",
@@ -119,10 +199,9 @@ pub fn vm_test_command(options: Options) -> Result<()> {
     );
     if options.write_doc {
         let doc = workspace::root().join("KERNELS.md");
-        write_doc(&doc, &table)?;
+        write_doc(&doc, &table, options.service)?;
         println!("vm: wrote the table into {}", doc.display());
     }
-    let failures = matrix.failures();
     if !failures.is_empty() {
         bail!("{} check(s) failed where expected to pass: {}", failures.len(), failures.join(", "));
     }
@@ -130,7 +209,8 @@ pub fn vm_test_command(options: Options) -> Result<()> {
 }
 
 /// Builds the guest: the daemon with its libraries, busybox, vmclient and the suite as /init.
-fn build_initramfs(work: &Path, daemon: &Path) -> Result<PathBuf> {
+/// Returns the image and the vmclient binary.
+fn build_initramfs(work: &Path, daemon: &Path) -> Result<(PathBuf, PathBuf)> {
     let source = workspace::root().join("xtask").join("vm");
     let client = work.join("vmclient");
     sys::run(Command::new("cc").args(["-static", "-O2", "-Wall", "-o"]).arg(&client).arg(source.join("vmclient.c")))?;
@@ -144,11 +224,29 @@ fn build_initramfs(work: &Path, daemon: &Path) -> Result<PathBuf> {
     image.dynamic_executable("/bin/egress", daemon)?;
     let out = work.join("initramfs.cpio");
     image.write(&out)?;
-    Ok(out)
+    Ok((out, client))
 }
 
-/// Boots every kernel, `jobs` at a time.
-fn boot_all(kernels: &[Kernel], image: &Path, logs: &Path, timeout: Duration, jobs: usize) -> Result<Vec<boot::Run>> {
+/// The package version names the upstream release (5.10.262), which `uname -r` of Debian's 5.10
+/// and 6.1 packages does not (5.10.0-46-cloud-amd64).
+fn kernel_label(kernel: &Kernel) -> String {
+    format!("{} (Debian `{}`)", kernel.series, kernel.version)
+}
+
+/// One guest to boot.
+struct Guest {
+    /// The log's name.
+    name: String,
+    /// The kernel's release, for the progress line.
+    release: String,
+    vmlinuz: PathBuf,
+    initramfs: PathBuf,
+    /// Added to the kernel command line.
+    arguments: String,
+}
+
+/// Boots every guest, `jobs` at a time; the runs come back in the guests' order.
+fn boot_all(guests: &[Guest], logs: &Path, timeout: Duration, jobs: usize) -> Result<Vec<boot::Run>> {
     let next = Arc::new(Mutex::new(0usize));
     let results: Arc<Mutex<BTreeMap<usize, Result<boot::Run>>>> = Arc::default();
     thread::scope(|scope| {
@@ -162,16 +260,16 @@ fn boot_all(kernels: &[Kernel], image: &Path, logs: &Path, timeout: Duration, jo
                     *next += 1;
                     index
                 };
-                let Some(kernel) = kernels.get(index) else {
+                let Some(guest) = guests.get(index) else {
                     break;
                 };
-                let log = logs.join(format!("{}.log", kernel.series));
-                let run = boot::boot(&kernel.vmlinuz, image, &log, timeout);
+                let log = logs.join(format!("{}.log", guest.name));
+                let run = boot::boot(&guest.vmlinuz, &guest.initramfs, &guest.arguments, &log, timeout);
                 if let Ok(run) = &run {
                     println!(
                         "vm: {} ({}) done in {:.0} s{}",
-                        kernel.series,
-                        kernel.release,
+                        guest.name,
+                        guest.release,
                         run.seconds,
                         run.problem.as_deref().map(|p| format!(": {p}")).unwrap_or_default()
                     );
@@ -203,30 +301,34 @@ enum Cell {
 }
 
 struct Matrix {
+    /// The first column's title.
+    title: &'static str,
+    checks: &'static [(&'static str, &'static str)],
     /// Series, label, cells, seconds.
     rows: Vec<(String, String, Vec<Cell>, f64)>,
 }
 
 impl Matrix {
-    fn new(kernels: &[Kernel], runs: &[boot::Run]) -> Self {
-        let rows = kernels
-            .iter()
-            .zip(runs)
-            .map(|(kernel, run)| {
-                let cells = CHECKS.iter().map(|(check, _)| cell(&kernel.series, check, run)).collect();
-                // The package version names the upstream release (5.10.262), which `uname -r`
-                // of Debian's 5.10 and 6.1 packages does not (5.10.0-46-cloud-amd64).
-                let label = format!("{} (Debian `{}`)", kernel.series, kernel.version);
-                (kernel.series.clone(), label, cells, run.seconds)
+    /// A table of `checks` with one row per (series, label, run).
+    fn new(
+        title: &'static str,
+        checks: &'static [(&'static str, &'static str)],
+        runs: Vec<(String, String, boot::Run)>,
+    ) -> Self {
+        let rows = runs
+            .into_iter()
+            .map(|(series, label, run)| {
+                let cells = checks.iter().map(|(check, _)| cell(&series, check, &run)).collect();
+                (series, label, cells, run.seconds)
             })
             .collect();
-        Self { rows }
+        Self { title, checks, rows }
     }
 
     fn failures(&self) -> Vec<String> {
         let mut out = Vec::new();
         for (series, _, cells, _) in &self.rows {
-            for ((check, _), cell) in CHECKS.iter().zip(cells) {
+            for ((check, _), cell) in self.checks.iter().zip(cells) {
                 if matches!(cell, Cell::Fail(_) | Cell::NotRun(_)) {
                     out.push(format!("{check} on {series}"));
                 }
@@ -244,16 +346,16 @@ impl Matrix {
             notes.push(text);
             notes.len()
         };
-        let mut out = String::from("| kernel |");
-        for (check, _) in CHECKS {
+        let mut out = format!("| {} |", self.title);
+        for (check, _) in self.checks {
             out.push_str(&format!(" {check} |"));
         }
         out.push_str(" boot + suite |\n|---|");
-        out.push_str(&"---|".repeat(CHECKS.len() + 1));
+        out.push_str(&"---|".repeat(self.checks.len() + 1));
         out.push('\n');
         for (_, label, cells, seconds) in &self.rows {
             out.push_str(&format!("| {label} |"));
-            for ((check, _), cell) in CHECKS.iter().zip(cells) {
+            for ((check, _), cell) in self.checks.iter().zip(cells) {
                 let text = match cell {
                     Cell::Pass => "pass".to_owned(),
                     Cell::Fail(detail) => {
@@ -298,7 +400,7 @@ const DOC_BEGIN: &str = "<!-- vm-test:begin (generated by `cargo xtask vm-test -
 const DOC_END: &str = "<!-- vm-test:end -->";
 
 /// Replaces the generated part of KERNELS.md, keeping the text around it.
-fn write_doc(path: &Path, table: &str) -> Result<()> {
+fn write_doc(path: &Path, table: &str, service: bool) -> Result<()> {
     let text = fs::read_to_string(path).with_context(|| format!("read {}", path.display()))?;
     let (Some(begin), Some(end)) = (text.find(DOC_BEGIN), text.find(DOC_END)) else {
         bail!("{} has no `{DOC_BEGIN}` ... `{DOC_END}` section", path.display());
@@ -306,6 +408,12 @@ fn write_doc(path: &Path, table: &str) -> Result<()> {
     let mut legend = String::from("\n| check | what it shows |\n|---|---|\n");
     for (check, what) in CHECKS {
         legend.push_str(&format!("| {check} | {what} |\n"));
+    }
+    if service {
+        legend.push_str("\n| service step | what it shows |\n|---|---|\n");
+        for (check, what) in SERVICE_CHECKS {
+            legend.push_str(&format!("| {check} | {what} |\n"));
+        }
     }
     let updated = format!("{}{DOC_BEGIN}\n{table}{legend}\n{}", &text[..begin], &text[end..]);
     fs::write(path, updated).with_context(|| format!("write {}", path.display()))
@@ -319,13 +427,7 @@ mod tests {
     fn a_missing_check_is_a_failure_unless_known() {
         let run = boot::Run { problem: Some("no power-off within 300 s".into()), ..Default::default() };
         assert!(matches!(cell("6.1", "tcp", &run), Cell::NotRun(_)));
-        let kernels = vec![Kernel {
-            series: "6.1".into(),
-            release: "6.1.0-50-cloud-amd64".into(),
-            version: "6.1.176-1".into(),
-            vmlinuz: PathBuf::new(),
-        }];
-        let matrix = Matrix::new(&kernels, &[run]);
+        let matrix = Matrix::new("kernel", CHECKS, vec![("6.1".into(), "6.1 (Debian `6.1.176-1`)".into(), run)]);
         assert_eq!(matrix.failures().len(), CHECKS.len());
         assert!(matrix.markdown().contains("no power-off within 300 s"));
     }

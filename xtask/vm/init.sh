@@ -89,6 +89,16 @@ echo "INFO kernel $(uname -r)"
 echo "INFO lsm $(cat /sys/kernel/security/lsm 2>/dev/null)"
 write_config ""
 
+begin refusal
+# A kernel without the ring buffer (Linux 5.8), masked with the daemon's test hook: refused at
+# once, naming what is missing and the first Linux that has it.
+out=$(EGRESS_FAULT_POINT=fail-probe-ringbuf egress run --config $CONFIG 2>&1)
+status=$?
+[ $status -ne 0 ] || fail "daemon-started"
+echo "$out" | grep -q "it lacks BPF map type ringbuf (Linux 5.8)" || fail "message:$(echo "$out" | tail -n 2 | tr ' \n' '__')"
+echo "INFO refusal $(echo "$out" | grep -o 'this kernel cannot run egress[^"]*' | head -n 1)"
+end
+
 begin load
 if start_daemon; then
     end

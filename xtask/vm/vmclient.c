@@ -245,6 +245,30 @@ static int cmd_udpask(const char *from, const char *host, int port) {
     return fail("recv", ETIMEDOUT);
 }
 
+/* hammer HOST PORT STOPFILE: TCP connects to HOST:PORT, one after another, until STOPFILE exists
+ * (120 s at most). A refused connection reached the port, so it got through the filter. Prints
+ * `ok eperm=N through=M other=K`: during a daemon restart `through` must stay 0. */
+static int cmd_hammer(const char *host, int port, const char *stop) {
+    struct sockaddr_storage dst;
+    socklen_t len = sockaddr_of(host, port, &dst);
+    long eperm = 0, through = 0, other = 0;
+    double deadline = now() + 120;
+    while (access(stop, F_OK) != 0 && now() < deadline) {
+        int fd = socket(dst.ss_family, SOCK_STREAM, 0);
+        if (fd < 0)
+            return fail("socket", errno);
+        if (connect(fd, (struct sockaddr *)&dst, len) == 0 || errno == ECONNREFUSED)
+            through++;
+        else if (errno == EPERM)
+            eperm++;
+        else
+            other++;
+        close(fd);
+    }
+    printf("ok eperm=%ld through=%ld other=%ld\n", eperm, through, other);
+    return 0;
+}
+
 int main(int argc, char **argv) {
     setvbuf(stdout, NULL, _IOLBF, 0);
     const char *cmd = argc > 1 ? argv[1] : "";
@@ -268,8 +292,10 @@ int main(int argc, char **argv) {
         return cmd_udpserve(argv[2], atoi(argv[3]), argv[4]);
     if (!strcmp(cmd, "udpask") && argc == 5)
         return cmd_udpask(argv[2], argv[3], atoi(argv[4]));
+    if (!strcmp(cmd, "hammer") && argc == 5)
+        return cmd_hammer(argv[2], atoi(argv[3]), argv[4]);
     fprintf(stderr, "usage: vmclient tcp|udp|udpc HOST PORT | ping|raw HOST | packet |\n"
                     "       tcpserve ADDR PORT | tcpget FROM HOST PORT |\n"
-                    "       udpserve ADDR PORT STRANGER | udpask FROM HOST PORT\n");
+                    "       udpserve ADDR PORT STRANGER | udpask FROM HOST PORT | hammer HOST PORT STOPFILE\n");
     return 2;
 }

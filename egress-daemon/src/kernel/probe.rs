@@ -3,12 +3,15 @@
 
 use aya::{
     maps::MapType,
-    programs::ProgramType,
-    sys::{is_map_supported, is_program_supported},
+    programs::{LsmAttachType, ProgramType},
+    sys::{is_helper_supported, is_map_supported, is_program_supported, BpfHelper},
 };
 use thiserror::Error;
 
-use crate::cgroup::{CgroupError, Hierarchy};
+use crate::{
+    cgroup::{CgroupError, Hierarchy},
+    features::{self, Feature, Probes, Refusal},
+};
 
 #[derive(Debug, Error)]
 pub enum PreflightError {
@@ -26,8 +29,8 @@ pub enum PreflightError {
     NotHostRoot { mount: std::path::PathBuf },
     #[error("{0}")]
     Cgroup(#[source] CgroupError),
-    #[error("this kernel cannot run egress: missing {0} (needs Linux 5.10 or later, the oldest kernel tested, with CONFIG_BPF_SYSCALL and CONFIG_CGROUP_BPF)")]
-    Unsupported(String),
+    #[error(transparent)]
+    Unsupported(#[from] Refusal),
 }
 
 /// Everything egress needs before it touches the kernel; returns the cgroup2 hierarchy.
@@ -40,38 +43,56 @@ pub fn check() -> Result<Hierarchy, PreflightError> {
     if !hierarchy.root_is_real().map_err(PreflightError::Cgroup)? {
         return Err(PreflightError::NotHostRoot { mount: hierarchy.mount().to_path_buf() });
     }
-    let mut missing = Vec::new();
-    for (program, name) in [
-        (ProgramType::CgroupSockAddr, "BPF program type cgroup_sock_addr"),
-        (ProgramType::CgroupSkb, "BPF program type cgroup_skb"),
-    ] {
-        if !is_program_supported(program).unwrap_or(false) {
-            missing.push(name);
-        }
-    }
-    for (map, name) in [
-        (MapType::LpmTrie, "BPF map type lpm_trie"),
-        (MapType::RingBuf, "BPF map type ringbuf"),
-        (MapType::LruHash, "BPF map type lru_hash"),
-    ] {
-        if !is_map_supported(map).unwrap_or(false) {
-            missing.push(name);
-        }
-    }
-    if missing.is_empty() {
-        Ok(hierarchy)
-    } else {
-        Err(PreflightError::Unsupported(missing.join(", ")))
-    }
+    let lsm = std::fs::read_to_string("/sys/kernel/security/lsm").ok();
+    features::decide(&detect(lsm.as_deref()))?;
+    Ok(hierarchy)
 }
 
-/// Helpers the verifier refused to one of our programs on a tested kernel, and the first tested
-/// kernel that allows them there (`cargo xtask vm-test`, KERNELS.md): (helper, program, kernel).
-const HELPERS_BY_KERNEL: &[(&str, &str, &str)] = &[
-    ("bpf_get_current_ancestor_cgroup_id", "socket_create", "6.1"),
-    ("bpf_get_current_pid_tgid", "egress_packet", "6.12"),
-    ("bpf_get_current_uid_gid", "egress_packet", "6.18"),
-];
+/// Asks the running kernel (needs root). Batched updates and cgroup links cannot be asked
+/// without side effects; they are older than the ring buffer (5.6 and 5.7 against 5.8), so a
+/// kernel with a ring buffer has them. The LSM program's helper is learned when it loads.
+fn detect(lsm_list: Option<&str>) -> Probes {
+    let mut probes = Probes::default();
+    let mut record = |feature, supported: bool| {
+        if supported {
+            probes.accepted.insert(feature);
+        }
+    };
+    for (program, feature) in [
+        (ProgramType::CgroupSkb, Feature::ProgCgroupSkb),
+        (ProgramType::CgroupSock, Feature::ProgCgroupSock),
+        (ProgramType::CgroupSockAddr, Feature::ProgCgroupSockAddr),
+        (ProgramType::Lsm(LsmAttachType::Mac), Feature::ProgLsm),
+    ] {
+        record(feature, is_program_supported(program).unwrap_or(false));
+    }
+    for (map, feature) in [
+        (MapType::LpmTrie, Feature::MapLpmTrie),
+        (MapType::LruHash, Feature::MapLruHash),
+        (MapType::RingBuf, Feature::MapRingBuf),
+    ] {
+        record(feature, is_map_supported(map).unwrap_or(false));
+    }
+    for (helper, feature) in [
+        (BpfHelper::BPF_FUNC_ktime_get_boot_ns, Feature::HelperKtimeGetBootNs),
+        (BpfHelper::BPF_FUNC_sk_fullsock, Feature::SkbSkFullsock),
+        (BpfHelper::BPF_FUNC_get_current_pid_tgid, Feature::SkbCurrentPidTgid),
+        (BpfHelper::BPF_FUNC_get_current_uid_gid, Feature::SkbCurrentUidGid),
+    ] {
+        record(feature, is_helper_supported(ProgramType::CgroupSkb, helper).unwrap_or(false));
+    }
+    let ringbuf = probes.has(Feature::MapRingBuf);
+    probes.accepted.extend(ringbuf.then_some([Feature::MapBatch, Feature::CgroupLinks]).into_iter().flatten());
+    // Test hook: a kernel without the ring buffer, for the refusal on a real kernel (vm-test).
+    if crate::fault::fails("fail-probe-ringbuf") {
+        probes.accepted.remove(&Feature::MapRingBuf);
+    }
+    if lsm_list.is_some_and(|list| list.trim().split(',').any(|lsm| lsm == "bpf")) {
+        probes.accepted.insert(Feature::LsmActive);
+    }
+    probes.unprobed.insert(Feature::LsmAncestorCgroupId);
+    probes
+}
 
 /// One line for a program the verifier refused because this kernel does not let that program
 /// type call a helper: names the helper and, where known, the first tested kernel that has it.
@@ -87,10 +108,8 @@ pub fn missing_helper(error: &str) -> Option<String> {
         let rest = &error[error.find(marker)? + marker.len()..];
         Some(rest.split(|c: char| c == '#' || c.is_whitespace()).next()?.to_owned())
     })?;
-    let since = HELPERS_BY_KERNEL
-        .iter()
-        .find(|(h, p, _)| *h == helper && *p == program)
-        .map_or_else(String::new, |(_, _, kernel)| format!(" (Linux {kernel} has it)"));
+    let since = features::first_kernel_allowing(&helper, program)
+        .map_or_else(String::new, |kernel| format!(" (Linux {kernel} has it)"));
     Some(format!("this kernel does not let {program} call {helper}{since}"))
 }
 

@@ -34,9 +34,9 @@ pub struct Run {
     pub seconds: f64,
 }
 
-/// Boots `vmlinuz` with `initramfs`, writes the whole console to `log`, and stops the guest
-/// after `timeout` if it has not powered off.
-pub fn boot(vmlinuz: &Path, initramfs: &Path, log: &Path, timeout: Duration) -> Result<Run> {
+/// Boots `vmlinuz` with `initramfs` and `extra_arguments` on the kernel command line, writes
+/// the whole console to `log`, and stops the guest after `timeout` if it has not powered off.
+pub fn boot(vmlinuz: &Path, initramfs: &Path, extra_arguments: &str, log: &Path, timeout: Duration) -> Result<Run> {
     let started = Instant::now();
     let mut child = Command::new("qemu-system-x86_64")
         // /dev/kvm on these machines is a nested hypervisor stock kernels cannot use.
@@ -48,7 +48,8 @@ pub fn boot(vmlinuz: &Path, initramfs: &Path, log: &Path, timeout: Duration) -> 
         .arg(initramfs)
         // `bpf` in the LSM list turns the BPF LSM on where the kernel is built with it but does
         // not enable it by default (5.10); panic=-1 turns a guest panic into a QEMU exit.
-        .args(["-append", "console=ttyS0 quiet panic=-1 lsm=lockdown,capability,yama,bpf"])
+        .arg("-append")
+        .arg(format!("console=ttyS0 quiet panic=-1 lsm=lockdown,capability,yama,bpf {extra_arguments}").trim_end())
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
