@@ -117,7 +117,8 @@ pub struct PolicyInfo {
     pub active: u8,
     pub default_action: u8,
     pub mode: u8,
-    pub _pad: u8,
+    /// `policy_flags` bits.
+    pub flags: u8,
     /// `socket_kind` bits this policy lets its cgroups open.
     pub allowed_sockets: u32,
 }

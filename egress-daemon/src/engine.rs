@@ -12,6 +12,7 @@ use egress_common::{DEEP_LEVELS_BIT, MAX_CGROUP_LEVEL};
 
 use crate::{
     cgroup::Cgroup,
+    dns::DnsState,
     events::{Catalog, SlotNames},
     generation::Generation,
     loader::Enforcer,
@@ -63,11 +64,23 @@ pub struct State {
 pub struct Engine {
     state: Arc<Mutex<State>>,
     catalog: Arc<Mutex<Catalog>>,
+    /// What the DNS proxy needs of the bindings, and what it learned.
+    dns: Arc<DnsState>,
 }
 
 impl Engine {
-    pub fn new(enforcer: Enforcer, catalog: Catalog) -> Self {
-        Self { state: Arc::new(Mutex::new(State { enforcer, active: None })), catalog: Arc::new(Mutex::new(catalog)) }
+    pub fn new(enforcer: Enforcer, mut catalog: Catalog) -> Self {
+        let dns = Arc::new(DnsState::default());
+        catalog.set_domains(dns.clone());
+        Self {
+            state: Arc::new(Mutex::new(State { enforcer, active: None })),
+            catalog: Arc::new(Mutex::new(catalog)),
+            dns,
+        }
+    }
+
+    pub fn dns(&self) -> &Arc<DnsState> {
+        &self.dns
     }
 
     pub fn state(&self) -> MutexGuard<'_, State> {
@@ -115,6 +128,7 @@ impl Engine {
             .install(generation, &compiled, &slots, &cgroup_slots, levels)
             .context("writing the policies into the kernel maps")?;
         let bound = bindings.iter().map(|b| (b.cgroup.id, Bound::of(b))).collect();
+        self.dns.view.replace(&set.policies, bindings.iter().map(|b| (b.cgroup.id, b.policy)));
         state.active = Some(Active { set, slots, source: source.to_string(), loaded_at: SystemTime::now(), bound });
         Ok(())
     }
@@ -132,6 +146,9 @@ impl Engine {
         }
         enforcer.add_levels(level_bit(binding.cgroup.level))?;
         enforcer.bind(binding.cgroup.id, slot)?;
+        if let Some(policy) = active.set.policies.get(binding.policy) {
+            self.dns.view.bind(binding.cgroup.id, policy);
+        }
         active.bound.insert(binding.cgroup.id, Bound::of(binding));
         Ok(())
     }
@@ -140,14 +157,15 @@ impl Engine {
     pub fn unbind(&self, cgroup_id: u64) -> Option<Bound> {
         let mut state = self.state();
         state.enforcer.unbind(cgroup_id);
+        self.dns.view.unbind(cgroup_id);
         state.active.as_mut().and_then(|active| active.bound.remove(&cgroup_id))
     }
 
     fn name_slots(&self, set: &PolicySet, slots: &[u32]) {
         let mut catalog = self.catalog();
         for (policy, slot) in set.policies.iter().zip(slots) {
-            let rules = policy.rules.iter().map(|r| r.text()).collect();
-            catalog.name_slot(*slot, SlotNames { policy: policy.name.clone(), rules });
+            let names_from = policy.rules.len();
+            catalog.name_slot(*slot, SlotNames { policy: policy.name.clone(), rules: policy.rule_texts(), names_from });
         }
     }
 

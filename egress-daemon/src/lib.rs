@@ -11,6 +11,7 @@ pub mod commands;
 pub mod control;
 pub mod daemon;
 pub mod discovery;
+pub mod dns;
 pub mod engine;
 pub mod events;
 pub mod fault;

@@ -23,8 +23,8 @@ use aya::{
     Btf, Ebpf, EbpfError, EbpfLoader,
 };
 use egress_common::{
-    counter, names, CgroupBinding, Decision, PolicyInfo, PolicyStats, PortTable, RuleKeyV4, RuleKeyV6, Settings,
-    GUARD_SLOT, MAX_CGROUPS, MAX_DEEP_GUARDS, MAX_POLICY_SLOTS, MAX_PORT_TABLES,
+    counter, dns_names, names, CgroupBinding, Decision, PolicyInfo, PolicyStats, PortTable, RuleKeyV4, RuleKeyV6,
+    Settings, GUARD_SLOT, MAX_CGROUPS, MAX_DEEP_GUARDS, MAX_POLICY_SLOTS, MAX_PORT_TABLES,
 };
 use thiserror::Error;
 
@@ -37,7 +37,10 @@ use crate::{
 
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/egress.bpf.o"));
 
-const SOCK_ADDR_PROGRAMS: [&str; 4] = ["connect4", "connect6", "sendmsg4", "sendmsg6"];
+/// The flow hooks, then the DNS hooks that make steered replies look as if they came from the
+/// resolver the workload named.
+const SOCK_ADDR_PROGRAMS: [&str; 8] =
+    ["connect4", "connect6", "sendmsg4", "sendmsg6", "recvmsg4", "recvmsg6", "getpeername4", "getpeername6"];
 /// The packet backstop, first with process names in its events, then without: kernels before
 /// 6.18 refuse the current-task helpers in packet programs (KERNELS.md).
 const EGRESS_PROGRAMS: [&str; 2] = ["egress_packet", "egress_packet_portable"];
@@ -51,7 +54,7 @@ const SECURITYFS: &str = "/sys/kernel/security";
 
 /// Maps that live in bpffs (under `<pin dir>/maps-v2/`) so enforcement survives the daemon.
 /// The suffix changes whenever a key or value layout changes.
-const PINNED_MAPS: [&str; 12] = [
+const PINNED_MAPS: [&str; 16] = [
     names::CGROUP_POLICY,
     names::POLICY_INFO,
     names::RULES_V4,
@@ -64,6 +67,10 @@ const PINNED_MAPS: [&str; 12] = [
     names::UDP_PEERS,
     names::FLOWS_SEEN,
     names::DEEP_GUARDS,
+    dns_names::DNS_CONFIG,
+    dns_names::LEARNED,
+    dns_names::STEERED,
+    dns_names::QUERY_ORIGINS,
 ];
 /// Where the maps are pinned below the pin directory (tests open them there too).
 pub const MAPS_DIR: &str = "maps-v2";
@@ -842,6 +849,18 @@ impl Enforcer {
     pub fn take_events(&mut self) -> Result<RingBuf<MapData>, LoaderError> {
         let map = self.ebpf.take_map(names::EVENTS).ok_or(LoaderError::MissingMap(names::EVENTS))?;
         RingBuf::try_from(map).map_err(map_error(names::EVENTS))
+    }
+
+    /// The DNS maps (steering, learned addresses, query origins); can be taken once.
+    pub fn take_dns_maps(&mut self) -> Result<crate::dns::kernel::DnsMaps, LoaderError> {
+        let mut take = |name: &'static str| self.ebpf.take_map(name).ok_or(LoaderError::MissingMap(name));
+        let (config, learned, origins) =
+            (take(dns_names::DNS_CONFIG)?, take(dns_names::LEARNED)?, take(dns_names::QUERY_ORIGINS)?);
+        Ok(crate::dns::kernel::DnsMaps {
+            config: Array::try_from(config).map_err(map_error(dns_names::DNS_CONFIG))?,
+            learned: BpfHashMap::try_from(learned).map_err(map_error(dns_names::LEARNED))?,
+            origins: BpfHashMap::try_from(origins).map_err(map_error(dns_names::QUERY_ORIGINS))?,
+        })
     }
 
     /// Events the kernel could not put in the ring buffer since the maps were created, and how

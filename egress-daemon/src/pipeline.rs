@@ -132,6 +132,7 @@ impl<W: Write> Source<W> {
                 taken += 1;
                 records.extend(catalog.record(&item));
             }
+            records.extend(catalog.take_injected());
         }
         // Written without the catalog's lock: a slow reader of the output blocks the pump only.
         for record in records {

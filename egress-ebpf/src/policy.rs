@@ -2,8 +2,8 @@
 
 use aya_ebpf::{helpers::generated::bpf_get_current_ancestor_cgroup_id, maps::lpm_trie::Key};
 use egress_common::{
-    action, family, mode, proto, rule_id, verdict, CgroupBinding, RuleKeyV4, RuleKeyV6, DEEP_LEVELS_BIT,
-    MAX_CGROUP_LEVEL, MAX_POLICY_SLOTS, MAX_PORT_RULES, POLICY_KEY_BITS,
+    action, family, mode, policy_flags, proto, rule_id, verdict, CgroupBinding, PortTable, RuleKeyV4, RuleKeyV6,
+    DEEP_LEVELS_BIT, MAX_CGROUP_LEVEL, MAX_POLICY_SLOTS, MAX_PORT_RULES, POLICY_KEY_BITS,
 };
 
 use crate::maps::{CGROUP_POLICY, DEEP_GUARDS, POLICY_INFO, PORT_TABLES, RULES_V4, RULES_V6, SETTINGS};
@@ -61,6 +61,13 @@ pub fn current_ancestor(level: i32) -> u64 {
 /// `own` is the sender's own cgroup id (found directly when it is deeper than the walk).
 #[inline(always)]
 pub fn policy_of(ancestor: impl Fn(i32) -> u64, own: impl Fn() -> u64) -> Option<CgroupBinding> {
+    bound_of(ancestor, own).map(|(_, binding)| binding)
+}
+
+/// [`policy_of`] with the id of the bound cgroup whose binding it is (the key of what that
+/// cgroup learned from DNS).
+#[inline(always)]
+pub fn bound_of(ancestor: impl Fn(i32) -> u64, own: impl Fn() -> u64) -> Option<(u64, CgroupBinding)> {
     let levels = SETTINGS.get(0).map_or(0, |s| s.policy_levels);
     if levels & DEEP_LEVELS_BIT != 0 {
         if let Some(binding) = deep_binding(&ancestor, own) {
@@ -80,7 +87,7 @@ pub fn policy_of(ancestor: impl Fn(i32) -> u64, own: impl Fn() -> u64) -> Option
             }
             // SAFETY: the value is copied out at once.
             if let Some(binding) = unsafe { CGROUP_POLICY.get(&id) } {
-                found = Some(*binding);
+                found = Some((id, *binding));
             }
         }
         level += 1;
@@ -91,20 +98,26 @@ pub fn policy_of(ancestor: impl Fn(i32) -> u64, own: impl Fn() -> u64) -> Option
 /// For a sender deeper than the walk: its own binding, or the guard of its deepest walked
 /// ancestor when some cgroup down there has a policy the walk cannot see.
 #[inline(always)]
-fn deep_binding(ancestor: &impl Fn(i32) -> u64, own: impl Fn() -> u64) -> Option<CgroupBinding> {
+fn deep_binding(ancestor: &impl Fn(i32) -> u64, own: impl Fn() -> u64) -> Option<(u64, CgroupBinding)> {
     if ancestor(MAX_CGROUP_LEVEL as i32 + 1) == 0 {
         return None;
     }
+    let id = own();
     // SAFETY: the values are copied out at once.
-    if let Some(binding) = unsafe { CGROUP_POLICY.get(&own()) } {
-        return Some(*binding);
+    if let Some(binding) = unsafe { CGROUP_POLICY.get(&id) } {
+        return Some((id, *binding));
     }
-    unsafe { DEEP_GUARDS.get(&ancestor(MAX_CGROUP_LEVEL as i32)) }.copied()
+    let guard = ancestor(MAX_CGROUP_LEVEL as i32);
+    unsafe { DEEP_GUARDS.get(&guard) }.map(|binding| (guard, *binding))
 }
 
-/// Applies policy `slot` to `flow`. `udp_reply` says the destination sent to this socket first.
+/// Applies policy `slot` to `flow`. `udp_reply` says the destination sent to this socket first;
+/// `bound` is the bound cgroup whose binding gave the slot (whose learned addresses apply).
+///
+/// A rule's explicit deny wins over a learned address; a learned address allowed by a name rule
+/// wins over the default and over CIDR allows (so the event names the domain).
 #[inline(always)]
-pub fn judge(slot: u32, flow: &Flow, udp_reply: impl FnOnce() -> bool) -> Judgement {
+pub fn judge(bound: u64, slot: u32, flow: &Flow, udp_reply: impl FnOnce() -> bool) -> Judgement {
     if slot >= MAX_POLICY_SLOTS {
         // A deep guard (see `deep_binding`) or a slot no policy owns: fail closed.
         return Judgement { verdict: verdict::BLOCKED, rule: rule_id::TOO_DEEP };
@@ -116,6 +129,17 @@ pub fn judge(slot: u32, flow: &Flow, udp_reply: impl FnOnce() -> bool) -> Judgem
         return refused(info.mode, rule_id::PORT_ZERO);
     }
     let (decided, rule) = decide(slot, flow).unwrap_or((info.default_action, rule_id::DEFAULT));
+    if info.flags & policy_flags::NAME_RULES != 0 {
+        let explicit_deny = decided != action::ALLOW && rule != rule_id::DEFAULT;
+        if !explicit_deny {
+            if let Some(name_rule) = crate::dns::learned_rule(bound, flow) {
+                return Judgement { verdict: verdict::ALLOWED, rule: name_rule };
+            }
+        }
+        if rule == rule_id::DEFAULT && crate::dns::is_bypass(flow) {
+            return refused(info.mode, rule_id::DNS_BYPASS);
+        }
+    }
     if decided == action::ALLOW {
         return Judgement { verdict: verdict::ALLOWED, rule };
     }
@@ -152,21 +176,29 @@ fn decide(slot: u32, flow: &Flow) -> Option<(u8, u32)> {
     if decision.port_table != 0 {
         // SAFETY: port tables are only replaced between reloads, never rewritten in place.
         if let Some(table) = unsafe { PORT_TABLES.get(&decision.port_table) } {
-            let mut i = 0;
-            while i < MAX_PORT_RULES {
-                if i as u32 >= table.len {
-                    break;
-                }
-                let r = &table.rules[i];
-                let proto_matches = r.proto == proto::ANY || r.proto == flow.protocol;
-                let port_matches =
-                    r.has_ports == 0 || (flow.port != 0 && r.port_lo <= flow.port && flow.port <= r.port_hi);
-                if proto_matches && port_matches {
-                    return Some((r.action, r.rule));
-                }
-                i += 1;
+            if let Some(found) = first_match(table, flow) {
+                return Some(found);
             }
         }
     }
     Some((decision.fallback_action, decision.fallback_rule))
+}
+
+/// `(action, rule)` of the first rule of `table` whose protocol and ports match `flow`.
+#[inline(always)]
+pub fn first_match(table: &PortTable, flow: &Flow) -> Option<(u8, u32)> {
+    let mut i = 0;
+    while i < MAX_PORT_RULES {
+        if i as u32 >= table.len {
+            break;
+        }
+        let r = &table.rules[i];
+        let proto_matches = r.proto == proto::ANY || r.proto == flow.protocol;
+        let port_matches = r.has_ports == 0 || (flow.port != 0 && r.port_lo <= flow.port && flow.port <= r.port_hi);
+        if proto_matches && port_matches {
+            return Some((r.action, r.rule));
+        }
+        i += 1;
+    }
+    None
 }

@@ -12,9 +12,10 @@ use aya_ebpf::{
 use egress_common::{family, hook, PeerKey};
 
 use crate::{
+    dns,
     events::{report, Sender},
     maps::UDP_PEERS,
-    policy::{current_ancestor, judge, normalise_protocol, policy_of, Flow},
+    policy::{bound_of, current_ancestor, judge, normalise_protocol, Flow},
 };
 
 const ALLOW: i32 = 1;
@@ -43,19 +44,19 @@ pub fn sendmsg6(ctx: SockAddrContext) -> i32 {
 #[inline(always)]
 fn on_send(ctx: &SockAddrContext, socket_family: u8, hook: u8, per_datagram: bool) -> i32 {
     // SAFETY: helper without arguments.
-    let Some(binding) = policy_of(current_ancestor, || unsafe { bpf_get_current_cgroup_id() }) else {
+    let Some((bound, binding)) = bound_of(current_ancestor, || unsafe { bpf_get_current_cgroup_id() }) else {
         return ALLOW;
     };
     let sa = ctx.sock_addr;
     let flow = destination(sa, socket_family, per_datagram);
+    // SAFETY: a helper without arguments.
+    let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
+    if dns::steer(sa, socket_family, &flow, binding.slot, bound, cgroup_id) {
+        return ALLOW;
+    }
     let cookie = unsafe { bpf_get_socket_cookie(sa.cast()) };
-    let judgement = judge(binding.slot, &flow, || peer_spoke_first(cookie, &flow));
-    let sender = Sender {
-        // SAFETY: a helper without arguments.
-        cgroup_id: unsafe { bpf_get_current_cgroup_id() },
-        cookie,
-        socket_uid: None,
-    };
+    let judgement = judge(bound, binding.slot, &flow, || peer_spoke_first(cookie, &flow));
+    let sender = Sender { cgroup_id, cookie, socket_uid: None };
     report::<true>(&binding, &flow, &judgement, hook, &sender, per_datagram);
     if judgement.lets_through() {
         ALLOW

@@ -206,6 +206,20 @@ pub fn status_text(report: &StatusReport) -> String {
             policy.cgroups,
             plural(policy.cgroups),
         );
+        if !policy.names_seen.is_empty() {
+            let names: Vec<String> = policy.names_seen.iter().map(|n| escaped(n).into_owned()).collect();
+            let _ = writeln!(out, "  names seen: {}", names.join(", "));
+        }
+        for learned in &policy.learned {
+            let names: Vec<String> = learned.names.iter().map(|n| escaped(n).into_owned()).collect();
+            let _ = writeln!(
+                out,
+                "  learned {} ({}) expires in {} s",
+                learned.address,
+                names.join(", "),
+                learned.expires_in
+            );
+        }
     }
     if !report.ignored.is_empty() {
         out.push_str(

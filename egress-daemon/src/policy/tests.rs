@@ -653,6 +653,7 @@ fn policy(rules: Vec<Rule>) -> Policy {
         selector: Selector::Cgroup("demo".to_owned()),
         default: Action::Deny,
         mode: Mode::Enforce,
+        names: Vec::new(),
         allow_sockets: Vec::new(),
         rules,
     }
@@ -685,7 +686,7 @@ fn compiles_nested_cidrs() {
             active: 1,
             default_action: action::DENY,
             mode: egress_common::mode::ENFORCE,
-            _pad: 0,
+            flags: 0,
             allowed_sockets: 0,
         }
     );
@@ -926,6 +927,7 @@ fn policy_strategy() -> impl Strategy<Value = Policy> {
             default: if allow { Action::Allow } else { Action::Deny },
             mode: if audit { Mode::Audit } else { Mode::Enforce },
             rules,
+            names: Vec::new(),
             allow_sockets: Vec::new(),
         })
 }
