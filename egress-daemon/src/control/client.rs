@@ -349,6 +349,7 @@ mod tests {
                 default: "deny".into(),
                 rules: 3,
                 cgroups: 1,
+                ..PolicyStatus::default()
             }],
             cgroups: vec![CgroupStatus {
                 cgroup: "system.slice/nginx.service".into(),

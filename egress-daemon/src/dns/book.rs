@@ -36,6 +36,15 @@ impl Entry {
     }
 }
 
+/// What status shows of one policy.
+#[derive(Default)]
+pub struct PolicyReport {
+    /// Names allowed and answered, most recent first.
+    pub seen: Vec<String>,
+    /// Live addresses, their names and the time left.
+    pub learned: Vec<(IpAddr, Vec<String>, Duration)>,
+}
+
 /// What the proxy learned, as written into the kernel.
 #[derive(Default)]
 pub struct Book {
@@ -140,20 +149,24 @@ impl Book {
 
     /// Per policy: names seen (most recent first) and live addresses with their names and the
     /// time left.
-    pub fn report(&self, now_ns: u64) -> HashMap<String, (Vec<String>, Vec<(IpAddr, Vec<String>, Duration)>)> {
-        let mut out: HashMap<String, (Vec<String>, Vec<(IpAddr, Vec<String>, Duration)>)> = HashMap::new();
+    pub fn report(&self, now_ns: u64) -> HashMap<String, PolicyReport> {
+        let mut out: HashMap<String, PolicyReport> = HashMap::new();
         for (policy, seen) in &self.seen {
             let mut names: Vec<(&String, &u64)> = seen.iter().collect();
             names.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
-            out.entry(policy.clone()).or_default().0 = names.into_iter().map(|(n, _)| n.clone()).collect();
+            out.entry(policy.clone()).or_default().seen = names.into_iter().map(|(n, _)| n.clone()).collect();
         }
         let mut live: Vec<(&(u64, Ipv6Addr), &Entry)> =
             self.entries.iter().filter(|(_, e)| e.expires_ns > now_ns).collect();
-        live.sort_by(|a, b| a.0 .1.cmp(&b.0 .1));
+        live.sort_by_key(|(key, _)| key.1);
         for ((_, addr), entry) in live {
             let shown = addr.to_ipv4_mapped().map_or(IpAddr::V6(*addr), IpAddr::V4);
             let left = Duration::from_nanos(entry.expires_ns - now_ns);
-            out.entry(entry.policy.clone()).or_default().1.push((shown, entry.names.iter().cloned().collect(), left));
+            out.entry(entry.policy.clone()).or_default().learned.push((
+                shown,
+                entry.names.iter().cloned().collect(),
+                left,
+            ));
         }
         out
     }

@@ -137,7 +137,7 @@ async fn sweep(state: Arc<DnsState>, maps: Arc<Mutex<DnsMaps>>) {
         for (cgroup, addr) in book.take_expired(now) {
             maps.remove(cgroup, addr);
         }
-        if round % KERNEL_SWEEP_EVERY == 0 {
+        if round.is_multiple_of(KERNEL_SWEEP_EVERY) {
             for (key, value) in maps.entries() {
                 if value.expires_ns <= now {
                     maps.remove(key.cgroup, Ipv6Addr::from(key.addr));

@@ -9,9 +9,10 @@ use crate::{
 pub fn fill(engine: &Engine, policies: &mut [PolicyStatus]) {
     let mut report = engine.dns().book().report(super::book::boot_ns());
     for policy in policies {
-        let Some((seen, learned)) = report.remove(&policy.name) else { continue };
-        policy.names_seen = seen;
-        policy.learned = learned
+        let Some(found) = report.remove(&policy.name) else { continue };
+        policy.names_seen = found.seen;
+        policy.learned = found
+            .learned
             .into_iter()
             .map(|(address, names, left)| LearnedStatus {
                 address: address.to_string(),
