@@ -32,7 +32,7 @@ struct Lab {
     file: PolicyFile,
     daemon: Option<Daemon>,
     servers: Vec<Child>,
-    _ns: NetNs,
+    ns: NetNs,
 }
 
 impl Lab {
@@ -75,7 +75,7 @@ impl Lab {
         let policies = policies.replace("{W}", &workload.relative).replace("{C}", &cgroup.relative);
         file.rewrite(&format!("{settings}policies:\n{policies}"));
         let daemon = Daemon::start(&file);
-        Self { subnet, log, cgroup, workload, file, daemon: Some(daemon), servers, _ns: ns }
+        Self { subnet, log, cgroup, workload, file, daemon: Some(daemon), servers, ns }
     }
 
     fn daemon(&self) -> &Daemon {
@@ -460,4 +460,55 @@ fn an_address_learned_in_one_cgroup_never_allows_another() {
     assert_eq!(lab.dig(&second, &[&resolver, "two.dns.test"]).status, "NOERROR");
     assert_eq!(tcp_connect(&second, "10.214.156.2"), "ok");
     assert_eq!(tcp_connect(&lab.workload, "10.214.156.2"), "EPERM");
+}
+
+#[test]
+fn sockets_in_another_network_namespace_are_not_steered_and_learn_nothing() {
+    if !privileged() {
+        return;
+    }
+    let zone = r#"{"app.dns.test": {"A": ["10.214.157.1"]}}"#;
+    // The resolver is allowed by CIDR, so the query itself goes through, unsteered.
+    let rules =
+        "      - allow: app.dns.test\n      - allow: 10.213.157.2\n        protocol: udp\n        ports: [53]\n";
+    let lab = Lab::new(157, zone, &policy("names", "{W}", "deny", rules), "");
+    // Into the cgroup first, then the namespace (`ip netns exec` hides the cgroup2 mount).
+    let out = lab
+        .workload
+        .command("ip")
+        .args(["netns", "exec", &lab.ns.name, "dig", "+short", "+tries=1", "+time=3", "@10.213.157.2", "app.dns.test"])
+        .output()
+        .expect("dig in the namespace");
+    assert_eq!(stdout_of(&out), "10.214.157.1", "answered by the server itself: {}", stderr_of(&out));
+    let connect = lab
+        .workload
+        .command("ip")
+        .args(["netns", "exec", &lab.ns.name, "python3", "-c", PY_TCP_CONNECT, "10.214.157.1", "7000"])
+        .output()
+        .expect("connect in the namespace");
+    assert_eq!(stdout_of(&connect), "EPERM", "nothing was learned for a namespace the proxy does not serve");
+    let status = lab.file.status_json();
+    assert!(status["policies"][0]["names_seen"].is_null(), "{status:#}");
+}
+
+#[test]
+fn egress_exec_steers_dns_to_a_proxy_of_its_own() {
+    if !privileged() {
+        return;
+    }
+    let zone = r#"{"app.dns.test": {"A": ["10.214.158.1"]}}"#;
+    // The lab's daemon governs an empty cgroup; exec runs the policy on its own programs.
+    let lab = Lab::new(158, zone, &policy("names", "{C}/unused", "deny", "      - allow: app.dns.test\n"), "");
+    let script = "dig +short +tries=1 +time=3 @10.213.158.2 app.dns.test; \
+                  dig +short +tries=1 +time=3 @10.213.158.2 other.dns.test; \
+                  python3 -c \"$0\" 10.214.158.1 7000; python3 -c \"$0\" 10.214.158.2 7000";
+    let out = Command::new(egress_bin())
+        .args(["exec", "--config"])
+        .arg(&lab.file.path)
+        .args(["--policy", "names", "--", "sh", "-c", script, PY_TCP_CONNECT])
+        .output()
+        .expect("egress exec");
+    assert_eq!(stdout_of(&out), "10.214.158.1\nok\nEPERM", "{}", stderr_of(&out));
+    assert!(stderr_of(&out).contains("other.dns.test"), "a blocked event names the refused query");
+    assert!(!lab.queries().contains("other.dns.test"), "{}", lab.queries());
 }

@@ -67,33 +67,55 @@ impl Drop for DnsService {
     }
 }
 
+/// The proxy's four sockets, all on one port (std sockets: `start` may be called from inside
+/// another runtime, which may not block on the proxy's).
+type Listeners = (std::net::UdpSocket, std::net::TcpListener, std::net::UdpSocket, std::net::TcpListener);
+
+fn bind(port: u16) -> anyhow::Result<Listeners> {
+    let v4 = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+    let udp4 = std::net::UdpSocket::bind(v4).with_context(|| format!("UDP {v4}"))?;
+    // Port 0: the one the kernel picked for the first socket, for the others too.
+    let port = udp4.local_addr()?.port();
+    let v4 = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+    let v6 = SocketAddr::from((Ipv6Addr::LOCALHOST, port));
+    let listeners = (
+        udp4,
+        std::net::TcpListener::bind(v4).with_context(|| format!("TCP {v4}"))?,
+        std::net::UdpSocket::bind(v6).with_context(|| format!("UDP {v6}"))?,
+        std::net::TcpListener::bind(v6).with_context(|| format!("TCP {v6}"))?,
+    );
+    listeners.0.set_nonblocking(true)?;
+    listeners.1.set_nonblocking(true)?;
+    listeners.2.set_nonblocking(true)?;
+    listeners.3.set_nonblocking(true)?;
+    Ok(listeners)
+}
+
 /// Binds the proxy's listeners on 127.0.0.1 and ::1 (UDP and TCP) and serves them on a thread
-/// of its own; then turns steering on in the kernel.
+/// of its own; then turns steering on in the kernel. `settings.listen_port` 0 (`egress exec`,
+/// whose kernel programs are its own): any free port.
 pub fn start(
     settings: &DnsSettings,
     state: Arc<DnsState>,
     maps: Arc<Mutex<DnsMaps>>,
     engine: Engine,
 ) -> anyhow::Result<DnsService> {
-    let port = settings.listen_port;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .thread_name("egress-dns")
         .enable_all()
         .build()
         .context("starting the DNS proxy's runtime")?;
-    let v4 = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
-    let v6 = SocketAddr::from((Ipv6Addr::LOCALHOST, port));
-    let (udp4, tcp4, udp6, tcp6) = runtime
-        .block_on(async {
-            anyhow::Ok((
-                tokio::net::UdpSocket::bind(v4).await.with_context(|| format!("UDP {v4}"))?,
-                tokio::net::TcpListener::bind(v4).await.with_context(|| format!("TCP {v4}"))?,
-                tokio::net::UdpSocket::bind(v6).await.with_context(|| format!("UDP {v6}"))?,
-                tokio::net::TcpListener::bind(v6).await.with_context(|| format!("TCP {v6}"))?,
-            ))
-        })
-        .context("settings.dns.listen_port: binding the DNS proxy")?;
+    let attempts = if settings.listen_port == 0 { 8 } else { 1 };
+    let mut bound = bind(settings.listen_port);
+    for _ in 1..attempts {
+        if bound.is_ok() {
+            break;
+        }
+        bound = bind(settings.listen_port);
+    }
+    let (udp4, tcp4, udp6, tcp6) = bound.context("settings.dns.listen_port: binding the DNS proxy")?;
+    let port = udp4.local_addr().context("the DNS proxy's port")?.port();
     let resolvers = upstream::resolvers(&settings.upstream);
     if resolvers.is_empty() {
         tracing::warn!("no upstream resolver (settings.dns.upstream, /etc/resolv.conf): allowed names get SERVFAIL");
@@ -109,10 +131,18 @@ pub fn start(
         .name("egress-dns".into())
         .spawn(move || {
             runtime.block_on(async move {
-                tokio::spawn(proxy.clone().serve_udp(udp4));
-                tokio::spawn(proxy.clone().serve_udp(udp6));
-                tokio::spawn(proxy.clone().serve_tcp(tcp4));
-                tokio::spawn(proxy.clone().serve_tcp(tcp6));
+                for udp in [udp4, udp6] {
+                    match tokio::net::UdpSocket::from_std(udp) {
+                        Ok(socket) => drop(tokio::spawn(proxy.clone().serve_udp(socket))),
+                        Err(error) => tracing::error!(%error, "DNS proxy: UDP listener"),
+                    }
+                }
+                for tcp in [tcp4, tcp6] {
+                    match tokio::net::TcpListener::from_std(tcp) {
+                        Ok(listener) => drop(tokio::spawn(proxy.clone().serve_tcp(listener))),
+                        Err(error) => tracing::error!(%error, "DNS proxy: TCP listener"),
+                    }
+                }
                 tokio::spawn(sweep(state, maps));
                 drop(stopped.await);
             });
