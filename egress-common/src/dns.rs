@@ -9,6 +9,8 @@ pub mod dns_names {
     pub const LEARNED: &str = "LEARNED";
     pub const STEERED: &str = "STEERED";
     pub const QUERY_ORIGINS: &str = "QUERY_ORIGINS";
+    /// Every DNS map (all pinned: learned addresses outlive a daemon restart).
+    pub const ALL: [&str; 4] = [DNS_CONFIG, LEARNED, STEERED, QUERY_ORIGINS];
 }
 
 /// Learned (bound cgroup, address) entries, all cgroups together.

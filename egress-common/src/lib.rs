@@ -4,9 +4,15 @@
 //! userspace reads them back, so both sides must agree on every offset.
 #![no_std]
 
+#[cfg(feature = "mountinfo")]
+extern crate std;
+
 pub mod dns;
 pub mod event;
+pub mod lookup;
 pub mod maps;
+#[cfg(feature = "mountinfo")]
+pub mod mountinfo;
 
 pub use dns::*;
 pub use event::*;

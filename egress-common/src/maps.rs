@@ -15,6 +15,22 @@ pub mod names {
     pub const UDP_PEERS: &str = "UDP_PEERS";
     pub const FLOWS_SEEN: &str = "FLOWS_SEEN";
     pub const DEEP_GUARDS: &str = "DEEP_GUARDS";
+
+    /// Every map of the kernel object; all are pinned so that enforcement outlives the daemon.
+    pub const ALL: [&str; 12] = [
+        CGROUP_POLICY,
+        POLICY_INFO,
+        RULES_V4,
+        RULES_V6,
+        PORT_TABLES,
+        SETTINGS,
+        EVENTS,
+        COUNTERS,
+        BINDING_STATS,
+        UDP_PEERS,
+        FLOWS_SEEN,
+        DEEP_GUARDS,
+    ];
 }
 
 /// Capacity of the cgroup id -> policy slot map.
@@ -132,8 +148,9 @@ pub struct Settings {
     pub policy_levels: u32,
     /// Generation of the policies in force (see the daemon's loader).
     pub generation: u32,
-    /// Dropped events a daemon has already reported.
-    pub dropped_reported: u64,
+    /// Unused (once the reported drop count, now `counter::DROPS_REPORTED`); kept so that pinned
+    /// maps keep their layout.
+    pub _reserved: u64,
     /// Flow events per second one cgroup may write on each CPU; 0 means
     /// [`DEFAULT_EVENT_BUDGET`]. Read by the kernel.
     pub event_budget: u32,
@@ -153,6 +170,8 @@ pub struct CgroupBinding {
 pub mod counter {
     /// Events that did not fit in the ring buffer.
     pub const EVENTS_DROPPED: u32 = 0;
+    /// Dropped events a daemon has already reported (written by the daemon, on CPU 0's copy).
+    pub const DROPS_REPORTED: u32 = 1;
     pub const COUNT: u32 = 4;
 }
 

@@ -1,13 +1,23 @@
 //! cgroup v2 file system: where it is mounted, cgroup ids, and the cgroups `egress exec` makes.
 
 use std::{
-    fs,
-    io::{self, BufRead},
+    fs, io,
     os::unix::fs::MetadataExt,
     path::{Path, PathBuf},
 };
 
+use egress_common::mountinfo;
 use thiserror::Error;
+
+/// How the root cgroup is written wherever cgroups are named relative to the cgroup2 mount
+/// (other cgroups: `system.slice/nginx.service`, no leading `/`).
+pub const ROOT: &str = "/";
+
+/// systemd unit types whose cgroup holds processes (slices only group units).
+pub const PROCESS_UNIT_SUFFIXES: [&str; 5] = [".service", ".scope", ".socket", ".mount", ".swap"];
+/// Unit types a `systemd_unit:` selector may name: those that run workloads, and the slices
+/// that group them.
+pub const SELECTABLE_UNIT_SUFFIXES: [&str; 4] = [".service", ".scope", ".slice", ".socket"];
 
 #[derive(Debug, Error)]
 pub enum CgroupError {
@@ -46,14 +56,8 @@ impl Hierarchy {
     /// the usual mount shows the namespace's cgroup as its root, and the host's root may be
     /// mounted elsewhere (a hostPath volume).
     pub fn discover() -> Result<Self, CgroupError> {
-        let file = fs::File::open("/proc/self/mountinfo").map_err(CgroupError::MountInfo)?;
-        let mut mounts = Vec::new();
-        for line in io::BufReader::new(file).lines() {
-            let line = line.map_err(CgroupError::MountInfo)?;
-            if let Some(mount) = cgroup2_mount_point(&line) {
-                mounts.push(Self { mount: PathBuf::from(mount) });
-            }
-        }
+        let points = mountinfo::points_of("cgroup2").map_err(CgroupError::MountInfo)?;
+        let mounts: Vec<Self> = points.into_iter().map(|mount| Self { mount }).collect();
         let first = mounts.first().cloned().ok_or(CgroupError::NoCgroup2)?;
         Ok(mounts.into_iter().find(|h| h.root_is_real().unwrap_or(false)).unwrap_or(first))
     }
@@ -78,7 +82,7 @@ impl Hierarchy {
     /// Path relative to the mount, as policies and events name cgroups; `/` for the root.
     pub fn relative(&self, dir: &Path) -> String {
         match dir.strip_prefix(&self.mount) {
-            Ok(rel) if rel.as_os_str().is_empty() => "/".to_string(),
+            Ok(rel) if rel.as_os_str().is_empty() => ROOT.to_string(),
             Ok(rel) => rel.display().to_string(),
             Err(_) => dir.display().to_string(),
         }
@@ -103,17 +107,8 @@ impl Hierarchy {
     }
 }
 
-fn cgroup2_mount_point(mountinfo_line: &str) -> Option<&str> {
-    // Fields: id parent major:minor root mount-point options [optional...] - fstype source ...
-    let (before, after) = mountinfo_line.split_once(" - ")?;
-    if after.split_whitespace().next()? != "cgroup2" {
-        return None;
-    }
-    before.split_whitespace().nth(4)
-}
-
 /// One cgroup directory.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct Cgroup {
     pub dir: PathBuf,
     /// Path relative to the cgroup2 mount.
@@ -136,12 +131,6 @@ impl Cgroup {
             dir = dir.parent().ok_or_else(|| CgroupError::Missing { path: self.dir.clone() })?;
         }
         fs::metadata(dir).map(|meta| meta.ino()).map_err(io_error("stat", dir))
-    }
-
-    /// Moves a process into this cgroup.
-    pub fn add_process(&self, pid: u32) -> Result<(), CgroupError> {
-        let procs = self.dir.join("cgroup.procs");
-        fs::write(&procs, pid.to_string()).map_err(io_error("write", &procs))
     }
 
     /// Sends SIGKILL to every process in the cgroup and the cgroups below it: one write to
@@ -212,28 +201,9 @@ fn kill_listed(dir: &Path) -> Result<(), CgroupError> {
     Ok(())
 }
 
-/// The cgroup2 path (relative to the mount) of a running process, from `/proc/PID/cgroup`.
-pub fn cgroup_of_process(pid: u32) -> io::Result<String> {
-    let text = fs::read_to_string(format!("/proc/{pid}/cgroup"))?;
-    text.lines()
-        .find_map(|line| line.strip_prefix("0::"))
-        .map(|p| p.trim_start_matches('/').to_string())
-        .ok_or_else(|| io::Error::other("no cgroup v2 entry"))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn finds_cgroup2_in_mountinfo_lines() {
-        let hybrid = "41 31 0:38 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw";
-        let unified = "30 23 0:26 / /sys/fs/cgroup rw,nosuid shared:4 - cgroup2 cgroup2 rw,nsdelegate";
-        let v1 = "32 31 0:29 / /sys/fs/cgroup/cpu rw,relatime - cgroup cgroup rw,cpu";
-        assert_eq!(cgroup2_mount_point(hybrid), Some("/sys/fs/cgroup/unified"));
-        assert_eq!(cgroup2_mount_point(unified), Some("/sys/fs/cgroup"));
-        assert_eq!(cgroup2_mount_point(v1), None);
-    }
 
     #[test]
     fn only_the_hierarchys_own_root_is_real() {

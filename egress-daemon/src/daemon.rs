@@ -19,22 +19,21 @@ use tokio::{
 
 use crate::{
     cgroup::{Cgroup, Hierarchy},
-    commands::{load_policies, Failure},
     control::{
         self,
         history::EventHistory,
-        protocol::{CgroupStatus, IgnoredStatus, PolicyStatus, StatusReport},
+        protocol::{CgroupStatus, IgnoredStatus, MapFill, PolicyStatus, StatusReport},
     },
-    discovery::{self, Change, ContainerNames, Found},
+    discovery::{self, Change, ContainerNames},
     engine::{Binding, Engine},
-    events::Catalog,
-    loader::{Enforcer, OnExit, SocketGuard, Start},
+    kernel::{self, DropCounter, OnExit, SocketGuard, Start},
     matching::{self, IgnoredMatches, Match},
     metrics,
-    output::{escaped, EventWriter, LogFormat},
+    output::{EventWriter, LogFormat},
     pipeline,
-    policy::model::PolicySet,
-    preflight, service,
+    policy::{model::PolicySet, parse_policy_file},
+    printable::escaped,
+    service,
 };
 
 pub struct RunArgs {
@@ -50,6 +49,7 @@ pub struct Daemon {
     pub hierarchy: Hierarchy,
     pub config: PathBuf,
     pub history: Arc<EventHistory>,
+    pub drops: DropCounter,
     names: Arc<Mutex<ContainerNames>>,
     /// Selector matches that do not count (see `matching`), for status.
     ignored: Arc<Mutex<IgnoredMatches>>,
@@ -59,31 +59,27 @@ pub struct Daemon {
     /// Taken before `names`, which is taken before the engine's locks.
     changing: Arc<Mutex<()>>,
     /// The kernel's DNS maps, and the DNS proxy once a policy has name rules.
-    dns_maps: Arc<Mutex<crate::dns::kernel::DnsMaps>>,
+    dns_maps: Arc<Mutex<crate::kernel::DnsMaps>>,
     dns_service: Arc<Mutex<Option<crate::dns::DnsService>>>,
 }
 
-pub async fn run(args: RunArgs) -> Result<(), Failure> {
-    let hierarchy = preflight::check()?;
-    let set = load_policies(&args.config)?;
+pub async fn run(args: RunArgs) -> anyhow::Result<()> {
+    let hierarchy = kernel::preflight()?;
+    let set = parse_policy_file(&args.config)?;
     let settings = set.settings.clone();
-    preflight::ensure_bpffs(&settings.pin_dir)?;
+    kernel::ensure_bpffs(&settings.pin_dir)?;
     let attach_point =
         hierarchy.open(&settings.attach).with_context(|| format!("settings.attach: cgroup {:?}", settings.attach))?;
 
-    let (mut enforcer, start) = Enforcer::load(Some(&settings.pin_dir)).map_err(|error| {
-        let what = preflight::missing_helper(&error.to_string())
-            .map_or_else(|| "loading the kernel programs".to_owned(), |m| format!("loading the kernel programs: {m}"));
-        anyhow::Error::new(error).context(what)
-    })?;
-    if start == Start::Adopted {
+    let loaded = Engine::load(Some(&settings.pin_dir), &hierarchy)?;
+    if loaded.start == Start::Adopted {
         tracing::info!(pins = %settings.pin_dir.display(), "adopting the enforcement an earlier daemon left in place");
     }
-    log_socket_guard(enforcer.socket_guard());
-    let ring = enforcer.take_events()?;
-    let dns_maps = Arc::new(Mutex::new(enforcer.take_dns_maps()?));
+    log_socket_guard(loaded.engine.state().enforcer.socket_guard());
+    let dns_maps = Arc::new(Mutex::new(loaded.dns_maps));
     let daemon = Daemon {
-        engine: Engine::new(enforcer, Catalog::new(hierarchy.clone())),
+        engine: loaded.engine,
+        drops: loaded.drops.clone(),
         hierarchy: hierarchy.clone(),
         config: args.config.clone(),
         history: Arc::new(EventHistory::new(settings.history)),
@@ -109,15 +105,25 @@ pub async fn run(args: RunArgs) -> Result<(), Failure> {
     daemon.engine.attach(&attach_point)?;
 
     let writer = EventWriter::new(args.log_format, io::stdout()).with_journal_priorities(service::under_journal());
-    let events = pipeline::spawn(ring, daemon.engine.clone(), writer, Some(daemon.history.clone()))
-        .context("starting the event pipeline")?;
+    let events = pipeline::spawn(pipeline::Ends {
+        events: loaded.events,
+        drops: loaded.drops,
+        catalog: daemon.engine.shared_catalog(),
+        writer,
+        history: Some(daemon.history.clone()),
+    })
+    .context("starting the event pipeline")?;
     let cgroups = CgroupFollower::spawn(daemon.clone(), changes).context("starting the cgroup follower")?;
     let control_server =
         control::server::serve(&settings.control_socket, settings.control_group.clone(), Arc::new(daemon.clone()))
             .await
             .context("starting the control socket")?;
     let _metrics = match settings.metrics {
-        Some(address) => Some(metrics::serve(address, daemon.clone()).await.context("starting the metrics listener")?),
+        Some(address) => {
+            let snapshot = daemon.clone();
+            let snapshot: metrics::Snapshot = Arc::new(move || control::server::ControlHandler::status(&snapshot));
+            Some(metrics::serve(address, snapshot).await.context("starting the metrics listener")?)
+        }
         None => None,
     };
     // Said once the control socket answers too: scripts and tests wait for this line.
@@ -142,7 +148,7 @@ pub async fn run(args: RunArgs) -> Result<(), Failure> {
     })
     .await
     .context("shutting down")?;
-    result.and(drained.map_err(Failure::from))
+    result.and(drained)
 }
 
 /// Applies the cgroups the watcher reports, one at a time and in order, on a thread of its own:
@@ -188,7 +194,7 @@ fn log_socket_guard(guard: &SocketGuard) {
 }
 
 impl Daemon {
-    async fn serve_until_stopped(&self) -> Result<(), Failure> {
+    async fn serve_until_stopped(&self) -> anyhow::Result<()> {
         let mut terminate = signal(SignalKind::terminate())?;
         let mut interrupt = signal(SignalKind::interrupt())?;
         let mut hangup = signal(SignalKind::hangup())?;
@@ -213,12 +219,12 @@ impl Daemon {
     pub fn reload(&self) -> Result<String, String> {
         let _changing = self.changing();
         service::notify_reloading();
-        let result = load_policies(&self.config).map_err(|failure| format!("{:#}", failure.error)).and_then(|set| {
+        let result = parse_policy_file(&self.config).map_err(|error| error.to_string()).and_then(|set| {
             if set.settings.attach != self.attach {
                 tracing::warn!("settings.attach changed; it takes effect when the daemon restarts");
             }
             let count = set.policies.len();
-            self.apply(set).map_err(|failure| format!("{:#}", failure.error))?;
+            self.apply(set).map_err(|error| format!("{error:#}"))?;
             Ok(format!("{count} policies enforced from {}", self.config.display()))
         });
         match &result {
@@ -232,7 +238,7 @@ impl Daemon {
 
     /// Starts the DNS proxy (and kernel steering) once a policy has name rules; with none,
     /// steering an earlier daemon left on is turned off.
-    fn ensure_dns(&self, set: &PolicySet) -> Result<(), Failure> {
+    fn ensure_dns(&self, set: &PolicySet) -> anyhow::Result<()> {
         let wanted = set.policies.iter().any(|p| !p.names.is_empty());
         let mut service = self.dns_service.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         match (&*service, wanted) {
@@ -259,7 +265,7 @@ impl Daemon {
 
     /// Matches every existing cgroup below the attach point and puts `set` in force. Blocks (a walk
     /// of the tree, the runtimes' CLIs): call it off the runtime, holding `changing`.
-    fn apply(&self, set: PolicySet) -> Result<(), Failure> {
+    fn apply(&self, set: PolicySet) -> anyhow::Result<()> {
         let found = discovery::scan(self.hierarchy.mount(), &self.attach).context("scanning the cgroup tree")?;
         let names = self.refreshed_names(&found);
         let mut bindings = Vec::new();
@@ -268,7 +274,7 @@ impl Daemon {
             let matched = self.policy_for(&set, f, &names);
             ignored.add(&set, &f.relative, &matched);
             if let Some(policy) = matched.policy {
-                bindings.push(Binding { policy, cgroup: self.cgroup(f) });
+                bindings.push(Binding { policy, cgroup: f.clone() });
             }
         }
         drop(names);
@@ -314,26 +320,21 @@ impl Daemon {
                 };
                 drop(names);
                 if let Some(policy) = policy {
-                    let binding = Binding { policy, cgroup: self.cgroup(&found) };
+                    let binding = Binding { policy, cgroup: found.clone() };
                     match self.engine.bind(&binding) {
                         Ok(()) => tracing::info!(cgroup = %escaped(&found.relative), "new cgroup bound to its policy"),
                         Err(error) => {
-                            tracing::error!(cgroup = %escaped(&found.relative), "binding a new cgroup: {error:#}")
+                            tracing::error!(cgroup = %escaped(&found.relative), "binding a new cgroup: {error:#}");
                         }
                     }
                 }
             }
-            Change::Removed { relative } => {
+            Change::Removed { relative, id } => {
                 self.ignored().forget(&relative);
-                let id = {
-                    let state = self.engine.state();
-                    state
-                        .active
-                        .as_ref()
-                        .and_then(|active| active.bound.iter().find(|(_, b)| b.relative == relative).map(|(id, _)| *id))
-                };
-                if let Some(id) = id {
-                    self.engine.unbind(id);
+                if let Some(container) = discovery::container_of(&relative) {
+                    self.names.lock().unwrap_or_else(std::sync::PoisonError::into_inner).forget_id(&container.id);
+                }
+                if self.engine.unbind(id).is_some() {
                     tracing::info!(cgroup = %escaped(&relative), "cgroup removed; its binding is gone");
                 }
             }
@@ -344,18 +345,9 @@ impl Daemon {
         self.changing.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    fn cgroup(&self, found: &Found) -> Cgroup {
-        Cgroup {
-            dir: self.hierarchy.dir(&found.relative),
-            relative: if found.relative.is_empty() { "/".to_string() } else { found.relative.clone() },
-            id: found.id,
-            level: found.level,
-        }
-    }
-
     /// What governs a cgroup found on the tree, checking the placement of cgroups a selector
     /// names by what they are called (the check runs as each cgroup is discovered).
-    fn policy_for(&self, set: &PolicySet, found: &Found, names: &ContainerNames) -> Match {
+    fn policy_for(&self, set: &PolicySet, found: &Cgroup, names: &ContainerNames) -> Match {
         matching::policy_for(set, &found.relative, names, |depth| {
             discovery::check_placement(self.hierarchy.mount(), &found.relative, depth)
         })
@@ -368,7 +360,7 @@ impl Daemon {
     /// Container names (best effort, from the runtimes' CLIs) and ids seen in `found`. Only ids of
     /// cgroups root placed count: a user could otherwise make a prefix ambiguous (which selects
     /// nothing) with a forged `docker-<id>.scope`, or have the CLIs run for every one made.
-    fn refreshed_names(&self, found: &[Found]) -> std::sync::MutexGuard<'_, ContainerNames> {
+    fn refreshed_names(&self, found: &[Cgroup]) -> std::sync::MutexGuard<'_, ContainerNames> {
         let mut names = self.names.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let ids: Vec<String> = found
             .iter()
@@ -401,7 +393,7 @@ fn guarantees(state: &crate::engine::State) -> Vec<String> {
 impl control::server::ControlHandler for Daemon {
     fn status(&self) -> StatusReport {
         let mut state = self.engine.state();
-        let dropped_events = state.enforcer.dropped_events().map(|(total, _)| total).unwrap_or(0);
+        let dropped_events = self.drops.read().map_or(0, |drops| drops.total);
         let guarantees = guarantees(&state);
         let Some(active) = &state.active else {
             return StatusReport { attach: self.attach.clone(), dropped_events, guarantees, ..StatusReport::default() };
@@ -427,12 +419,18 @@ impl control::server::ControlHandler for Daemon {
         let mut report = StatusReport {
             generation: state.enforcer.generation(),
             config: active.source.clone(),
-            loaded_at: crate::output::rfc3339(active.loaded_at),
-            attach: if self.attach.is_empty() { "/".to_string() } else { self.attach.clone() },
+            loaded_at: crate::events::timestamp(active.loaded_at),
+            attach: self.attach.clone(),
             dropped_events,
             guarantees,
             policies,
             cgroups: Vec::new(),
+            maps: state
+                .enforcer
+                .map_fill()
+                .into_iter()
+                .map(|(map, used, capacity)| MapFill { map: map.to_owned(), used, capacity })
+                .collect(),
             ignored: self
                 .ignored()
                 .iter()

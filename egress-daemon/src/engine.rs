@@ -3,6 +3,7 @@
 
 use std::{
     collections::HashMap,
+    path::Path,
     sync::{Arc, Mutex, MutexGuard},
     time::SystemTime,
 };
@@ -11,11 +12,11 @@ use anyhow::{bail, Context};
 use egress_common::{DEEP_LEVELS_BIT, MAX_CGROUP_LEVEL};
 
 use crate::{
-    cgroup::Cgroup,
+    cgroup::{Cgroup, Hierarchy},
     dns::DnsState,
     events::{Catalog, SlotNames},
     generation::Generation,
-    loader::Enforcer,
+    kernel::{self, DnsMaps, DropCounter, Enforcer, EventSource, Start},
     policy::{compile::compile_set, model::PolicySet},
 };
 
@@ -68,17 +69,42 @@ pub struct Engine {
     dns: Arc<DnsState>,
 }
 
+/// The programs loaded (nothing attached or enforced yet) and the event path's ends.
+pub struct Loaded {
+    pub engine: Engine,
+    pub start: Start,
+    pub events: EventSource,
+    pub drops: DropCounter,
+    /// The DNS maps, for the DNS proxy.
+    pub dns_maps: DnsMaps,
+}
+
 impl Engine {
-    pub fn new(enforcer: Enforcer, mut catalog: Catalog) -> Self {
+    /// Loads the kernel programs; with a pin directory an earlier daemon's maps are adopted.
+    pub fn load(pin_dir: Option<&Path>, hierarchy: &Hierarchy) -> anyhow::Result<Loaded> {
+        let (mut enforcer, start) = Enforcer::load(pin_dir).map_err(|error| {
+            let what = kernel::missing_helper(&error.to_string()).map_or_else(
+                || "loading the kernel programs".to_owned(),
+                |m| format!("loading the kernel programs: {m}"),
+            );
+            anyhow::Error::new(error).context(what)
+        })?;
+        let (events, drops) = enforcer.take_event_source().context("taking the event ring")?;
+        let dns_maps = enforcer.take_dns_maps().context("taking the DNS maps")?;
         let dns = Arc::new(DnsState::default());
+        let mut catalog = Catalog::new(hierarchy.clone());
         catalog.set_domains(dns.clone());
-        Self {
-            state: Arc::new(Mutex::new(State { enforcer, active: None })),
-            catalog: Arc::new(Mutex::new(catalog)),
-            dns,
-        }
+        let catalog = Arc::new(Mutex::new(catalog));
+        let engine = Self { state: Arc::new(Mutex::new(State { enforcer, active: None })), catalog, dns };
+        Ok(Loaded { engine, start, events, drops, dns_maps })
     }
 
+    /// The names events are reported with, shared with the event pipeline.
+    pub fn shared_catalog(&self) -> Arc<Mutex<Catalog>> {
+        self.catalog.clone()
+    }
+
+    /// What the DNS proxy shares with the engine, events and status.
     pub fn dns(&self) -> &Arc<DnsState> {
         &self.dns
     }
@@ -87,7 +113,7 @@ impl Engine {
         self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    pub fn catalog(&self) -> MutexGuard<'_, Catalog> {
+    fn catalog(&self) -> MutexGuard<'_, Catalog> {
         self.catalog.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 

@@ -164,7 +164,7 @@ impl Catalog {
         let at = SystemTime::UNIX_EPOCH + self.boot_to_wall + Duration::from_nanos(event.boot_ns);
         FlowRecord {
             domain,
-            time: crate::output::rfc3339(at),
+            time: timestamp(at),
             at,
             verdict: verdict_name(event.verdict).to_string(),
             policy,
@@ -275,4 +275,10 @@ fn address(event: &FlowEvent) -> IpAddr {
         let [a, b, c, d, ..] = event.daddr;
         IpAddr::V4(Ipv4Addr::new(a, b, c, d))
     }
+}
+
+/// RFC 3339 UTC with milliseconds, as events, logs and status show times
+/// (`2026-11-23T09:41:02.345Z`).
+pub fn timestamp(time: SystemTime) -> String {
+    humantime::format_rfc3339_millis(time).to_string()
 }

@@ -1,26 +1,28 @@
 //! egress: per-cgroup egress filtering on eBPF.
 //!
-//! Data flows one way: `policy` (file -> model -> compiled map entries) -> `loader` (kernel maps,
-//! program attachment, pinning) -> kernel -> `pipeline`/`events` (ring buffer -> records) ->
+//! Data flows one way: `policy` (file -> model -> compiled map entries) -> `kernel` (programs, maps,
+//! pins, probes, the event ring) -> kernel -> `pipeline`/`events` (ring buffer -> records) ->
 //! `output` and `control` (history, live logs). `engine` is the control plane that keeps the
 //! kernel in step with the policy file, `discovery` and `matching` decide which cgroups each
 //! policy governs, `daemon` runs it all, `commands` and `control::client` are the CLI.
+
+#![cfg_attr(not(test), warn(clippy::unwrap_used))]
 
 pub mod cgroup;
 pub mod commands;
 pub mod control;
 pub mod daemon;
 pub mod discovery;
-pub mod dns;
-pub mod engine;
-pub mod events;
-pub mod fault;
-pub mod generation;
-pub mod loader;
-pub mod matching;
-pub mod metrics;
+pub(crate) mod dns;
+pub(crate) mod engine;
+pub(crate) mod events;
+pub(crate) mod fault;
+pub(crate) mod generation;
+pub mod kernel;
+pub(crate) mod matching;
+pub(crate) mod metrics;
 pub mod output;
-pub mod pipeline;
+pub(crate) mod pipeline;
 pub mod policy;
-pub mod preflight;
+pub mod printable;
 pub mod service;

@@ -1,14 +1,17 @@
 //! The `egress` command line.
 
+#![cfg_attr(not(test), warn(clippy::unwrap_used))]
+
 use std::{path::PathBuf, process::ExitCode};
 
 use clap::{Parser, Subcommand};
 use egress::{
-    commands::{self, exec::ExecArgs, Failure, EXIT_INVALID_CONFIG},
-    control::client::{self, LogsArgs},
+    commands::{self, exec::ExecArgs},
+    control::client::{self, ControlError, LogsArgs},
     daemon::{self, RunArgs},
-    loader::OnExit,
+    kernel::OnExit,
     output::LogFormat,
+    policy::ConfigError,
     service,
 };
 use tracing_subscriber::{fmt, prelude::*, EnvFilter};
@@ -22,17 +25,51 @@ struct Cli {
     command: Command,
 }
 
+/// `--log-format`: how events (and, for `run`, diagnostics) are written.
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum LogFormatArg {
+    Text,
+    Json,
+}
+
+impl From<LogFormatArg> for LogFormat {
+    fn from(arg: LogFormatArg) -> Self {
+        match arg {
+            LogFormatArg::Text => Self::Text,
+            LogFormatArg::Json => Self::Json,
+        }
+    }
+}
+
+/// `--on-exit`: what a clean stop leaves behind.
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum OnExitArg {
+    /// Enforcement stays in place (programs, links and maps stay pinned).
+    Keep,
+    /// Enforcement is removed with the daemon.
+    Detach,
+}
+
+impl From<OnExitArg> for OnExit {
+    fn from(arg: OnExitArg) -> Self {
+        match arg {
+            OnExitArg::Keep => Self::Keep,
+            OnExitArg::Detach => Self::Detach,
+        }
+    }
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Run the daemon in the foreground: enforce every policy of the file, stream flow events.
     Run {
         #[arg(long, short)]
         config: PathBuf,
-        #[arg(long, value_enum, default_value_t = LogFormat::Text)]
-        log_format: LogFormat,
+        #[arg(long, value_enum, default_value_t = LogFormatArg::Text)]
+        log_format: LogFormatArg,
         /// What a clean stop leaves behind: `keep` enforcement in place, or `detach` it.
-        #[arg(long, value_enum, default_value_t = OnExit::Keep)]
-        on_exit: OnExit,
+        #[arg(long, value_enum, default_value_t = OnExitArg::Keep)]
+        on_exit: OnExitArg,
     },
     /// Validate a policy file; print one line per policy.
     Check { file: PathBuf },
@@ -42,8 +79,8 @@ enum Command {
         config: PathBuf,
         #[arg(long, short)]
         policy: String,
-        #[arg(long, value_enum, default_value_t = LogFormat::Text)]
-        log_format: LogFormat,
+        #[arg(long, value_enum, default_value_t = LogFormatArg::Text)]
+        log_format: LogFormatArg,
         #[arg(last = true, required = true)]
         command: Vec<String>,
     },
@@ -81,34 +118,65 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let log_format = match &cli.command {
-        Command::Run { log_format, .. } | Command::Exec { log_format, .. } => *log_format,
+        Command::Run { log_format, .. } | Command::Exec { log_format, .. } => (*log_format).into(),
         _ => LogFormat::Text,
     };
     init_logging(log_format);
     match dispatch(cli.command) {
         Ok(status) => ExitCode::from(u8::try_from(status).unwrap_or(1)),
-        // A bad policy file is reported as FILE:LINE:COL: message alone, for editors to follow.
-        Err(failure) if failure.status == EXIT_INVALID_CONFIG => {
-            eprintln!("{:#}", failure.error);
-            ExitCode::from(2)
-        }
-        Err(failure) => {
-            eprintln!("egress: {:#}", failure.error);
-            ExitCode::from(u8::try_from(failure.status).unwrap_or(1))
+        Err(error) => {
+            let status = exit_status(&error);
+            if status == EXIT_REJECTED {
+                // FILE:LINE:COL: message alone, for editors to follow.
+                eprintln!("{error:#}");
+            } else {
+                eprintln!("egress: {error:#}");
+            }
+            ExitCode::from(status)
         }
     }
 }
 
-fn dispatch(command: Command) -> Result<i32, Failure> {
+/// Exit statuses (README, "Commands"): 0 done, 1 any other failure.
+/// The policy file was rejected (`check`, `run`, `exec`, `reload`).
+const EXIT_REJECTED: u8 = 2;
+/// The daemon could not be reached on its control socket (not running, wrong `--socket`).
+const EXIT_UNREACHABLE: u8 = 3;
+/// The control socket refused this user (root and `settings.control_group` only).
+const EXIT_NOT_PERMITTED: u8 = 4;
+
+fn exit_status(error: &anyhow::Error) -> u8 {
+    for cause in error.chain() {
+        if cause.is::<ConfigError>() {
+            return EXIT_REJECTED;
+        }
+        match cause.downcast_ref::<ControlError>() {
+            Some(ControlError::Daemon(_)) => return EXIT_REJECTED,
+            Some(ControlError::Unreachable { .. }) => return EXIT_UNREACHABLE,
+            Some(ControlError::NotPermitted { .. }) => return EXIT_NOT_PERMITTED,
+            Some(ControlError::Protocol { .. }) | None => {}
+        }
+    }
+    1
+}
+
+fn dispatch(command: Command) -> anyhow::Result<i32> {
     match command {
         Command::Check { file } => commands::check::check(&file).map(|()| 0),
         Command::Run { config, log_format, on_exit } => {
-            runtime()?.block_on(daemon::run(RunArgs { config, log_format, on_exit }))?;
+            runtime()?.block_on(daemon::run(RunArgs {
+                config,
+                log_format: log_format.into(),
+                on_exit: on_exit.into(),
+            }))?;
             Ok(0)
         }
-        Command::Exec { config, policy, log_format, command } => {
-            runtime()?.block_on(commands::exec::exec(ExecArgs { config, policy, log_format, command }))
-        }
+        Command::Exec { config, policy, log_format, command } => runtime()?.block_on(commands::exec::exec(ExecArgs {
+            config,
+            policy,
+            log_format: log_format.into(),
+            command,
+        })),
         Command::Status { socket, json } => {
             runtime()?.block_on(client::status(&socket, json))?;
             Ok(0)
@@ -119,9 +187,7 @@ fn dispatch(command: Command) -> Result<i32, Failure> {
             Ok(0)
         }
         Command::Reload { socket } => {
-            runtime()?
-                .block_on(client::reload(&socket))
-                .map_err(|error| Failure { status: EXIT_INVALID_CONFIG, error })?;
+            runtime()?.block_on(client::reload(&socket))?;
             Ok(0)
         }
     }

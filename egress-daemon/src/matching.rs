@@ -14,8 +14,8 @@ use std::collections::BTreeMap;
 
 use crate::{
     discovery::{container_of, enclosing_container, unit_of, ContainerNames, Untrusted},
-    output::escaped,
     policy::model::{cgroup_glob_matches, is_glob, PolicySet, Selector},
+    printable::escaped,
 };
 
 /// What governs one cgroup.

@@ -1,23 +1,34 @@
-//! Prometheus metrics over HTTP (opt-in with `settings.metrics`), in the text exposition format.
-//! Values are read from the kernel maps at scrape time, so scrapes cost nothing in between.
+//! Prometheus metrics over HTTP (opt-in with `settings.metrics`): a view of the same snapshot
+//! `egress status` shows, taken at scrape time, so scrapes cost nothing in between.
 
 use std::{
     collections::BTreeMap,
-    fmt::Write as _,
+    convert::Infallible,
     net::SocketAddr,
-    sync::atomic::{AtomicU64, Ordering},
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
 };
 
-use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
-    net::TcpListener,
-    task::JoinHandle,
+use http_body_util::Full;
+use hyper::{
+    body::Bytes, header::CONTENT_TYPE, server::conn::http1, service::service_fn, Request, Response, StatusCode,
 };
+use hyper_util::rt::TokioIo;
+use prometheus_client::{
+    encoding::{text::encode, EncodeLabelSet},
+    metrics::{counter::Counter, family::Family, gauge::Gauge},
+    registry::Registry,
+};
+use tokio::{net::TcpListener, task::JoinHandle};
 
-use crate::daemon::Daemon;
+use crate::control::protocol::StatusReport;
 
 static RELOADS: AtomicU64 = AtomicU64::new(0);
 static RELOAD_FAILURES: AtomicU64 = AtomicU64::new(0);
+
+const CONTENT: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
 pub fn count_reload(ok: bool) {
     RELOADS.fetch_add(1, Ordering::Relaxed);
@@ -25,6 +36,10 @@ pub fn count_reload(ok: bool) {
         RELOAD_FAILURES.fetch_add(1, Ordering::Relaxed);
     }
 }
+
+/// Takes the snapshot a scrape reports; it may block (it reads the kernel maps under the
+/// engine's lock), so it runs off the runtime.
+pub type Snapshot = Arc<dyn Fn() -> StatusReport + Send + Sync>;
 
 /// Stops serving when dropped.
 pub struct MetricsServer(JoinHandle<()>);
@@ -35,101 +50,144 @@ impl Drop for MetricsServer {
     }
 }
 
-pub async fn serve(address: SocketAddr, daemon: Daemon) -> std::io::Result<MetricsServer> {
+pub async fn serve(address: SocketAddr, snapshot: Snapshot) -> std::io::Result<MetricsServer> {
     let listener = TcpListener::bind(address).await?;
     tracing::info!(%address, "serving Prometheus metrics at /metrics");
     Ok(MetricsServer(tokio::spawn(async move {
-        while let Ok((mut stream, _)) = listener.accept().await {
-            let daemon = daemon.clone();
+        while let Ok((stream, _)) = listener.accept().await {
+            let snapshot = snapshot.clone();
+            let service = service_fn(move |request: Request<hyper::body::Incoming>| {
+                let snapshot = snapshot.clone();
+                async move { Ok::<_, Infallible>(answer(request.uri().path(), snapshot).await) }
+            });
             tokio::spawn(async move {
-                let mut request = [0u8; 1024];
-                let n = stream.read(&mut request).await.unwrap_or(0);
-                let head = String::from_utf8_lossy(&request[..n]);
-                let response = if head.starts_with("GET /metrics") {
-                    // Reading the counters waits for the engine's lock: off the runtime.
-                    let Ok(body) = tokio::task::spawn_blocking(move || render(&daemon)).await else { return };
-                    format!(
-                        "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                        body.len()
-                    )
-                } else {
-                    "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".to_string()
-                };
-                let _ = stream.write_all(response.as_bytes()).await;
+                if let Err(error) = http1::Builder::new().serve_connection(TokioIo::new(stream), service).await {
+                    tracing::debug!(%error, "metrics connection");
+                }
             });
         }
     })))
 }
 
-/// The metrics text, e.g. `egress_flows_total{policy="web",verdict="blocked"} 3`.
-pub fn render(daemon: &Daemon) -> String {
-    let mut flows: BTreeMap<(String, &str), u64> = BTreeMap::new();
-    let mut bound: BTreeMap<String, u64> = BTreeMap::new();
-    let mut suppressed: BTreeMap<String, u64> = BTreeMap::new();
-    let mut state = daemon.engine.state();
-    let bindings: Vec<(u64, String)> = state
-        .active
-        .as_ref()
-        .map(|active| {
-            active
-                .bound
-                .iter()
-                .filter_map(|(id, b)| active.set.policies.get(b.policy).map(|p| (*id, p.name.clone())))
-                .collect()
-        })
-        .unwrap_or_default();
-    for (cgroup_id, policy) in bindings {
-        *bound.entry(policy.clone()).or_default() += 1;
-        if let Ok(stats) = state.enforcer.cgroup_stats(cgroup_id) {
-            *flows.entry((policy.clone(), "allowed")).or_default() += stats.allowed;
-            *flows.entry((policy.clone(), "blocked")).or_default() += stats.blocked;
-            *flows.entry((policy.clone(), "audit")).or_default() += stats.audited;
-            *suppressed.entry(policy).or_default() += stats.suppressed;
-        }
+async fn answer(path: &str, snapshot: Snapshot) -> Response<Full<Bytes>> {
+    let body = match path {
+        "/metrics" => tokio::task::spawn_blocking(move || render(&snapshot())).await.ok(),
+        _ => None,
+    };
+    let mut response = Response::new(Full::new(Bytes::from(body.clone().unwrap_or_default())));
+    match body {
+        Some(_) => drop(response.headers_mut().insert(CONTENT_TYPE, hyper::header::HeaderValue::from_static(CONTENT))),
+        None => *response.status_mut() = StatusCode::NOT_FOUND,
     }
-    let dropped = state.enforcer.dropped_events().map(|(total, _)| total).unwrap_or(0);
-    let fill = state.enforcer.map_fill();
-    drop(state);
+    response
+}
 
-    let mut out = String::new();
-    header(&mut out, "egress_flows_total", "counter", "Flow decisions per policy and verdict.");
-    for ((policy, verdict), value) in &flows {
-        let _ = writeln!(out, "egress_flows_total{{policy=\"{}\",verdict=\"{verdict}\"}} {value}", escape(policy));
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PolicyLabel {
+    policy: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct VerdictLabels {
+    policy: String,
+    verdict: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct MapLabel {
+    map: String,
+}
+
+/// The metrics text (OpenMetrics), e.g. `egress_flows_total{policy="web",verdict="blocked"} 3`.
+pub fn render(report: &StatusReport) -> String {
+    let mut registry = Registry::default();
+    let flows = Family::<VerdictLabels, Counter>::default();
+    let suppressed = Family::<PolicyLabel, Counter>::default();
+    let bound = Family::<PolicyLabel, Gauge>::default();
+    let mut per_policy: BTreeMap<&str, [u64; 4]> = BTreeMap::new();
+    for cgroup in &report.cgroups {
+        let sums = per_policy.entry(&cgroup.policy).or_default();
+        for (sum, value) in sums.iter_mut().zip([cgroup.allowed, cgroup.blocked, cgroup.audited, cgroup.suppressed]) {
+            *sum += value;
+        }
+        bound.get_or_create(&PolicyLabel { policy: cgroup.policy.clone() }).inc();
     }
-    header(
-        &mut out,
-        "egress_events_suppressed_total",
-        "counter",
-        "Flow events not written because a cgroup was over its event budget (per cgroup: egress status).",
+    for (policy, [allowed, blocked, audited, dropped]) in per_policy {
+        for (verdict, value) in [("allowed", allowed), ("blocked", blocked), ("audit", audited)] {
+            let labels = VerdictLabels { policy: policy.to_owned(), verdict: verdict.to_owned() };
+            flows.get_or_create(&labels).inc_by(value);
+        }
+        suppressed.get_or_create(&PolicyLabel { policy: policy.to_owned() }).inc_by(dropped);
+    }
+    registry.register("egress_flows", "Flow decisions per policy and verdict", flows);
+    registry.register(
+        "egress_events_suppressed",
+        "Flow events not written because a cgroup was over its event budget (per cgroup: egress status)",
+        suppressed,
     );
-    for (policy, value) in &suppressed {
-        let _ = writeln!(out, "egress_events_suppressed_total{{policy=\"{}\"}} {value}", escape(policy));
+    registry.register("egress_cgroups_bound", "Cgroups bound to each policy", bound);
+    registry.register(
+        "egress_events_dropped",
+        "Flow events the ring buffer had to drop",
+        counter(report.dropped_events),
+    );
+    let entries = Family::<MapLabel, Gauge>::default();
+    let capacity = Family::<MapLabel, Gauge>::default();
+    for fill in &report.maps {
+        let label = MapLabel { map: fill.map.clone() };
+        entries.get_or_create(&label).set(i64::try_from(fill.used).unwrap_or(i64::MAX));
+        capacity.get_or_create(&label).set(i64::from(fill.capacity));
     }
-    header(&mut out, "egress_cgroups_bound", "gauge", "Cgroups bound to each policy.");
-    for (policy, value) in &bound {
-        let _ = writeln!(out, "egress_cgroups_bound{{policy=\"{}\"}} {value}", escape(policy));
+    registry.register("egress_map_entries", "Entries in use in each kernel map", entries);
+    registry.register("egress_map_capacity", "Capacity of each kernel map", capacity);
+    registry.register("egress_reloads", "Policy reloads attempted", counter(RELOADS.load(Ordering::Relaxed)));
+    registry.register(
+        "egress_reload_failures",
+        "Policy reloads rejected",
+        counter(RELOAD_FAILURES.load(Ordering::Relaxed)),
+    );
+    let mut out = String::new();
+    if let Err(error) = encode(&mut out, &registry) {
+        tracing::warn!(%error, "encoding the metrics");
     }
-    header(&mut out, "egress_events_dropped_total", "counter", "Flow events the ring buffer had to drop.");
-    let _ = writeln!(out, "egress_events_dropped_total {dropped}");
-    header(&mut out, "egress_map_entries", "gauge", "Entries in use in each kernel map.");
-    for (map, used, _) in &fill {
-        let _ = writeln!(out, "egress_map_entries{{map=\"{map}\"}} {used}");
-    }
-    header(&mut out, "egress_map_capacity", "gauge", "Capacity of each kernel map.");
-    for (map, _, capacity) in &fill {
-        let _ = writeln!(out, "egress_map_capacity{{map=\"{map}\"}} {capacity}");
-    }
-    header(&mut out, "egress_reloads_total", "counter", "Policy reloads attempted.");
-    let _ = writeln!(out, "egress_reloads_total {}", RELOADS.load(Ordering::Relaxed));
-    header(&mut out, "egress_reload_failures_total", "counter", "Policy reloads rejected.");
-    let _ = writeln!(out, "egress_reload_failures_total {}", RELOAD_FAILURES.load(Ordering::Relaxed));
     out
 }
 
-fn header(out: &mut String, name: &str, kind: &str, help: &str) {
-    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+fn counter(value: u64) -> Counter {
+    let counter = Counter::default();
+    counter.inc_by(value);
+    counter
 }
 
-fn escape(value: &str) -> String {
-    value.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::control::protocol::{CgroupStatus, MapFill};
+
+    #[test]
+    fn sums_cgroups_per_policy() {
+        let cgroup = |name: &str, policy: &str, blocked| CgroupStatus {
+            cgroup: name.into(),
+            policy: policy.into(),
+            blocked,
+            ..CgroupStatus::default()
+        };
+        let report = StatusReport {
+            dropped_events: 4,
+            cgroups: vec![cgroup("a", "web", 2), cgroup("b", "web", 3), cgroup("c", "db", 1)],
+            maps: vec![MapFill { map: "RULES_V4".into(), used: 7, capacity: 9 }],
+            ..StatusReport::default()
+        };
+        let text = render(&report);
+        for line in [
+            "egress_flows_total{policy=\"web\",verdict=\"blocked\"} 5",
+            "egress_flows_total{policy=\"db\",verdict=\"blocked\"} 1",
+            "egress_cgroups_bound{policy=\"web\"} 2",
+            "egress_events_dropped_total 4",
+            "egress_map_entries{map=\"RULES_V4\"} 7",
+            "egress_map_capacity{map=\"RULES_V4\"} 9",
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} missing in\n{text}");
+        }
+    }
 }

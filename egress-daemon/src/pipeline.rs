@@ -8,20 +8,23 @@
 
 use std::{
     io::{self, Write},
-    os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd},
     sync::{
         atomic::{AtomicBool, Ordering},
-        Arc,
+        Arc, Mutex, PoisonError,
     },
     thread::{self, JoinHandle},
     time::{Duration, Instant},
 };
 
 use anyhow::{anyhow, Context};
-use aya::maps::{MapData, RingBuf};
 use egress_common::{FlowEvent, EVENTS_RING_BYTES};
 
-use crate::{control::history::EventHistory, engine::Engine, output::EventWriter};
+use crate::{
+    control::history::EventHistory,
+    events::Catalog,
+    kernel::{DropCounter, EventSource},
+    output::EventWriter,
+};
 
 /// How often the kernel's dropped-event counter is checked.
 const DROP_CHECK_INTERVAL: Duration = Duration::from_millis(500);
@@ -44,16 +47,20 @@ pub struct Pump {
     thread: Option<JoinHandle<io::Result<()>>>,
 }
 
-/// Starts pumping events from `ring` to `writer` (and `history`) on a thread of its own.
-pub fn spawn<W: Write + Send + 'static>(
-    ring: RingBuf<MapData>,
-    engine: Engine,
-    writer: EventWriter<W>,
-    history: Option<Arc<EventHistory>>,
-) -> io::Result<Pump> {
+/// What the pump reads from and writes to.
+pub struct Ends<W: Write> {
+    pub events: EventSource,
+    pub drops: DropCounter,
+    /// Names events by slot and cgroup; the control plane adds names before it binds.
+    pub catalog: Arc<Mutex<Catalog>>,
+    pub writer: EventWriter<W>,
+    pub history: Option<Arc<EventHistory>>,
+}
+
+/// Starts pumping events to the writer (and history) on a thread of its own.
+pub fn spawn<W: Write + Send + 'static>(ends: Ends<W>) -> io::Result<Pump> {
     let stop = Arc::new(AtomicBool::new(false));
-    let wakeups = Wakeups::new(&ring)?;
-    let source = Source { ring, wakeups, engine, writer, history };
+    let source = Source { ends };
     let stopped = stop.clone();
     let thread = thread::Builder::new().name("egress-events".into()).spawn(move || {
         let result = source.run(&stopped);
@@ -82,11 +89,7 @@ impl Drop for Pump {
 }
 
 struct Source<W: Write> {
-    ring: RingBuf<MapData>,
-    wakeups: Wakeups,
-    engine: Engine,
-    writer: EventWriter<W>,
-    history: Option<Arc<EventHistory>>,
+    ends: Ends<W>,
 }
 
 impl<W: Write> Source<W> {
@@ -99,14 +102,14 @@ impl<W: Write> Source<W> {
             // A full batch means more is waiting: go on at once. Otherwise sleep until the kernel
             // signals a backlog or the drain interval has passed.
             if !backlog {
-                self.wakeups.wait(DRAIN_INTERVAL)?;
+                self.ends.events.wait(DRAIN_INTERVAL)?;
             }
             backlog = self.drain_batch()? == DRAIN_BATCH;
             // The first check waits until the events an earlier daemon left in the ring are
             // written, so that the notice of what was lost comes after them.
             let first_due = !backlog || started.elapsed() >= FIRST_DROP_CHECK_LIMIT;
             if Instant::now() >= next_drop_check && (drops.started || first_due) {
-                drops.check(&self.engine, &mut self.writer)?;
+                drops.check(&self.ends.drops, &mut self.ends.writer)?;
                 next_drop_check = Instant::now() + DROP_CHECK_INTERVAL;
             }
         }
@@ -118,26 +121,22 @@ impl<W: Write> Source<W> {
             }
             written += batch;
         }
-        drops.check(&self.engine, &mut self.writer)
+        drops.check(&self.ends.drops, &mut self.ends.writer)
     }
 
     /// Decodes and writes at most [`DRAIN_BATCH`] events; returns how many items it took.
     fn drain_batch(&mut self) -> io::Result<usize> {
         let mut records = Vec::with_capacity(DRAIN_BATCH);
-        let mut taken = 0;
-        {
-            let mut catalog = self.engine.catalog();
-            while taken < DRAIN_BATCH {
-                let Some(item) = self.ring.next() else { break };
-                taken += 1;
-                records.extend(catalog.record(&item));
-            }
+        let taken = {
+            let mut catalog = self.ends.catalog.lock().unwrap_or_else(PoisonError::into_inner);
+            let taken = self.ends.events.drain(DRAIN_BATCH, |bytes| records.extend(catalog.record(bytes)));
             records.extend(catalog.take_injected());
-        }
+            taken
+        };
         // Written without the catalog's lock: a slow reader of the output blocks the pump only.
         for record in records {
-            self.writer.write(&record)?;
-            if let Some(history) = &self.history {
+            self.ends.writer.write(&record)?;
+            if let Some(history) = &self.ends.history {
                 history.push(record);
             }
         }
@@ -145,60 +144,16 @@ impl<W: Write> Source<W> {
     }
 }
 
-/// The ring buffer's wakeups, edge-triggered: the kernel signals only when a program asks for a
-/// wakeup (a backlog), not for every event already waiting, which the drain timer collects.
-struct Wakeups {
-    epoll: OwnedFd,
-}
-
-impl Wakeups {
-    fn new(ring: &RingBuf<MapData>) -> io::Result<Self> {
-        // SAFETY: epoll_create1 has no preconditions; the result is checked before use.
-        let fd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: `fd` is a fresh descriptor that nothing else owns.
-        let epoll = unsafe { OwnedFd::from_raw_fd(fd) };
-        let mut interest = libc::epoll_event { events: (libc::EPOLLIN | libc::EPOLLET) as u32, u64: 0 };
-        // SAFETY: both descriptors are open; `interest` is a valid epoll_event. The ring's fd stays
-        // open as long as the ring, which lives beside this in the same `Source`.
-        let added =
-            unsafe { libc::epoll_ctl(epoll.as_raw_fd(), libc::EPOLL_CTL_ADD, ring.as_fd().as_raw_fd(), &mut interest) };
-        if added < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(Self { epoll })
-    }
-
-    /// Returns when the kernel signals the ring or after `timeout`, whichever comes first.
-    fn wait(&self, timeout: Duration) -> io::Result<()> {
-        let mut ready = [libc::epoll_event { events: 0, u64: 0 }];
-        let millis = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
-        // SAFETY: the epoll fd is open and `ready` has room for the one event asked for.
-        let count = unsafe { libc::epoll_wait(self.epoll.as_raw_fd(), ready.as_mut_ptr(), 1, millis) };
-        if count < 0 {
-            let error = io::Error::last_os_error();
-            if error.kind() != io::ErrorKind::Interrupted {
-                return Err(error);
-            }
-        }
-        Ok(())
-    }
-}
-
-/// Reports drops once: the count already reported lives in the (pinned) settings map, so a
-/// restarted daemon reports what was lost while none was running, and nothing twice.
+/// Reports each drop once (the counter remembers what was reported, across restarts).
 #[derive(Default)]
 struct DropWatch {
     started: bool,
 }
 
 impl DropWatch {
-    fn check<W: Write>(&mut self, engine: &Engine, writer: &mut EventWriter<W>) -> io::Result<()> {
-        let mut state = engine.state();
-        let (total, reported) = match state.enforcer.dropped_events() {
-            Ok(counts) => counts,
+    fn check<W: Write>(&mut self, counter: &DropCounter, writer: &mut EventWriter<W>) -> io::Result<()> {
+        let (total, reported) = match counter.read() {
+            Ok(drops) => (drops.total, drops.reported),
             Err(error) => {
                 tracing::warn!(%error, "reading the dropped-event counter");
                 return Ok(());
@@ -211,10 +166,9 @@ impl DropWatch {
             } else {
                 tracing::warn!(dropped, total, "flow events were lost while no daemon was reading them");
             }
-            if let Err(error) = state.enforcer.mark_dropped_reported(total) {
+            if let Err(error) = counter.mark_reported(total) {
                 tracing::warn!(%error, "recording the reported drops");
             }
-            drop(state);
             writer.write_dropped(dropped, total)?;
         }
         self.started = true;

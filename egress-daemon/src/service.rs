@@ -1,7 +1,7 @@
 //! Running under systemd: readiness notifications (`Type=notify`) and journal priorities.
 //! Both are no-ops when the daemon is not started by systemd.
 
-use std::os::unix::net::{SocketAddr, UnixDatagram};
+use sd_notify::NotifyState;
 
 /// Whether stdout/stderr go to the journal (systemd sets `JOURNAL_STREAM` for services).
 pub fn under_journal() -> bool {
@@ -10,35 +10,24 @@ pub fn under_journal() -> bool {
 
 /// Every policy is enforced.
 pub fn notify_ready() {
-    notify("READY=1\nSTATUS=enforcing");
+    notify(&[NotifyState::Ready, NotifyState::Status("enforcing")]);
 }
 
 pub fn notify_reloading() {
-    notify("RELOADING=1\nSTATUS=reloading");
+    // systemd wants the reload's start time with RELOADING=1 (Type=notify-reload insists on it).
+    let mut states = vec![NotifyState::Reloading, NotifyState::Status("reloading")];
+    states.extend(NotifyState::monotonic_usec_now().ok());
+    notify(&states);
 }
 
 pub fn notify_stopping() {
-    notify("STOPPING=1");
+    notify(&[NotifyState::Stopping]);
 }
 
-fn notify(message: &str) {
-    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
-        return;
-    };
-    let path = path.to_string_lossy().into_owned();
-    let address = match path.strip_prefix('@') {
-        Some(abstract_name) => {
-            use std::os::linux::net::SocketAddrExt;
-            SocketAddr::from_abstract_name(abstract_name.as_bytes())
-        }
-        None => SocketAddr::from_pathname(&path),
-    };
-    let sent = address.and_then(|address| {
-        let socket = UnixDatagram::unbound()?;
-        socket.send_to_addr(message.as_bytes(), &address)
-    });
-    if let Err(error) = sent {
-        tracing::warn!(%error, socket = %path, "notifying systemd");
+fn notify(states: &[NotifyState]) {
+    // The socket stays in the environment: the daemon notifies again at every reload.
+    if let Err(error) = sd_notify::notify(false, states) {
+        tracing::warn!(%error, "notifying systemd");
     }
 }
 

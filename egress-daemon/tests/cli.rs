@@ -10,6 +10,7 @@ use std::{
     fs,
     io::{BufRead, BufReader, Read, Write},
     net::{TcpListener, TcpStream},
+    os::unix::fs::PermissionsExt,
     path::{Path, PathBuf},
     process::{Command, ExitStatus, Stdio},
     thread,
@@ -941,6 +942,27 @@ fn exec_in_audit_mode_lets_denied_flows_through_with_audit_events() {
 // ---------------------------------------------------------------------------------------------
 // refusals
 // ---------------------------------------------------------------------------------------------
+
+#[test]
+fn client_exit_statuses_say_whether_the_daemon_is_missing_or_refuses_the_user() {
+    let dir = std::env::temp_dir().join(format!("egress-cli-exit-{}", std::process::id()));
+    fs::create_dir_all(&dir).expect("temp dir");
+    fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).expect("chmod dir");
+    let missing = dir.join("missing.sock");
+    for command in ["status", "reload", "logs"] {
+        let run = run_limited(egress(&[command, "--socket", missing.to_str().unwrap()]), Duration::from_secs(10));
+        assert_eq!(run.code(), Some(3), "{command}: {}", run.describe());
+        assert!(run.stderr.contains("is it running?"), "{command}: {}", run.describe());
+    }
+    // A socket only root may open, as the daemon's is for everyone outside settings.control_group.
+    let root_only = dir.join("root-only.sock");
+    let _listener = std::os::unix::net::UnixListener::bind(&root_only).expect("bind");
+    fs::set_permissions(&root_only, fs::Permissions::from_mode(0o600)).expect("chmod socket");
+    let run = run_limited(as_nobody(&["status", "--socket", root_only.to_str().unwrap()]), Duration::from_secs(10));
+    let _ = fs::remove_dir_all(&dir);
+    assert_eq!(run.code(), Some(4), "{}", run.describe());
+    assert!(run.stderr.contains("permission denied"), "{}", run.describe());
+}
 
 #[test]
 fn run_and_exec_refuse_to_start_without_root() {

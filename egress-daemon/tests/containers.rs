@@ -5,10 +5,8 @@
 mod common;
 
 use std::{
-    collections::HashSet,
     fs,
     os::unix::fs::MetadataExt,
-    path::Path,
     time::{Duration, Instant},
 };
 
@@ -18,15 +16,6 @@ const DOCKER_ID: &str = "3f2a9c1b0d4e5f60718293a4b5c6d7e8f90a1b2c3d4e5f60718293a
 const PODMAN_ID: &str = "9a8b7c6d5e4f30211203f4e5d6c7b8a99a8b7c6d5e4f30211203f4e5d6c7b8a9";
 const CRI_ID: &str = "0c1d2e3f405162738495a6b7c8d9eaf00c1d2e3f405162738495a6b7c8d9eaf0";
 const NEW_CRI_ID: &str = "5e5e5e5e405162738495a6b7c8d9eaf00c1d2e3f405162738495a6b7c8d9eaf0";
-
-/// cgroup ids currently in the kernel's cgroup -> policy map of a test daemon.
-fn bound_cgroup_ids(pin_dir: &Path) -> HashSet<u64> {
-    let data = aya::maps::MapData::from_pin(pin_dir.join(egress::loader::MAPS_DIR).join("CGROUP_POLICY"))
-        .expect("open pinned map");
-    let map = aya::maps::Map::from_map_data(data).expect("map");
-    let hash: aya::maps::HashMap<_, u64, u64> = aya::maps::HashMap::try_from(map).expect("hash map");
-    hash.keys().map(|k| k.expect("key")).collect()
-}
 
 fn cgroup_id(cgroup: &TestCgroup) -> u64 {
     fs::metadata(&cgroup.dir).expect("stat cgroup").ino()

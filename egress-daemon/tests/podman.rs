@@ -11,7 +11,6 @@
 mod common;
 
 use std::{
-    collections::HashSet,
     fs,
     os::unix::fs::{symlink, MetadataExt},
     path::{Path, PathBuf},
@@ -43,11 +42,6 @@ fn podman_available() -> bool {
     false
 }
 
-fn find_on_path(program: &str) -> PathBuf {
-    let path = std::env::var_os("PATH").expect("PATH");
-    std::env::split_paths(&path).map(|dir| dir.join(program)).find(|p| p.is_file()).expect("on PATH")
-}
-
 /// A root filesystem holding only busybox (Debian's busybox-static) and the applets the test uses.
 struct Rootfs(PathBuf);
 
@@ -57,7 +51,8 @@ impl Rootfs {
         for sub in ["bin", "dev", "etc", "proc", "sys", "tmp"] {
             fs::create_dir_all(dir.join(sub)).expect("rootfs dir");
         }
-        fs::copy(find_on_path("busybox"), dir.join("bin/busybox")).expect("copy busybox");
+        fs::copy(egress::discovery::find_on_path("busybox").expect("busybox on PATH"), dir.join("bin/busybox"))
+            .expect("copy busybox");
         for applet in ["sh", "nc", "sleep", "true", "cat"] {
             symlink("busybox", dir.join("bin").join(applet)).expect("applet link");
         }
@@ -97,14 +92,7 @@ impl Drop for Container {
 }
 
 fn cgroup_v1_mounts() -> Vec<PathBuf> {
-    let info = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    info.lines()
-        .filter_map(|line| {
-            let (before, after) = line.split_once(" - ")?;
-            let mount = before.split_whitespace().nth(4)?;
-            after.starts_with("cgroup ").then(|| PathBuf::from(mount))
-        })
-        .collect()
+    egress_common::mountinfo::points_of("cgroup").unwrap_or_default()
 }
 
 fn remove_dirs_below(dir: &Path) {
@@ -126,15 +114,6 @@ fn remove_dirs_below(dir: &Path) {
 fn checked(output: Output, what: &str) -> String {
     assert!(output.status.success(), "{what} failed: {}{}", stdout_of(&output), stderr_of(&output));
     stdout_of(&output)
-}
-
-/// cgroup ids currently in the kernel's cgroup -> policy map of a test daemon.
-fn bound_cgroup_ids(pin_dir: &Path) -> HashSet<u64> {
-    let data = aya::maps::MapData::from_pin(pin_dir.join(egress::loader::MAPS_DIR).join("CGROUP_POLICY"))
-        .expect("open pinned map");
-    let map = aya::maps::Map::from_map_data(data).expect("map");
-    let hash: aya::maps::HashMap<_, u64, u64> = aya::maps::HashMap::try_from(map).expect("hash map");
-    hash.keys().map(|k| k.expect("key")).collect()
 }
 
 #[test]

@@ -17,13 +17,18 @@ use aya_ebpf::{
     programs::SockAddrContext,
 };
 use egress_common::{
-    family, policy_flags, DnsConfig, Learned, LearnedKey, Origin, OriginKey, SteeredSocket, DNS_PORT, DOH_RESOLVERS_V4,
-    DOH_RESOLVERS_V6, DOT_PORT, HTTPS_PORT, MAX_LEARNED, MAX_QUERY_ORIGINS, MAX_STEERED,
+    action, family, lookup, policy_flags, Decision, DnsConfig, Learned, LearnedKey, Origin, OriginKey, SteeredSocket,
+    DNS_PORT, DOH_RESOLVERS_V4, DOH_RESOLVERS_V6, DOT_PORT, HTTPS_PORT, MAX_LEARNED, MAX_QUERY_ORIGINS, MAX_STEERED,
 };
 
-use crate::{
-    maps::POLICY_INFO,
-    policy::{first_match, Flow},
+use crate::{maps::POLICY_INFO, policy::Flow};
+
+/// What a learned entry's table falls back to when none of its rules match: not allowed.
+const NO_MATCH: Decision = Decision {
+    fallback_rule: egress_common::rule_id::DEFAULT,
+    port_table: 0,
+    fallback_action: action::DENY,
+    _pad: [0; 3],
 };
 
 #[map]
@@ -57,7 +62,8 @@ pub fn learned_rule(bound: u64, flow: &Flow) -> Option<u32> {
     if learned.expires_ns <= unsafe { bpf_ktime_get_boot_ns() } {
         return None;
     }
-    first_match(&learned.rules, flow).map(|(_, rule)| rule)
+    let (decided, rule) = lookup::resolve(&NO_MATCH, Some(&learned.rules), flow.protocol, flow.port);
+    (decided == action::ALLOW).then_some(rule)
 }
 
 /// DNS over TLS, or HTTPS to a well-known DNS-over-HTTPS resolver.

@@ -2,8 +2,9 @@
 
 use aya_ebpf::{helpers::generated::bpf_get_current_ancestor_cgroup_id, maps::lpm_trie::Key};
 use egress_common::{
-    action, family, mode, policy_flags, proto, rule_id, verdict, CgroupBinding, PortTable, RuleKeyV4, RuleKeyV6,
-    DEEP_LEVELS_BIT, MAX_CGROUP_LEVEL, MAX_POLICY_SLOTS, MAX_PORT_RULES, POLICY_KEY_BITS,
+    action, family,
+    lookup::{self, rule_key_v4, rule_key_v6, V4_LOOKUP_BITS, V6_LOOKUP_BITS},
+    mode, policy_flags, proto, rule_id, verdict, CgroupBinding, DEEP_LEVELS_BIT, MAX_CGROUP_LEVEL, MAX_POLICY_SLOTS,
 };
 
 use crate::maps::{CGROUP_POLICY, DEEP_GUARDS, POLICY_INFO, PORT_TABLES, RULES_V4, RULES_V6, SETTINGS};
@@ -14,7 +15,7 @@ pub struct Flow {
     pub addr: [u8; 16],
     /// Host byte order, 0 when the protocol has no ports.
     pub port: u16,
-    /// Normalised with [`normalise_protocol`].
+    /// Normalised with [`lookup::normalise_protocol`].
     pub protocol: u8,
 }
 
@@ -29,23 +30,13 @@ impl Flow {
     /// TCP and UDP flows carry a destination port that rules can match.
     #[inline(always)]
     pub fn has_ports(&self) -> bool {
-        self.protocol == proto::TCP || self.protocol == proto::UDP
+        lookup::has_ports(self.protocol)
     }
 }
 
 impl Judgement {
     pub fn lets_through(&self) -> bool {
         self.verdict != verdict::BLOCKED
-    }
-}
-
-/// ICMPv6 is judged by `icmp` rules like ICMP.
-#[inline(always)]
-pub fn normalise_protocol(protocol: u8) -> u8 {
-    if protocol == proto::ICMPV6 {
-        proto::ICMP
-    } else {
-        protocol
     }
 }
 
@@ -166,39 +157,13 @@ pub fn mode_of(slot: u32) -> u8 {
 /// no rule's CIDR holds it.
 #[inline(always)]
 fn decide(slot: u32, flow: &Flow) -> Option<(u8, u32)> {
-    let policy = slot.to_be_bytes();
     let decision = if flow.family == family::INET {
         let addr = [flow.addr[0], flow.addr[1], flow.addr[2], flow.addr[3]];
-        RULES_V4.get(Key::new(POLICY_KEY_BITS + 32, RuleKeyV4 { policy, addr }))?
+        RULES_V4.get(Key::new(V4_LOOKUP_BITS, rule_key_v4(slot, addr)))?
     } else {
-        RULES_V6.get(Key::new(POLICY_KEY_BITS + 128, RuleKeyV6 { policy, addr: flow.addr }))?
+        RULES_V6.get(Key::new(V6_LOOKUP_BITS, rule_key_v6(slot, flow.addr)))?
     };
-    if decision.port_table != 0 {
-        // SAFETY: port tables are only replaced between reloads, never rewritten in place.
-        if let Some(table) = unsafe { PORT_TABLES.get(&decision.port_table) } {
-            if let Some(found) = first_match(table, flow) {
-                return Some(found);
-            }
-        }
-    }
-    Some((decision.fallback_action, decision.fallback_rule))
-}
-
-/// `(action, rule)` of the first rule of `table` whose protocol and ports match `flow`.
-#[inline(always)]
-pub fn first_match(table: &PortTable, flow: &Flow) -> Option<(u8, u32)> {
-    let mut i = 0;
-    while i < MAX_PORT_RULES {
-        if i as u32 >= table.len {
-            break;
-        }
-        let r = &table.rules[i];
-        let proto_matches = r.proto == proto::ANY || r.proto == flow.protocol;
-        let port_matches = r.has_ports == 0 || (flow.port != 0 && r.port_lo <= flow.port && flow.port <= r.port_hi);
-        if proto_matches && port_matches {
-            return Some((r.action, r.rule));
-        }
-        i += 1;
-    }
-    None
+    // SAFETY: port tables are only replaced between reloads, never rewritten in place.
+    let table = if decision.port_table != 0 { unsafe { PORT_TABLES.get(&decision.port_table) } } else { None };
+    Some(lookup::resolve(decision, table, flow.protocol, flow.port))
 }

@@ -23,7 +23,7 @@ use crate::{
     dns,
     events::{report, Sender},
     maps::UDP_PEERS,
-    policy::{bound_of, judge, mode_of, normalise_protocol, policy_of, refused, Flow},
+    policy::{bound_of, judge, mode_of, policy_of, refused, Flow},
 };
 
 const PASS: i32 = 1;
@@ -82,7 +82,7 @@ fn on_egress<const TASK: bool>(ctx: &SkBuffContext) -> i32 {
         family: packet.family,
         addr: packet.destination,
         port: packet.destination_port,
-        protocol: normalise_protocol(packet.protocol),
+        protocol: egress_common::lookup::normalise_protocol(packet.protocol),
     };
     let judgement = if packet.routed {
         refused(mode_of(binding.slot), rule_id::SOURCE_ROUTED)

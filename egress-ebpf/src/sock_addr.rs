@@ -9,13 +9,17 @@ use aya_ebpf::{
     macros::cgroup_sock_addr,
     programs::SockAddrContext,
 };
-use egress_common::{family, hook, PeerKey};
+use egress_common::{
+    family, hook,
+    lookup::{normalise_protocol, rule_port},
+    PeerKey,
+};
 
 use crate::{
     dns,
     events::{report, Sender},
     maps::UDP_PEERS,
-    policy::{bound_of, current_ancestor, judge, normalise_protocol, Flow},
+    policy::{bound_of, current_ancestor, judge, Flow},
 };
 
 const ALLOW: i32 = 1;
@@ -84,10 +88,7 @@ fn destination(sa: *mut bpf_sock_addr, socket_family: u8, sendmsg: bool) -> Flow
     unsafe {
         let port = u16::from_be(core::ptr::read_volatile(&raw const (*sa).user_port) as u16);
         let protocol = normalise_protocol(core::ptr::read_volatile(&raw const (*sa).protocol) as u8);
-        let mut flow = Flow { family: family::INET, addr: [0u8; 16], port, protocol };
-        if !flow.has_ports() {
-            flow.port = 0;
-        }
+        let mut flow = Flow { family: family::INET, addr: [0u8; 16], port: rule_port(protocol, port), protocol };
         if socket_family == family::INET {
             let mut ip = core::ptr::read_volatile(&raw const (*sa).user_ip4);
             if ip == 0 {

@@ -3,6 +3,8 @@
 //! Everything here shells out to the same tools a person would type; the value is in doing the
 //! steps in the right order with the right environment on a fresh Debian machine.
 
+#![cfg_attr(not(test), warn(clippy::unwrap_used))]
+
 mod bench;
 mod build;
 mod run;

@@ -287,7 +287,7 @@ fn ensure_bpf_linker(state: LinkerState) -> Result<PathBuf> {
             return Ok(path);
         }
         LinkerState::WrongVersion { path, reported } => {
-            println!("installing {BPF_LINKER} {BPF_LINKER_VERSION} ({} reports {reported})", path.display())
+            println!("installing {BPF_LINKER} {BPF_LINKER_VERSION} ({} reports {reported})", path.display());
         }
         LinkerState::Missing => println!("installing {BPF_LINKER} {BPF_LINKER_VERSION}"),
     }

@@ -45,63 +45,13 @@ pub fn require_root(what: &str) -> Result<()> {
     Ok(())
 }
 
-/// One line of `/proc/self/mountinfo`, reduced to what we look for.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Mount {
-    /// The directory of the filesystem that is mounted here (`/` unless it is a bind mount).
-    pub root: String,
-    /// Where it is mounted.
-    pub point: PathBuf,
-    /// The filesystem type, such as `cgroup2` or `bpf`.
-    pub fstype: String,
-}
-
-/// The mounts visible to this process.
-pub fn mounts() -> Result<Vec<Mount>> {
-    let text = fs::read_to_string("/proc/self/mountinfo").context("read /proc/self/mountinfo")?;
-    Ok(parse_mountinfo(&text))
-}
-
-/// Parses mountinfo text (proc(5)); lines that do not fit the format are skipped.
-fn parse_mountinfo(text: &str) -> Vec<Mount> {
-    text.lines()
-        .filter_map(|line| {
-            // Optional fields sit between the mount options and a lone "-".
-            let (left, right) = line.split_once(" - ")?;
-            let left: Vec<&str> = left.split(' ').collect();
-            let root = unescape(left.get(3)?);
-            let point = PathBuf::from(unescape(left.get(4)?));
-            let fstype = right.split(' ').next()?.to_owned();
-            Some(Mount { root, point, fstype })
-        })
-        .collect()
-}
-
-/// Undoes mountinfo's octal escapes (`\040` for a space and so on).
-fn unescape(field: &str) -> String {
-    let bytes = field.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let escape = bytes
-            .get(i + 1..i + 4)
-            .filter(|digits| bytes[i] == b'\\' && digits.iter().all(|d| (b'0'..=b'7').contains(d)));
-        if let Some(digits) = escape {
-            let value = digits.iter().fold(0u32, |acc, d| acc * 8 + u32::from(d - b'0'));
-            out.push(u8::try_from(value).unwrap_or(b'?'));
-            i += 4;
-        } else {
-            out.push(bytes[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
+pub use egress_common::mountinfo::{mounts, Mount};
 
 /// Where the cgroup v2 hierarchy is mounted (`/sys/fs/cgroup`, or `/sys/fs/cgroup/unified` in
 /// the hybrid layout).
 pub fn cgroup2_mount() -> Result<PathBuf> {
-    cgroup2_in(&mounts()?).context("no cgroup2 filesystem is mounted (looked in /proc/self/mountinfo)")
+    cgroup2_in(&mounts().context("read /proc/self/mountinfo")?)
+        .context("no cgroup2 filesystem is mounted (looked in /proc/self/mountinfo)")
 }
 
 fn cgroup2_in(mounts: &[Mount]) -> Option<PathBuf> {
@@ -111,7 +61,7 @@ fn cgroup2_in(mounts: &[Mount]) -> Option<PathBuf> {
 
 /// Whether a filesystem of type `fstype` is mounted at `point`.
 pub fn is_mounted(point: &Path, fstype: &str) -> Result<bool> {
-    Ok(mounts()?.iter().any(|m| m.point == point && m.fstype == fstype))
+    egress_common::mountinfo::is_mounted(point, fstype).context("read /proc/self/mountinfo")
 }
 
 /// The command line, for messages.
@@ -148,7 +98,7 @@ mod tests {
 
     #[test]
     fn finds_cgroup2_in_hybrid_layout() {
-        let mounts = parse_mountinfo(HYBRID);
+        let mounts = egress_common::mountinfo::parse(HYBRID);
         assert_eq!(cgroup2_in(&mounts), Some(PathBuf::from("/sys/fs/cgroup/unified")));
     }
 
@@ -158,21 +108,7 @@ mod tests {
 50 30 0:38 /system.slice /srv/cg rw - cgroup2 cgroup2 rw
 51 30 0:38 / /sys/fs/cgroup rw - cgroup2 cgroup2 rw
 ";
-        assert_eq!(cgroup2_in(&parse_mountinfo(text)), Some(PathBuf::from("/sys/fs/cgroup")));
-    }
-
-    #[test]
-    fn parses_fstype_and_escaped_mount_points() {
-        let mounts = parse_mountinfo(HYBRID);
-        assert!(mounts.iter().any(|m| m.point == Path::new("/sys/fs/bpf") && m.fstype == "bpf"));
-        assert!(mounts.iter().any(|m| m.point == Path::new("/mnt/with space")));
-    }
-
-    #[test]
-    fn unescape_leaves_plain_backslashes() {
-        assert_eq!(unescape(r"a\040b"), "a b");
-        assert_eq!(unescape(r"a\b"), r"a\b");
-        assert_eq!(unescape(r"tail\04"), r"tail\04");
+        assert_eq!(cgroup2_in(&egress_common::mountinfo::parse(text)), Some(PathBuf::from("/sys/fs/cgroup")));
     }
 
     #[test]

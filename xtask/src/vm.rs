@@ -157,7 +157,7 @@ fn boot_all(kernels: &[Kernel], image: &Path, logs: &Path, timeout: Duration, jo
             let results = results.clone();
             scope.spawn(move || loop {
                 let index = {
-                    let mut next = next.lock().unwrap_or_else(|e| e.into_inner());
+                    let mut next = next.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
                     let index = *next;
                     *next += 1;
                     index
@@ -176,14 +176,14 @@ fn boot_all(kernels: &[Kernel], image: &Path, logs: &Path, timeout: Duration, jo
                         run.problem.as_deref().map(|p| format!(": {p}")).unwrap_or_default()
                     );
                 }
-                results.lock().unwrap_or_else(|e| e.into_inner()).insert(index, run);
+                results.lock().unwrap_or_else(std::sync::PoisonError::into_inner).insert(index, run);
             });
         }
     });
     let results = Arc::try_unwrap(results)
         .map_err(|_| anyhow::anyhow!("boot threads still hold the results"))?
         .into_inner()
-        .unwrap_or_else(|e| e.into_inner());
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     results.into_values().collect()
 }
 

@@ -2,12 +2,11 @@
 
 use std::path::Path;
 
-use super::{Failure, EXIT_INVALID_CONFIG};
-use crate::{output::escaped, policy::validate::validate_policy_file};
+use crate::{policy::validate::validate_policy_file, printable::escaped};
 
-pub fn check(path: &Path) -> Result<(), Failure> {
-    let set =
-        validate_policy_file(path).map_err(|error| Failure { status: EXIT_INVALID_CONFIG, error: error.into() })?;
+/// Prints one summary line per policy; a rejected file is a [`crate::policy::ConfigError`].
+pub fn check(path: &Path) -> anyhow::Result<()> {
+    let set = validate_policy_file(path)?;
     for policy in &set.policies {
         println!("{}", escaped(&policy.summary()));
     }

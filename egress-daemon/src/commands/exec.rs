@@ -12,15 +12,14 @@ use anyhow::{anyhow, Context};
 use super::{
     exec_guard::Guard,
     exec_signals::{self, Forwarded},
-    load_policies, Failure,
 };
 use crate::{
     cgroup::{Cgroup, Hierarchy},
     engine::{Binding, Engine},
-    events::Catalog,
-    loader::Enforcer,
+    kernel,
     output::{EventWriter, LogFormat},
-    pipeline, preflight,
+    pipeline,
+    policy::parse_policy_file,
 };
 
 pub struct ExecArgs {
@@ -35,9 +34,9 @@ pub struct ExecArgs {
 const EMPTY_WAIT: Duration = Duration::from_secs(10);
 
 /// Returns the command's exit status (128 + signal when it was killed).
-pub async fn exec(args: ExecArgs) -> Result<i32, Failure> {
-    let hierarchy = preflight::check()?;
-    let mut set = load_policies(&args.config)?;
+pub async fn exec(args: ExecArgs) -> anyhow::Result<i32> {
+    let hierarchy = kernel::preflight()?;
+    let mut set = parse_policy_file(&args.config)?;
     let index = set
         .policies
         .iter()
@@ -60,13 +59,12 @@ async fn exec_in(
     cgroup: &Cgroup,
     set: crate::policy::model::PolicySet,
     args: &ExecArgs,
-) -> Result<i32, Failure> {
-    let (mut enforcer, _) = Enforcer::load(None).context("loading the kernel programs")?;
-    let ring = enforcer.take_events()?;
-    let dns_maps = std::sync::Arc::new(std::sync::Mutex::new(enforcer.take_dns_maps()?));
-    let engine = Engine::new(enforcer, Catalog::new(hierarchy.clone()));
+) -> anyhow::Result<i32> {
+    let loaded = Engine::load(None, hierarchy)?;
+    let engine = loaded.engine;
     // The programs are exec's own: its proxy takes any free port, beside a running daemon's.
     let dns_settings = crate::policy::DnsSettings { listen_port: 0, ..set.settings.dns.clone() };
+    let dns_maps = std::sync::Arc::new(std::sync::Mutex::new(loaded.dns_maps));
     let _dns = if set.policies.first().is_some_and(|p| !p.names.is_empty()) {
         Some(crate::dns::start(&dns_settings, engine.dns().clone(), dns_maps, engine.clone())?)
     } else {
@@ -80,7 +78,14 @@ async fn exec_in(
     // that left these signals unblocked would let them end exec while the command runs.
     let signals = Forwarded::install().context("taking over SIGINT, SIGTERM, SIGHUP and SIGQUIT")?;
     let writer = EventWriter::new(args.log_format, io::stderr());
-    let events = pipeline::spawn(ring, engine.clone(), writer, None).context("starting the event pipeline")?;
+    let events = pipeline::spawn(pipeline::Ends {
+        events: loaded.events,
+        drops: loaded.drops,
+        catalog: engine.shared_catalog(),
+        writer,
+        history: None,
+    })
+    .context("starting the event pipeline")?;
 
     let status = run_command(cgroup, &args.command, &signals).await;
     // Before the programs go: nothing of the command may outlive its filter.
@@ -94,7 +99,7 @@ async fn exec_in(
 }
 
 /// Starts the command and waits for it, passing on the signals that would end `exec`.
-async fn run_command(cgroup: &Cgroup, command: &[String], signals: &Forwarded) -> Result<ExitStatus, Failure> {
+async fn run_command(cgroup: &Cgroup, command: &[String], signals: &Forwarded) -> anyhow::Result<ExitStatus> {
     let mut child = spawn_in_cgroup(cgroup, command).with_context(|| format!("starting {}", command.join(" ")))?;
     let pid = child.id().and_then(|pid| libc::pid_t::try_from(pid).ok());
     loop {

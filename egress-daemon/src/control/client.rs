@@ -16,7 +16,10 @@ use tokio::{
 };
 
 use super::protocol::{Request, Response, StatusReport};
-use crate::output::{escaped, json_bytes, text_line};
+use crate::{
+    output::text_line,
+    printable::{escaped, json_bytes},
+};
 
 /// How long `status` and `reload` wait for the daemon's answer (a reload may query container
 /// runtimes, so it is generous).
@@ -65,22 +68,13 @@ pub async fn logs(socket: &Path, args: LogsArgs, json: bool) -> anyhow::Result<(
     logs_to(socket, args, json, &mut io::stdout()).await
 }
 
-/// `30s`, `5m`, `2h`, `1d`, `500ms`, or plain seconds.
+/// `30s`, `5m`, `2h`, `1d`, `500ms` (any humantime duration), or plain seconds.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
-    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
-    let (number, unit) = text.split_at(split);
-    let invalid = || format!("`{text}` is not a duration like 30s, 5m, 2h, 1d or 500ms");
-    let value: u64 = number.parse().map_err(|_| invalid())?;
-    let seconds_per_unit = match unit.trim_start() {
-        "ms" => return Ok(Duration::from_millis(value)),
-        "" | "s" => 1,
-        "m" => 60,
-        "h" => 3600,
-        "d" => 86_400,
-        other => return Err(format!("unknown unit `{other}` in `{text}` (use ms, s, m, h or d)")),
-    };
-    value.checked_mul(seconds_per_unit).map(Duration::from_secs).ok_or_else(invalid)
+    if let Ok(seconds) = text.parse::<u64>() {
+        return Ok(Duration::from_secs(seconds));
+    }
+    humantime::parse_duration(text).map_err(|error| format!("`{text}` is not a duration like 30s, 5m, 2h, 1d: {error}"))
 }
 
 /// Asks the daemon for its status report.
@@ -146,7 +140,7 @@ pub async fn logs_to<W: Write + Send>(socket: &Path, args: LogsArgs, json: bool,
 /// The readable form of a status report.
 pub fn status_text(report: &StatusReport) -> String {
     let mut out = String::new();
-    let attach = if report.attach.is_empty() { "/" } else { &report.attach };
+    let attach = &report.attach;
     let _ = writeln!(out, "config:         {}", escaped(&report.config));
     let _ = writeln!(out, "loaded at:      {} (generation {})", report.loaded_at, report.generation);
     let _ = writeln!(out, "attached at:    {}", escaped(attach));

@@ -24,7 +24,7 @@ pub(crate) fn test_record(
     at: std::time::SystemTime,
 ) -> crate::events::FlowRecord {
     crate::events::FlowRecord {
-        time: crate::output::rfc3339(at),
+        time: crate::events::timestamp(at),
         at,
         verdict: verdict.into(),
         policy: policy.into(),

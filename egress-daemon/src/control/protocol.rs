@@ -78,6 +78,17 @@ pub struct StatusReport {
     /// Selector matches that do not govern their cgroup: it lies where an unprivileged user could
     /// have made it under that name.
     pub ignored: Vec<IgnoredStatus>,
+    /// Fill of the kernel maps that grow with policies and cgroups.
+    pub maps: Vec<MapFill>,
+}
+
+/// Entries in use and capacity of one kernel map.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct MapFill {
+    pub map: String,
+    pub used: usize,
+    pub capacity: u32,
 }
 
 /// One policy of the file in force.

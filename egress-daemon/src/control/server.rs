@@ -217,7 +217,7 @@ async fn converse(stream: UnixStream, access: &Access, handler: Arc<dyn ControlH
     };
     match request {
         Request::Status => {
-            let status = off_runtime(&handler, |handler| handler.status()).await?;
+            let status = off_runtime(&handler, ControlHandler::status).await?;
             reply(&mut out, &Response::Status(status)).await
         }
         Request::Reload => {

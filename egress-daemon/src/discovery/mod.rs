@@ -19,10 +19,10 @@ mod runtime;
 mod scan;
 mod watch;
 
-pub use names::{ContainerNames, MIN_PREFIX};
+pub use names::{find_on_path, ContainerNames, MIN_PREFIX};
 pub use placement::{check as check_placement, Reason as UntrustedReason, Untrusted};
 pub use runtime::{container_of, enclosing_container, unit_of, ContainerRef, Runtime};
-pub use scan::{scan, Found};
+pub use scan::scan;
 pub use watch::{spawn_watcher, Change, WatchHandle};
 
 #[cfg(test)]
@@ -81,14 +81,7 @@ pub(crate) mod testutil {
     }
 
     fn cgroup2_mount() -> Option<PathBuf> {
-        let text = fs::read_to_string("/proc/self/mountinfo").ok()?;
-        text.lines().find_map(|line| {
-            let (before, after) = line.split_once(" - ")?;
-            if after.split_whitespace().next()? != "cgroup2" {
-                return None;
-            }
-            before.split_whitespace().nth(4).map(PathBuf::from)
-        })
+        egress_common::mountinfo::points_of("cgroup2").ok()?.into_iter().next()
     }
 
     /// `egress-disc-test-<pid>-<tag>` directly under the cgroup2 mount; it and every cgroup made

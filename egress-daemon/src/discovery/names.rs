@@ -104,11 +104,6 @@ impl ContainerNames {
         ids.extend(matching(&self.seen_ids));
         ids.into_iter().collect()
     }
-
-    /// The names the CLIs gave a container id, for events.
-    pub fn names_of(&self, id: &str) -> Vec<String> {
-        self.by_name.iter().filter(|(_, ids)| ids.contains(id)).map(|(name, _)| name.clone()).collect()
-    }
 }
 
 /// `<id> <names>` lines from `{{.ID}} {{.Names}}`: docker joins several names (legacy links)
@@ -133,7 +128,8 @@ fn parse_ps(text: &str) -> Vec<(String, Vec<String>)> {
         .collect()
 }
 
-fn find_on_path(program: &str) -> Option<PathBuf> {
+/// The executable `program` in `$PATH`, as a shell finds it.
+pub fn find_on_path(program: &str) -> Option<PathBuf> {
     let path = env::var_os("PATH")?;
     env::split_paths(&path).map(|dir| dir.join(program)).find(|candidate| is_executable(candidate))
 }
@@ -219,7 +215,6 @@ mod tests {
         assert_eq!(names.ids_for("pg"), vec![POD.to_string()]);
         // both runtimes know a "web", with the same id here: one id, not two
         assert_eq!(names.ids_for("web"), vec![WEB.to_string()]);
-        assert_eq!(names.names_of(DB), vec!["app/db".to_string(), "db".to_string()]);
     }
 
     #[test]

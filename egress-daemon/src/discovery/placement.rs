@@ -69,7 +69,7 @@ impl fmt::Display for Untrusted {
 pub fn check(mount: &Path, relative: &str, from_depth: usize) -> Result<(), Untrusted> {
     let components: Vec<&str> = relative.split('/').filter(|c| !c.is_empty()).collect();
     for depth in from_depth..components.len() {
-        let ancestor = if depth == 0 { "/".to_string() } else { components[..depth].join("/") };
+        let ancestor = if depth == 0 { crate::cgroup::ROOT.to_string() } else { components[..depth].join("/") };
         if let Some(reason) = distrust(mount, &ancestor) {
             return Err(Untrusted { ancestor, reason });
         }

@@ -97,9 +97,6 @@ pub fn enclosing_container(path: &str) -> Option<ContainerRef> {
     }
 }
 
-/// Suffixes of systemd units that own a cgroup.
-const UNIT_SUFFIXES: &[&str] = &[".service", ".scope", ".socket", ".mount", ".swap"];
-
 /// The systemd unit a cgroup belongs to: the deepest component that names a unit
 /// (`system.slice/nginx.service` -> `nginx.service`). Slices are not units of work, so
 /// `system.slice` alone has none.
@@ -107,7 +104,9 @@ pub fn unit_of(path: &str) -> Option<String> {
     path.split('/')
         .rev()
         .find(|component| {
-            UNIT_SUFFIXES.iter().any(|suffix| component.len() > suffix.len() && component.ends_with(suffix))
+            crate::cgroup::PROCESS_UNIT_SUFFIXES
+                .iter()
+                .any(|suffix| component.len() > suffix.len() && component.ends_with(suffix))
         })
         .map(str::to_string)
 }

@@ -1,5 +1,6 @@
 //! One pass over the cgroup tree: every cgroup below a directory, with its id and depth.
 
+use crate::cgroup::Cgroup;
 use std::{
     ffi::OsString,
     fs, io,
@@ -7,34 +8,23 @@ use std::{
     path::{Path, PathBuf},
 };
 
-/// One cgroup found on the tree.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
-pub struct Found {
-    /// Path relative to the cgroup2 mount (`system.slice/nginx.service`); `/` for the root.
-    pub relative: String,
-    /// The kernel's cgroup id (the directory's inode number).
-    pub id: u64,
-    /// Depth below the root cgroup (the root is level 0).
-    pub level: u32,
-}
-
 /// Every cgroup at and below `mount/under` (`under` relative to the mount; `""` or `/` for the
 /// root), parents before their children. Cgroups removed while the walk runs are skipped; only
 /// `under` itself missing, or an error other than a vanished entry, fails it.
-pub fn scan(mount: &Path, under: &str) -> io::Result<Vec<Found>> {
+pub fn scan(mount: &Path, under: &str) -> io::Result<Vec<Cgroup>> {
     let top = normalize(under);
     let top_dir = dir_of(mount, &top);
     let meta = fs::metadata(&top_dir)?;
     if !meta.is_dir() {
         return Err(io::Error::new(io::ErrorKind::NotADirectory, format!("{} is not a cgroup", top_dir.display())));
     }
-    let mut found = vec![Found { level: level_of(&top), relative: top.clone(), id: meta.ino() }];
+    let mut found = vec![Cgroup { dir: top_dir.clone(), level: level_of(&top), relative: top.clone(), id: meta.ino() }];
     // Depth-first with an explicit stack: deep trees cannot overflow the thread's stack.
     let mut stack: Vec<(PathBuf, String)> = vec![(top_dir, top)];
     while let Some((dir, relative)) = stack.pop() {
         for (name, id) in child_dirs(&dir)? {
             let child = join(&relative, &name);
-            found.push(Found { level: level_of(&child), relative: child.clone(), id });
+            found.push(Cgroup { dir: dir.join(&name), level: level_of(&child), relative: child.clone(), id });
             stack.push((dir.join(&name), child));
         }
     }
@@ -77,7 +67,7 @@ pub(super) fn vanished(e: &io::Error) -> bool {
 pub(super) fn normalize(under: &str) -> String {
     let trimmed = under.trim_matches('/');
     if trimmed.is_empty() {
-        "/".to_string()
+        crate::cgroup::ROOT.to_string()
     } else {
         trimmed.to_string()
     }

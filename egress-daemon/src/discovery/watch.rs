@@ -30,15 +30,17 @@ use tokio::{
     task::AbortHandle,
 };
 
-use super::scan::{child_dirs, dir_of, join, level_of, normalize, vanished, Found};
+use super::scan::{child_dirs, dir_of, join, level_of, normalize, vanished};
+use crate::cgroup::Cgroup;
 
 /// A change below the watched cgroup.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Change {
     /// A cgroup appeared (or was renamed to this path). Parents come before their children.
-    Added(Found),
-    /// A cgroup went (or was renamed away from this path). Children come before their parents.
-    Removed { relative: String },
+    Added(Cgroup),
+    /// A cgroup went (or was renamed away from this path), with the id it had. Children come
+    /// before their parents.
+    Removed { relative: String, id: u64 },
 }
 
 /// Keeps the watcher running; dropping it stops the watcher and closes its channel.
@@ -313,9 +315,19 @@ impl Tree {
                 Some(old) => {
                     // Same path, another cgroup: the old one's watch would pin it.
                     self.unwatch(old.wd, wd.as_ref());
-                    out.push(Change::Added(Found { level: level_of(&relative), relative: relative.clone(), id }));
+                    out.push(Change::Added(Cgroup {
+                        dir: dir.clone(),
+                        level: level_of(&relative),
+                        relative: relative.clone(),
+                        id,
+                    }));
                 }
-                None => out.push(Change::Added(Found { level: level_of(&relative), relative: relative.clone(), id })),
+                None => out.push(Change::Added(Cgroup {
+                    dir: dir.clone(),
+                    level: level_of(&relative),
+                    relative: relative.clone(),
+                    id,
+                })),
             }
             match child_dirs(&dir) {
                 Ok(children) => {
@@ -362,7 +374,7 @@ impl Tree {
         for relative in paths {
             if let Some(entry) = self.known.remove(&relative) {
                 self.unwatch(entry.wd, None);
-                out.push(Change::Removed { relative });
+                out.push(Change::Removed { relative, id: entry.id });
             }
         }
     }
@@ -430,8 +442,16 @@ mod tests {
         got
     }
 
+    /// A removal as the tests expect it (ids are the kernel's: compared with [`anonymous`]).
     fn removed(relative: &str) -> Change {
-        Change::Removed { relative: relative.to_string() }
+        Change::Removed { relative: relative.to_string(), id: 0 }
+    }
+
+    fn anonymous(change: Change) -> Change {
+        match change {
+            Change::Removed { relative, .. } => Change::Removed { relative, id: 0 },
+            added => added,
+        }
     }
 
     #[test]
@@ -472,7 +492,7 @@ mod tests {
             fs::remove_dir(parent.dir().join(dir)).expect("rmdir");
         }
         for dir in ["a/b/c", "a/b", "a"] {
-            assert_eq!(next(&mut rx).await, Some(removed(&format!("{p}/{dir}"))));
+            assert_eq!(next(&mut rx).await.map(anonymous), Some(removed(&format!("{p}/{dir}"))));
         }
 
         // mkdir -> Added latency, one cgroup at a time.
@@ -501,7 +521,7 @@ mod tests {
             fs::remove_dir(mount.join(format!("{p}/lat{i}"))).expect("rmdir");
         }
         for i in 0..200 {
-            assert_eq!(next(&mut rx).await, Some(removed(&format!("{p}/lat{i}"))));
+            assert_eq!(next(&mut rx).await.map(anonymous), Some(removed(&format!("{p}/lat{i}"))));
         }
     }
 
@@ -537,8 +557,8 @@ mod tests {
         fs::create_dir_all(dir.path().join("w/a/b")).expect("mkdir");
         let (mut rx, _handle) = spawn_watcher(dir.path().to_path_buf(), "w".into()).expect("watch");
         fs::rename(dir.path().join("w/a"), dir.path().join("w/z")).expect("rename");
-        assert_eq!(next(&mut rx).await, Some(removed("w/a/b")));
-        assert_eq!(next(&mut rx).await, Some(removed("w/a")));
+        assert_eq!(next(&mut rx).await.map(anonymous), Some(removed("w/a/b")));
+        assert_eq!(next(&mut rx).await.map(anonymous), Some(removed("w/a")));
         let got = until_added(&mut rx, &["w/z".into(), "w/z/b".into()]).await;
         assert_eq!(got.len(), 2);
         // the moved directories report under their new names
@@ -596,7 +616,7 @@ mod tests {
         parent.mkdir_all("x");
         let (mut rx, _handle) = spawn_watcher(mount.clone(), format!("{p}/x")).expect("watch");
         fs::remove_dir(parent.dir().join("x")).expect("rmdir");
-        assert_eq!(next(&mut rx).await, Some(removed(&format!("{p}/x"))));
+        assert_eq!(next(&mut rx).await.map(anonymous), Some(removed(&format!("{p}/x"))));
         assert_eq!(next(&mut rx).await, None);
     }
 
@@ -643,7 +663,8 @@ mod tests {
             })
             .collect();
         assert_eq!(added, ["w/new", "w/new/n"]);
-        let gone: Vec<Change> = out.into_iter().filter(|c| matches!(c, Change::Removed { .. })).collect();
+        let gone: Vec<Change> =
+            out.into_iter().filter(|c| matches!(c, Change::Removed { .. })).map(anonymous).collect();
         assert_eq!(gone, [removed("w/old/o"), removed("w/old")]);
     }
 
@@ -658,6 +679,7 @@ mod tests {
         tree.start().expect("start");
         let mut out = Vec::new();
         tree.remove_subtree("w/a", &mut out);
+        let out: Vec<Change> = out.into_iter().map(anonymous).collect();
         assert_eq!(out, [removed("w/a/x"), removed("w/a")]);
         let left: Vec<&str> = tree.known.keys().map(String::as_str).collect();
         assert_eq!(left, ["w", "w/a-b", "w/a-b/y", "w/a.c", "w/ab"]);

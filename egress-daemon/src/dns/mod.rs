@@ -6,7 +6,6 @@
 //! the daemon's runtime.
 
 pub mod book;
-pub mod kernel;
 pub mod message;
 pub mod proxy;
 pub mod status;
@@ -22,8 +21,8 @@ use std::{
 
 use anyhow::Context;
 
-use self::{book::Book, kernel::DnsMaps, proxy::Proxy, view::View};
-use crate::{engine::Engine, policy::DnsSettings};
+use self::{book::Book, proxy::Proxy, view::View};
+use crate::{engine::Engine, kernel::DnsMaps, policy::DnsSettings};
 
 /// How often expired entries are removed and, after a reload, entries re-derived.
 const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
@@ -120,8 +119,13 @@ pub fn start(
     if resolvers.is_empty() {
         tracing::warn!("no upstream resolver (settings.dns.upstream, /etc/resolv.conf): allowed names get SERVFAIL");
     }
-    let proxy =
-        Arc::new(Proxy { state: state.clone(), maps: maps.clone(), engine, settings: settings.clone(), resolvers });
+    let proxy = Arc::new(Proxy {
+        state: state.clone(),
+        maps: maps.clone(),
+        catalog: engine.shared_catalog(),
+        settings: settings.clone(),
+        resolvers,
+    });
     maps.lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
         .set_proxy_port(port)

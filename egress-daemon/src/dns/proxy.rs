@@ -21,14 +21,13 @@ use tokio::{
 
 use super::{
     book::boot_ns,
-    kernel::DnsMaps,
     message::{format_error, read_answer, Query, CANARY},
     upstream::{self, read_framed, write_framed},
     DnsState,
 };
 use crate::{
-    engine::Engine,
-    events::FlowRecord,
+    events::{Catalog, FlowRecord},
+    kernel::DnsMaps,
     policy::{DnsSettings, RefuseWith},
 };
 
@@ -48,7 +47,8 @@ const MAX_TTL: u32 = 86_400;
 pub struct Proxy {
     pub state: Arc<DnsState>,
     pub maps: Arc<Mutex<DnsMaps>>,
-    pub engine: Engine,
+    /// Where events are named and queued for output.
+    pub catalog: Arc<Mutex<Catalog>>,
     pub settings: DnsSettings,
     pub resolvers: Vec<SocketAddr>,
 }
@@ -117,10 +117,7 @@ impl Proxy {
 
     /// The answer to one query from `peer`; `None` when the datagram deserves no answer.
     async fn answer(&self, bytes: &[u8], peer: SocketAddr, transport: u8) -> Option<Vec<u8>> {
-        let query = match Query::parse(bytes) {
-            Ok(query) => query,
-            Err(_) => return format_error(bytes),
-        };
+        let Ok(query) = Query::parse(bytes) else { return format_error(bytes) };
         let Some(sender) = self.sender(peer, transport) else {
             tracing::debug!(%peer, "DNS proxy: query from a socket the kernel did not steer; refused");
             return Some(query.answer_with(ResponseCode::Refused));
@@ -177,7 +174,7 @@ impl Proxy {
         addresses: &[Ipv6Addr],
         expires: u64,
         now: u64,
-    ) -> Result<(), super::kernel::DnsMapError> {
+    ) -> Result<(), crate::kernel::DnsMapError> {
         let mut maps = self.maps.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let mut book = self.state.book();
         for update in book.merge(cgroup, names, name, addresses, expires, now) {
@@ -204,11 +201,11 @@ impl Proxy {
     fn report(&self, sender: &Sender, policy: &str, name: &str, verdict: &str) {
         let socket = &sender.origin.socket;
         let resolver = original_resolver(socket);
-        let mut catalog = self.engine.catalog();
+        let mut catalog = self.catalog.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let (cgroup, workload) = catalog.cgroup_names(socket.cgroup);
         let at = std::time::SystemTime::now();
         let record = FlowRecord {
-            time: crate::output::rfc3339(at),
+            time: crate::events::timestamp(at),
             at,
             verdict: verdict.to_string(),
             policy: policy.to_string(),

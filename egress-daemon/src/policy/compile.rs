@@ -9,8 +9,8 @@
 use std::collections::{HashMap, HashSet};
 
 use egress_common::{
-    action, mode, policy_flags, rule_id, Decision, PolicyInfo, PortRule, PortTable, RuleKeyV4, RuleKeyV6,
-    MAX_POLICY_SLOTS, MAX_PORT_RULES, POLICY_KEY_BITS,
+    action, lookup, mode, policy_flags, rule_id, Decision, PolicyInfo, PortRule, PortTable, RuleKeyV4, RuleKeyV6,
+    MAX_POLICY_SLOTS, MAX_PORT_RULES,
 };
 use ipnet::IpNet;
 
@@ -92,19 +92,18 @@ fn compile_policy(policy: &Policy, slot: u32, tables: &mut Tables) -> Result<Com
     if u32::try_from(policy.rules.len() + policy.names.len()).map_or(true, |n| n >= rule_id::FIRST_SPECIAL) {
         return Err(CompileError::TooManyRules { policy: policy.name.clone() });
     }
-    let policy_key = slot.to_be_bytes();
     let v4 = compile_family(policy, Family::V4, tables)?
         .into_iter()
         .map(|leaf| {
-            let key = RuleKeyV4 { policy: policy_key, addr: (leaf.addr as u32).to_be_bytes() };
-            (POLICY_KEY_BITS + u32::from(leaf.len), key, leaf.decision)
+            let key = lookup::rule_key_v4(slot, (leaf.addr as u32).to_be_bytes());
+            (lookup::rule_prefix_len(leaf.len), key, leaf.decision)
         })
         .collect();
     let v6 = compile_family(policy, Family::V6, tables)?
         .into_iter()
         .map(|leaf| {
-            let key = RuleKeyV6 { policy: policy_key, addr: leaf.addr.to_be_bytes() };
-            (POLICY_KEY_BITS + u32::from(leaf.len), key, leaf.decision)
+            let key = lookup::rule_key_v6(slot, leaf.addr.to_be_bytes());
+            (lookup::rule_prefix_len(leaf.len), key, leaf.decision)
         })
         .collect();
     let info = PolicyInfo {

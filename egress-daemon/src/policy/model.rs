@@ -374,7 +374,7 @@ pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/egress";
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Settings {
     /// The cgroup the kernel programs are attached to, relative to the cgroup2 mount and
-    /// normalised like cgroup selectors; `""` for the cgroup2 root (the default).
+    /// normalised like cgroup selectors; [`crate::cgroup::ROOT`] for the cgroup2 root (the default).
     pub attach: String,
     /// Events kept in memory for `egress logs`, `1..=MAX_HISTORY`.
     pub history: usize,
@@ -437,7 +437,7 @@ impl Default for DnsSettings {
 impl Default for Settings {
     fn default() -> Self {
         Settings {
-            attach: String::new(),
+            attach: crate::cgroup::ROOT.to_string(),
             history: DEFAULT_HISTORY,
             control_socket: PathBuf::from(DEFAULT_CONTROL_SOCKET),
             control_group: None,

@@ -711,7 +711,7 @@ impl Scalar for CgroupPattern {
     }
 }
 
-/// `settings.attach`: one cgroup, `""` for the cgroup2 root.
+/// `settings.attach`: one cgroup, [`crate::cgroup::ROOT`] for the cgroup2 root.
 struct AttachPath(String);
 
 impl Scalar for AttachPath {
@@ -719,7 +719,7 @@ impl Scalar for AttachPath {
 
     fn parse(text: &str) -> Result<Self, String> {
         if text.trim() == "/" || text.is_empty() {
-            return Ok(AttachPath(String::new()));
+            return Ok(AttachPath(crate::cgroup::ROOT.to_string()));
         }
         let parts = cgroup_components(text, "cgroup path")?;
         if is_glob(text) {
@@ -728,9 +728,6 @@ impl Scalar for AttachPath {
         Ok(AttachPath(parts.join("/")))
     }
 }
-
-/// Unit types whose units hold processes.
-const UNIT_SUFFIXES: [&str; 4] = [".service", ".scope", ".slice", ".socket"];
 
 /// A `systemd_unit:` selector.
 struct UnitName(String);
@@ -745,7 +742,7 @@ impl Scalar for UnitName {
         if is_glob(text) {
             return Err(format!("`{text}`: systemd_unit takes one unit name; use a `cgroup:` glob to match several"));
         }
-        let Some(prefix) = UNIT_SUFFIXES.iter().find_map(|s| text.strip_suffix(s)) else {
+        let Some(prefix) = crate::cgroup::SELECTABLE_UNIT_SUFFIXES.iter().find_map(|s| text.strip_suffix(s)) else {
             return Err(format!(
                 "`{text}` is not a .service, .scope, .slice or .socket unit; policies select \
                  the units that run workloads"

@@ -7,7 +7,7 @@ use std::{
 };
 
 use egress_common::{
-    action, proto, rule_id, Decision, PolicyInfo, PortRule, MAX_POLICY_SLOTS, MAX_PORT_RULES, POLICY_KEY_BITS,
+    action, lookup, proto, rule_id, Decision, PolicyInfo, PortRule, MAX_POLICY_SLOTS, MAX_PORT_RULES, POLICY_KEY_BITS,
 };
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use proptest::prelude::*;
@@ -281,10 +281,7 @@ fn error_yaml_syntax_has_a_position() {
 #[test]
 fn unreadable_file_has_no_position() {
     let path = std::path::Path::new("/nonexistent/egress/policy.yaml");
-    let err = match parse_policy_file(path) {
-        Ok(_) => panic!("read a missing file"),
-        Err(err) => err,
-    };
+    let Err(err) = parse_policy_file(path) else { panic!("read a missing file") };
     assert_eq!((err.line, err.column), (0, 0));
     assert!(err.to_string().starts_with("/nonexistent/egress/policy.yaml: cannot read"), "{err}");
 }
@@ -534,8 +531,8 @@ policies:
         }
     );
     let settings = |lines: &str| parse(&format!("settings:\n{lines}policies: []\n")).settings;
-    assert_eq!(settings("  attach: /\n").attach, "");
-    assert_eq!(settings("  attach: \"\"\n").attach, "");
+    assert_eq!(settings("  attach: /\n").attach, "/");
+    assert_eq!(settings("  attach: \"\"\n").attach, "/");
     assert_eq!(settings("  attach: ./a/.\n").attach, "a");
     assert_eq!(settings("  history: 1\n").history, 1);
     assert_eq!(settings("  history: 10000000\n").history, 10_000_000);
@@ -847,48 +844,34 @@ fn prefix_equal(a: &[u8], b: &[u8], bits: u32) -> bool {
     a[..whole] == b[..whole] && (rest == 0 || (a[whole] ^ b[whole]) >> (8 - rest) == 0)
 }
 
-/// The kernel's lookup (`egress-ebpf/src/policy.rs`): the longest prefix in the tries (holding
-/// every policy of the set) for slot and destination, its port table, then the policy default.
+/// The kernel's lookup (`egress-ebpf/src/policy.rs`) with its trie lookups emulated: the
+/// longest prefix in the tries (holding every policy of the set) for slot and destination, then
+/// the port-table scan of `egress_common::lookup` that the kernel runs, then the policy default.
 fn kernel_judge(set: &CompiledSet, slot: u32, info: PolicyInfo, flow: (IpAddr, u8, u16)) -> (u8, u32) {
     let (dst, protocol, port) = flow;
     // As sock_addr.rs builds the flow.
-    let protocol = if protocol == proto::ICMPV6 { proto::ICMP } else { protocol };
-    let port = if protocol == proto::ICMP { 0 } else { port };
-    let mut lookup = slot.to_be_bytes().to_vec();
-    let entries: Vec<(u32, Vec<u8>, &Decision)> = match dst.to_canonical() {
+    let protocol = lookup::normalise_protocol(protocol);
+    let port = lookup::rule_port(protocol, port);
+    let key_bytes = |policy: [u8; 4], addr: &[u8]| [policy.as_slice(), addr].concat();
+    type Leaves<'a> = Vec<(u32, Vec<u8>, &'a Decision)>;
+    let (wanted, entries): (Vec<u8>, Leaves) = match dst.to_canonical() {
         IpAddr::V4(a) => {
-            lookup.extend(a.octets());
+            let key = lookup::rule_key_v4(slot, a.octets());
             let all = set.policies.iter().flat_map(|p| &p.v4);
-            all.map(|(len, k, d)| (*len, [k.policy.as_slice(), &k.addr].concat(), d)).collect()
+            (key_bytes(key.policy, &key.addr), all.map(|(len, k, d)| (*len, key_bytes(k.policy, &k.addr), d)).collect())
         }
         IpAddr::V6(a) => {
-            lookup.extend(a.octets());
+            let key = lookup::rule_key_v6(slot, a.octets());
             let all = set.policies.iter().flat_map(|p| &p.v6);
-            all.map(|(len, k, d)| (*len, [k.policy.as_slice(), &k.addr].concat(), d)).collect()
+            (key_bytes(key.policy, &key.addr), all.map(|(len, k, d)| (*len, key_bytes(k.policy, &k.addr), d)).collect())
         }
     };
-    let leaf = entries.iter().filter(|(len, key, _)| prefix_equal(key, &lookup, *len)).max_by_key(|(len, ..)| *len);
+    let leaf = entries.iter().filter(|(len, key, _)| prefix_equal(key, &wanted, *len)).max_by_key(|(len, ..)| *len);
     let Some((_, _, decision)) = leaf else {
         return (info.default_action, rule_id::DEFAULT);
     };
-    if decision.port_table != 0 {
-        if let Some((_, table)) = set.port_tables.iter().find(|(id, _)| *id == decision.port_table) {
-            let mut i = 0;
-            while i < MAX_PORT_RULES {
-                if i as u32 >= table.len {
-                    break;
-                }
-                let r = &table.rules[i];
-                let proto_matches = r.proto == proto::ANY || r.proto == protocol;
-                let port_matches = r.has_ports == 0 || (port != 0 && r.port_lo <= port && port <= r.port_hi);
-                if proto_matches && port_matches {
-                    return (r.action, r.rule);
-                }
-                i += 1;
-            }
-        }
-    }
-    (decision.fallback_action, decision.fallback_rule)
+    let table = set.port_tables.iter().find(|(id, _)| *id != 0 && *id == decision.port_table).map(|(_, table)| table);
+    lookup::resolve(decision, table, protocol, port)
 }
 
 fn reference_judge(policy: &Policy, flow: (IpAddr, u8, u16)) -> (u8, u32) {

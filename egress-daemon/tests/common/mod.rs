@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 use std::{
+    collections::HashSet,
     fs,
     io::{BufRead, BufReader, Read},
     net::{TcpListener, UdpSocket},
@@ -47,18 +48,9 @@ pub fn egress_bin() -> PathBuf {
     std::env::var_os("EGRESS_BIN").map(PathBuf::from).unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_egress")))
 }
 
+/// The cgroup2 mount the daemon uses.
 pub fn cgroup2_mount() -> PathBuf {
-    let info = fs::read_to_string("/proc/self/mountinfo").expect("read mountinfo");
-    for line in info.lines() {
-        if let Some((before, after)) = line.split_once(" - ") {
-            if after.starts_with("cgroup2 ") {
-                if let Some(mount) = before.split_whitespace().nth(4) {
-                    return PathBuf::from(mount);
-                }
-            }
-        }
-    }
-    panic!("no cgroup2 mount");
+    egress::cgroup::Hierarchy::discover().expect("a cgroup2 mount").mount().to_path_buf()
 }
 
 /// A cgroup the test owns; its processes are killed and it is removed on drop.
@@ -419,4 +411,9 @@ impl Drop for NetNs {
 pub fn sh(command: &str) {
     let status = Command::new("sh").arg("-c").arg(command).status().expect("run sh");
     assert!(status.success(), "`{command}` failed");
+}
+
+/// cgroup ids currently in the kernel's cgroup -> policy map of a test daemon.
+pub fn bound_cgroup_ids(pin_dir: &Path) -> HashSet<u64> {
+    egress::kernel::pinned_bindings(pin_dir).expect("read the pinned cgroup map").into_keys().collect()
 }

@@ -1,4 +1,5 @@
-//! Checks that this machine can run egress, naming exactly what is missing.
+//! Checks that this machine can run egress before anything is loaded, naming exactly what is
+//! missing: root, a host-rooted cgroup2, the program and map types, a bpffs for the pins.
 
 use aya::{
     maps::MapType,

@@ -3,8 +3,13 @@
 
 use std::{net::Ipv6Addr, os::fd::AsRawFd};
 
-use aya::maps::{Array, HashMap as BpfHashMap, MapData, MapError};
-use egress_common::{DnsConfig, Learned, LearnedKey, Origin, OriginKey};
+use aya::{
+    maps::{Array, HashMap as BpfHashMap, MapData, MapError},
+    Ebpf,
+};
+use egress_common::{dns_names, DnsConfig, Learned, LearnedKey, Origin, OriginKey};
+
+use super::KernelError;
 
 /// Why a DNS map could not be used.
 #[derive(Debug, thiserror::Error)]
@@ -25,22 +30,33 @@ fn map_error(name: &'static str) -> impl FnOnce(MapError) -> DnsMapError {
 
 /// The DNS maps, taken out of the loaded object.
 pub struct DnsMaps {
-    pub config: Array<MapData, DnsConfig>,
-    pub learned: BpfHashMap<MapData, LearnedKey, Learned>,
-    pub origins: BpfHashMap<MapData, OriginKey, Origin>,
+    config: Array<MapData, DnsConfig>,
+    learned: BpfHashMap<MapData, LearnedKey, Learned>,
+    origins: BpfHashMap<MapData, OriginKey, Origin>,
 }
 
 impl DnsMaps {
+    pub(super) fn take(ebpf: &mut Ebpf) -> Result<Self, KernelError> {
+        let mut take = |name: &'static str| ebpf.take_map(name).ok_or(KernelError::MissingMap(name));
+        let (config, learned, origins) =
+            (take(dns_names::DNS_CONFIG)?, take(dns_names::LEARNED)?, take(dns_names::QUERY_ORIGINS)?);
+        Ok(Self {
+            config: Array::try_from(config).map_err(KernelError::map(dns_names::DNS_CONFIG))?,
+            learned: BpfHashMap::try_from(learned).map_err(KernelError::map(dns_names::LEARNED))?,
+            origins: BpfHashMap::try_from(origins).map_err(KernelError::map(dns_names::QUERY_ORIGINS))?,
+        })
+    }
+
     /// Turns steering on to `port` for sockets in the daemon's network namespace, or off (0).
     pub fn set_proxy_port(&mut self, port: u16) -> Result<(), DnsMapError> {
         let host_netns = if port == 0 { 0 } else { own_netns_cookie().map_err(DnsMapError::NetnsCookie)? };
         let config = DnsConfig { host_netns, proxy_port: port, _pad: [0; 6] };
-        self.config.set(0, config, 0).map_err(map_error(egress_common::dns_names::DNS_CONFIG))
+        self.config.set(0, config, 0).map_err(map_error(dns_names::DNS_CONFIG))
     }
 
     pub fn write(&mut self, cgroup: u64, addr: Ipv6Addr, value: &Learned) -> Result<(), DnsMapError> {
         let key = LearnedKey { cgroup, addr: addr.octets() };
-        self.learned.insert(key, value, 0).map_err(map_error(egress_common::dns_names::LEARNED))
+        self.learned.insert(key, value, 0).map_err(map_error(dns_names::LEARNED))
     }
 
     pub fn remove(&mut self, cgroup: u64, addr: Ipv6Addr) {

@@ -1,0 +1,24 @@
+//! Every kernel object egress uses: the embedded programs and their links, the maps and their
+//! pins in bpffs, feature probes, and the event ring. Nothing outside this module imports aya.
+
+mod batch;
+mod dns;
+mod enforcer;
+mod error;
+mod events;
+mod maps;
+mod pins;
+mod probe;
+mod programs;
+
+pub use dns::{DnsMapError, DnsMaps};
+pub use enforcer::{Enforcer, OnExit, Start};
+pub use error::KernelError;
+pub use events::{DropCounter, Drops, EventSource};
+pub use pins::{pinned_bindings, pinned_maps_exist, MAPS_DIR};
+pub use probe::{check as preflight, ensure_bpffs, missing_helper, PreflightError};
+pub use programs::SocketGuard;
+
+fn nr_cpus() -> usize {
+    aya::util::nr_cpus().unwrap_or(1)
+}

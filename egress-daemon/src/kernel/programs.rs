@@ -1,0 +1,230 @@
+//! The kernel programs: which are loaded, the fallbacks the loader picks between, and attaching,
+//! detaching and taking their links.
+
+use std::{fs, os::fd::BorrowedFd, path::Path};
+
+use aya::{
+    programs::{
+        cgroup_skb::CgroupSkbLinkId, cgroup_sock::CgroupSockLinkId, cgroup_sock_addr::CgroupSockAddrLinkId,
+        links::FdLink, lsm::LsmLinkId, CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSock, CgroupSockAddr,
+        Lsm,
+    },
+    Btf, Ebpf,
+};
+
+use super::KernelError;
+
+pub(super) static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/egress.bpf.o"));
+
+/// The flow hooks, then the DNS hooks that make steered replies look as if they came from the
+/// resolver the workload named.
+const SOCK_ADDR_PROGRAMS: [&str; 8] =
+    ["connect4", "connect6", "sendmsg4", "sendmsg6", "recvmsg4", "recvmsg6", "getpeername4", "getpeername6"];
+/// The packet backstop, first with process names in its events, then without: kernels before
+/// 6.18 refuse the current-task helpers in packet programs (KERNELS.md).
+const EGRESS_PROGRAMS: [&str; 2] = ["egress_packet", "egress_packet_portable"];
+const INGRESS_PROGRAM: &str = "ingress_packet";
+const SOCK_CREATE_PROGRAM: &str = "sock_create";
+const LSM_PROGRAM: &str = "socket_create";
+const LSM_HOOK: &str = "socket_create";
+/// The kernel's list of active LSMs; the BPF LSM runs programs only when `bpf` is in it.
+const ACTIVE_LSMS: &str = "/sys/kernel/security/lsm";
+const SECURITYFS: &str = "/sys/kernel/security";
+
+pub(super) enum LinkId {
+    SockAddr(&'static str, CgroupSockAddrLinkId),
+    Skb(&'static str, CgroupSkbLinkId),
+    Sock(CgroupSockLinkId),
+    Lsm(LsmLinkId),
+}
+
+/// Whether sockets that leave the IP stack (`AF_PACKET`, ...) are refused to covered cgroups:
+/// that needs the BPF LSM, which the kernel runs only when booted with `lsm=...,bpf`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SocketGuard {
+    On,
+    Off(String),
+}
+
+impl SocketGuard {
+    /// One line for logs and `egress status`.
+    pub fn describe(&self) -> String {
+        match self {
+            Self::On => "on (BPF LSM socket_create)".to_string(),
+            Self::Off(reason) => format!("off: {reason}"),
+        }
+    }
+}
+
+/// Which variants this kernel accepted, once every program is loaded (nothing attached yet).
+pub(super) struct Loaded {
+    /// Which of `EGRESS_PROGRAMS` this kernel accepted.
+    pub egress_program: &'static str,
+    pub socket_guard: SocketGuard,
+}
+
+/// Loads (verifies) every program of the object.
+pub(super) fn load_all(ebpf: &mut Ebpf) -> Result<Loaded, KernelError> {
+    for name in SOCK_ADDR_PROGRAMS {
+        sock_addr_program(ebpf, name)?.load().map_err(KernelError::program(name))?;
+    }
+    let egress_program = load_egress_program(ebpf)?;
+    skb_program(ebpf, INGRESS_PROGRAM)?.load().map_err(KernelError::program(INGRESS_PROGRAM))?;
+    sock_program(ebpf)?.load().map_err(KernelError::program(SOCK_CREATE_PROGRAM))?;
+    let socket_guard = load_socket_guard(ebpf);
+    Ok(Loaded { egress_program, socket_guard })
+}
+
+/// Attaches every loaded program to `cgroup`, pushing each link as it is made (so that a
+/// failure part-way leaves `ids` holding what must be detached again).
+pub(super) fn attach_all(
+    ebpf: &mut Ebpf,
+    loaded: &Loaded,
+    cgroup: BorrowedFd<'_>,
+    ids: &mut Vec<LinkId>,
+) -> Result<(), KernelError> {
+    for name in SOCK_ADDR_PROGRAMS {
+        let id = sock_addr_program(ebpf, name)?
+            .attach(cgroup, CgroupAttachMode::Single)
+            .map_err(KernelError::program(name))?;
+        ids.push(LinkId::SockAddr(name, id));
+    }
+    let skb_programs =
+        [(loaded.egress_program, CgroupSkbAttachType::Egress), (INGRESS_PROGRAM, CgroupSkbAttachType::Ingress)];
+    for (name, attach_type) in skb_programs {
+        let id = skb_program(ebpf, name)?
+            .attach(cgroup, attach_type, CgroupAttachMode::Single)
+            .map_err(KernelError::program(name))?;
+        ids.push(LinkId::Skb(name, id));
+    }
+    let id = sock_program(ebpf)?
+        .attach(cgroup, CgroupAttachMode::Single)
+        .map_err(KernelError::program(SOCK_CREATE_PROGRAM))?;
+    ids.push(LinkId::Sock(id));
+    if loaded.socket_guard == SocketGuard::On {
+        let id = lsm_program(ebpf)?.attach().map_err(KernelError::program(LSM_PROGRAM))?;
+        ids.push(LinkId::Lsm(id));
+    }
+    Ok(())
+}
+
+/// Takes a link out of the program that owns it, as a plain fd link that can be pinned; returns
+/// the program's name with it.
+pub(super) fn take_link(ebpf: &mut Ebpf, id: LinkId) -> Result<(&'static str, FdLink), KernelError> {
+    Ok(match id {
+        LinkId::SockAddr(name, id) => {
+            let link = sock_addr_program(ebpf, name)?.take_link(id).map_err(KernelError::program(name))?;
+            (name, FdLink::try_from(link)?)
+        }
+        LinkId::Skb(name, id) => {
+            let link = skb_program(ebpf, name)?.take_link(id).map_err(KernelError::program(name))?;
+            (name, FdLink::try_from(link)?)
+        }
+        LinkId::Sock(id) => {
+            let link = sock_program(ebpf)?.take_link(id).map_err(KernelError::program(SOCK_CREATE_PROGRAM))?;
+            (SOCK_CREATE_PROGRAM, FdLink::try_from(link)?)
+        }
+        LinkId::Lsm(id) => {
+            let link = lsm_program(ebpf)?.take_link(id).map_err(KernelError::program(LSM_PROGRAM))?;
+            (LSM_PROGRAM, link.into())
+        }
+    })
+}
+
+/// Detaches one link this process owns.
+pub(super) fn detach(ebpf: &mut Ebpf, id: LinkId) -> Result<(), KernelError> {
+    match id {
+        LinkId::SockAddr(name, id) => sock_addr_program(ebpf, name)?.detach(id).map_err(KernelError::program(name)),
+        LinkId::Skb(name, id) => skb_program(ebpf, name)?.detach(id).map_err(KernelError::program(name)),
+        LinkId::Sock(id) => sock_program(ebpf)?.detach(id).map_err(KernelError::program(SOCK_CREATE_PROGRAM)),
+        LinkId::Lsm(id) => lsm_program(ebpf)?.detach(id).map_err(KernelError::program(LSM_PROGRAM)),
+    }
+}
+
+fn sock_addr_program<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut CgroupSockAddr, KernelError> {
+    let program = ebpf.program_mut(name).ok_or(KernelError::MissingProgram(name))?;
+    program.try_into().map_err(KernelError::program(name))
+}
+
+fn skb_program<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut CgroupSkb, KernelError> {
+    let program = ebpf.program_mut(name).ok_or(KernelError::MissingProgram(name))?;
+    program.try_into().map_err(KernelError::program(name))
+}
+
+fn sock_program(ebpf: &mut Ebpf) -> Result<&mut CgroupSock, KernelError> {
+    let program = ebpf.program_mut(SOCK_CREATE_PROGRAM).ok_or(KernelError::MissingProgram(SOCK_CREATE_PROGRAM))?;
+    program.try_into().map_err(KernelError::program(SOCK_CREATE_PROGRAM))
+}
+
+fn lsm_program(ebpf: &mut Ebpf) -> Result<&mut Lsm, KernelError> {
+    let program = ebpf.program_mut(LSM_PROGRAM).ok_or(KernelError::MissingProgram(LSM_PROGRAM))?;
+    program.try_into().map_err(KernelError::program(LSM_PROGRAM))
+}
+
+/// Loads the first of `EGRESS_PROGRAMS` the verifier accepts.
+fn load_egress_program(ebpf: &mut Ebpf) -> Result<&'static str, KernelError> {
+    let [full, portable] = EGRESS_PROGRAMS;
+    match skb_program(ebpf, full)?.load() {
+        Ok(()) => Ok(full),
+        Err(error) => {
+            tracing::info!(
+                %error,
+                "this kernel refuses the current-task helpers in packet programs: events of raw and other \
+                 packet-judged flows name no process"
+            );
+            skb_program(ebpf, portable)?.load().map_err(KernelError::program(portable))?;
+            Ok(portable)
+        }
+    }
+}
+
+/// Loads the LSM program where the kernel runs BPF LSM programs; says why not otherwise.
+fn load_socket_guard(ebpf: &mut Ebpf) -> SocketGuard {
+    if !Path::new(ACTIVE_LSMS).exists() {
+        // securityfs is not mounted on every host (nor in every container).
+        let _ = std::process::Command::new("mount")
+            .args(["-t", "securityfs", "securityfs", SECURITYFS])
+            .stderr(std::process::Stdio::null())
+            .status();
+    }
+    match fs::read_to_string(ACTIVE_LSMS) {
+        Ok(list) if list.trim().split(',').any(|lsm| lsm == "bpf") => {}
+        Ok(list) => {
+            return SocketGuard::Off(format!(
+                "the BPF LSM is not active (active: {}); boot with lsm={},bpf to refuse AF_PACKET and other \
+                 non-IP sockets to covered cgroups",
+                list.trim(),
+                list.trim()
+            ))
+        }
+        Err(error) => return SocketGuard::Off(format!("cannot read {ACTIVE_LSMS}: {error}")),
+    }
+    let btf = match Btf::from_sys_fs() {
+        Ok(btf) => btf,
+        Err(error) => return SocketGuard::Off(format!("no kernel BTF for the LSM program: {error}")),
+    };
+    match lsm_program(ebpf).and_then(|p| p.load(LSM_HOOK, &btf).map_err(KernelError::program(LSM_PROGRAM))) {
+        Ok(()) => SocketGuard::On,
+        Err(error) => {
+            let error = error.to_string();
+            tracing::debug!(%error, "the LSM program did not load");
+            match super::probe::missing_helper(&error) {
+                Some(missing) => {
+                    SocketGuard::Off(format!("{missing}; AF_PACKET and other non-IP sockets are not refused"))
+                }
+                None => SocketGuard::Off(format!("loading the LSM program: {error}{}", lockdown_hint())),
+            }
+        }
+    }
+}
+
+/// A locked-down kernel (`/sys/kernel/security/lockdown` not `[none]`) may refuse BPF LSM
+/// programs with EPERM; say so next to the error.
+fn lockdown_hint() -> String {
+    match fs::read_to_string(format!("{SECURITYFS}/lockdown")) {
+        Ok(modes) if !modes.contains("[none]") => {
+            format!(" (the kernel is locked down: {}; lockdown may refuse BPF LSM programs)", modes.trim())
+        }
+        _ => String::new(),
+    }
+}
