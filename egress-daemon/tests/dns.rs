@@ -434,6 +434,19 @@ fn a_workload_naming_8_8_8_8_is_steered_and_dns_bypasses_are_refused() {
     assert_eq!(event["dport"], 853);
     // Ordinary traffic still follows the default.
     assert_eq!(tcp_connect(&lab.workload, "10.214.155.77"), "ok");
+    // DNS over HTTPS to a well-known resolver, from inside the test's namespace where no route
+    // leads out: refused at connect (EPERM) where the default would let it try (ENETUNREACH).
+    let in_namespace = |host: &str, port: &str| {
+        let out = lab
+            .workload
+            .command("ip")
+            .args(["netns", "exec", &lab.ns.name, "python3", "-c", PY_TCP_CONNECT, host, port])
+            .output()
+            .expect("connect in the namespace");
+        stdout_of(&out)
+    };
+    assert_eq!(in_namespace("1.1.1.1", "443"), "EPERM");
+    assert_eq!(in_namespace("1.1.1.1", "80"), "ENETUNREACH");
 }
 
 #[test]

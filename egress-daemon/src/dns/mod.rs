@@ -126,10 +126,11 @@ pub fn start(
         settings: settings.clone(),
         resolvers,
     });
-    maps.lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-        .set_proxy_port(port)
-        .context("turning DNS steering on")?;
+    // Without the namespace cookie (Linux < 5.14) nothing is steered: name rules then allow
+    // nothing, and DNS is judged by the CIDR rules like any other flow (fail closed).
+    if let Err(error) = maps.lock().unwrap_or_else(std::sync::PoisonError::into_inner).set_proxy_port(port) {
+        tracing::error!(%error, "DNS is not steered to the proxy: name rules allow nothing on this kernel");
+    }
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let thread = thread::Builder::new()
         .name("egress-dns".into())
