@@ -140,7 +140,8 @@ impl Engine {
 
         // Name the new slots before they can raise events.
         self.name_slots(&set, &slots);
-        self.name_cgroups(bindings.iter().map(|b| &b.cgroup));
+        let bound: HashMap<u64, Bound> = bindings.iter().map(|b| (b.cgroup.id, Bound::of(b))).collect();
+        self.name_cgroups(&bound);
         let mut state = self.state();
         if state.enforcer.next_generation() != generation {
             bail!("another set of policies was put in force meanwhile; apply again");
@@ -153,7 +154,6 @@ impl Engine {
             .enforcer
             .install(generation, &compiled, &slots, &cgroup_slots, levels)
             .context("writing the policies into the kernel maps")?;
-        let bound = bindings.iter().map(|b| (b.cgroup.id, Bound::of(b))).collect();
         self.dns.view.replace(&set.policies, bindings.iter().map(|b| (b.cgroup.id, b.policy)));
         state.active = Some(Active { set, slots, source: source.to_string(), loaded_at: SystemTime::now(), bound });
         Ok(())
@@ -166,7 +166,8 @@ impl Engine {
         let State { enforcer, active } = &mut *state;
         let Some(active) = active else { bail!("no policies are loaded") };
         let slot = *active.slots.get(binding.policy).context("policy index out of range")?;
-        self.name_cgroups([&binding.cgroup]);
+        let bound = Bound::of(binding);
+        self.name_cgroups([(&binding.cgroup.id, &bound)]);
         if let Some(guard) = guard {
             enforcer.add_deep_guard(guard).context("writing a deep-cgroup guard")?;
         }
@@ -175,7 +176,7 @@ impl Engine {
         if let Some(policy) = active.set.policies.get(binding.policy) {
             self.dns.view.bind(binding.cgroup.id, policy);
         }
-        active.bound.insert(binding.cgroup.id, Bound::of(binding));
+        active.bound.insert(binding.cgroup.id, bound);
         Ok(())
     }
 
@@ -195,10 +196,10 @@ impl Engine {
         }
     }
 
-    fn name_cgroups<'a>(&self, cgroups: impl IntoIterator<Item = &'a Cgroup>) {
+    fn name_cgroups<'a>(&self, cgroups: impl IntoIterator<Item = (&'a u64, &'a Bound)>) {
         let mut catalog = self.catalog();
-        for cgroup in cgroups {
-            catalog.name_cgroup(cgroup.id, cgroup.relative.clone());
+        for (id, bound) in cgroups {
+            catalog.name_cgroup(*id, bound.relative.clone(), bound.workload.clone());
         }
     }
 }

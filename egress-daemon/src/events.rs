@@ -124,8 +124,9 @@ impl Catalog {
         self.slots.insert(slot, names);
     }
 
-    pub fn name_cgroup(&mut self, id: u64, relative: String) {
-        self.cgroups.insert(id, CgroupName::new(relative));
+    /// Names a bound cgroup (the engine already knows what runs in it).
+    pub fn name_cgroup(&mut self, id: u64, relative: String, workload: Option<String>) {
+        self.cgroups.insert(id, CgroupName { relative, workload });
     }
 
     /// Decodes one ring buffer item; `None` when it is too short to be an event.

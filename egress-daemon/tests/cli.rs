@@ -8,77 +8,26 @@ mod common;
 
 use std::{
     fs,
-    io::{BufRead, BufReader, Read, Write},
+    io::{BufRead, BufReader, Write},
     net::{TcpListener, TcpStream},
     os::unix::fs::PermissionsExt,
     path::{Path, PathBuf},
-    process::{Command, ExitStatus, Stdio},
+    process::{Command, Stdio},
     thread,
     time::{Duration, Instant, SystemTime},
 };
 
-use common::{egress_bin, privileged, TestCgroup};
+use common::{egress_bin, privileged, run_limited, PolicyFile, Run, TestCgroup};
 use serde_json::Value;
 
 // ---------------------------------------------------------------------------------------------
 // helpers
 // ---------------------------------------------------------------------------------------------
 
-/// A policy file with exactly the given text (so line numbers in errors are ours), in its own
-/// temporary directory; removed on drop together with any bpffs pin directory it names.
-struct Config {
-    path: PathBuf,
-    pin_dir: Option<PathBuf>,
-}
-
-impl Config {
-    fn new(text: &str) -> Self {
-        let dir = std::env::temp_dir().join(common::unique("egress-cli-test"));
-        fs::create_dir_all(&dir).expect("temp dir");
-        let path = dir.join("policy.yaml");
-        fs::write(&path, text).expect("write policy");
-        Self { path, pin_dir: None }
-    }
-
-    /// A file for `egress run`: `policies` (starting with `policies:`), plus, on builds that know
-    /// `settings:`, the settings that keep the daemon inside the test: programs attached at
-    /// `attach` (a cgroup of the test, never the root), its own pin directory and socket.
-    fn for_run(attach: &TestCgroup, policies: &str) -> Self {
-        let mut config = Self::new(policies);
-        {
-            let pin_dir = PathBuf::from("/sys/fs/bpf").join(common::unique("egress-cli-test"));
-            let socket = config.path.with_file_name("control.sock");
-            config.rewrite(&format!(
-                "settings:\n  attach: {}\n  pin_dir: {}\n  control_socket: {}\n{policies}",
-                attach.relative,
-                pin_dir.display(),
-                socket.display()
-            ));
-            config.pin_dir = Some(pin_dir);
-        }
-        config
-    }
-
-    fn rewrite(&self, text: &str) {
-        fs::write(&self.path, text).expect("write policy");
-    }
-}
-
-impl Drop for Config {
-    fn drop(&mut self) {
-        if let Some(dir) = self.path.parent() {
-            let _ = fs::remove_dir_all(dir);
-        }
-        if let Some(pins) = &self.pin_dir {
-            let _ = fs::remove_dir_all(pins);
-        }
-    }
-}
-
 /// `egress run [--log-format json] --config F`, made safe for tests on every build: the file
 /// must pin the attach point to a test cgroup where the build knows `settings.attach`, and
 /// enforcement is removed when the daemon stops.
-fn egress_run(config: &Config, json: bool) -> Command {
+fn egress_run(config: &PolicyFile, json: bool) -> Command {
     {
         let text = fs::read_to_string(&config.path).unwrap_or_default();
         // Files that cannot parse never reach the kernel; any other must name a test cgroup.
@@ -106,78 +55,6 @@ fn egress_run(config: &Config, json: bool) -> Command {
     cmd
 }
 
-/// What a finished `egress` invocation left behind.
-struct Run {
-    status: ExitStatus,
-    stdout: String,
-    stderr: String,
-    elapsed: Duration,
-    /// Pid of the `egress` process itself (names the transient cgroup of `exec`).
-    pid: u32,
-}
-
-impl Run {
-    fn code(&self) -> Option<i32> {
-        self.status.code()
-    }
-
-    fn describe(&self) -> String {
-        format!(
-            "status {:?} after {:?}\n--- stdout ---\n{}\n--- stderr ---\n{}",
-            self.status, self.elapsed, self.stdout, self.stderr
-        )
-    }
-}
-
-/// Runs `cmd` to completion with its output captured; kills it and panics after `limit`.
-fn run_limited(mut cmd: Command, limit: Duration) -> Run {
-    let start = Instant::now();
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
-    let pid = child.id();
-    let mut out = child.stdout.take().unwrap();
-    let mut err = child.stderr.take().unwrap();
-    let out_reader = thread::spawn(move || {
-        let mut s = String::new();
-        let _ = out.read_to_string(&mut s);
-        s
-    });
-    let err_reader = thread::spawn(move || {
-        let mut s = String::new();
-        let _ = err.read_to_string(&mut s);
-        s
-    });
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("wait") {
-            break status;
-        }
-        if start.elapsed() > limit {
-            // SIGTERM first: a daemon cleans up after itself; then SIGKILL.
-            // SAFETY: signalling our own child.
-            unsafe { libc::kill(pid as i32, libc::SIGTERM) };
-            for _ in 0..300 {
-                if let Ok(Some(_)) = child.try_wait() {
-                    break;
-                }
-                thread::sleep(Duration::from_millis(10));
-            }
-            let _ = child.kill();
-            let _ = child.wait();
-            let stderr = err_reader.join().unwrap_or_default();
-            panic!("{cmd:?} still running after {limit:?}; stderr:\n{stderr}");
-        }
-        thread::sleep(Duration::from_millis(5));
-    };
-    let elapsed = start.elapsed();
-    let stdout = out_reader.join().unwrap_or_default();
-    let stderr = err_reader.join().unwrap_or_default();
-    Run { status, stdout, stderr, elapsed, pid }
-}
-
 fn egress(args: &[&str]) -> Command {
     let mut cmd = Command::new(egress_bin());
     cmd.args(args);
@@ -185,7 +62,7 @@ fn egress(args: &[&str]) -> Command {
 }
 
 /// `egress exec --config F --policy P [--log-format json] -- sh -c SCRIPT`.
-fn exec_sh(policy: &Config, name: &str, json: bool, script: &str) -> Run {
+fn exec_sh(policy: &PolicyFile, name: &str, json: bool, script: &str) -> Run {
     let mut cmd = Command::new(egress_bin());
     cmd.arg("exec").arg("--config").arg(&policy.path).args(["--policy", name]);
     if json {
@@ -401,7 +278,7 @@ fn assert_config_error(run: &Run, file: &Path, line: usize, column: usize, fragm
 
 #[test]
 fn check_accepts_a_valid_file_with_one_summary_line_per_policy() {
-    let file = Config::new(
+    let file = PolicyFile::exact(
         "\
 # two policies
 policies:
@@ -486,7 +363,7 @@ fn check_does_not_need_root() {
         // Without root we are already unprivileged: the other check tests cover it.
         return;
     }
-    let file = Config::new("policies:\n  - name: p\n    cgroup: x\n    rules:\n      - deny: 10.0.0.0/8\n");
+    let file = PolicyFile::exact("policies:\n  - name: p\n    cgroup: x\n    rules:\n      - deny: 10.0.0.0/8\n");
     let dir = file.path.parent().unwrap();
     // Let nobody read the file.
     Command::new("chmod").arg("755").arg(dir).status().unwrap();
@@ -516,8 +393,8 @@ policies:
         ports: 53
 ";
 
-fn check_text(text: &str) -> (Config, Run) {
-    let file = Config::new(text);
+fn check_text(text: &str) -> (PolicyFile, Run) {
+    let file = PolicyFile::exact(text);
     let mut cmd = egress(&["check"]);
     cmd.arg(&file.path);
     let run = run_limited(cmd, Duration::from_secs(10));
@@ -621,7 +498,7 @@ fn check_reports_yaml_syntax_errors_with_line_and_column() {
 
 #[test]
 fn check_of_a_missing_file_fails_with_status_2() {
-    let file = Config::new("");
+    let file = PolicyFile::exact("");
     let missing = file.path.with_file_name("no-such-file.yaml");
     let mut cmd = egress(&["check"]);
     cmd.arg(&missing);
@@ -658,7 +535,7 @@ fn exec_blocks_a_denied_destination_at_once_with_one_json_event() {
     }
     let port = http_pair();
     let name = common::unique("acceptance");
-    let policy = Config::new(&web_policy(&name, "enforce", port));
+    let policy = PolicyFile::exact(&web_policy(&name, "enforce", port));
     let from = SystemTime::now();
     let run =
         exec_sh(&policy, &name, true, &format!("echo PID=$$; exec curl -v -sS --max-time 10 http://127.0.0.2:{port}/"));
@@ -707,7 +584,7 @@ fn exec_allows_an_allowed_destination_with_an_allowed_event() {
     }
     let port = http_pair();
     let name = common::unique("allowed");
-    let policy = Config::new(&web_policy(&name, "enforce", port));
+    let policy = PolicyFile::exact(&web_policy(&name, "enforce", port));
     let from = SystemTime::now();
     let run = exec_sh(
         &policy,
@@ -745,7 +622,7 @@ fn exec_text_output_names_verdict_destination_process_and_rule() {
     }
     let port = http_pair();
     let name = common::unique("text");
-    let policy = Config::new(&web_policy(&name, "enforce", port));
+    let policy = PolicyFile::exact(&web_policy(&name, "enforce", port));
     let from = SystemTime::now();
     let run =
         exec_sh(&policy, &name, false, &format!("echo PID=$$; exec curl -sS --max-time 10 http://127.0.0.2:{port}/"));
@@ -781,8 +658,8 @@ fn exec_text_output_names_verdict_destination_process_and_rule() {
 // egress exec: exit status and the transient cgroup
 // ---------------------------------------------------------------------------------------------
 
-fn any_policy(name: &str) -> Config {
-    Config::new(&format!(
+fn any_policy(name: &str) -> PolicyFile {
+    PolicyFile::exact(&format!(
         "policies:\n  - name: {name}\n    cgroup: ignored-by-exec\n    default: deny\n    rules:\n      - deny: 127.0.0.0/8\n"
     ))
 }
@@ -893,7 +770,7 @@ fn exec_in_audit_mode_lets_denied_flows_through_with_audit_events() {
     let port = http_pair();
     let name = common::unique("audit");
     let bare = common::unique("audit-default");
-    let policy = Config::new(&format!(
+    let policy = PolicyFile::exact(&format!(
         "{}  - name: {bare}\n    cgroup: ignored-by-exec-2\n    default: deny\n    mode: audit\n",
         web_policy(&name, "audit", port)
     ));
@@ -998,14 +875,14 @@ fn run_with_a_syntax_error_exits_2_before_touching_the_kernel() {
         return;
     }
     let text = with_line(CHECK_BASE, 9, "        ports: [80, 8000-8080}");
-    let policy = Config::new(&text);
+    let policy = PolicyFile::exact(&text);
     let config = policy.path.to_str().unwrap();
     let run = run_limited(egress_run(&policy, false), Duration::from_secs(10));
     assert_config_error(&run, &policy.path, 9, 30, "did not find expected ',' or ']'");
     assert!(run.elapsed < Duration::from_secs(2), "{}", run.describe());
 
     // A semantic error as well.
-    let bad = Config::new(&with_line(CHECK_BASE, 14, "      - deny: 10.0.0.1/8"));
+    let bad = PolicyFile::exact(&with_line(CHECK_BASE, 14, "      - deny: 10.0.0.1/8"));
     let run = run_limited(egress_run(&bad, false), Duration::from_secs(10));
     assert_config_error(&run, &bad.path, 14, 15, "has host bits set");
 
@@ -1060,8 +937,8 @@ fn run_waits_for_a_missing_cgroup_and_enforces_it_once_it_appears() {
     let later = format!("{}/later", attach.relative);
     let name = common::unique("ghost");
     let port = common::tcp_server("127.0.0.2:0");
-    let policy = Config::for_run(
-        &attach,
+    let policy = PolicyFile::attached_at(
+        Some(&attach.relative),
         &format!(
         "policies:\n  - name: {name}\n    cgroup: {later}\n    default: deny\n    rules:\n      - deny: 127.0.0.0/8\n"
     ),
@@ -1122,8 +999,8 @@ fn run_events_name_the_policy_cgroup_and_descendant_cgroups() {
     let leaf = parent.child("leaf");
     let port = common::tcp_server("127.0.0.1:0");
     let name = common::unique("run-events");
-    let policy = Config::for_run(
-        &parent,
+    let policy = PolicyFile::attached_at(
+        Some(&parent.relative),
         &format!(
             "\
 policies:

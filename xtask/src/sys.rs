@@ -87,13 +87,11 @@ pub fn run(cmd: &mut Command) -> Result<()> {
 mod tests {
     use super::*;
 
+    /// The hybrid layout: a tmpfs at /sys/fs/cgroup holding the v1 controllers and cgroup2.
     const HYBRID: &str = "\
-25 30 0:23 / /sys rw,nosuid,nodev,noexec,relatime shared:7 - sysfs sysfs rw
-36 25 0:31 / /sys/fs/cgroup ro,nosuid,nodev,noexec shared:9 - tmpfs tmpfs ro,mode=755
-41 36 0:38 / /sys/fs/cgroup/unified rw,relatime shared:10 - cgroup2 cgroup2 rw,nsdelegate
-42 36 0:39 / /sys/fs/cgroup/systemd rw,relatime shared:11 - cgroup cgroup rw,name=systemd
-77 25 0:40 / /sys/fs/bpf rw,relatime - bpf bpf rw
-88 30 0:41 / /mnt/with\\040space rw - tmpfs tmpfs rw
+36 25 0:31 / /sys/fs/cgroup ro - tmpfs tmpfs ro
+41 36 0:38 / /sys/fs/cgroup/unified rw - cgroup2 cgroup2 rw
+42 36 0:39 / /sys/fs/cgroup/systemd rw - cgroup cgroup rw,name=systemd
 ";
 
     #[test]

@@ -323,7 +323,7 @@ mod tests {
         assert_eq!(parse_duration("12"), Ok(Duration::from_secs(12)));
         assert_eq!(parse_duration(" 10 m "), Ok(Duration::from_secs(600)));
         assert_eq!(parse_duration("0"), Ok(Duration::ZERO));
-        for bad in ["", "m", "5x", "-5s", "1.5h", "5mm", "99999999999999999999", "999999999999999999d"] {
+        for bad in ["", "m", "5x", "-5s", "5mm", "99999999999999999999", "999999999999999999d"] {
             assert!(parse_duration(bad).is_err(), "{bad:?} should be rejected");
         }
     }
@@ -334,7 +334,7 @@ mod tests {
             config: "/etc/egress/egress.yaml".into(),
             loaded_at: "2026-11-23T10:01:02.345Z".into(),
             generation: 2,
-            attach: String::new(),
+            attach: "/".into(),
             dropped_events: 7,
             policies: vec![PolicyStatus {
                 name: "web".into(),

@@ -13,7 +13,8 @@ use egress_common::{names, CgroupBinding};
 use super::KernelError;
 
 /// Where the maps are pinned below the pin directory. The suffix changes whenever a key or value
-/// layout changes, so that a daemon never adopts maps it would misread.
+/// layout changes, so that a daemon never adopts maps it would misread; a unit test holds the
+/// layout this name stands for and fails when a layout changes under the same name.
 pub const MAPS_DIR: &str = "maps-v2";
 const LINKS_DIR: &str = "links";
 
@@ -84,6 +85,44 @@ pub fn pinned_bindings(pin_dir: &Path) -> Result<HashMap<u64, u32>, KernelError>
 #[cfg(test)]
 mod tests {
     use super::*;
+    use egress_common::{
+        Decision, FlowEvent, FlowKey, PeerKey, PolicyInfo, PolicyStats, PortTable, RuleKeyV4, RuleKeyV6, Settings,
+    };
+
+    /// The sizes and alignments of every type in the pinned maps, and the maps' names.
+    fn layout() -> String {
+        macro_rules! shapes {
+            ($($ty:ty),+) => { [$(format!("{}:{}/{}", stringify!($ty), size_of::<$ty>(), align_of::<$ty>())),+] };
+        }
+        let types = shapes!(
+            CgroupBinding,
+            Decision,
+            FlowEvent,
+            FlowKey,
+            PeerKey,
+            PolicyInfo,
+            PolicyStats,
+            PortTable,
+            RuleKeyV4,
+            RuleKeyV6,
+            Settings
+        );
+        format!("{} {}", names::ALL.join(","), types.join(","))
+    }
+
+    #[test]
+    fn the_maps_directory_names_the_layout_it_holds() {
+        // When this fails, a map was added or a key or value changed: bump MAPS_DIR (a daemon
+        // must not adopt maps it would misread) and record the new layout here.
+        let recorded = (
+            "maps-v2",
+            "CGROUP_POLICY,POLICY_INFO,RULES_V4,RULES_V6,PORT_TABLES,SETTINGS,EVENTS,COUNTERS,BINDING_STATS,\
+             UDP_PEERS,FLOWS_SEEN,DEEP_GUARDS CgroupBinding:8/4,Decision:12/4,FlowEvent:72/8,FlowKey:40/8,\
+             PeerKey:32/8,PolicyInfo:8/4,PolicyStats:48/8,PortTable:196/4,RuleKeyV4:8/1,RuleKeyV6:20/1,\
+             Settings:24/8",
+        );
+        assert_eq!((MAPS_DIR, layout().as_str()), recorded, "bump MAPS_DIR and record the new layout");
+    }
 
     #[test]
     fn link_serials_never_repeat_an_earlier_daemons() {

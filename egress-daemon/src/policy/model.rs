@@ -7,6 +7,48 @@ use ipnet::IpNet;
 
 pub use super::domain::DomainPattern;
 
+/// A word of the policy language from a closed set. Each is spelled once, in its type's
+/// `as_str`: files are parsed by these spellings and everything that prints a policy uses them.
+pub trait Keyword: Copy + 'static {
+    /// What the word is, in messages ("action", "mode", ...).
+    const KIND: &'static str;
+    /// Every word of the set, in the order messages list them.
+    const ALL: &'static [Self];
+    fn keyword(self) -> &'static str;
+}
+
+/// "a, b or c": the words of a set, for messages.
+pub fn one_of<K: Keyword>() -> String {
+    let words: Vec<&str> = K::ALL.iter().map(|k| k.keyword()).collect();
+    match words.split_last() {
+        Some((last, [])) => (*last).to_string(),
+        Some((last, rest)) => format!("{} or {last}", rest.join(", ")),
+        None => String::new(),
+    }
+}
+
+macro_rules! keywords {
+    ($($ty:ident: $kind:literal => [$($word:ident),+];)+) => {
+        $(
+            impl Keyword for $ty {
+                const KIND: &'static str = $kind;
+                const ALL: &'static [Self] = &[$($ty::$word),+];
+                fn keyword(self) -> &'static str {
+                    self.as_str()
+                }
+            }
+        )+
+    };
+}
+
+keywords! {
+    Action: "action" => [Allow, Deny];
+    Mode: "mode" => [Enforce, Audit];
+    SocketKind: "socket kind" => [Packet, Mptcp, Other];
+    Protocol: "protocol" => [Tcp, Udp, Icmp, Any];
+    RefuseWith: "answer" => [Refused, NxDomain];
+}
+
 /// What a rule (or a policy's default) does with a flow.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Action {
@@ -406,6 +448,16 @@ pub enum RefuseWith {
     #[default]
     Refused,
     NxDomain,
+}
+
+impl RefuseWith {
+    /// The keyword used in policy files.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RefuseWith::Refused => "refused",
+            RefuseWith::NxDomain => "nxdomain",
+        }
+    }
 }
 
 /// `settings.dns`.

@@ -5,6 +5,7 @@
 //! the position of the rule. Checks across policies use positions captured with [`Located`].
 
 use std::{
+    borrow::Cow,
     cell::Cell,
     collections::HashMap,
     convert::Infallible,
@@ -22,8 +23,8 @@ use serde::{
 };
 
 use super::model::{
-    is_glob, Action, DnsSettings, DomainPattern, Mode, NameRule, Policy, PolicySet, PortRange, Protocol, RefuseWith,
-    Rule, Selector, Settings, SocketKind, MAX_EVENT_BUDGET, MAX_HISTORY,
+    is_glob, one_of, Action, DnsSettings, DomainPattern, Keyword, Mode, NameRule, Policy, PolicySet, PortRange,
+    Protocol, RefuseWith, Rule, Selector, Settings, SocketKind, MAX_EVENT_BUDGET, MAX_HISTORY,
 };
 
 /// A policy file that cannot be used, and where the problem is.
@@ -457,7 +458,7 @@ impl<'de> Visitor<'de> for PortsVisitor {
 /// A value written as one YAML scalar and checked as it is read, so that errors point at it.
 trait Scalar: Sized {
     /// Completes "expected ..." in type errors.
-    const EXPECTING: &'static str;
+    fn expecting() -> Cow<'static, str>;
 
     fn parse(text: &str) -> Result<Self, String>;
 }
@@ -478,7 +479,7 @@ impl<'de, T: Scalar> Visitor<'de> for ScalarVisitor<T> {
     type Value = T;
 
     fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(T::EXPECTING)
+        f.write_str(&T::expecting())
     }
 
     fn visit_str<E: de::Error>(self, text: &str) -> Result<T, E> {
@@ -530,7 +531,7 @@ impl<'de, T: Scalar> Visitor<'de> for Capture<'_, T> {
     type Value = Infallible;
 
     fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(T::EXPECTING)
+        f.write_str(&T::expecting())
     }
 
     fn visit_str<E: de::Error>(self, text: &str) -> Result<Infallible, E> {
@@ -561,59 +562,24 @@ fn position_in(message: &str) -> (usize, usize) {
     }
 }
 
-impl Scalar for Action {
-    const EXPECTING: &'static str = "allow or deny";
-
-    fn parse(text: &str) -> Result<Self, String> {
-        match text.to_ascii_lowercase().as_str() {
-            "allow" => Ok(Action::Allow),
-            "deny" => Ok(Action::Deny),
-            _ => Err(format!("unknown action `{text}`; expected allow or deny")),
-        }
+impl<K: Keyword> Scalar for K {
+    fn expecting() -> Cow<'static, str> {
+        one_of::<K>().into()
     }
-}
-
-impl Scalar for Mode {
-    const EXPECTING: &'static str = "enforce or audit";
 
     fn parse(text: &str) -> Result<Self, String> {
-        match text.to_ascii_lowercase().as_str() {
-            "enforce" => Ok(Mode::Enforce),
-            "audit" => Ok(Mode::Audit),
-            _ => Err(format!("unknown mode `{text}`; expected enforce or audit")),
-        }
-    }
-}
-
-impl Scalar for SocketKind {
-    const EXPECTING: &'static str = "packet, mptcp or other";
-
-    fn parse(text: &str) -> Result<Self, String> {
-        match text.to_ascii_lowercase().as_str() {
-            "packet" => Ok(SocketKind::Packet),
-            "mptcp" => Ok(SocketKind::Mptcp),
-            "other" => Ok(SocketKind::Other),
-            _ => Err(format!("unknown socket kind `{text}`; expected packet, mptcp or other")),
-        }
-    }
-}
-
-impl Scalar for Protocol {
-    const EXPECTING: &'static str = "tcp, udp, icmp or any";
-
-    fn parse(text: &str) -> Result<Self, String> {
-        match text.to_ascii_lowercase().as_str() {
-            "any" => Ok(Protocol::Any),
-            "tcp" => Ok(Protocol::Tcp),
-            "udp" => Ok(Protocol::Udp),
-            "icmp" => Ok(Protocol::Icmp),
-            _ => Err(format!("unknown protocol `{text}`; expected tcp, udp, icmp or any")),
-        }
+        K::ALL
+            .iter()
+            .copied()
+            .find(|keyword| keyword.keyword().eq_ignore_ascii_case(text))
+            .ok_or_else(|| format!("unknown {} `{text}`; expected {}", K::KIND, one_of::<K>()))
     }
 }
 
 impl Scalar for PortRange {
-    const EXPECTING: &'static str = "a port or a port range like 8000-8080";
+    fn expecting() -> Cow<'static, str> {
+        "a port or a port range like 8000-8080".into()
+    }
 
     fn parse(text: &str) -> Result<Self, String> {
         let (lo, hi) = match text.split_once('-') {
@@ -639,7 +605,9 @@ fn port(text: &str, whole: &str) -> Result<u16, String> {
 }
 
 impl Scalar for IpNet {
-    const EXPECTING: &'static str = "an IP address or CIDR";
+    fn expecting() -> Cow<'static, str> {
+        "an IP address or CIDR".into()
+    }
 
     fn parse(text: &str) -> Result<Self, String> {
         let net =
@@ -666,7 +634,9 @@ pub(crate) fn unmap(net: IpNet) -> IpNet {
 struct Name(String);
 
 impl Scalar for Name {
-    const EXPECTING: &'static str = "a policy name";
+    fn expecting() -> Cow<'static, str> {
+        "a policy name".into()
+    }
 
     fn parse(text: &str) -> Result<Self, String> {
         if text.trim().is_empty() {
@@ -692,7 +662,9 @@ fn cgroup_components<'a>(text: &'a str, what: &str) -> Result<Vec<&'a str>, Stri
 struct CgroupPattern(String);
 
 impl Scalar for CgroupPattern {
-    const EXPECTING: &'static str = "a cgroup path or glob relative to the cgroup2 mount";
+    fn expecting() -> Cow<'static, str> {
+        "a cgroup path or glob relative to the cgroup2 mount".into()
+    }
 
     fn parse(text: &str) -> Result<Self, String> {
         let mut parts = cgroup_components(text, "cgroup path")?;
@@ -715,7 +687,9 @@ impl Scalar for CgroupPattern {
 struct AttachPath(String);
 
 impl Scalar for AttachPath {
-    const EXPECTING: &'static str = "a cgroup path relative to the cgroup2 mount, or / for its root";
+    fn expecting() -> Cow<'static, str> {
+        "a cgroup path relative to the cgroup2 mount, or / for its root".into()
+    }
 
     fn parse(text: &str) -> Result<Self, String> {
         if text.trim() == "/" || text.is_empty() {
@@ -733,7 +707,9 @@ impl Scalar for AttachPath {
 struct UnitName(String);
 
 impl Scalar for UnitName {
-    const EXPECTING: &'static str = "a systemd unit name like nginx.service";
+    fn expecting() -> Cow<'static, str> {
+        "a systemd unit name like nginx.service".into()
+    }
 
     fn parse(text: &str) -> Result<Self, String> {
         if text.contains('/') {
@@ -768,7 +744,9 @@ impl Scalar for UnitName {
 struct ContainerRef(String);
 
 impl Scalar for ContainerRef {
-    const EXPECTING: &'static str = "a container id, id prefix or name";
+    fn expecting() -> Cow<'static, str> {
+        "a container id, id prefix or name".into()
+    }
 
     fn parse(text: &str) -> Result<Self, String> {
         let valid_first = text.starts_with(|c: char| c.is_ascii_alphanumeric());
@@ -787,7 +765,9 @@ impl Scalar for ContainerRef {
 struct History(usize);
 
 impl Scalar for History {
-    const EXPECTING: &'static str = "a number of events";
+    fn expecting() -> Cow<'static, str> {
+        "a number of events".into()
+    }
 
     fn parse(text: &str) -> Result<Self, String> {
         let number =
@@ -803,7 +783,9 @@ impl Scalar for History {
 struct EventBudget(u32);
 
 impl Scalar for EventBudget {
-    const EXPECTING: &'static str = "a number of events per second";
+    fn expecting() -> Cow<'static, str> {
+        "a number of events per second".into()
+    }
 
     fn parse(text: &str) -> Result<Self, String> {
         match text.trim().replace('_', "").parse::<u32>() {
@@ -832,7 +814,9 @@ struct SocketPath(PathBuf);
 const MAX_SOCKET_PATH: usize = 107;
 
 impl Scalar for SocketPath {
-    const EXPECTING: &'static str = "an absolute path for the control socket";
+    fn expecting() -> Cow<'static, str> {
+        "an absolute path for the control socket".into()
+    }
 
     fn parse(text: &str) -> Result<Self, String> {
         let path = absolute_path(text)?;
@@ -856,7 +840,9 @@ impl Scalar for SocketPath {
 struct PinDir(PathBuf);
 
 impl Scalar for PinDir {
-    const EXPECTING: &'static str = "an absolute directory in a bpffs";
+    fn expecting() -> Cow<'static, str> {
+        "an absolute directory in a bpffs".into()
+    }
 
     fn parse(text: &str) -> Result<Self, String> {
         let path = absolute_path(text)?;
@@ -871,7 +857,9 @@ impl Scalar for PinDir {
 struct GroupName(String);
 
 impl Scalar for GroupName {
-    const EXPECTING: &'static str = "a group name";
+    fn expecting() -> Cow<'static, str> {
+        "a group name".into()
+    }
 
     fn parse(text: &str) -> Result<Self, String> {
         let body = text.strip_suffix('$').unwrap_or(text);
@@ -891,7 +879,9 @@ impl Scalar for GroupName {
 struct MetricsAddr(SocketAddr);
 
 impl Scalar for MetricsAddr {
-    const EXPECTING: &'static str = "a listen address like 127.0.0.1:9154";
+    fn expecting() -> Cow<'static, str> {
+        "a listen address like 127.0.0.1:9154".into()
+    }
 
     fn parse(text: &str) -> Result<Self, String> {
         let text = text.trim();
@@ -912,7 +902,9 @@ enum Destination {
 }
 
 impl Scalar for Destination {
-    const EXPECTING: &'static str = "an IP address, a CIDR or a domain name";
+    fn expecting() -> Cow<'static, str> {
+        "an IP address, a CIDR or a domain name".into()
+    }
 
     fn parse(text: &str) -> Result<Self, String> {
         // Digits, dots, colons and slashes only: meant as an address, so its error is an address's.
@@ -959,7 +951,9 @@ impl DnsDoc {
 struct ListenPort(u16);
 
 impl Scalar for ListenPort {
-    const EXPECTING: &'static str = "a port for the DNS proxy";
+    fn expecting() -> Cow<'static, str> {
+        "a port for the DNS proxy".into()
+    }
 
     fn parse(text: &str) -> Result<Self, String> {
         match text.trim().parse::<u16>() {
@@ -974,7 +968,9 @@ impl Scalar for ListenPort {
 struct Upstream(SocketAddr);
 
 impl Scalar for Upstream {
-    const EXPECTING: &'static str = "a resolver address like 192.0.2.53 or 192.0.2.53:53";
+    fn expecting() -> Cow<'static, str> {
+        "a resolver address like 192.0.2.53 or 192.0.2.53:53".into()
+    }
 
     fn parse(text: &str) -> Result<Self, String> {
         let text = text.trim();
@@ -988,23 +984,13 @@ impl Scalar for Upstream {
     }
 }
 
-impl Scalar for RefuseWith {
-    const EXPECTING: &'static str = "refused or nxdomain";
-
-    fn parse(text: &str) -> Result<Self, String> {
-        match text.to_ascii_lowercase().as_str() {
-            "refused" => Ok(RefuseWith::Refused),
-            "nxdomain" => Ok(RefuseWith::NxDomain),
-            _ => Err(format!("unknown answer `{text}`; expected refused or nxdomain")),
-        }
-    }
-}
-
 /// A duration in whole seconds, at most a day.
 struct Seconds(u32);
 
 impl Scalar for Seconds {
-    const EXPECTING: &'static str = "a number of seconds";
+    fn expecting() -> Cow<'static, str> {
+        "a number of seconds".into()
+    }
 
     fn parse(text: &str) -> Result<Self, String> {
         match text.trim().parse::<u32>() {

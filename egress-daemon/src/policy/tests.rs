@@ -479,7 +479,7 @@ fn error_duplicate_selectors_point_at_the_second() {
 #[test]
 fn settings_default_when_absent_or_empty() {
     let defaults = Settings {
-        attach: String::new(),
+        attach: "/".into(),
         history: 10_000,
         control_socket: "/run/egress/control.sock".into(),
         control_group: None,

@@ -131,6 +131,13 @@ impl PolicyFile {
         Self::attached_at(None, policies)
     }
 
+    /// A file holding exactly `text` (so that line numbers in errors are the test's own).
+    pub fn exact(text: &str) -> Self {
+        let file = Self::attached_at(None, "");
+        file.rewrite(text);
+        file
+    }
+
     /// Like `new`, with `settings.attach` set (required for `egress run`).
     pub fn attached_at(attach: Option<&str>, policies: &str) -> Self {
         let name = unique("egress-test-policy");
@@ -416,4 +423,76 @@ pub fn sh(command: &str) {
 /// cgroup ids currently in the kernel's cgroup -> policy map of a test daemon.
 pub fn bound_cgroup_ids(pin_dir: &Path) -> HashSet<u64> {
     egress::kernel::pinned_bindings(pin_dir).expect("read the pinned cgroup map").into_keys().collect()
+}
+
+/// What a finished `egress` invocation left behind.
+pub struct Run {
+    pub status: ExitStatus,
+    pub stdout: String,
+    pub stderr: String,
+    pub elapsed: Duration,
+    /// Pid of the `egress` process itself (names the transient cgroup of `exec`).
+    pub pid: u32,
+}
+
+impl Run {
+    pub fn code(&self) -> Option<i32> {
+        self.status.code()
+    }
+
+    pub fn describe(&self) -> String {
+        format!(
+            "status {:?} after {:?}\n--- stdout ---\n{}\n--- stderr ---\n{}",
+            self.status, self.elapsed, self.stdout, self.stderr
+        )
+    }
+}
+
+/// Runs `cmd` to completion with its output captured; kills it and panics after `limit`.
+pub fn run_limited(mut cmd: Command, limit: Duration) -> Run {
+    let start = Instant::now();
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
+    let pid = child.id();
+    let mut out = child.stdout.take().unwrap();
+    let mut err = child.stderr.take().unwrap();
+    let out_reader = thread::spawn(move || {
+        let mut s = String::new();
+        let _ = out.read_to_string(&mut s);
+        s
+    });
+    let err_reader = thread::spawn(move || {
+        let mut s = String::new();
+        let _ = err.read_to_string(&mut s);
+        s
+    });
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            break status;
+        }
+        if start.elapsed() > limit {
+            // SIGTERM first: a daemon cleans up after itself; then SIGKILL.
+            // SAFETY: signalling our own child.
+            unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+            for _ in 0..300 {
+                if let Ok(Some(_)) = child.try_wait() {
+                    break;
+                }
+                thread::sleep(Duration::from_millis(10));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+            let stderr = err_reader.join().unwrap_or_default();
+            panic!("{cmd:?} still running after {limit:?}; stderr:\n{stderr}");
+        }
+        thread::sleep(Duration::from_millis(5));
+    };
+    let elapsed = start.elapsed();
+    let stdout = out_reader.join().unwrap_or_default();
+    let stderr = err_reader.join().unwrap_or_default();
+    Run { status, stdout, stderr, elapsed, pid }
 }
