@@ -319,7 +319,7 @@ fn a_daemon_killed_at_any_step_of_a_reload_leaves_every_connection_judged_by_the
     eprintln!("{kills} daemons killed at fault points");
     assert_eq!(
         fs::read_dir(file.pin_dir.join("links")).map(std::iter::Iterator::count).unwrap_or(0),
-        7,
+        PINNED_LINKS,
         "one set of links"
     );
     drop(daemon);
@@ -424,7 +424,7 @@ fn a_daemon_that_is_pid_1_in_its_namespace_restarts_after_a_crash() {
     let second = as_pid_1();
     assert!(second.log().contains("adopting"), "log:\n{}", second.log());
     assert_eq!(tcp_connect_from(&cg, "127.0.0.2", port), "EPERM");
-    assert_eq!(fs::read_dir(file.pin_dir.join("links")).map(std::iter::Iterator::count).unwrap_or(0), 7);
+    assert_eq!(fs::read_dir(file.pin_dir.join("links")).map(std::iter::Iterator::count).unwrap_or(0), PINNED_LINKS);
     second.signal(libc::SIGKILL);
     drop(second);
     let third = as_pid_1();

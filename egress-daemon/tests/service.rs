@@ -57,7 +57,7 @@ fn sigkill_leaves_enforcement_in_place_and_a_new_daemon_takes_over() {
     assert_eq!(tcp_connect_from(&cg, "127.0.0.1", allowed), "ok");
     // The events raised while no daemon ran are delivered by the new one.
     second.wait_event(Duration::from_secs(3), |e| e["dst"] == "127.0.0.2" && e["verdict"] == "blocked");
-    assert_eq!(link_pins(&file), 7, "the old links are replaced, not doubled");
+    assert_eq!(link_pins(&file), PINNED_LINKS, "the old links are replaced, not doubled");
     second.stop();
     assert_eq!(tcp_connect_from(&cg, "127.0.0.2", denied), "EPERM", "--on-exit keep is the default");
 }

@@ -21,6 +21,11 @@ use std::{
 
 use serde_json::Value;
 
+/// Links a daemon pins per attach point where the BPF LSM is off (as on the test machines):
+/// eight `sock_addr` programs (connect, sendmsg, and the DNS hooks recvmsg and getpeername, each
+/// for IPv4 and IPv6), the two packet hooks and `sock_create`.
+pub const PINNED_LINKS: usize = 11;
+
 static UNIQUE: AtomicU32 = AtomicU32::new(0);
 
 /// A name no other test (or concurrent test run) uses.
