@@ -85,6 +85,14 @@ if [ -n "$PHASES_N" ] && [[ " $CONFIGS " == *" egress "* ]]; then
         $PY merge '{}' kind=error run_id="$RUN_ID" config=egress phase=phases n="$PHASES_N" | tee -a "$OUT"
     fi
 fi
+if [[ " $CONFIGS " == *" egress "* ]]; then
+    [ "${QUICK:-0}" = 1 ] && export DNS_SECS=${DNS_SECS:-1}
+    if ! "$BENCH_DIR/dns.sh" 2> "$LOGS/dns.log" | tee -a "$OUT"; then
+        FAILED=1
+        log "FAILED: dns.sh (log: $LOGS/dns.log)"; tail -n 5 "$LOGS/dns.log" >&2
+        $PY merge '{}' kind=error run_id="$RUN_ID" config=egress phase=dns | tee -a "$OUT"
+    fi
+fi
 env_line env_end > /dev/null
 log "total wall time: $(( $(date +%s) - t0 )) s"
 

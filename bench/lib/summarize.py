@@ -259,6 +259,28 @@ def events_tables(res, out):
         out.append("")
 
 
+def dns_table(res, out):
+    dns = res.of_kind("dns")
+    if not dns:
+        return
+    out.append("### DNS proxy (name rules)")
+    out.append("")
+    out.append("Closed-loop UDP clients (one query at a time each) against a DNS server in a namespace of its own: "
+               "directly, and from a cgroup whose policy has a name rule, steered to egress's proxy, which checks "
+               "the name, forwards it and writes the answer's address into the kernel before answering.")
+    out.append("")
+    out.append("| path | clients | queries/s | p50 us | p99 us | errors |")
+    out.append("|---|---:|---:|---:|---:|---:|")
+    for d in dns:
+        for path in ("direct", "proxy"):
+            r = d[path]
+            out.append(f"| {path} | {r['procs']} | {r['qps']:,} | {fmt(r['p50_us'], '.0f')} | "
+                       f"{fmt(r['p99_us'], '.0f')} | {r['errors']:,} |")
+        out.append("")
+        out.append(f"Added latency per query through the proxy (p50): {fmt(d.get('added_p50_us'), '.0f')} us.")
+    out.append("")
+
+
 def targets(res, out):
     out.append("### Targets (issue 5)")
     out.append("")
@@ -365,6 +387,7 @@ def markdown(res):
     kernel_cost_table(res, out)
     load_memory_tables(res, out)
     events_tables(res, out)
+    dns_table(res, out)
     return "\n".join(out)
 
 
@@ -400,6 +423,9 @@ def check(res):
         for e in ev:
             if e["unaccounted"] != 0:
                 problems.append(f"egress events, {e['phase']}: {e['unaccounted']} events lost silently")
+    for d in res.of_kind("dns"):
+        if not d["proxy"]["queries"] or d["proxy"]["errors"]:
+            problems.append(f"dns: the proxy answered {d['proxy']['queries']} queries with {d['proxy']['errors']} errors")
     for p in problems:
         print(f"bench check: {p}", file=sys.stderr)
     return not problems

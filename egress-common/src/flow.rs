@@ -107,7 +107,11 @@ pub struct DestinationSeen {
     pub epoch: u32,
     pub rule: u32,
     pub verdict: u8,
-    pub _pad: [u8; 3],
+    /// Non-zero when the decision may be reused for the next `connect()` under the same slot and
+    /// epoch; zero for decisions that can lapse before the epoch changes (a learned address
+    /// expires).
+    pub reusable: u8,
+    pub _pad: [u8; 2],
 }
 
 #[cfg(feature = "user")]

@@ -7,6 +7,7 @@
 #[cfg(feature = "mountinfo")]
 extern crate std;
 
+pub mod dns;
 pub mod event;
 pub mod flow;
 pub mod lookup;
@@ -14,6 +15,7 @@ pub mod maps;
 #[cfg(feature = "mountinfo")]
 pub mod mountinfo;
 
+pub use dns::*;
 pub use event::*;
 pub use flow::*;
 pub use maps::*;
@@ -100,6 +102,9 @@ pub mod rule_id {
     /// The sender's cgroup is deeper than the kernel walk and not bound itself, below a level
     /// where a deeper cgroup has a policy: refused rather than judged by the wrong policy.
     pub const TOO_DEEP: u32 = u32::MAX - 5;
+    /// DNS over TLS, or HTTPS to a well-known DNS-over-HTTPS resolver, from a policy with name
+    /// rules that no rule allows explicitly: it would bypass the name filter.
+    pub const DNS_BYPASS: u32 = u32::MAX - 6;
     /// Lowest special id; rule numbers of a file stay below it.
-    pub const FIRST_SPECIAL: u32 = TOO_DEEP;
+    pub const FIRST_SPECIAL: u32 = DNS_BYPASS;
 }

@@ -145,6 +145,9 @@ pub struct PolicyInfo {
     pub log: u8,
     /// `socket_kind` bits this policy lets its cgroups open.
     pub allowed_sockets: u32,
+    /// `policy_flags` bits.
+    pub flags: u8,
+    pub _pad: [u8; 3],
 }
 
 /// Global settings written by the daemon (index 0 of `SETTINGS`). `policy_levels`,

@@ -61,6 +61,9 @@ pub struct Daemon {
     /// the runtime: a reload's scan and the binding of a cgroup found meanwhile must not interleave.
     /// Taken before `names`, which is taken before the engine's locks.
     changing: Arc<Mutex<()>>,
+    /// The kernel's DNS maps, and the DNS proxy once a policy has name rules.
+    dns_maps: Arc<Mutex<crate::kernel::DnsMaps>>,
+    dns_service: Arc<Mutex<Option<crate::dns::DnsService>>>,
 }
 
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
@@ -76,6 +79,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         tracing::info!(pins = %settings.pin_dir.display(), "adopting the enforcement an earlier daemon left in place");
     }
     log_socket_guard(loaded.engine.state().enforcer.socket_guard());
+    let dns_maps = Arc::new(Mutex::new(loaded.dns_maps));
     let daemon = Daemon {
         engine: loaded.engine,
         drops: loaded.drops.clone(),
@@ -87,6 +91,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         ignored: Arc::new(Mutex::new(IgnoredMatches::default())),
         attach: settings.attach.clone(),
         changing: Arc::new(Mutex::new(())),
+        dns_maps,
+        dns_service: Arc::new(Mutex::new(None)),
     };
 
     // Watch before the first scan, so a cgroup created in between is not missed.
@@ -237,6 +243,33 @@ impl Daemon {
         result
     }
 
+    /// Starts the DNS proxy (and kernel steering) once a policy has name rules; with none,
+    /// steering an earlier daemon left on is turned off.
+    fn ensure_dns(&self, set: &PolicySet) -> anyhow::Result<()> {
+        let wanted = set.policies.iter().any(|p| !p.names.is_empty());
+        let mut service = self.dns_service.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        match (&*service, wanted) {
+            (Some(running), true) if running.port != set.settings.dns.listen_port => {
+                tracing::warn!("settings.dns.listen_port changed; it takes effect when the daemon restarts");
+            }
+            (Some(_), _) => {}
+            (None, true) => {
+                let started = crate::dns::start(
+                    &set.settings.dns,
+                    self.engine.dns().clone(),
+                    self.dns_maps.clone(),
+                    self.engine.clone(),
+                )?;
+                *service = Some(started);
+            }
+            (None, false) => {
+                let mut maps = self.dns_maps.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                maps.set_proxy_port(0).context("turning DNS steering off")?;
+            }
+        }
+        Ok(())
+    }
+
     /// Matches every existing cgroup below the attach point and puts `set` in force. Blocks (a walk
     /// of the tree, the runtimes' CLIs): call it off the runtime, holding `changing`.
     fn apply(&self, set: PolicySet) -> anyhow::Result<()> {
@@ -253,6 +286,7 @@ impl Daemon {
         }
         drop(names);
         self.flows.set_interval(set.settings.flow_interval);
+        self.ensure_dns(&set)?;
         for policy in &set.policies {
             let count = bindings.iter().filter(|b| set.policies[b.policy].name == policy.name).count();
             let untrusted = ignored.iter().filter(|i| i.policy == policy.name).count();
@@ -382,8 +416,9 @@ impl control::server::ControlHandler for Daemon {
                 selector: p.selector.to_string(),
                 mode: p.mode.as_str().to_string(),
                 default: p.default.as_str().to_string(),
-                rules: p.rules.len(),
+                rules: p.rules.len() + p.names.len(),
                 cgroups: active.bound.values().filter(|b| b.policy == index).count(),
+                ..PolicyStatus::default()
             })
             .collect();
         let bound: Vec<(u64, crate::engine::Bound)> = active.bound.iter().map(|(id, b)| (*id, b.clone())).collect();
@@ -444,6 +479,8 @@ impl control::server::ControlHandler for Daemon {
             });
         }
         report.cgroups.sort_by(|a, b| a.cgroup.cmp(&b.cgroup));
+        drop(state);
+        crate::dns::status::fill(&self.engine, &mut report.policies);
         report
     }
 

@@ -13,9 +13,10 @@ use egress_common::{DEEP_LEVELS_BIT, MAX_CGROUP_LEVEL};
 
 use crate::{
     cgroup::{Cgroup, Hierarchy},
+    dns::DnsState,
     events::{Catalog, SlotNames},
     generation::Generation,
-    kernel::{self, DropCounter, Enforcer, EventSource, FlowSource, Start},
+    kernel::{self, DnsMaps, DropCounter, Enforcer, EventSource, FlowSource, Start},
     policy::{compile::compile_set, model::PolicySet},
 };
 
@@ -64,6 +65,8 @@ pub struct State {
 pub struct Engine {
     state: Arc<Mutex<State>>,
     catalog: Arc<Mutex<Catalog>>,
+    /// What the DNS proxy needs of the bindings, and what it learned.
+    dns: Arc<DnsState>,
 }
 
 /// The programs loaded (nothing attached or enforced yet) and the event path's ends.
@@ -74,6 +77,8 @@ pub struct Loaded {
     pub drops: DropCounter,
     /// The flow accounting maps, for the flow-record sweeper.
     pub flows: FlowSource,
+    /// The DNS maps, for the DNS proxy.
+    pub dns_maps: DnsMaps,
 }
 
 impl Engine {
@@ -88,14 +93,23 @@ impl Engine {
         })?;
         let (events, drops) = enforcer.take_event_source().context("taking the event ring")?;
         let flows = enforcer.take_flow_source().context("taking the flow accounting maps")?;
-        let catalog = Arc::new(Mutex::new(Catalog::new(hierarchy.clone())));
-        let engine = Self { state: Arc::new(Mutex::new(State { enforcer, active: None })), catalog };
-        Ok(Loaded { engine, start, events, drops, flows })
+        let dns_maps = enforcer.take_dns_maps().context("taking the DNS maps")?;
+        let dns = Arc::new(DnsState::default());
+        let mut catalog = Catalog::new(hierarchy.clone());
+        catalog.set_domains(dns.clone());
+        let catalog = Arc::new(Mutex::new(catalog));
+        let engine = Self { state: Arc::new(Mutex::new(State { enforcer, active: None })), catalog, dns };
+        Ok(Loaded { engine, start, events, drops, flows, dns_maps })
     }
 
     /// The names events are reported with, shared with the event pipeline.
     pub fn shared_catalog(&self) -> Arc<Mutex<Catalog>> {
         self.catalog.clone()
+    }
+
+    /// What the DNS proxy shares with the engine, events and status.
+    pub fn dns(&self) -> &Arc<DnsState> {
+        &self.dns
     }
 
     pub fn state(&self) -> MutexGuard<'_, State> {
@@ -143,6 +157,7 @@ impl Engine {
             .enforcer
             .install(generation, &compiled, &slots, &cgroup_slots, levels)
             .context("writing the policies into the kernel maps")?;
+        self.dns.view.replace(&set.policies, bindings.iter().map(|b| (b.cgroup.id, b.policy)));
         state.active = Some(Active { set, slots, source: source.to_string(), loaded_at: SystemTime::now(), bound });
         Ok(())
     }
@@ -161,6 +176,9 @@ impl Engine {
         }
         enforcer.add_levels(level_bit(binding.cgroup.level))?;
         enforcer.bind(binding.cgroup.id, slot)?;
+        if let Some(policy) = active.set.policies.get(binding.policy) {
+            self.dns.view.bind(binding.cgroup.id, policy);
+        }
         active.bound.insert(binding.cgroup.id, bound);
         Ok(())
     }
@@ -169,14 +187,15 @@ impl Engine {
     pub fn unbind(&self, cgroup_id: u64) -> Option<Bound> {
         let mut state = self.state();
         state.enforcer.unbind(cgroup_id);
+        self.dns.view.unbind(cgroup_id);
         state.active.as_mut().and_then(|active| active.bound.remove(&cgroup_id))
     }
 
     fn name_slots(&self, set: &PolicySet, slots: &[u32]) {
         let mut catalog = self.catalog();
         for (policy, slot) in set.policies.iter().zip(slots) {
-            let rules = policy.rules.iter().map(super::policy::model::Rule::text).collect();
-            catalog.name_slot(*slot, SlotNames { policy: policy.name.clone(), rules });
+            let names_from = policy.rules.len();
+            catalog.name_slot(*slot, SlotNames { policy: policy.name.clone(), rules: policy.rule_texts(), names_from });
         }
     }
 

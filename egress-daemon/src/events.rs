@@ -34,6 +34,9 @@ pub struct FlowRecord {
     /// The container (`docker:3f2a9c1b0d4e`) or systemd unit of the cgroup, where known.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub workload: Option<String>,
+    /// The domain name a name rule allowed the flow for, or the name a DNS query asked for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub domain: Option<String>,
 }
 
 /// A cgroup's path and what runs in it.
@@ -66,7 +69,10 @@ pub struct Names {
 #[derive(Clone, Debug)]
 pub struct SlotNames {
     pub policy: String,
+    /// Indexed by kernel rule id: the CIDR rules, then the name rules.
     pub rules: Vec<String>,
+    /// Rule id of the first name rule.
+    pub names_from: usize,
 }
 
 /// Everything needed to name the ids an event carries. Slots of earlier generations stay known
@@ -76,11 +82,50 @@ pub struct Catalog {
     cgroups: HashMap<u64, CgroupName>,
     hierarchy: Hierarchy,
     boot_to_wall: Duration,
+    /// Which domain a policy learned an address for (the DNS proxy's), to name it in events.
+    domains: Option<std::sync::Arc<crate::dns::DnsState>>,
+    /// Records raised outside the kernel (the DNS proxy's), written with the next batch.
+    injected: std::collections::VecDeque<FlowRecord>,
 }
+
+/// Records waiting in [`Catalog::inject`] beyond which new ones are dropped.
+const MAX_INJECTED: usize = 10_000;
 
 impl Catalog {
     pub fn new(hierarchy: Hierarchy) -> Self {
-        Self { slots: HashMap::new(), cgroups: HashMap::new(), hierarchy, boot_to_wall: boot_epoch() }
+        Self {
+            slots: HashMap::new(),
+            cgroups: HashMap::new(),
+            hierarchy,
+            boot_to_wall: boot_epoch(),
+            domains: None,
+            injected: std::collections::VecDeque::new(),
+        }
+    }
+
+    /// Where events of name rules find their domain.
+    pub fn set_domains(&mut self, domains: std::sync::Arc<crate::dns::DnsState>) {
+        self.domains = Some(domains);
+    }
+
+    /// Queues a record for the event output; false when the queue is full and it was dropped.
+    pub fn inject(&mut self, record: FlowRecord) -> bool {
+        if self.injected.len() >= MAX_INJECTED {
+            return false;
+        }
+        self.injected.push_back(record);
+        true
+    }
+
+    /// The queued records, oldest first.
+    pub fn take_injected(&mut self) -> Vec<FlowRecord> {
+        self.injected.drain(..).collect()
+    }
+
+    /// A cgroup's path and workload, for records raised outside the kernel.
+    pub fn cgroup_names(&mut self, id: u64) -> (String, Option<String>) {
+        let name = self.cgroup_name(id);
+        (name.relative, name.workload)
     }
 
     pub fn name_slot(&mut self, slot: u32, names: SlotNames) {
@@ -105,9 +150,18 @@ impl Catalog {
 
     fn describe(&mut self, event: &FlowEvent) -> FlowRecord {
         let names = self.names(event.policy, event.rule, event.cgroup_id);
+        let by_name = self
+            .slots
+            .get(&event.policy)
+            .is_some_and(|n| (event.rule as usize) >= n.names_from && (event.rule as usize) < n.rules.len());
+        let domain = match (&self.domains, by_name) {
+            (Some(domains), true) => domains.domain_of(&names.policy, address(event)),
+            _ => None,
+        };
         let (policy, rule, cgroup) = (names.policy, names.rule, names.cgroup);
         let at = self.wall_time(event.boot_ns);
         FlowRecord {
+            domain,
             time: timestamp(at),
             at,
             verdict: verdict_name(event.verdict).to_string(),
@@ -140,6 +194,7 @@ impl Catalog {
             rule_id::SOURCE_ROUTED => "source-routed".to_string(),
             rule_id::SOCKET_KIND => "socket-kind".to_string(),
             rule_id::TOO_DEEP => "too-deep".to_string(),
+            rule_id::DNS_BYPASS => "dns-bypass".to_string(),
             index => {
                 names.and_then(|n| n.rules.get(index as usize).cloned()).unwrap_or_else(|| format!("rule {index}"))
             }

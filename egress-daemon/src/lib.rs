@@ -13,6 +13,7 @@ pub mod commands;
 pub mod control;
 pub mod daemon;
 pub mod discovery;
+pub(crate) mod dns;
 pub(crate) mod engine;
 pub(crate) mod events;
 pub(crate) mod fault;

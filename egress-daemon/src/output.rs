@@ -80,7 +80,7 @@ pub fn text_line(r: &FlowRecord) -> String {
         (IpAddr::V4(dst), port) => format!("{dst}:{port}"),
     };
     format!(
-        "{} {:<7} {:<5} {} {}[{}] uid={} cgroup={}{} policy={} rule=\"{}\"",
+        "{} {:<7} {:<5} {} {}[{}] uid={} cgroup={}{} policy={} rule=\"{}\"{}",
         r.time,
         r.verdict.to_uppercase(),
         r.protocol,
@@ -91,6 +91,7 @@ pub fn text_line(r: &FlowRecord) -> String {
         escaped(&r.cgroup),
         r.workload.as_deref().map(|w| format!(" workload={}", escaped(w))).unwrap_or_default(),
         escaped(&r.policy),
-        escaped(&r.rule)
+        escaped(&r.rule),
+        r.domain.as_deref().map(|d| format!(" domain={}", escaped(d))).unwrap_or_default()
     )
 }

@@ -129,7 +129,9 @@ impl<W: Write> Source<W> {
         let mut records = Vec::with_capacity(DRAIN_BATCH);
         let taken = {
             let mut catalog = self.ends.catalog.lock().unwrap_or_else(PoisonError::into_inner);
-            self.ends.events.drain(DRAIN_BATCH, |bytes| records.extend(catalog.record(bytes)))
+            let taken = self.ends.events.drain(DRAIN_BATCH, |bytes| records.extend(catalog.record(bytes)));
+            records.extend(catalog.take_injected());
+            taken
         };
         // Written without the catalog's lock: a slow reader of the output blocks the pump only.
         for record in records {

@@ -430,7 +430,8 @@ fn check_reports_a_bad_cidr_with_line_and_column() {
     let cases = [
         (14, "      - deny: 10.0.0.0/33", 15, "`10.0.0.0/33` is not an IPv4 or IPv6 address or CIDR"),
         (14, "      - deny: 300.1.2.3", 15, "`300.1.2.3` is not an IPv4 or IPv6 address or CIDR"),
-        (7, "      - allow: not-an-address", 16, "`not-an-address` is not"),
+        (7, "      - allow: not/an-address", 16, "`not/an-address` is not"),
+        (7, "      - allow: \"not an address\"", 16, "has characters a host name cannot have"),
         (7, "      - allow: fd00::/129", 16, "`fd00::/129` is not"),
         (7, "      - allow: \"10.0.0.0/8x\"", 16, "`10.0.0.0/8x` is not"),
     ];

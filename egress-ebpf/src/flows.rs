@@ -240,6 +240,7 @@ pub fn first_in_window(key: &WorkloadDestination, slot: u32, epoch: u32, judgeme
             (*seen).epoch = epoch;
             (*seen).rule = judgement.rule;
             (*seen).verdict = judgement.verdict;
+            (*seen).reusable = u8::from(!judgement.learned);
             if (*seen).logged_ns != 0 && now.wrapping_sub((*seen).logged_ns) < NEW_DESTINATION_WINDOW_NS {
                 return false;
             }
@@ -247,8 +248,15 @@ pub fn first_in_window(key: &WorkloadDestination, slot: u32, epoch: u32, judgeme
         }
         return true;
     }
-    let seen =
-        DestinationSeen { logged_ns: now, slot, epoch, rule: judgement.rule, verdict: judgement.verdict, _pad: [0; 3] };
+    let seen = DestinationSeen {
+        logged_ns: now,
+        slot,
+        epoch,
+        rule: judgement.rule,
+        verdict: judgement.verdict,
+        reusable: u8::from(!judgement.learned),
+        _pad: [0; 2],
+    };
     let _ = WORKLOAD_DESTINATIONS.insert(key, &seen, 0);
     true
 }
@@ -262,6 +270,7 @@ pub fn cached_for_workload(key: &WorkloadDestination, slot: u32, epoch: u32) -> 
     // SAFETY: a map value, fields read once each.
     unsafe {
         ((*seen).verdict == verdict::ALLOWED
+            && (*seen).reusable != 0
             && (*seen).slot == slot
             && (*seen).epoch == epoch
             && (*seen).rule != egress_common::rule_id::REPLY)

@@ -4,7 +4,7 @@ use aya_ebpf::{helpers::generated::bpf_get_current_ancestor_cgroup_id, maps::lpm
 use egress_common::{
     action, family, log,
     lookup::{self, rule_key_v4, rule_key_v6, V4_LOOKUP_BITS, V6_LOOKUP_BITS},
-    mode, proto, rule_id, verdict, CgroupBinding, DEEP_LEVELS_BIT, MAX_CGROUP_LEVEL, MAX_POLICY_SLOTS,
+    mode, policy_flags, proto, rule_id, verdict, CgroupBinding, DEEP_LEVELS_BIT, MAX_CGROUP_LEVEL, MAX_POLICY_SLOTS,
 };
 
 use crate::maps::{CGROUP_POLICY, DEEP_GUARDS, POLICY_INFO, PORT_TABLES, RULES_V4, RULES_V6, SETTINGS};
@@ -26,6 +26,9 @@ pub struct Judgement {
     pub rule: u32,
     /// `log::*` of the deciding policy: which allowed flows raise an event.
     pub log: u8,
+    /// Allowed through an address a DNS answer taught: it lapses when the address expires, so
+    /// the decision is never reused for a later `connect()`.
+    pub learned: bool,
 }
 
 impl Flow {
@@ -54,6 +57,13 @@ pub fn current_ancestor(level: i32) -> u64 {
 /// `own` is the sender's own cgroup id (found directly when it is deeper than the walk).
 #[inline(always)]
 pub fn policy_of(ancestor: impl Fn(i32) -> u64, own: impl Fn() -> u64) -> Option<CgroupBinding> {
+    bound_of(ancestor, own).map(|(_, binding)| binding)
+}
+
+/// [`policy_of`] with the id of the bound cgroup whose binding it is (the key of what that
+/// cgroup learned from DNS).
+#[inline(always)]
+pub fn bound_of(ancestor: impl Fn(i32) -> u64, own: impl Fn() -> u64) -> Option<(u64, CgroupBinding)> {
     let levels = SETTINGS.get(0).map_or(0, |s| s.policy_levels);
     if levels & DEEP_LEVELS_BIT != 0 {
         if let Some(binding) = deep_binding(&ancestor, own) {
@@ -73,7 +83,7 @@ pub fn policy_of(ancestor: impl Fn(i32) -> u64, own: impl Fn() -> u64) -> Option
             }
             // SAFETY: the value is copied out at once.
             if let Some(binding) = unsafe { CGROUP_POLICY.get(&id) } {
-                found = Some(*binding);
+                found = Some((id, *binding));
             }
         }
         level += 1;
@@ -84,36 +94,53 @@ pub fn policy_of(ancestor: impl Fn(i32) -> u64, own: impl Fn() -> u64) -> Option
 /// For a sender deeper than the walk: its own binding, or the guard of its deepest walked
 /// ancestor when some cgroup down there has a policy the walk cannot see.
 #[inline(always)]
-fn deep_binding(ancestor: &impl Fn(i32) -> u64, own: impl Fn() -> u64) -> Option<CgroupBinding> {
+fn deep_binding(ancestor: &impl Fn(i32) -> u64, own: impl Fn() -> u64) -> Option<(u64, CgroupBinding)> {
     if ancestor(MAX_CGROUP_LEVEL as i32 + 1) == 0 {
         return None;
     }
+    let id = own();
     // SAFETY: the values are copied out at once.
-    if let Some(binding) = unsafe { CGROUP_POLICY.get(&own()) } {
-        return Some(*binding);
+    if let Some(binding) = unsafe { CGROUP_POLICY.get(&id) } {
+        return Some((id, *binding));
     }
-    unsafe { DEEP_GUARDS.get(&ancestor(MAX_CGROUP_LEVEL as i32)) }.copied()
+    let guard = ancestor(MAX_CGROUP_LEVEL as i32);
+    unsafe { DEEP_GUARDS.get(&guard) }.map(|binding| (guard, *binding))
 }
 
-/// Applies policy `slot` to `flow`. `udp_reply` says the destination sent to this socket first.
+/// Applies policy `slot` to `flow`. `udp_reply` says the destination sent to this socket first;
+/// `bound` is the bound cgroup whose binding gave the slot (whose learned addresses apply).
+///
+/// A rule's explicit deny wins over a learned address; a learned address allowed by a name rule
+/// wins over the default and over CIDR allows (so the event names the domain).
 #[inline(always)]
-pub fn judge(slot: u32, flow: &Flow, udp_reply: impl FnOnce() -> bool) -> Judgement {
+pub fn judge(bound: u64, slot: u32, flow: &Flow, udp_reply: impl FnOnce() -> bool) -> Judgement {
     if slot >= MAX_POLICY_SLOTS {
         // A deep guard (see `deep_binding`) or a slot no policy owns: fail closed.
-        return Judgement { verdict: verdict::BLOCKED, rule: rule_id::TOO_DEEP, log: log::ALL };
+        return Judgement { verdict: verdict::BLOCKED, rule: rule_id::TOO_DEEP, log: log::ALL, learned: false };
     }
     let Some(info) = POLICY_INFO.get(slot) else {
-        return Judgement { verdict: verdict::BLOCKED, rule: rule_id::DEFAULT, log: log::ALL };
+        return Judgement { verdict: verdict::BLOCKED, rule: rule_id::DEFAULT, log: log::ALL, learned: false };
     };
     if flow.has_ports() && flow.port == 0 {
         return refused(info.mode, rule_id::PORT_ZERO);
     }
     let (decided, rule) = decide(slot, flow).unwrap_or((info.default_action, rule_id::DEFAULT));
+    if info.flags & policy_flags::NAME_RULES != 0 {
+        let explicit_deny = decided != action::ALLOW && rule != rule_id::DEFAULT;
+        if !explicit_deny {
+            if let Some(name_rule) = crate::dns::learned_rule(bound, flow) {
+                return Judgement { verdict: verdict::ALLOWED, rule: name_rule, log: info.log, learned: true };
+            }
+        }
+        if rule == rule_id::DEFAULT && crate::dns::is_bypass(flow) {
+            return refused(info.mode, rule_id::DNS_BYPASS);
+        }
+    }
     if decided == action::ALLOW {
-        return Judgement { verdict: verdict::ALLOWED, rule, log: info.log };
+        return Judgement { verdict: verdict::ALLOWED, rule, log: info.log, learned: false };
     }
     if flow.protocol == proto::UDP && udp_reply() {
-        return Judgement { verdict: verdict::ALLOWED, rule: rule_id::REPLY, log: info.log };
+        return Judgement { verdict: verdict::ALLOWED, rule: rule_id::REPLY, log: info.log, learned: false };
     }
     refused(info.mode, rule)
 }
@@ -122,7 +149,7 @@ pub fn judge(slot: u32, flow: &Flow, udp_reply: impl FnOnce() -> bool) -> Judgem
 #[inline(always)]
 pub fn refused(mode: u8, rule: u32) -> Judgement {
     let verdict = if mode == mode::AUDIT { verdict::AUDIT } else { verdict::BLOCKED };
-    Judgement { verdict, rule, log: log::ALL }
+    Judgement { verdict, rule, log: log::ALL, learned: false }
 }
 
 /// The mode of the policy in `slot` (`mode::ENFORCE` for guards and unknown slots).

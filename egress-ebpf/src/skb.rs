@@ -20,10 +20,11 @@ use aya_ebpf::{
 use egress_common::{family, hook, proto, rule_id, PeerKey};
 
 use crate::{
+    dns,
     events::{report, Sender},
     flows::{flow_id, now, open, policy_epoch, Opener},
     maps::UDP_PEERS,
-    policy::{judge, mode_of, policy_of, refused, Flow},
+    policy::{bound_of, judge, mode_of, policy_of, refused, Flow},
 };
 
 const PASS: i32 = 1;
@@ -59,6 +60,13 @@ pub fn egress_packet_portable(ctx: SkBuffContext) -> i32 {
 fn on_egress<const TASK: bool>(ctx: &SkBuffContext) -> i32 {
     let skb = ctx.skb.skb;
     let judged = judged_at_syscall(skb);
+    if judged && dns::steering_on() {
+        if let Some(socket) = dns::steered_socket(skb) {
+            if let Some(packet) = parse(ctx) {
+                dns::record_origin(socket, packet.protocol, &packet.source, packet.family, packet.source_port);
+            }
+        }
+    }
     if judged && !may_name_its_route(ctx) {
         return PASS;
     }
@@ -69,7 +77,7 @@ fn on_egress<const TASK: bool>(ctx: &SkBuffContext) -> i32 {
         return PASS;
     }
     let epoch = policy_epoch();
-    let Some(binding) = policy_of(|level| skb_ancestor(skb, level), || skb_cgroup(skb)) else {
+    let Some((bound, binding)) = bound_of(|level| skb_ancestor(skb, level), || skb_cgroup(skb)) else {
         return PASS;
     };
     let flow = Flow {
@@ -81,7 +89,7 @@ fn on_egress<const TASK: bool>(ctx: &SkBuffContext) -> i32 {
     let judgement = if packet.routed {
         refused(mode_of(binding.slot), rule_id::SOURCE_ROUTED)
     } else {
-        judge(binding.slot, &flow, || false)
+        judge(bound, binding.slot, &flow, || false)
     };
     // SAFETY: helpers on the program's own context.
     let sender = unsafe {

@@ -16,10 +16,11 @@ use egress_common::{
 };
 
 use crate::{
+    dns,
     events::{count, report, Sender},
     flows::{cached_for_workload, cached_on_socket, flow_id, now, open, policy_epoch, workload_destination, Opener},
     maps::{POLICY_INFO, UDP_PEERS},
-    policy::{current_ancestor, judge, policy_of, Flow, Judgement},
+    policy::{bound_of, current_ancestor, judge, Flow, Judgement},
 };
 
 const ALLOW: i32 = 1;
@@ -49,13 +50,16 @@ pub fn sendmsg6(ctx: SockAddrContext) -> i32 {
 fn on_send(ctx: &SockAddrContext, socket_family: u8, hook: u8, per_datagram: bool) -> i32 {
     let epoch = policy_epoch();
     // SAFETY: helper without arguments.
-    let Some(binding) = policy_of(current_ancestor, || unsafe { bpf_get_current_cgroup_id() }) else {
+    let Some((bound, binding)) = bound_of(current_ancestor, || unsafe { bpf_get_current_cgroup_id() }) else {
         return ALLOW;
     };
     let sa = ctx.sock_addr;
     let flow = destination(sa, socket_family, per_datagram);
     // SAFETY: helpers on the program's own context, and without arguments.
     let (cookie, cgroup_id) = unsafe { (bpf_get_socket_cookie(sa.cast()), bpf_get_current_cgroup_id()) };
+    if dns::steer(sa, socket_family, &flow, binding.slot, bound, cgroup_id) {
+        return ALLOW;
+    }
     let id = flow_id(cookie, &flow);
     let sender = Sender { cgroup_id, cookie, socket_uid: None };
     let opener = Opener { cgroup_id, slot: binding.slot, epoch, socket_uid: None };
@@ -68,7 +72,7 @@ fn on_send(ctx: &SockAddrContext, socket_family: u8, hook: u8, per_datagram: boo
     {
         // A destination this workload was allowed to reach under the same policy and epoch.
         let log = POLICY_INFO.get(binding.slot).map_or(log::ALL, |info| info.log);
-        let judgement = Judgement { verdict: verdict::ALLOWED, rule, log };
+        let judgement = Judgement { verdict: verdict::ALLOWED, rule, log, learned: false };
         let now = now();
         let quiet = log == log::BLOCKED || (log == log::NEW && now.wrapping_sub(logged_ns) < NEW_DESTINATION_WINDOW_NS);
         if quiet {
@@ -79,7 +83,7 @@ fn on_send(ctx: &SockAddrContext, socket_family: u8, hook: u8, per_datagram: boo
         open::<true>(&id, &opener, &judgement, now);
         return ALLOW;
     }
-    let judgement = judge(binding.slot, &flow, || peer_spoke_first(cookie, &flow));
+    let judgement = judge(bound, binding.slot, &flow, || peer_spoke_first(cookie, &flow));
     report::<true>(&binding, &flow, &judgement, hook, &sender, per_datagram, epoch);
     if judgement.lets_through() {
         open::<true>(&id, &opener, &judgement, now());

@@ -79,6 +79,7 @@ fn judge_socket(binding: &CgroupBinding, kind: u32) -> Judgement {
             verdict: egress_common::verdict::ALLOWED,
             rule: egress_common::rule_id::SOCKET_KIND,
             log: info.log,
+            learned: false,
         },
         Some(info) => refused(info.mode, egress_common::rule_id::SOCKET_KIND),
         None => refused(egress_common::mode::ENFORCE, egress_common::rule_id::SOCKET_KIND),

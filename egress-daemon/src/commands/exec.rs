@@ -62,6 +62,14 @@ async fn exec_in(
 ) -> anyhow::Result<i32> {
     let loaded = Engine::load(None, hierarchy)?;
     let engine = loaded.engine;
+    // The programs are exec's own: its proxy takes any free port, beside a running daemon's.
+    let dns_settings = crate::policy::DnsSettings { listen_port: 0, ..set.settings.dns.clone() };
+    let dns_maps = std::sync::Arc::new(std::sync::Mutex::new(loaded.dns_maps));
+    let _dns = if set.policies.first().is_some_and(|p| !p.names.is_empty()) {
+        Some(crate::dns::start(&dns_settings, engine.dns().clone(), dns_maps, engine.clone())?)
+    } else {
+        None
+    };
     engine.apply(set, &args.config.display().to_string(), &[Binding { policy: 0, cgroup: cgroup.clone() }])?;
     engine.attach(cgroup)?;
     let guard = Guard::start(cgroup).context("starting the guard process")?;

@@ -200,6 +200,20 @@ pub fn status_text(report: &StatusReport) -> String {
             policy.cgroups,
             plural(policy.cgroups),
         );
+        if !policy.names_seen.is_empty() {
+            let names: Vec<String> = policy.names_seen.iter().map(|n| escaped(n).into_owned()).collect();
+            let _ = writeln!(out, "  names seen: {}", names.join(", "));
+        }
+        for learned in &policy.learned {
+            let names: Vec<String> = learned.names.iter().map(|n| escaped(n).into_owned()).collect();
+            let _ = writeln!(
+                out,
+                "  learned {} ({}) expires in {} s",
+                learned.address,
+                names.join(", "),
+                learned.expires_in
+            );
+        }
     }
     if !report.ignored.is_empty() {
         out.push_str(
@@ -329,6 +343,7 @@ mod tests {
                 default: "deny".into(),
                 rules: 3,
                 cgroups: 1,
+                ..PolicyStatus::default()
             }],
             cgroups: vec![CgroupStatus {
                 cgroup: "system.slice/nginx.service".into(),

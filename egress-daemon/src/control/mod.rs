@@ -39,6 +39,7 @@ pub(crate) fn test_record(
         dst: std::net::IpAddr::V4(std::net::Ipv4Addr::new(127, 0, 0, 2)),
         dport: 8000,
         workload: None,
+        domain: None,
     }
 }
 

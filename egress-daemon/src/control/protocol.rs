@@ -143,6 +143,24 @@ pub struct PolicyStatus {
     pub rules: usize,
     /// Cgroups bound to it now.
     pub cgroups: usize,
+    /// Names its cgroups asked for and were allowed, most recent first (policies with name
+    /// rules only).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub names_seen: Vec<String>,
+    /// Addresses its cgroups learned from DNS answers and may reach now.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub learned: Vec<LearnedStatus>,
+}
+
+/// One address a policy's cgroups learned from a DNS answer.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct LearnedStatus {
+    pub address: String,
+    /// The names whose answers held it.
+    pub names: Vec<String>,
+    /// Seconds until it expires (TTL, at least `settings.dns.min_ttl`, plus the grace).
+    pub expires_in: u64,
 }
 
 /// One cgroup bound to a policy, with the flows judged there.

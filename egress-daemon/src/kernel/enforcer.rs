@@ -665,6 +665,11 @@ impl Enforcer {
         FlowSource::new(flows, ends, closed, self.loaded.sock_release)
     }
 
+    /// The DNS maps (steering, learned addresses, query origins); can be taken once.
+    pub fn take_dns_maps(&mut self) -> Result<super::DnsMaps, KernelError> {
+        super::dns::DnsMaps::take(&mut self.ebpf)
+    }
+
     /// Flow counts of one bound cgroup, summed over CPUs.
     pub fn cgroup_stats(&mut self, cgroup_id: u64) -> Result<PolicyStats, KernelError> {
         let Some(binding) = self.bindings.get(&cgroup_id).copied() else {

@@ -2,6 +2,7 @@
 //! pins in bpffs, feature probes, and the event ring. Nothing outside this module imports aya.
 
 mod batch;
+mod dns;
 mod enforcer;
 mod error;
 mod events;
@@ -11,6 +12,7 @@ mod pins;
 mod probe;
 mod programs;
 
+pub use dns::{DnsMapError, DnsMaps};
 pub use enforcer::{Enforcer, OnExit, Start};
 pub use error::KernelError;
 pub use events::{DropCounter, Drops, EventSource};

@@ -15,14 +15,14 @@ use super::KernelError;
 /// Where the maps are pinned below the pin directory. The suffix changes whenever a key or value
 /// layout changes, so that a daemon never adopts maps it would misread; a unit test holds the
 /// layout this name stands for and fails when a layout changes under the same name.
-pub const MAPS_DIR: &str = "maps-v3";
+pub const MAPS_DIR: &str = "maps-v4";
 const LINKS_DIR: &str = "links";
 
 /// Every map of the object with its pin path (creating the maps directory).
 pub(super) fn map_paths(pin_dir: &Path) -> Result<Vec<(&'static str, PathBuf)>, KernelError> {
     let maps = pin_dir.join(MAPS_DIR);
     fs::create_dir_all(&maps).map_err(KernelError::pin(&maps))?;
-    Ok(names::ALL.iter().map(|name| (*name, maps.join(name))).collect())
+    Ok(names::ALL.iter().chain(&egress_common::dns_names::ALL).map(|name| (*name, maps.join(name))).collect())
 }
 
 /// Whether an earlier daemon left its maps here.
@@ -86,6 +86,7 @@ pub fn pinned_bindings(pin_dir: &Path) -> Result<HashMap<u64, u32>, KernelError>
 mod tests {
     use super::*;
     use egress_common::{
+        dns::{DnsConfig, Learned, LearnedKey, Origin, OriginKey, SteeredSocket},
         Decision, DestinationSeen, FlowEnd, FlowEvent, FlowId, FlowKey, FlowState, PeerKey, PolicyInfo, PolicyStats,
         PortTable, RuleKeyV4, RuleKeyV6, Settings, WorkloadDestination,
     };
@@ -111,9 +112,16 @@ mod tests {
             FlowState,
             FlowEnd,
             WorkloadDestination,
-            DestinationSeen
+            DestinationSeen,
+            DnsConfig,
+            LearnedKey,
+            Learned,
+            SteeredSocket,
+            OriginKey,
+            Origin
         );
-        format!("{} {}", names::ALL.join(","), types.join(","))
+        let maps: Vec<&str> = names::ALL.iter().chain(&egress_common::dns_names::ALL).copied().collect();
+        format!("{} {}", maps.join(","), types.join(","))
     }
 
     #[test]
@@ -121,12 +129,14 @@ mod tests {
         // When this fails, a map was added or a key or value changed: bump MAPS_DIR (a daemon
         // must not adopt maps it would misread) and record the new layout here.
         let recorded = (
-            "maps-v3",
+            "maps-v4",
             "CGROUP_POLICY,POLICY_INFO,RULES_V4,RULES_V6,PORT_TABLES,SETTINGS,EVENTS,COUNTERS,BINDING_STATS,\
-             UDP_PEERS,FLOWS_SEEN,DEEP_GUARDS,FLOWS,FLOW_ENDS,CLOSED_SOCKETS,WORKLOAD_DESTINATIONS \
-             CgroupBinding:8/4,Decision:12/4,FlowEvent:72/8,FlowKey:40/8,PeerKey:32/8,PolicyInfo:8/4,\
+             UDP_PEERS,FLOWS_SEEN,DEEP_GUARDS,FLOWS,FLOW_ENDS,CLOSED_SOCKETS,WORKLOAD_DESTINATIONS,DNS_CONFIG,\
+             LEARNED,STEERED,QUERY_ORIGINS \
+             CgroupBinding:8/4,Decision:12/4,FlowEvent:72/8,FlowKey:40/8,PeerKey:32/8,PolicyInfo:12/4,\
              PolicyStats:48/8,PortTable:196/4,RuleKeyV4:8/1,RuleKeyV6:20/1,Settings:24/8,FlowId:32/8,\
-             FlowState:120/8,FlowEnd:152/8,WorkloadDestination:32/8,DestinationSeen:24/8",
+             FlowState:120/8,FlowEnd:152/8,WorkloadDestination:32/8,DestinationSeen:24/8,DnsConfig:16/8,\
+             LearnedKey:24/8,Learned:208/8,SteeredSocket:40/8,OriginKey:24/2,Origin:48/8",
         );
         assert_eq!((MAPS_DIR, layout().as_str()), recorded, "bump MAPS_DIR and record the new layout");
     }

@@ -16,7 +16,10 @@ use super::KernelError;
 
 pub(super) static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/egress.bpf.o"));
 
-const SOCK_ADDR_PROGRAMS: [&str; 4] = ["connect4", "connect6", "sendmsg4", "sendmsg6"];
+/// The flow hooks, then the DNS hooks that make steered replies look as if they came from the
+/// resolver the workload named.
+const SOCK_ADDR_PROGRAMS: [&str; 8] =
+    ["connect4", "connect6", "sendmsg4", "sendmsg6", "recvmsg4", "recvmsg6", "getpeername4", "getpeername6"];
 /// The packet backstop, first with process names in its events, then without: kernels before
 /// 6.18 refuse the current-task helpers in packet programs (KERNELS.md).
 const EGRESS_PROGRAMS: [&str; 2] = ["egress_packet", "egress_packet_portable"];

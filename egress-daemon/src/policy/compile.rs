@@ -9,12 +9,12 @@
 use std::collections::{HashMap, HashSet};
 
 use egress_common::{
-    action, lookup, mode, rule_id, Decision, PolicyInfo, PortRule, PortTable, RuleKeyV4, RuleKeyV6, MAX_POLICY_SLOTS,
-    MAX_PORT_RULES,
+    action, lookup, mode, policy_flags, rule_id, Decision, PolicyInfo, PortRule, PortTable, RuleKeyV4, RuleKeyV6,
+    MAX_POLICY_SLOTS, MAX_PORT_RULES,
 };
 use ipnet::IpNet;
 
-use super::model::{Action, Mode, Policy, PolicySet, Protocol, Rule};
+use super::model::{Action, Mode, NameRule, Policy, PolicySet, Protocol, Rule};
 use crate::generation::PORT_TABLES_PER_GENERATION;
 
 /// Why a policy set cannot be turned into map entries.
@@ -89,7 +89,7 @@ fn check_slots(set: &PolicySet, slots: &[u32]) -> Result<(), CompileError> {
 }
 
 fn compile_policy(policy: &Policy, slot: u32, tables: &mut Tables) -> Result<CompiledPolicy, CompileError> {
-    if u32::try_from(policy.rules.len()).map_or(true, |n| n >= rule_id::REPLY) {
+    if u32::try_from(policy.rules.len() + policy.names.len()).map_or(true, |n| n >= rule_id::FIRST_SPECIAL) {
         return Err(CompileError::TooManyRules { policy: policy.name.clone() });
     }
     let v4 = compile_family(policy, Family::V4, tables)?
@@ -114,7 +114,9 @@ fn compile_policy(policy: &Policy, slot: u32, tables: &mut Tables) -> Result<Com
             Mode::Audit => mode::AUDIT,
         },
         log: policy.log.number(),
+        flags: if policy.names.is_empty() { 0 } else { policy_flags::NAME_RULES },
         allowed_sockets: policy.allow_sockets.iter().fold(0, |bits, kind| bits | kind.bit()),
+        _pad: [0; 3],
     };
     Ok(CompiledPolicy { info, v4, v6 })
 }
@@ -251,6 +253,23 @@ fn level_of(policy: &Policy, group: &[SortKey], parent: Option<&Level>) -> Resul
         });
     }
     Ok(Level { addr, len, port_rules, fallback })
+}
+
+/// The allow entries a learned address of name rule `rule` (kernel rule id `id`) carries.
+pub fn name_rule_entries(rule: &NameRule, id: u32) -> Vec<PortRule> {
+    let entry = PortRule {
+        rule: id,
+        port_lo: 0,
+        port_hi: u16::MAX,
+        proto: rule.protocol.number(),
+        action: action::ALLOW,
+        has_ports: 0,
+        _pad: 0,
+    };
+    if rule.ports.is_empty() {
+        return vec![entry];
+    }
+    rule.ports.iter().map(|range| PortRule { port_lo: range.lo, port_hi: range.hi, has_ports: 1, ..entry }).collect()
 }
 
 /// The port-table entries of a rule that does not match every flow.

@@ -2,13 +2,17 @@
 //! evaluator the compiled maps must agree with.
 
 pub mod compile;
+pub mod domain;
 pub mod model;
 pub mod parse;
 pub mod reference;
 pub mod validate;
 
 pub use compile::{compile_set, protocol_number, CompileError, CompiledPolicy, CompiledSet};
-pub use model::{cgroup_glob_matches, Action, Mode, Policy, PolicySet, PortRange, Protocol, Rule, Selector, Settings};
+pub use model::{
+    cgroup_glob_matches, Action, DnsSettings, DomainPattern, Mode, NameRule, Policy, PolicySet, PortRange, Protocol,
+    RefuseWith, Rule, Selector, Settings,
+};
 pub use parse::{parse_policy_file, parse_policy_str, ConfigError};
 pub use validate::{validate_policy_file, validate_policy_str};
 

@@ -5,6 +5,8 @@ use std::{fmt, net::SocketAddr, path::PathBuf};
 use egress_common::proto;
 use ipnet::IpNet;
 
+pub use super::domain::DomainPattern;
+
 /// A word of the policy language from a closed set. Each is spelled once, in its type's
 /// `as_str`: files are parsed by these spellings and everything that prints a policy uses them.
 pub trait Keyword: Copy + 'static {
@@ -45,6 +47,7 @@ keywords! {
     SocketKind: "socket kind" => [Packet, Mptcp, Other];
     Protocol: "protocol" => [Tcp, Udp, Icmp, Any];
     LogLevel: "log setting" => [Blocked, New, All];
+    RefuseWith: "answer" => [Refused, NxDomain];
 }
 
 /// What a rule (or a policy's default) does with a flow.
@@ -259,6 +262,35 @@ impl Rule {
     }
 }
 
+/// An `allow` rule that names a domain: the addresses the daemon's DNS proxy learns from
+/// answers for matching names are allowed, with the rule's protocol and ports, until they expire.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NameRule {
+    pub pattern: DomainPattern,
+    pub protocol: Protocol,
+    /// Empty: every port, and also protocols without ports.
+    pub ports: Vec<PortRange>,
+    /// Line of the rule in its file (1-based), 0 when not read from a file.
+    pub line: usize,
+}
+
+impl NameRule {
+    /// The rule in one line, e.g. `allow *.example.com tcp ports 443`.
+    pub fn text(&self) -> String {
+        let mut text = format!("allow {}", self.pattern);
+        if self.protocol != Protocol::Any {
+            text.push(' ');
+            text.push_str(self.protocol.as_str());
+        }
+        if !self.ports.is_empty() {
+            let ports: Vec<String> = self.ports.iter().map(ToString::to_string).collect();
+            text.push_str(" ports ");
+            text.push_str(&ports.join(","));
+        }
+        text
+    }
+}
+
 /// Which cgroups a policy governs.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum Selector {
@@ -370,6 +402,9 @@ pub struct Policy {
     /// Which allowed flows raise an event.
     pub log: LogLevel,
     pub rules: Vec<Rule>,
+    /// Rules that name domains; their kernel rule ids follow the CIDR rules'
+    /// (`rules.len() + index`).
+    pub names: Vec<NameRule>,
     /// Socket kinds outside the flow hooks' view that the policy allows.
     pub allow_sockets: Vec<SocketKind>,
 }
@@ -380,14 +415,25 @@ impl Policy {
     pub fn summary(&self) -> String {
         let v4 = self.rules.iter().filter(|r| r.net.addr().is_ipv4()).count();
         let v6 = self.rules.len() - v4;
+        let names = if self.names.is_empty() { String::new() } else { format!(", {} name rules", self.names.len()) };
         format!(
-            "{}: {}, default {}, mode {}, {} rules ({v4} IPv4, {v6} IPv6)",
+            "{}: {}, default {}, mode {}, {} rules ({v4} IPv4, {v6} IPv6){names}",
             self.name,
             self.selector,
             self.default,
             self.mode,
             self.rules.len(),
         )
+    }
+
+    /// The kernel rule id of name rule `index`.
+    pub fn name_rule_id(&self, index: usize) -> u32 {
+        (self.rules.len() + index) as u32
+    }
+
+    /// Every rule's text, indexed by kernel rule id.
+    pub fn rule_texts(&self) -> Vec<String> {
+        self.rules.iter().map(Rule::text).chain(self.names.iter().map(NameRule::text)).collect()
     }
 }
 
@@ -423,6 +469,59 @@ pub struct Settings {
     pub events_per_second: u32,
     /// Between interim flow records of a long flow (`1..=MAX_FLOW_INTERVAL_SECS` seconds).
     pub flow_interval: std::time::Duration,
+    /// The DNS proxy for name rules.
+    pub dns: DnsSettings,
+}
+
+/// Default of [`DnsSettings::listen_port`].
+pub const DEFAULT_DNS_PORT: u16 = 5300;
+/// Default of [`DnsSettings::min_ttl`], seconds.
+pub const DEFAULT_MIN_TTL: u32 = 5;
+/// Default of [`DnsSettings::grace`], seconds.
+pub const DEFAULT_GRACE: u32 = 30;
+
+/// What the DNS proxy answers for a name no rule allows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub enum RefuseWith {
+    #[default]
+    Refused,
+    NxDomain,
+}
+
+impl RefuseWith {
+    /// The keyword used in policy files.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RefuseWith::Refused => "refused",
+            RefuseWith::NxDomain => "nxdomain",
+        }
+    }
+}
+
+/// `settings.dns`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DnsSettings {
+    /// Port of the proxy on 127.0.0.1 and ::1 (UDP and TCP).
+    pub listen_port: u16,
+    /// Resolvers to forward allowed queries to; empty: the host's `/etc/resolv.conf`.
+    pub upstream: Vec<SocketAddr>,
+    pub refuse_with: RefuseWith,
+    /// Shortest time a learned address stays allowed, whatever the answer's TTL (seconds).
+    pub min_ttl: u32,
+    /// Time added to the TTL, for clients that cache answers a little longer (seconds).
+    pub grace: u32,
+}
+
+impl Default for DnsSettings {
+    fn default() -> Self {
+        DnsSettings {
+            listen_port: DEFAULT_DNS_PORT,
+            upstream: Vec::new(),
+            refuse_with: RefuseWith::Refused,
+            min_ttl: DEFAULT_MIN_TTL,
+            grace: DEFAULT_GRACE,
+        }
+    }
 }
 
 /// Largest [`Settings::flow_interval`], in seconds.
@@ -439,6 +538,7 @@ impl Default for Settings {
             pin_dir: PathBuf::from(DEFAULT_PIN_DIR),
             events_per_second: egress_common::DEFAULT_EVENT_BUDGET,
             flow_interval: std::time::Duration::from_secs(60),
+            dns: DnsSettings::default(),
         }
     }
 }

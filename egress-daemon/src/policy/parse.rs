@@ -23,8 +23,9 @@ use serde::{
 };
 
 use super::model::{
-    is_glob, one_of, Action, Keyword, LogLevel, Mode, Policy, PolicySet, PortRange, Protocol, Rule, Selector, Settings,
-    SocketKind, MAX_EVENT_BUDGET, MAX_FLOW_INTERVAL_SECS, MAX_HISTORY,
+    is_glob, one_of, Action, DnsSettings, DomainPattern, Keyword, LogLevel, Mode, NameRule, Policy, PolicySet,
+    PortRange, Protocol, RefuseWith, Rule, Selector, Settings, SocketKind, MAX_EVENT_BUDGET, MAX_FLOW_INTERVAL_SECS,
+    MAX_HISTORY,
 };
 
 /// A policy file that cannot be used, and where the problem is.
@@ -171,6 +172,7 @@ struct SettingsDoc {
     events_per_second: Option<Checked<EventBudget>>,
     #[serde(default)]
     flow_interval: Option<Checked<FlowInterval>>,
+    dns: Option<DnsDoc>,
 }
 
 impl SettingsDoc {
@@ -185,6 +187,7 @@ impl SettingsDoc {
             control_group: self.control_group.map(|v| v.0 .0).or(defaults.control_group),
             metrics: self.metrics.map(|v| v.0 .0).or(defaults.metrics),
             pin_dir: self.pin_dir.map_or(defaults.pin_dir, |v| v.0 .0),
+            dns: self.dns.map_or(defaults.dns, DnsDoc::into_settings),
         }
     }
 }
@@ -207,7 +210,7 @@ struct PolicyDoc {
     #[serde(default)]
     log: Checked<LogLevel>,
     #[serde(default)]
-    rules: Vec<Rule>,
+    rules: Vec<AnyRule>,
     #[serde(default)]
     allow_sockets: Vec<Checked<SocketKind>>,
 }
@@ -271,6 +274,13 @@ impl PolicyDoc {
         let Some((selector, selector_at)) = selectors.pop() else {
             return Err(format!("a policy needs a selector: one of {SELECTOR_KEYS}"));
         };
+        let (mut rules, mut names) = (Vec::new(), Vec::new());
+        for rule in self.rules {
+            match rule {
+                AnyRule::Cidr(rule) => rules.push(rule),
+                AnyRule::Name(rule) => names.push(rule),
+            }
+        }
         Ok(PolicyEntry {
             policy: Policy {
                 name: self.name.value.0,
@@ -278,7 +288,8 @@ impl PolicyDoc {
                 default: self.default.0,
                 mode: self.mode.0,
                 log: self.log.0,
-                rules: self.rules,
+                rules,
+                names,
                 allow_sockets: self.allow_sockets.into_iter().map(|kind| kind.0).collect(),
             },
             name_at: (self.name.line, self.name.column),
@@ -331,8 +342,8 @@ fn check_unique<K: Eq + std::hash::Hash>(
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RuleDoc {
-    allow: Option<Located<IpNet>>,
-    deny: Option<Located<IpNet>>,
+    allow: Option<Located<Destination>>,
+    deny: Option<Located<Destination>>,
     #[serde(default)]
     protocol: Checked<Protocol>,
     #[serde(default)]
@@ -340,8 +351,8 @@ struct RuleDoc {
 }
 
 impl RuleDoc {
-    fn into_rule(self) -> Result<Rule, &'static str> {
-        let (action, net) = match (self.allow, self.deny) {
+    fn into_rule(self) -> Result<AnyRule, &'static str> {
+        let (action, destination) = match (self.allow, self.deny) {
             (Some(net), None) => (Action::Allow, net),
             (None, Some(net)) => (Action::Deny, net),
             (Some(_), Some(_)) => return Err("a rule takes `allow` or `deny`, not both"),
@@ -351,11 +362,25 @@ impl RuleDoc {
         if protocol == Protocol::Icmp && !self.ports.0.is_empty() {
             return Err("icmp has no ports: leave out `ports` or use protocol tcp or udp");
         }
-        Ok(Rule { action, net: net.value, protocol, ports: self.ports.0, line: net.line })
+        let line = destination.line;
+        match destination.value {
+            Destination::Net(net) => Ok(AnyRule::Cidr(Rule { action, net, protocol, ports: self.ports.0, line })),
+            Destination::Name(_) if action == Action::Deny => {
+                Err("a domain name can only be allowed: any name can point at any address and addresses are \
+                 shared, so a deny by name cannot be enforced; deny addresses with CIDRs")
+            }
+            Destination::Name(pattern) => Ok(AnyRule::Name(NameRule { pattern, protocol, ports: self.ports.0, line })),
+        }
     }
 }
 
-impl<'de> Deserialize<'de> for Rule {
+/// A rule as written: a CIDR rule or a name rule.
+enum AnyRule {
+    Cidr(Rule),
+    Name(NameRule),
+}
+
+impl<'de> Deserialize<'de> for AnyRule {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         deserializer.deserialize_map(RuleVisitor)
     }
@@ -364,13 +389,13 @@ impl<'de> Deserialize<'de> for Rule {
 struct RuleVisitor;
 
 impl<'de> Visitor<'de> for RuleVisitor {
-    type Value = Rule;
+    type Value = AnyRule;
 
     fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("a rule: a mapping with `allow` or `deny`")
     }
 
-    fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Rule, A::Error> {
+    fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<AnyRule, A::Error> {
         let left = RULE_BUDGET.get();
         if left == 0 {
             return Err(de::Error::custom(format_args!(
@@ -896,5 +921,110 @@ impl Scalar for MetricsAddr {
             return Ok(MetricsAddr(SocketAddr::from((Ipv4Addr::LOCALHOST, port))));
         }
         Err(format!("`{text}` is not a listen address like 127.0.0.1:9154 or [::1]:9154"))
+    }
+}
+
+/// What a rule's `allow` or `deny` names: addresses, or a domain.
+enum Destination {
+    Net(IpNet),
+    Name(DomainPattern),
+}
+
+impl Scalar for Destination {
+    fn expecting() -> Cow<'static, str> {
+        "an IP address, a CIDR or a domain name".into()
+    }
+
+    fn parse(text: &str) -> Result<Self, String> {
+        // Digits, dots, colons and slashes only: meant as an address, so its error is an address's.
+        let looks_numeric = text.trim().chars().all(|c| c.is_ascii_digit() || ".:/".contains(c));
+        if looks_numeric || text.contains(':') || text.contains('/') {
+            return IpNet::parse(text).map(Destination::Net);
+        }
+        DomainPattern::parse(text).map(Destination::Name).map_err(|error| {
+            format!("{error}; expected an IP address, a CIDR or a domain name like api.example.com or *.example.com")
+        })
+    }
+}
+
+/// `settings.dns`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DnsDoc {
+    #[serde(default)]
+    listen_port: Option<Checked<ListenPort>>,
+    #[serde(default)]
+    upstream: Option<Vec<Checked<Upstream>>>,
+    #[serde(default)]
+    refuse_with: Option<Checked<RefuseWith>>,
+    #[serde(default)]
+    min_ttl: Option<Checked<Seconds>>,
+    #[serde(default)]
+    grace: Option<Checked<Seconds>>,
+}
+
+impl DnsDoc {
+    fn into_settings(self) -> DnsSettings {
+        let defaults = DnsSettings::default();
+        DnsSettings {
+            listen_port: self.listen_port.map_or(defaults.listen_port, |v| v.0 .0),
+            upstream: self.upstream.map_or(defaults.upstream, |list| list.into_iter().map(|v| v.0 .0).collect()),
+            refuse_with: self.refuse_with.map_or(defaults.refuse_with, |v| v.0),
+            min_ttl: self.min_ttl.map_or(defaults.min_ttl, |v| v.0 .0),
+            grace: self.grace.map_or(defaults.grace, |v| v.0 .0),
+        }
+    }
+}
+
+/// `settings.dns.listen_port`.
+struct ListenPort(u16);
+
+impl Scalar for ListenPort {
+    fn expecting() -> Cow<'static, str> {
+        "a port for the DNS proxy".into()
+    }
+
+    fn parse(text: &str) -> Result<Self, String> {
+        match text.trim().parse::<u16>() {
+            Ok(0) | Err(_) => Err(format!("`{text}` is not a port for the DNS proxy; ports are 1-65535")),
+            Ok(53) => Err("the DNS proxy cannot listen on port 53: that is the port steered to it".to_owned()),
+            Ok(port) => Ok(ListenPort(port)),
+        }
+    }
+}
+
+/// One of `settings.dns.upstream`: `ADDRESS` (port 53) or `ADDRESS:PORT` (`[V6]:PORT`).
+struct Upstream(SocketAddr);
+
+impl Scalar for Upstream {
+    fn expecting() -> Cow<'static, str> {
+        "a resolver address like 192.0.2.53 or 192.0.2.53:53".into()
+    }
+
+    fn parse(text: &str) -> Result<Self, String> {
+        let text = text.trim();
+        if let Ok(addr) = text.parse::<SocketAddr>() {
+            return Ok(Upstream(addr));
+        }
+        if let Ok(ip) = text.parse::<IpAddr>() {
+            return Ok(Upstream(SocketAddr::new(ip, 53)));
+        }
+        Err(format!("`{text}` is not a resolver address like 192.0.2.53 or [2001:db8::53]:53"))
+    }
+}
+
+/// A duration in whole seconds, at most a day.
+struct Seconds(u32);
+
+impl Scalar for Seconds {
+    fn expecting() -> Cow<'static, str> {
+        "a number of seconds".into()
+    }
+
+    fn parse(text: &str) -> Result<Self, String> {
+        match text.trim().parse::<u32>() {
+            Ok(seconds) if seconds <= 86_400 => Ok(Seconds(seconds)),
+            _ => Err(format!("`{text}` is not a number of seconds from 0 to 86400")),
+        }
     }
 }

@@ -137,7 +137,54 @@ fn error_host_bits_points_at_the_cidr() {
 #[test]
 fn error_bad_address_points_at_it() {
     assert_error(&with_rules("      - allow: 10.0.0.0/33\n"), 5, 16, "not an IPv4 or IPv6");
-    assert_error(&with_rules("      - allow: example.com\n"), 5, 16, "not an IPv4 or IPv6");
+    assert_error(&with_rules("      - allow: 10.0.0\n"), 5, 16, "not an IPv4 or IPv6");
+    assert_error(&with_rules("      - allow: exa_mple!.com\n"), 5, 16, "characters a host name cannot have");
+}
+
+#[test]
+fn parses_name_rules_beside_cidr_rules() {
+    let set = parse(&with_rules(
+        "      - allow: API.GitHub.com.\n        protocol: tcp\n        ports: [443]\n\
+         \x20     - allow: 10.0.0.0/8\n      - allow: \"*.s3.amazonaws.com\"\n      - allow: \"**.bücher.example\"\n",
+    ));
+    let policy = &set.policies[0];
+    assert_eq!(policy.rules.len(), 1);
+    let names: Vec<String> = policy.names.iter().map(NameRule::text).collect();
+    assert_eq!(
+        names,
+        ["allow api.github.com tcp ports 443", "allow *.s3.amazonaws.com", "allow **.xn--bcher-kva.example"]
+    );
+    assert_eq!(policy.names[0].line, 5);
+    assert_eq!(policy.name_rule_id(0), 1);
+    assert_eq!(policy.rule_texts().len(), 4);
+    let compiled = compile_set(&set, &[0], 1).expect("compiles");
+    assert_eq!(compiled.policies[0].info.flags, egress_common::policy_flags::NAME_RULES);
+}
+
+#[test]
+fn error_name_rules_only_allow_and_wildcards_take_a_whole_label() {
+    assert_error(&with_rules("      - deny: example.com\n"), 5, 9, "a domain name can only be allowed");
+    assert_error(&with_rules("      - allow: \"foo*.example.com\"\n"), 5, 16, "a wildcard is only allowed");
+    assert_error(&with_rules("      - allow: \"a..example.com\"\n"), 5, 16, "empty label");
+}
+
+#[test]
+fn parses_dns_settings() {
+    let text = "settings:\n  dns:\n    listen_port: 5353\n    upstream: [192.0.2.53, \"[2001:db8::53]:5353\"]\n    \
+                refuse_with: NXDOMAIN\n    min_ttl: 2\n    grace: 0\npolicies: []\n";
+    let dns = parse(text).settings.dns;
+    assert_eq!(
+        dns,
+        DnsSettings {
+            listen_port: 5353,
+            upstream: vec!["192.0.2.53:53".parse().unwrap(), "[2001:db8::53]:5353".parse().unwrap()],
+            refuse_with: RefuseWith::NxDomain,
+            min_ttl: 2,
+            grace: 0,
+        }
+    );
+    assert_error("settings:\n  dns:\n    listen_port: 53\npolicies: []\n", 3, 18, "cannot listen on port 53");
+    assert_error("settings:\n  dns:\n    grace: 1d\npolicies: []\n", 3, 12, "not a number of seconds");
 }
 
 #[test]
@@ -440,6 +487,7 @@ fn settings_default_when_absent_or_empty() {
         pin_dir: "/sys/fs/bpf/egress".into(),
         events_per_second: egress_common::DEFAULT_EVENT_BUDGET,
         flow_interval: std::time::Duration::from_secs(60),
+        dns: DnsSettings::default(),
     };
     assert_eq!(Settings::default(), defaults);
     assert_eq!(PolicySet::default().settings, defaults);
@@ -486,6 +534,7 @@ policies:
             pin_dir: "/sys/fs/bpf/egress-test".into(),
             events_per_second: 2_000,
             flow_interval: std::time::Duration::from_secs(2),
+            dns: DnsSettings::default(),
         }
     );
     assert_eq!(settings_of("  flow_interval: 5m\n").flow_interval, std::time::Duration::from_secs(300));
@@ -660,6 +709,7 @@ fn policy(rules: Vec<Rule>) -> Policy {
         default: Action::Deny,
         mode: Mode::Enforce,
         log: Default::default(),
+        names: Vec::new(),
         allow_sockets: Vec::new(),
         rules,
     }
@@ -693,7 +743,9 @@ fn compiles_nested_cidrs() {
             default_action: action::DENY,
             mode: egress_common::mode::ENFORCE,
             log: egress_common::log::NEW,
+            flags: 0,
             allowed_sockets: 0,
+            _pad: [0; 3],
         }
     );
     let slot = 7u32.to_be_bytes();
@@ -920,6 +972,7 @@ fn policy_strategy() -> impl Strategy<Value = Policy> {
             mode: if audit { Mode::Audit } else { Mode::Enforce },
             log: Default::default(),
             rules,
+            names: Vec::new(),
             allow_sockets: Vec::new(),
         })
 }

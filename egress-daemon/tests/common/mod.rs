@@ -21,10 +21,11 @@ use std::{
 
 use serde_json::Value;
 
-/// Links of one attachment on these test machines: connect4/6, sendmsg4/6, the packet filters
-/// and the flow accounting on egress and ingress, sock_create and sock_release (their kernel,
-/// locked down, refuses the BPF LSM program).
-pub const LINKS_PER_ATTACH: usize = 10;
+/// Links of one attachment on these test machines: eight `sock_addr` programs (connect,
+/// sendmsg, and the DNS hooks recvmsg and getpeername, each for IPv4 and IPv6), the packet
+/// filters and the flow accounting on egress and ingress, sock_create and sock_release (their
+/// kernel, locked down, refuses the BPF LSM program).
+pub const LINKS_PER_ATTACH: usize = 14;
 
 static UNIQUE: AtomicU32 = AtomicU32::new(0);
 

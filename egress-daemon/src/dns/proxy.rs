@@ -1,0 +1,248 @@
+//! The DNS proxy: answers the queries the kernel steered to it, for the cgroup that sent them.
+//!
+//! A query for a name the cgroup's policy does not allow is never forwarded: it gets REFUSED
+//! (or NXDOMAIN) and a `blocked` event. An allowed one is forwarded upstream, and the answer's
+//! addresses along the CNAME chain are written into the cgroup's learned map before a byte of
+//! the answer goes back; if that fails, or no upstream answers, the client gets SERVFAIL.
+
+use std::{
+    net::{IpAddr, Ipv6Addr, SocketAddr},
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use egress_common::{proto, Origin};
+use hickory_proto::op::ResponseCode;
+use tokio::{
+    net::{TcpListener, TcpStream, UdpSocket},
+    sync::Semaphore,
+    time::timeout,
+};
+
+use super::{
+    book::boot_ns,
+    message::{format_error, read_answer, Query, CANARY},
+    upstream::{self, read_framed, write_framed},
+    DnsState,
+};
+use crate::{
+    events::{Catalog, FlowRecord},
+    kernel::DnsMaps,
+    policy::{DnsSettings, RefuseWith},
+};
+
+/// Queries answered at once; datagrams beyond this are dropped (clients retry).
+const MAX_UDP_IN_FLIGHT: usize = 512;
+/// TCP connections served at once; further ones wait in the listen backlog.
+const MAX_TCP_CONNECTIONS: usize = 128;
+/// A TCP client that sends nothing for this long is dropped.
+const TCP_IDLE: Duration = Duration::from_secs(10);
+/// How old the kernel's record of a query's sender may be: it is refreshed by every packet, so
+/// an older one belongs to an earlier socket that had the same port.
+const ORIGIN_MAX_AGE_NS: u64 = 10_000_000_000;
+/// Longest TTL honoured (a day): an address is re-learned at least this often.
+const MAX_TTL: u32 = 86_400;
+
+/// Everything a query needs.
+pub struct Proxy {
+    pub state: Arc<DnsState>,
+    pub maps: Arc<Mutex<DnsMaps>>,
+    /// Where events are named and queued for output.
+    pub catalog: Arc<Mutex<Catalog>>,
+    pub settings: DnsSettings,
+    pub resolvers: Vec<SocketAddr>,
+}
+
+/// Who sent a query, as the kernel recorded it.
+struct Sender {
+    origin: Origin,
+    transport: u8,
+}
+
+impl Proxy {
+    pub async fn serve_udp(self: Arc<Self>, socket: UdpSocket) {
+        let socket = Arc::new(socket);
+        let limit = Arc::new(Semaphore::new(MAX_UDP_IN_FLIGHT));
+        let mut buffer = vec![0u8; upstream::MAX_MESSAGE];
+        loop {
+            let (len, peer) = match socket.recv_from(&mut buffer).await {
+                Ok(received) => received,
+                Err(error) => {
+                    tracing::debug!(%error, "DNS proxy: receiving");
+                    continue;
+                }
+            };
+            let Ok(permit) = limit.clone().try_acquire_owned() else {
+                tracing::debug!(%peer, "DNS proxy: too many queries in flight; datagram dropped");
+                continue;
+            };
+            let datagram = buffer[..len].to_vec();
+            let (proxy, socket) = (self.clone(), socket.clone());
+            tokio::spawn(async move {
+                if let Some(answer) = proxy.answer(&datagram, peer, proto::UDP).await {
+                    drop(socket.send_to(&answer, peer).await);
+                }
+                drop(permit);
+            });
+        }
+    }
+
+    pub async fn serve_tcp(self: Arc<Self>, listener: TcpListener) {
+        let limit = Arc::new(Semaphore::new(MAX_TCP_CONNECTIONS));
+        loop {
+            let Ok(permit) = limit.clone().acquire_owned().await else { return };
+            let (stream, peer) = match listener.accept().await {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    tracing::debug!(%error, "DNS proxy: accepting");
+                    continue;
+                }
+            };
+            let proxy = self.clone();
+            tokio::spawn(async move {
+                proxy.serve_connection(stream, peer).await;
+                drop(permit);
+            });
+        }
+    }
+
+    async fn serve_connection(&self, mut stream: TcpStream, peer: SocketAddr) {
+        while let Ok(Ok(query)) = timeout(TCP_IDLE, read_framed(&mut stream)).await {
+            let Some(answer) = self.answer(&query, peer, proto::TCP).await else { return };
+            if write_framed(&mut stream, &answer).await.is_err() {
+                return;
+            }
+        }
+    }
+
+    /// The answer to one query from `peer`; `None` when the datagram deserves no answer.
+    async fn answer(&self, bytes: &[u8], peer: SocketAddr, transport: u8) -> Option<Vec<u8>> {
+        let Ok(query) = Query::parse(bytes) else { return format_error(bytes) };
+        let Some(sender) = self.sender(peer, transport) else {
+            tracing::debug!(%peer, "DNS proxy: query from a socket the kernel did not steer; refused");
+            return Some(query.answer_with(ResponseCode::Refused));
+        };
+        let Some(names) = self.state.view.names_of(sender.origin.socket.bound) else {
+            return Some(query.answer_with(ResponseCode::Refused));
+        };
+        if query.name == CANARY || query.name.ends_with(&format!(".{CANARY}")) {
+            return Some(query.answer_with(ResponseCode::NXDomain));
+        }
+        if !names.allows(&query.name) {
+            self.report(&sender, &names.policy, &query.name, if names.audit { "audit" } else { "blocked" });
+            if !names.audit {
+                let code = match self.settings.refuse_with {
+                    RefuseWith::Refused => ResponseCode::Refused,
+                    RefuseWith::NxDomain => ResponseCode::NXDomain,
+                };
+                return Some(query.answer_with(code));
+            }
+        }
+
+        // A fresh id upstream: the client's id is not trusted to be unpredictable.
+        let client_id = [bytes[0], bytes[1]];
+        let mut forwarded = bytes.to_vec();
+        forwarded[..2].copy_from_slice(&random_id());
+        let Ok(mut answer) = upstream::forward(&self.resolvers, &forwarded, transport == proto::TCP).await else {
+            return Some(query.answer_with(ResponseCode::ServFail));
+        };
+        answer[..2].copy_from_slice(&client_id);
+        let Some((_, learned)) = read_answer(&query, &answer) else {
+            return Some(query.answer_with(ResponseCode::ServFail));
+        };
+        let now = boot_ns();
+        if !learned.addresses.is_empty() && names.allows(&query.name) {
+            let ttl = learned.ttl.clamp(self.settings.min_ttl, MAX_TTL.max(self.settings.min_ttl));
+            let expires = now + (u64::from(ttl) + u64::from(self.settings.grace)) * 1_000_000_000;
+            if let Err(error) =
+                self.learn(sender.origin.socket.bound, &names, &query.name, &learned.addresses, expires, now)
+            {
+                tracing::warn!(name = %query.name, %error, "DNS proxy: the learned addresses could not be written; SERVFAIL");
+                return Some(query.answer_with(ResponseCode::ServFail));
+            }
+        }
+        self.state.book().saw(&names.policy, &query.name, now);
+        Some(answer)
+    }
+
+    /// Writes every address, then records them; the first failure stops and fails the query.
+    fn learn(
+        &self,
+        cgroup: u64,
+        names: &super::view::PolicyNames,
+        name: &str,
+        addresses: &[Ipv6Addr],
+        expires: u64,
+        now: u64,
+    ) -> Result<(), crate::kernel::DnsMapError> {
+        let mut maps = self.maps.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut book = self.state.book();
+        for update in book.merge(cgroup, names, name, addresses, expires, now) {
+            maps.write(cgroup, update.key.1, &update.entry.value())?;
+            book.commit(update, name);
+        }
+        Ok(())
+    }
+
+    fn sender(&self, peer: SocketAddr, transport: u8) -> Option<Sender> {
+        let addr = match peer.ip() {
+            IpAddr::V4(v4) => v4.to_ipv6_mapped(),
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(v6, |v4| v4.to_ipv6_mapped()),
+        };
+        let origin =
+            self.maps.lock().unwrap_or_else(std::sync::PoisonError::into_inner).origin(transport, addr, peer.port())?;
+        if boot_ns().saturating_sub(origin.seen_ns) > ORIGIN_MAX_AGE_NS {
+            return None;
+        }
+        Some(Sender { origin, transport })
+    }
+
+    /// A flow event for a query the policy does not allow.
+    fn report(&self, sender: &Sender, policy: &str, name: &str, verdict: &str) {
+        let socket = &sender.origin.socket;
+        let resolver = original_resolver(socket);
+        let mut catalog = self.catalog.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let (cgroup, workload) = catalog.cgroup_names(socket.cgroup);
+        let at = std::time::SystemTime::now();
+        let record = FlowRecord {
+            time: crate::events::timestamp(at),
+            at,
+            verdict: verdict.to_string(),
+            policy: policy.to_string(),
+            rule: "dns".to_string(),
+            cgroup,
+            pid: 0,
+            comm: String::new(),
+            uid: 0,
+            protocol: if sender.transport == proto::TCP { "tcp" } else { "udp" }.to_string(),
+            dst: resolver,
+            dport: u16::from_be(socket.port as u16),
+            workload,
+            domain: Some(name.to_string()),
+        };
+        if !catalog.inject(record) {
+            tracing::debug!("DNS proxy: event queue full; event dropped");
+        }
+    }
+}
+
+/// The resolver a steered socket named.
+fn original_resolver(socket: &egress_common::SteeredSocket) -> IpAddr {
+    let words = socket.addr;
+    if socket.family == u32::from(egress_common::family::INET) {
+        return IpAddr::V4(words[0].to_ne_bytes().into());
+    }
+    let mut bytes = [0u8; 16];
+    for (chunk, word) in bytes.chunks_mut(4).zip(words) {
+        chunk.copy_from_slice(&word.to_ne_bytes());
+    }
+    let v6 = Ipv6Addr::from(bytes);
+    v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4)
+}
+
+fn random_id() -> [u8; 2] {
+    let mut id = [0u8; 2];
+    // SAFETY: a buffer of the given length; a short read leaves zeros, still a valid id.
+    unsafe { libc::getrandom(id.as_mut_ptr().cast(), id.len(), 0) };
+    id
+}
