@@ -63,6 +63,8 @@ pub struct Daemon {
     changing: Arc<Mutex<()>>,
     /// The kernel's DNS maps, and the DNS proxy once a policy has name rules.
     dns_maps: Arc<Mutex<crate::kernel::DnsMaps>>,
+    /// What the DNS proxy learned (names seen, addresses), shared with events and status.
+    dns: Arc<crate::dns::DnsState>,
     dns_service: Arc<Mutex<Option<crate::dns::DnsService>>>,
 }
 
@@ -80,6 +82,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     }
     log_socket_guard(loaded.engine.state().enforcer.socket_guard());
     let dns_maps = Arc::new(Mutex::new(loaded.dns_maps));
+    let dns_state = Arc::new(crate::dns::DnsState::default());
+    loaded.engine.name_domains(dns_state.clone());
+    loaded.engine.watch_bindings(dns_state.clone());
     let daemon = Daemon {
         engine: loaded.engine,
         drops: loaded.drops.clone(),
@@ -92,6 +97,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         attach: settings.attach.clone(),
         changing: Arc::new(Mutex::new(())),
         dns_maps,
+        dns: dns_state,
         dns_service: Arc::new(Mutex::new(None)),
     };
 
@@ -254,12 +260,8 @@ impl Daemon {
             }
             (Some(_), _) => {}
             (None, true) => {
-                let started = crate::dns::start(
-                    &set.settings.dns,
-                    self.engine.dns().clone(),
-                    self.dns_maps.clone(),
-                    self.engine.clone(),
-                )?;
+                let started =
+                    crate::dns::start(&set.settings.dns, self.dns.clone(), self.dns_maps.clone(), self.engine.clone())?;
                 *service = Some(started);
             }
             (None, false) => {
@@ -480,7 +482,7 @@ impl control::server::ControlHandler for Daemon {
         }
         report.cgroups.sort_by(|a, b| a.cgroup.cmp(&b.cgroup));
         drop(state);
-        crate::dns::status::fill(&self.engine, &mut report.policies);
+        crate::dns::status::fill(&self.dns, &mut report.policies);
         report
     }
 

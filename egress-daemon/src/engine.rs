@@ -13,11 +13,13 @@ use egress_common::{DEEP_LEVELS_BIT, MAX_CGROUP_LEVEL};
 
 use crate::{
     cgroup::{Cgroup, Hierarchy},
-    dns::DnsState,
-    events::{Catalog, SlotNames},
+    events::{Catalog, DomainNames, SlotNames},
     generation::Generation,
     kernel::{self, DnsMaps, DropCounter, Enforcer, EventSource, FlowSource, Start},
-    policy::{compile::compile_set, model::PolicySet},
+    policy::{
+        compile::compile_set,
+        model::{Policy, PolicySet},
+    },
 };
 
 /// A policy (index into the set) bound to a cgroup it governs.
@@ -65,8 +67,16 @@ pub struct State {
 pub struct Engine {
     state: Arc<Mutex<State>>,
     catalog: Arc<Mutex<Catalog>>,
-    /// What the DNS proxy needs of the bindings, and what it learned.
-    dns: Arc<DnsState>,
+    /// Told of every change of bindings (the DNS proxy's view of which cgroup has which policy).
+    watchers: Arc<Mutex<Vec<Arc<dyn BindingWatcher>>>>,
+}
+
+/// Something that follows which policy governs which cgroup, told as the engine changes it.
+pub trait BindingWatcher: Send + Sync {
+    /// A new set is in force with these `(cgroup id, policy index)` bindings.
+    fn replaced(&self, policies: &[Policy], bound: &mut dyn Iterator<Item = (u64, usize)>);
+    fn bound(&self, cgroup_id: u64, policy: &Policy);
+    fn unbound(&self, cgroup_id: u64);
 }
 
 /// The programs loaded (nothing attached or enforced yet) and the event path's ends.
@@ -94,11 +104,12 @@ impl Engine {
         let (events, drops) = enforcer.take_event_source().context("taking the event ring")?;
         let flows = enforcer.take_flow_source().context("taking the flow accounting maps")?;
         let dns_maps = enforcer.take_dns_maps().context("taking the DNS maps")?;
-        let dns = Arc::new(DnsState::default());
-        let mut catalog = Catalog::new(hierarchy.clone());
-        catalog.set_domains(dns.clone());
-        let catalog = Arc::new(Mutex::new(catalog));
-        let engine = Self { state: Arc::new(Mutex::new(State { enforcer, active: None })), catalog, dns };
+        let catalog = Arc::new(Mutex::new(Catalog::new(hierarchy.clone())));
+        let engine = Self {
+            state: Arc::new(Mutex::new(State { enforcer, active: None })),
+            catalog,
+            watchers: Arc::new(Mutex::new(Vec::new())),
+        };
         Ok(Loaded { engine, start, events, drops, flows, dns_maps })
     }
 
@@ -107,9 +118,18 @@ impl Engine {
         self.catalog.clone()
     }
 
-    /// What the DNS proxy shares with the engine, events and status.
-    pub fn dns(&self) -> &Arc<DnsState> {
-        &self.dns
+    /// Tells `watcher` of every later change of bindings.
+    pub fn watch_bindings(&self, watcher: Arc<dyn BindingWatcher>) {
+        self.watchers().push(watcher);
+    }
+
+    fn watchers(&self) -> MutexGuard<'_, Vec<Arc<dyn BindingWatcher>>> {
+        self.watchers.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Lets events name the domains learned addresses were allowed for.
+    pub fn name_domains(&self, names: Arc<dyn DomainNames>) {
+        self.catalog().set_domains(names);
     }
 
     pub fn state(&self) -> MutexGuard<'_, State> {
@@ -157,7 +177,9 @@ impl Engine {
             .enforcer
             .install(generation, &compiled, &slots, &cgroup_slots, levels)
             .context("writing the policies into the kernel maps")?;
-        self.dns.view.replace(&set.policies, bindings.iter().map(|b| (b.cgroup.id, b.policy)));
+        for watcher in self.watchers().iter() {
+            watcher.replaced(&set.policies, &mut bindings.iter().map(|b| (b.cgroup.id, b.policy)));
+        }
         state.active = Some(Active { set, slots, source: source.to_string(), loaded_at: SystemTime::now(), bound });
         Ok(())
     }
@@ -177,7 +199,9 @@ impl Engine {
         enforcer.add_levels(level_bit(binding.cgroup.level))?;
         enforcer.bind(binding.cgroup.id, slot)?;
         if let Some(policy) = active.set.policies.get(binding.policy) {
-            self.dns.view.bind(binding.cgroup.id, policy);
+            for watcher in self.watchers().iter() {
+                watcher.bound(binding.cgroup.id, policy);
+            }
         }
         active.bound.insert(binding.cgroup.id, bound);
         Ok(())
@@ -187,7 +211,9 @@ impl Engine {
     pub fn unbind(&self, cgroup_id: u64) -> Option<Bound> {
         let mut state = self.state();
         state.enforcer.unbind(cgroup_id);
-        self.dns.view.unbind(cgroup_id);
+        for watcher in self.watchers().iter() {
+            watcher.unbound(cgroup_id);
+        }
         state.active.as_mut().and_then(|active| active.bound.remove(&cgroup_id))
     }
 

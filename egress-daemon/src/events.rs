@@ -75,6 +75,11 @@ pub struct SlotNames {
     pub names_from: usize,
 }
 
+/// Which domain a policy learned an address for (the DNS proxy knows), to name it in events.
+pub trait DomainNames: Send + Sync {
+    fn domain_of(&self, policy: &str, addr: IpAddr) -> Option<String>;
+}
+
 /// Everything needed to name the ids an event carries. Slots of earlier generations stay known
 /// so that events raised just before a reload still get their names.
 pub struct Catalog {
@@ -83,7 +88,7 @@ pub struct Catalog {
     hierarchy: Hierarchy,
     boot_to_wall: Duration,
     /// Which domain a policy learned an address for (the DNS proxy's), to name it in events.
-    domains: Option<std::sync::Arc<crate::dns::DnsState>>,
+    domains: Option<std::sync::Arc<dyn DomainNames>>,
     /// Records raised outside the kernel (the DNS proxy's), written with the next batch.
     injected: std::collections::VecDeque<FlowRecord>,
 }
@@ -104,7 +109,7 @@ impl Catalog {
     }
 
     /// Where events of name rules find their domain.
-    pub fn set_domains(&mut self, domains: std::sync::Arc<crate::dns::DnsState>) {
+    pub fn set_domains(&mut self, domains: std::sync::Arc<dyn DomainNames>) {
         self.domains = Some(domains);
     }
 

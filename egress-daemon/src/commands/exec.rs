@@ -66,7 +66,10 @@ async fn exec_in(
     let dns_settings = crate::policy::DnsSettings { listen_port: 0, ..set.settings.dns.clone() };
     let dns_maps = std::sync::Arc::new(std::sync::Mutex::new(loaded.dns_maps));
     let _dns = if set.policies.first().is_some_and(|p| !p.names.is_empty()) {
-        Some(crate::dns::start(&dns_settings, engine.dns().clone(), dns_maps, engine.clone())?)
+        let state = std::sync::Arc::new(crate::dns::DnsState::default());
+        engine.name_domains(state.clone());
+        engine.watch_bindings(state.clone());
+        Some(crate::dns::start(&dns_settings, state, dns_maps, engine.clone())?)
     } else {
         None
     };

@@ -41,9 +41,24 @@ impl DnsState {
     pub fn book(&self) -> MutexGuard<'_, Book> {
         self.book.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
+}
 
-    /// The domain a policy learned `addr` for, to name it in an event.
-    pub fn domain_of(&self, policy: &str, addr: IpAddr) -> Option<String> {
+impl crate::engine::BindingWatcher for DnsState {
+    fn replaced(&self, policies: &[crate::policy::Policy], bound: &mut dyn Iterator<Item = (u64, usize)>) {
+        self.view.replace(policies, bound);
+    }
+
+    fn bound(&self, cgroup_id: u64, policy: &crate::policy::Policy) {
+        self.view.bind(cgroup_id, policy);
+    }
+
+    fn unbound(&self, cgroup_id: u64) {
+        self.view.unbind(cgroup_id);
+    }
+}
+
+impl crate::events::DomainNames for DnsState {
+    fn domain_of(&self, policy: &str, addr: IpAddr) -> Option<String> {
         self.book().domain_of(policy, addr)
     }
 }

@@ -1,13 +1,11 @@
 //! What `egress status` shows of name rules: per policy the names seen and the addresses learned.
 
-use crate::{
-    control::protocol::{LearnedStatus, PolicyStatus},
-    engine::Engine,
-};
+use super::DnsState;
+use crate::control::protocol::{LearnedStatus, PolicyStatus};
 
 /// Fills the DNS fields of `policies` from what the proxy learned.
-pub fn fill(engine: &Engine, policies: &mut [PolicyStatus]) {
-    let mut report = engine.dns().book().report(super::book::boot_ns());
+pub fn fill(state: &DnsState, policies: &mut [PolicyStatus]) {
+    let mut report = state.book().report(super::book::boot_ns());
     for policy in policies {
         let Some(found) = report.remove(&policy.name) else { continue };
         policy.names_seen = found.seen;

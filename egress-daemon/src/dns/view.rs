@@ -79,7 +79,7 @@ struct Inner {
 
 impl View {
     /// Replaces everything: `policies` in file order, `bound` cgroup id -> policy index.
-    pub fn replace(&self, policies: &[Policy], bound: impl Iterator<Item = (u64, usize)>) {
+    pub fn replace(&self, policies: &[Policy], bound: &mut dyn Iterator<Item = (u64, usize)>) {
         let names: Vec<Option<Arc<PolicyNames>>> = policies.iter().map(|p| PolicyNames::of(p).map(Arc::new)).collect();
         let by_cgroup =
             bound.filter_map(|(id, index)| names.get(index).cloned().flatten().map(|names| (id, names))).collect();
@@ -106,11 +106,6 @@ impl View {
 
     pub fn generation(&self) -> u64 {
         self.inner.read().unwrap_or_else(std::sync::PoisonError::into_inner).generation
-    }
-
-    /// Whether any bound cgroup's policy has name rules.
-    pub fn any(&self) -> bool {
-        !self.inner.read().unwrap_or_else(std::sync::PoisonError::into_inner).by_cgroup.is_empty()
     }
 
     fn write(&self) -> std::sync::RwLockWriteGuard<'_, Inner> {

@@ -243,17 +243,7 @@ pub struct Rule {
 impl Rule {
     /// The rule in one line, e.g. `allow 127.0.0.1/32 tcp ports 80,8000-8080`.
     pub fn text(&self) -> String {
-        let mut text = format!("{} {}", self.action, self.net);
-        if self.protocol != Protocol::Any {
-            text.push(' ');
-            text.push_str(self.protocol.as_str());
-        }
-        if !self.ports.is_empty() {
-            let ports: Vec<String> = self.ports.iter().map(ToString::to_string).collect();
-            text.push_str(" ports ");
-            text.push_str(&ports.join(","));
-        }
-        text
+        rule_text(&format!("{} {}", self.action, self.net), self.protocol, &self.ports)
     }
 
     /// Whether the rule applies to every flow under its CIDR (any protocol, every port).
@@ -277,18 +267,23 @@ pub struct NameRule {
 impl NameRule {
     /// The rule in one line, e.g. `allow *.example.com tcp ports 443`.
     pub fn text(&self) -> String {
-        let mut text = format!("allow {}", self.pattern);
-        if self.protocol != Protocol::Any {
-            text.push(' ');
-            text.push_str(self.protocol.as_str());
-        }
-        if !self.ports.is_empty() {
-            let ports: Vec<String> = self.ports.iter().map(ToString::to_string).collect();
-            text.push_str(" ports ");
-            text.push_str(&ports.join(","));
-        }
-        text
+        rule_text(&format!("allow {}", self.pattern), self.protocol, &self.ports)
     }
+}
+
+/// A rule in one line: what it matches, then its protocol and ports where it names them.
+fn rule_text(head: &str, protocol: Protocol, ports: &[PortRange]) -> String {
+    let mut text = head.to_owned();
+    if protocol != Protocol::Any {
+        text.push(' ');
+        text.push_str(protocol.as_str());
+    }
+    if !ports.is_empty() {
+        let ports: Vec<String> = ports.iter().map(ToString::to_string).collect();
+        text.push_str(" ports ");
+        text.push_str(&ports.join(","));
+    }
+    text
 }
 
 /// Which cgroups a policy governs.
