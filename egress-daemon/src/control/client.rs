@@ -95,14 +95,19 @@ pub async fn request_reload(socket: &Path) -> anyhow::Result<(usize, String)> {
     }
 }
 
+/// `--since` as the request carries it, rounded up: `--since 500ms` means the last second, not
+/// nothing.
+pub(super) fn since_secs(since: Option<Duration>) -> Option<u64> {
+    since.map(|d| d.as_secs() + u64::from(d.subsec_nanos() > 0))
+}
+
 /// [`logs`] writing events to `out`.
 pub async fn logs_to<W: Write + Send>(socket: &Path, args: LogsArgs, json: bool, out: &mut W) -> anyhow::Result<()> {
     let request = Request::Logs {
         follow: args.follow,
         blocked_only: args.blocked_only,
         policy: args.policy,
-        // Rounded up: `--since 500ms` means the last second, not nothing.
-        since_secs: args.since.map(|d| d.as_secs() + u64::from(d.subsec_nanos() > 0)),
+        since_secs: since_secs(args.since),
     };
     let mut connection = Connection::open(socket, &request).await?;
     let mut out = io::BufWriter::new(out);

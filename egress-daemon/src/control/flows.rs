@@ -5,13 +5,13 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use tokio::{
-    io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter},
-    sync::broadcast::error::RecvError,
-};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, BufWriter};
 
-use super::protocol::Response;
-use crate::flows::store::FlowLog;
+use super::{
+    protocol::Response,
+    server::{follow_live, write_line},
+};
+use crate::flows::{record::FlowLogRecord, store::FlowLog};
 
 /// Rows `egress top` shows at most.
 pub const TOP_ROWS: usize = 50;
@@ -20,7 +20,7 @@ pub const TOP_ROWS: usize = 50;
 pub async fn flows<R, W>(
     log: &FlowLog,
     policy: Option<String>,
-    since_secs: Option<u64>,
+    since: Option<SystemTime>,
     follow: bool,
     reader: &mut R,
     out: &mut BufWriter<W>,
@@ -29,50 +29,19 @@ where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    let since = since_secs
-        .map(|secs| SystemTime::now().checked_sub(Duration::from_secs(secs)).unwrap_or(SystemTime::UNIX_EPOCH));
     let (kept, live) = log.follow(policy.as_deref(), since, follow);
     for record in kept {
-        line(out, &Response::Flow(record)).await?;
+        write_line(out, &Response::Flow(record)).await?;
     }
     out.flush().await?;
-    let Some(mut live) = live else { return Ok(()) };
-    let mut scratch = [0u8; 256];
-    loop {
-        tokio::select! {
-            received = live.recv() => {
-                match received {
-                    Ok(record) if policy.as_ref().is_none_or(|p| *p == record.policy) => {
-                        line(out, &Response::Flow(record)).await?;
-                    }
-                    Ok(_) => {}
-                    Err(RecvError::Lagged(missed)) => {
-                        let message = format!("{missed} flow records skipped (client too slow)");
-                        line(out, &Response::Notice { message }).await?;
-                    }
-                    Err(RecvError::Closed) => return out.flush().await,
-                }
-                if live.is_empty() {
-                    out.flush().await?;
-                }
-            }
-            read = reader.read(&mut scratch) => match read {
-                Ok(0) | Err(_) => return Ok(()),
-                Ok(_) => {}
-            },
-        }
-    }
+    let Some(live) = live else { return Ok(()) };
+    let keep = |record: &FlowLogRecord| policy.as_ref().is_none_or(|p| *p == record.policy);
+    follow_live(live, keep, Response::Flow, "flow records", reader, out).await
 }
 
 /// The top talkers of the last `window_secs`.
 pub async fn top<W: AsyncWrite + Unpin>(log: &FlowLog, window_secs: u64, out: &mut BufWriter<W>) -> io::Result<()> {
     let rows = log.top(Duration::from_secs(window_secs), TOP_ROWS);
-    line(out, &Response::Top { window_secs, rows }).await?;
+    write_line(out, &Response::Top { window_secs, rows }).await?;
     out.flush().await
-}
-
-async fn line<W: AsyncWrite + Unpin>(out: &mut BufWriter<W>, response: &Response) -> io::Result<()> {
-    let mut bytes = serde_json::to_vec(response).map_err(io::Error::other)?;
-    bytes.push(b'\n');
-    out.write_all(&bytes).await
 }

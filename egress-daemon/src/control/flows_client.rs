@@ -21,11 +21,8 @@ const TOP_REFRESH: Duration = Duration::from_secs(2);
 
 /// `egress logs --flows`: the kept flow records, then, with `follow`, live ones.
 pub async fn flow_logs<W: Write + Send>(socket: &Path, args: LogsArgs, json: bool, out: &mut W) -> anyhow::Result<()> {
-    let request = Request::Flows {
-        follow: args.follow,
-        policy: args.policy,
-        since_secs: args.since.map(|d| d.as_secs() + u64::from(d.subsec_nanos() > 0)),
-    };
+    let request =
+        Request::Flows { follow: args.follow, policy: args.policy, since_secs: super::client::since_secs(args.since) };
     let mut connection = Connection::open(socket, &request).await?;
     while let Some(response) = connection.next().await? {
         let line = match response {

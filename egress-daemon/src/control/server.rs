@@ -23,7 +23,6 @@ use super::{
     history::{EventHistory, LogFilter},
     protocol::{Request, Response, StatusReport, MAX_REQUEST_LINE},
 };
-use crate::events::FlowRecord;
 
 /// How long a client may take to send its request line.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
@@ -233,13 +232,11 @@ async fn converse(stream: UnixStream, access: &Access, handler: Arc<dyn ControlH
             reply(&mut out, &response).await
         }
         Request::Logs { follow, blocked_only, policy, since_secs } => {
-            let since = since_secs
-                .map(|secs| SystemTime::now().checked_sub(Duration::from_secs(secs)).unwrap_or(SystemTime::UNIX_EPOCH));
-            let filter = LogFilter { blocked_only, policy, since };
+            let filter = LogFilter { blocked_only, policy, since: since_time(since_secs) };
             logs(handler.history(), &filter, follow, &mut reader, &mut out).await
         }
         Request::Flows { follow, policy, since_secs } => match handler.flow_log() {
-            Some(log) => super::flows::flows(log, policy, since_secs, follow, &mut reader, &mut out).await,
+            Some(log) => super::flows::flows(log, policy, since_time(since_secs), follow, &mut reader, &mut out).await,
             None => reply(&mut out, &Response::Error { message: "no flow records here".into() }).await,
         },
         Request::Top { window_secs } => match handler.flow_log() {
@@ -333,7 +330,7 @@ where
     while !backlog.is_done() {
         let chunk = history.read_backlog(&mut backlog, filter, BACKLOG_CHUNK);
         if chunk.evicted > 0 {
-            write_line(out, &skipped(chunk.evicted)).await?;
+            write_line(out, &skipped(chunk.evicted, "events")).await?;
         }
         for record in chunk.records {
             write_line(out, &Response::Event(record)).await?;
@@ -341,18 +338,23 @@ where
     }
     out.flush().await?;
     match live {
-        Some(live) => follow_live(live, filter, reader, out).await,
+        Some(live) => follow_live(live, |record| filter.matches(record), Response::Event, "events", reader, out).await,
         None => Ok(()),
     }
 }
 
-async fn follow_live<R, W>(
-    mut live: broadcast::Receiver<FlowRecord>,
-    filter: &LogFilter,
+/// Writes what `live` brings that `keep` accepts, as `respond` makes it a response, until the
+/// client closes its end or the channel closes; `what` names the items in lag notices.
+pub(super) async fn follow_live<T, R, W>(
+    mut live: broadcast::Receiver<T>,
+    keep: impl Fn(&T) -> bool,
+    respond: impl Fn(T) -> Response,
+    what: &str,
     reader: &mut R,
     out: &mut BufWriter<W>,
 ) -> io::Result<()>
 where
+    T: Clone,
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
@@ -361,9 +363,9 @@ where
         tokio::select! {
             received = live.recv() => {
                 match received {
-                    Ok(record) if filter.matches(&record) => write_line(out, &Response::Event(record)).await?,
+                    Ok(item) if keep(&item) => write_line(out, &respond(item)).await?,
                     Ok(_) => {}
-                    Err(RecvError::Lagged(missed)) => write_line(out, &skipped(missed)).await?,
+                    Err(RecvError::Lagged(missed)) => write_line(out, &skipped(missed, what)).await?,
                     Err(RecvError::Closed) => return out.flush().await,
                 }
                 // One write per burst rather than per event.
@@ -380,11 +382,16 @@ where
     }
 }
 
-fn skipped(count: u64) -> Response {
-    Response::Notice { message: format!("{count} events skipped (client too slow)") }
+/// The start of a request's `since_secs` window (the epoch when it reaches back further).
+fn since_time(since_secs: Option<u64>) -> Option<SystemTime> {
+    since_secs.map(|secs| SystemTime::now().checked_sub(Duration::from_secs(secs)).unwrap_or(SystemTime::UNIX_EPOCH))
 }
 
-async fn write_line<W: AsyncWrite + Unpin>(out: &mut BufWriter<W>, response: &Response) -> io::Result<()> {
+fn skipped(count: u64, what: &str) -> Response {
+    Response::Notice { message: format!("{count} {what} skipped (client too slow)") }
+}
+
+pub(super) async fn write_line<W: AsyncWrite + Unpin>(out: &mut BufWriter<W>, response: &Response) -> io::Result<()> {
     let mut line = serde_json::to_vec(response).map_err(io::Error::other)?;
     line.push(b'\n');
     out.write_all(&line).await
