@@ -219,6 +219,7 @@ fn build_initramfs(work: &Path, daemon: &Path) -> Result<(PathBuf, PathBuf)> {
         image.dir(dir);
     }
     image.executable("/init", &source.join("init.sh"))?;
+    image.executable("/checks.sh", &source.join("checks.sh"))?;
     image.executable("/bin/busybox", Path::new("/bin/busybox"))?;
     image.executable("/bin/vmclient", &client)?;
     image.dynamic_executable("/bin/egress", daemon)?;

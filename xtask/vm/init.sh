@@ -57,33 +57,8 @@ start_daemon() {
     return 1
 }
 
-# Runs a command in the covered cgroup.
-incg() { sh -c 'echo $$ > '$CG'/cgroup.procs && exec "$@"' incg "$@"; }
-
-# verdict CMD...: `pass` when the call went through the filter (for TCP a refused connection
-# counts: the SYN reached the closed port), `EPERM` when refused by the filter, else the outcome.
-verdict() {
-    out=$("$@" 2>&1)
-    case "$out" in
-    ok*) echo pass ;;
-    "err ECONNREFUSED"*) echo pass ;;
-    err*) echo "$out" | cut -d' ' -f2 ;;
-    *) echo "other:$(echo $out | tr ' ' _)" ;;
-    esac
-}
-
-begin() { CHECK=$1; BAD=""; }
-want() { # want EXPECTED WHAT CMD...
-    expected=$1; what=$2; shift 2
-    got=$(verdict "$@")
-    [ "$got" = "$expected" ] || BAD="$BAD $what:want=$expected,got=$got"
-}
-fail() { BAD="$BAD $*"; }
-end() {
-    if [ -z "$BAD" ]; then echo "CHECK $CHECK PASS"; else echo "CHECK $CHECK FAIL$BAD"; FAILED=1; fi
-}
-skip() { echo "CHECK $1 SKIP $2"; }
-
+COVERED=$CG
+. /checks.sh
 FAILED=0
 echo "INFO kernel $(uname -r)"
 echo "INFO lsm $(cat /sys/kernel/security/lsm 2>/dev/null)"

@@ -21,28 +21,8 @@ echo "0 2147483647" > /proc/sys/net/ipv4/ping_group_range
 CONFIG=/etc/egress/egress.yaml
 FAILED=0
 
-incg() { sh -c 'echo $$ > '$WORK'/cgroup.procs && exec "$@"' incg "$@"; }
-# verdict CMD...: `pass` when the call got through the filter (a refused TCP connection
-# counts: the SYN reached the closed port), `EPERM` when the filter refused it.
-verdict() {
-    out=$("$@" 2>&1)
-    case "$out" in
-    ok*) echo pass ;;
-    "err ECONNREFUSED"*) echo pass ;;
-    err*) echo "$out" | cut -d' ' -f2 ;;
-    *) echo "other:$(echo $out | tr ' ' _)" ;;
-    esac
-}
-begin() { CHECK=$1; BAD=""; }
-fail() { BAD="$BAD $*"; }
-want() { # want EXPECTED WHAT CMD...
-    expected=$1; what=$2; shift 2
-    got=$(verdict "$@")
-    [ "$got" = "$expected" ] || fail "$what:want=$expected,got=$got"
-}
-end() {
-    if [ -z "$BAD" ]; then echo "CHECK $CHECK PASS"; else echo "CHECK $CHECK FAIL$BAD"; FAILED=1; fi
-}
+COVERED=$WORK
+. /usr/local/lib/egress-vm/checks.sh
 # step LINE: runs one README line verbatim; non-zero status is a failure of the current check.
 step() {
     echo "INFO step $1"

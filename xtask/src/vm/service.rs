@@ -68,6 +68,7 @@ pub fn build_initramfs(work: &Path, cache: &Path, daemon: &Path, vmclient: &Path
 
     let vm = root.join("xtask").join("vm");
     copy(&vm.join("service.sh"), &overlay.join("usr/local/sbin/egress-vm-service"), 0o755)?;
+    copy(&vm.join("checks.sh"), &overlay.join("usr/local/lib/egress-vm/checks.sh"), 0o644)?;
     copy(vmclient, &overlay.join("usr/local/bin/vmclient"), 0o755)?;
     let units = overlay.join("etc/systemd/system");
     copy(&vm.join(UNIT), &units.join(UNIT), 0o644)?;
