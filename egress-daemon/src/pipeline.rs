@@ -60,10 +60,9 @@ pub struct Ends<W: Write> {
 /// Starts pumping events to the writer (and history) on a thread of its own.
 pub fn spawn<W: Write + Send + 'static>(ends: Ends<W>) -> io::Result<Pump> {
     let stop = Arc::new(AtomicBool::new(false));
-    let source = Source { ends };
     let stopped = stop.clone();
     let thread = thread::Builder::new().name("egress-events".into()).spawn(move || {
-        let result = source.run(&stopped);
+        let result = ends.run(&stopped);
         if let Err(error) = &result {
             tracing::error!(%error, "the event pipeline stopped: flow events are no longer written");
         }
@@ -88,11 +87,7 @@ impl Drop for Pump {
     }
 }
 
-struct Source<W: Write> {
-    ends: Ends<W>,
-}
-
-impl<W: Write> Source<W> {
+impl<W: Write> Ends<W> {
     fn run(mut self, stop: &AtomicBool) -> io::Result<()> {
         let mut drops = DropWatch::default();
         let started = Instant::now();
@@ -102,14 +97,14 @@ impl<W: Write> Source<W> {
             // A full batch means more is waiting: go on at once. Otherwise sleep until the kernel
             // signals a backlog or the drain interval has passed.
             if !backlog {
-                self.ends.events.wait(DRAIN_INTERVAL)?;
+                self.events.wait(DRAIN_INTERVAL)?;
             }
             backlog = self.drain_batch()? == DRAIN_BATCH;
             // The first check waits until the events an earlier daemon left in the ring are
             // written, so that the notice of what was lost comes after them.
             let first_due = !backlog || started.elapsed() >= FIRST_DROP_CHECK_LIMIT;
             if Instant::now() >= next_drop_check && (drops.started || first_due) {
-                drops.check(&self.ends.drops, &mut self.ends.writer)?;
+                drops.check(&self.drops, &mut self.writer)?;
                 next_drop_check = Instant::now() + DROP_CHECK_INTERVAL;
             }
         }
@@ -121,22 +116,22 @@ impl<W: Write> Source<W> {
             }
             written += batch;
         }
-        drops.check(&self.ends.drops, &mut self.ends.writer)
+        drops.check(&self.drops, &mut self.writer)
     }
 
     /// Decodes and writes at most [`DRAIN_BATCH`] events; returns how many items it took.
     fn drain_batch(&mut self) -> io::Result<usize> {
         let mut records = Vec::with_capacity(DRAIN_BATCH);
         let taken = {
-            let mut catalog = self.ends.catalog.lock().unwrap_or_else(PoisonError::into_inner);
-            let taken = self.ends.events.drain(DRAIN_BATCH, |bytes| records.extend(catalog.record(bytes)));
+            let mut catalog = self.catalog.lock().unwrap_or_else(PoisonError::into_inner);
+            let taken = self.events.drain(DRAIN_BATCH, |bytes| records.extend(catalog.record(bytes)));
             records.extend(catalog.take_injected());
             taken
         };
         // Written without the catalog's lock: a slow reader of the output blocks the pump only.
         for record in records {
-            self.ends.writer.write(&record)?;
-            if let Some(history) = &self.ends.history {
+            self.writer.write(&record)?;
+            if let Some(history) = &self.history {
                 history.push(record);
             }
         }
