@@ -48,7 +48,8 @@ pub struct FlowId {
 pub struct FlowState {
     /// `CLOCK_BOOTTIME` ns of the decision that opened the flow.
     pub start_ns: u64,
-    /// Last packet seen, either way.
+    /// When the flow was opened: the packet hooks read no clock (a clock read can cost more than
+    /// the rest of the hook); the daemon notes when the counters move.
     pub last_ns: u64,
     pub packets_out: u64,
     pub bytes_out: u64,
@@ -98,6 +99,10 @@ pub struct WorkloadDestination {
 }
 
 /// The last decision for a workload's destination, and when it was last logged.
+///
+/// An allowed decision is reused (the flow is not judged again) while `epoch` is still
+/// `Settings::policy_epoch`: the daemon moves the epoch on whenever rules, bindings or the
+/// searched levels change, so the key's cgroup is still bound to `slot` and counts into `stats`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct DestinationSeen {
@@ -106,12 +111,38 @@ pub struct DestinationSeen {
     pub slot: u32,
     pub epoch: u32,
     pub rule: u32,
+    /// The binding's `BINDING_STATS` index.
+    pub stats: u32,
     pub verdict: u8,
-    /// Non-zero when the decision may be reused for the next `connect()` under the same slot and
-    /// epoch; zero for decisions that can lapse before the epoch changes (a learned address
-    /// expires).
+    /// Non-zero when the decision may be reused for the next `connect()` under the same epoch;
+    /// zero for decisions that can lapse before the epoch changes (a learned address expires).
     pub reusable: u8,
-    pub _pad: [u8; 2],
+    /// The deciding policy's `log::*`.
+    pub log: u8,
+    pub _pad: [u8; 5],
+}
+
+/// Slots per CPU of `PENDING_OPENS`.
+pub const PENDING_OPEN_SLOTS: u32 = 16;
+
+/// Who opened a TCP connection whose decision was reused (`DestinationSeen`), handed from the
+/// `connect()` hook to the packet hook that sends its SYN. The SYN leaves from inside the same
+/// system call, normally on the same CPU: that hook opens the flow from this record (when the
+/// cookie matches), so a `connect()` to a known destination writes no shared map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct PendingOpen {
+    /// The socket's cookie; cleared first and written last (see the kernel's `flows`).
+    pub cookie: u64,
+    pub cgroup_id: u64,
+    pub slot: u32,
+    pub rule: u32,
+    pub epoch: u32,
+    pub pid: u32,
+    pub uid: u32,
+    pub verdict: u8,
+    pub _pad: [u8; 3],
+    pub comm: [u8; 16],
 }
 
 #[cfg(feature = "user")]

@@ -151,7 +151,7 @@ pub struct PolicyInfo {
 }
 
 /// Global settings written by the daemon (index 0 of `SETTINGS`). `policy_levels`,
-/// `event_budget` and `policy_epoch` are read by the kernel; the rest is the daemon's own state, kept in the pinned map across restarts.
+/// `event_budget`, `policy_epoch` and `flags` are read by the kernel; the rest is the daemon's own state, kept in the pinned map across restarts.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct Settings {
@@ -159,15 +159,24 @@ pub struct Settings {
     pub policy_levels: u32,
     /// Generation of the policies in force (see the daemon's loader).
     pub generation: u32,
-    /// Unused (once the reported drop count, now `counter::DROPS_REPORTED`); kept so that pinned
-    /// maps keep their layout.
-    pub _reserved: u64,
+    /// `settings_flags::*`. Read by the kernel.
+    pub flags: u32,
+    /// Unused (once half of the reported drop count, now `counter::DROPS_REPORTED`).
+    pub _reserved: u32,
     /// Flow events per second one cgroup may write on each CPU; 0 means
     /// [`DEFAULT_EVENT_BUDGET`]. Read by the kernel.
     pub event_budget: u32,
     /// Bumped by the daemon before it writes policies into a half of the slots: a decision
     /// cached under an older epoch is taken again. Read by the kernel.
     pub policy_epoch: u32,
+}
+
+/// Bits of `Settings::flags`.
+pub mod settings_flags {
+    /// The packet hook that counts a TCP connection's SYN reads who opened it from the current
+    /// task (the kernel lets packet programs call the task helpers): `connect()` hands nothing
+    /// over (`PendingOpen`).
+    pub const OPENER_AT_SYN: u32 = 1;
 }
 
 /// Value of `CGROUP_POLICY`: the policy slot of a cgroup, and where its flows are counted.

@@ -211,8 +211,14 @@ impl Daemon {
         let mut terminate = signal(SignalKind::terminate())?;
         let mut interrupt = signal(SignalKind::interrupt())?;
         let mut hangup = signal(SignalKind::hangup())?;
+        let mut renewal = tokio::time::interval(crate::engine::DECISION_RENEWAL);
+        renewal.tick().await;
         loop {
             tokio::select! {
+                _ = renewal.tick() => {
+                    let engine = self.engine.clone();
+                    tokio::task::spawn_blocking(move || engine.renew_decisions());
+                }
                 _ = terminate.recv() => return Ok(()),
                 _ = interrupt.recv() => return Ok(()),
                 _ = hangup.recv() => {

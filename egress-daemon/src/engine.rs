@@ -22,6 +22,11 @@ use crate::{
     },
 };
 
+/// How often the kernel's reused decisions are renewed. The cached path reads no clock (on
+/// some machines a clock read costs more than the rest of the path), so `log: new` notices that
+/// a destination's event window (an hour) has passed at the first renewal after it.
+pub const DECISION_RENEWAL: std::time::Duration = std::time::Duration::from_secs(300);
+
 /// A policy (index into the set) bound to a cgroup it governs.
 #[derive(Clone, Debug)]
 pub struct Binding {
@@ -138,6 +143,13 @@ impl Engine {
 
     fn catalog(&self) -> MutexGuard<'_, Catalog> {
         self.catalog.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Has the kernel judge every flow afresh once (see [`DECISION_RENEWAL`]).
+    pub fn renew_decisions(&self) {
+        if let Err(error) = self.state().enforcer.invalidate_decisions() {
+            tracing::warn!(%error, "renewing the kernel's cached decisions");
+        }
     }
 
     /// Attaches the kernel programs to a cgroup (they then see it and its descendants).

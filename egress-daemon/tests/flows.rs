@@ -271,6 +271,10 @@ print(ok)
     });
     assert_eq!(records.iter().filter(|r| r["status"] == "end").count(), 10_000, "one end per connection");
     assert!(records.iter().all(|r| r["action"] == "ACCEPT" && r["packets_out"].as_u64() >= Some(1)));
+    // Only the first connect() was judged; the others reused its decision, and their flows were
+    // opened at the SYN: each still names the process that opened it.
+    let unnamed: Vec<&Value> = records.iter().filter(|r| r["comm"] != "python3").collect();
+    assert!(unnamed.is_empty(), "{} of 10000 flows name no process, e.g. {:#?}", unnamed.len(), unnamed.first());
 
     std::thread::sleep(Duration::from_millis(300));
     let allowed: Vec<Value> = daemon

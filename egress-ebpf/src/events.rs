@@ -60,7 +60,7 @@ pub fn report<const TASK: bool>(
     let now = now();
     count(binding.stats, judgement.verdict);
     if judgement.verdict == verdict::ALLOWED {
-        let first = first_in_window(&workload_destination(sender.cgroup_id, flow), binding.slot, epoch, judgement, now);
+        let first = first_in_window(&workload_destination(sender.cgroup_id, flow), binding, epoch, judgement, now);
         let wanted = match judgement.log {
             log::ALL => true,
             log::BLOCKED => false,

@@ -3,6 +3,9 @@
 //! add each packet to it, both ways; `sock_release` ends it. The daemon reads the counters for
 //! interim records and gets the ends through the `FLOW_ENDS` ring.
 //!
+//! A TCP connection whose decision was reused from the workload's cache is opened one step
+//! later, at its SYN ([`hand_over`], [`open_at_syn`]): `connect()` then writes no shared map.
+//!
 //! The entry doubles as a per-socket verdict cache for `sendmsg`: a datagram to a destination
 //! this socket was already allowed to reach, under the same policy slot, policy epoch and
 //! sending cgroup, is let through without judging it again (see [`cached_on_socket`]).
@@ -11,18 +14,18 @@ use aya_ebpf::{
     bindings::{__sk_buff, bpf_sock, BPF_NOEXIST, BPF_RB_NO_WAKEUP},
     helpers::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_uid_gid,
-        generated::{bpf_get_socket_cookie, bpf_ktime_get_boot_ns},
+        generated::{self, bpf_get_socket_cookie, bpf_get_socket_uid, bpf_ktime_get_boot_ns, bpf_skb_cgroup_id},
     },
     macros::cgroup_sock,
     programs::SockContext,
 };
 use egress_common::{
-    counter, family, proto, verdict, DestinationSeen, FlowEnd, FlowId, FlowState, WorkloadDestination,
-    NEW_DESTINATION_WINDOW_NS,
+    counter, family, log, proto, settings_flags, verdict, CgroupBinding, DestinationSeen, FlowEnd, FlowId, FlowState,
+    PendingOpen, WorkloadDestination, NEW_DESTINATION_WINDOW_NS, PENDING_OPEN_SLOTS,
 };
 
 use crate::{
-    maps::{CLOSED_SOCKETS, COUNTERS, FLOWS, FLOW_ENDS, SETTINGS, WORKLOAD_DESTINATIONS},
+    maps::{CLOSED_SOCKETS, COUNTERS, FLOWS, FLOW_ENDS, PENDING_OPENS, SETTINGS, WORKLOAD_DESTINATIONS},
     policy::{Flow, Judgement},
 };
 
@@ -44,18 +47,15 @@ pub fn flow_id(cookie: u64, flow: &Flow) -> FlowId {
     FlowId { cookie, addr: flow.addr, port: flow.port, family: flow.family, protocol: flow.protocol, _pad: [0; 4] }
 }
 
-/// Whether this socket was already allowed to reach the flow's destination under the same
-/// policy slot and epoch, from the same cgroup (a process moved into another cgroup is judged
-/// by its new policy).
+/// Whether this socket was already allowed to reach the flow's destination under the current
+/// policy epoch, from the same cgroup (a process moved into another cgroup is judged by its
+/// new policy; the epoch moves on when any binding changes).
 #[inline(always)]
-pub fn cached_on_socket(id: &FlowId, slot: u32, epoch: u32, cgroup_id: u64) -> bool {
+pub fn cached_on_socket(id: &FlowId, epoch: u32, cgroup_id: u64) -> bool {
     match FLOWS.get_ptr(id) {
         // SAFETY: a map value; fields are read once each.
         Some(state) => unsafe {
-            (*state).verdict == verdict::ALLOWED
-                && (*state).policy == slot
-                && (*state).epoch == epoch
-                && (*state).cgroup_id == cgroup_id
+            (*state).verdict == verdict::ALLOWED && (*state).epoch == epoch && (*state).cgroup_id == cgroup_id
         },
         None => false,
     }
@@ -108,6 +108,122 @@ pub fn open<const TASK: bool>(id: &FlowId, opener: &Opener, judgement: &Judgemen
     let _ = FLOWS.insert(id, &state, u64::from(BPF_NOEXIST));
 }
 
+/// `connect()` of a TCP socket whose (allowed) decision was reused: leaves who opened it, on this CPU, for
+/// the packet hook that sends its SYN ([`open_at_syn`]) instead of writing the flow here.
+#[inline(always)]
+pub fn hand_over(cookie: u64, opener: &Opener, rule: u32) {
+    let Some(slot) = PENDING_OPENS.get_ptr_mut(pending_slot(cookie)) else {
+        return;
+    };
+    let pid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    let uid = bpf_get_current_uid_gid() as u32;
+    // SAFETY: a per-CPU map value, written field by field in place (the stack of the connect
+    // programs is nearly full). The cookie is cleared first and written last, so a program that
+    // runs in between on this CPU never takes a half-written record.
+    unsafe {
+        use core::ptr::write_volatile;
+        write_volatile(&raw mut (*slot).cookie, 0);
+        write_volatile(&raw mut (*slot).cgroup_id, opener.cgroup_id);
+        write_volatile(&raw mut (*slot).slot, opener.slot);
+        write_volatile(&raw mut (*slot).rule, rule);
+        write_volatile(&raw mut (*slot).epoch, opener.epoch);
+        write_volatile(&raw mut (*slot).pid, pid);
+        write_volatile(&raw mut (*slot).uid, uid);
+        write_volatile(&raw mut (*slot).verdict, verdict::ALLOWED);
+        if generated::bpf_get_current_comm((&raw mut (*slot).comm).cast(), 16) != 0 {
+            write_volatile(&raw mut (*slot).comm, [0; 16]);
+        }
+        write_volatile(&raw mut (*slot).cookie, cookie);
+    }
+}
+
+#[inline(always)]
+fn pending_slot(cookie: u64) -> u32 {
+    (cookie as u32) & (PENDING_OPEN_SLOTS - 1)
+}
+
+/// The record [`hand_over`] left for this socket on this CPU, taken out.
+#[inline(always)]
+fn take_pending(cookie: u64) -> Option<PendingOpen> {
+    let slot = PENDING_OPENS.get_ptr_mut(pending_slot(cookie))?;
+    // SAFETY: a per-CPU map value, read between two reads of its cookie.
+    unsafe {
+        if core::ptr::read_volatile(&raw const (*slot).cookie) != cookie {
+            return None;
+        }
+        let record = core::ptr::read_volatile(slot);
+        if core::ptr::read_volatile(&raw const (*slot).cookie) != cookie {
+            return None;
+        }
+        core::ptr::write_volatile(&raw mut (*slot).cookie, 0);
+        Some(record)
+    }
+}
+
+/// Opens the flow of an outgoing TCP connection at its SYN. Who opened it: what `connect()`
+/// handed over; else, with `TASK` (the SYN leaves from inside `connect()`), the current task
+/// when it is in the socket's cgroup; else only the socket's owner. The decision: the one the
+/// workload's `connect()` reused.
+#[inline(always)]
+pub fn open_at_syn<const TASK: bool>(skb: *mut __sk_buff, id: &FlowId) {
+    let now = now();
+    if let Some(opened) = take_pending(id.cookie) {
+        let state = FlowState {
+            start_ns: now,
+            last_ns: now,
+            cgroup_id: opened.cgroup_id,
+            policy: opened.slot,
+            rule: opened.rule,
+            epoch: opened.epoch,
+            pid: opened.pid,
+            uid: opened.uid,
+            verdict: opened.verdict,
+            comm: opened.comm,
+            ..FlowState::default()
+        };
+        let _ = FLOWS.insert(id, &state, u64::from(BPF_NOEXIST));
+        return;
+    }
+    // SAFETY: helpers on the program's own context.
+    let (cgroup_id, socket_uid) = unsafe { (bpf_skb_cgroup_id(skb.cast()), bpf_get_socket_uid(skb.cast())) };
+    let key = WorkloadDestination {
+        cgroup_id,
+        addr: id.addr,
+        port: id.port,
+        family: id.family,
+        protocol: id.protocol,
+        _pad: [0; 4],
+    };
+    // SAFETY: copied out at once.
+    let Some(seen) = (unsafe { WORKLOAD_DESTINATIONS.get(&key) }).copied() else {
+        return;
+    };
+    let mut state = FlowState {
+        start_ns: now,
+        last_ns: now,
+        cgroup_id,
+        policy: seen.slot,
+        rule: seen.rule,
+        epoch: seen.epoch,
+        uid: socket_uid,
+        verdict: seen.verdict,
+        ..FlowState::default()
+    };
+    // SAFETY: a helper without arguments.
+    if TASK && unsafe { generated::bpf_get_current_cgroup_id() } == cgroup_id {
+        state.pid = (bpf_get_current_pid_tgid() >> 32) as u32;
+        state.uid = bpf_get_current_uid_gid() as u32;
+        state.comm = bpf_get_current_comm().unwrap_or([0; 16]);
+    }
+    let _ = FLOWS.insert(id, &state, u64::from(BPF_NOEXIST));
+}
+
+/// Whether the packet hook names who opens TCP connections (`settings_flags::OPENER_AT_SYN`).
+#[inline(always)]
+pub fn opener_at_syn() -> bool {
+    SETTINGS.get(0).is_some_and(|s| s.flags & settings_flags::OPENER_AT_SYN != 0)
+}
+
 /// Which way a packet goes.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub enum Direction {
@@ -116,7 +232,7 @@ pub enum Direction {
 }
 
 /// Adds one packet (or one GSO/GRO train of `gso_segs` packets) to its flow, if the flow is
-/// counted. Bytes are IP bytes, headers included, as they go on the wire.
+/// counted (then true). Bytes are IP bytes, headers included, as they go on the wire.
 /// `local`: the packet's own source going out, where the hook parsed it (an unconnected
 /// socket's address is unspecified); taken from the socket when `local.2` is false. (A flag,
 /// not an `Option`: the verifier refuses code that copies the undefined payload of a `None`.)
@@ -127,9 +243,9 @@ pub fn count_packet(
     direction: Direction,
     local: ([u8; 16], u16, bool),
     header_len: impl FnOnce() -> u32,
-) {
+) -> bool {
     let Some(state) = FLOWS.get_ptr_mut(id) else {
-        return;
+        return false;
     };
     // SAFETY: context reads.
     let (len, segs) = unsafe { ((*skb).len, (*skb).gso_segs) };
@@ -159,8 +275,8 @@ pub fn count_packet(
                 atomic_add(&raw mut (*state).bytes_in, bytes);
             }
         }
-        (*state).last_ns = now();
     }
+    true
 }
 
 /// The local address and port of the socket, once known (TCP picks its port at connect).
@@ -232,14 +348,22 @@ pub fn remote_of_socket(skb: *mut __sk_buff, protocol: u8) -> Flow {
 /// time the workload reaches the destination within the window. Also remembers the decision
 /// (for [`cached_for_workload`]).
 #[inline(always)]
-pub fn first_in_window(key: &WorkloadDestination, slot: u32, epoch: u32, judgement: &Judgement, now: u64) -> bool {
+pub fn first_in_window(
+    key: &WorkloadDestination,
+    binding: &CgroupBinding,
+    epoch: u32,
+    judgement: &Judgement,
+    now: u64,
+) -> bool {
     if let Some(seen) = WORKLOAD_DESTINATIONS.get_ptr_mut(key) {
         // SAFETY: a map value; plain stores.
         unsafe {
-            (*seen).slot = slot;
+            (*seen).slot = binding.slot;
+            (*seen).stats = binding.stats;
             (*seen).epoch = epoch;
             (*seen).rule = judgement.rule;
             (*seen).verdict = judgement.verdict;
+            (*seen).log = judgement.log;
             (*seen).reusable = u8::from(!judgement.learned);
             if (*seen).logged_ns != 0 && now.wrapping_sub((*seen).logged_ns) < NEW_DESTINATION_WINDOW_NS {
                 return false;
@@ -250,31 +374,44 @@ pub fn first_in_window(key: &WorkloadDestination, slot: u32, epoch: u32, judgeme
     }
     let seen = DestinationSeen {
         logged_ns: now,
-        slot,
+        slot: binding.slot,
         epoch,
         rule: judgement.rule,
+        stats: binding.stats,
         verdict: judgement.verdict,
         reusable: u8::from(!judgement.learned),
-        _pad: [0; 2],
+        log: judgement.log,
+        _pad: [0; 5],
     };
     let _ = WORKLOAD_DESTINATIONS.insert(key, &seen, 0);
     true
 }
 
-/// The rule of the workload's last decision for `key` when it allowed the flow under the same
-/// policy slot and epoch: `connect()` to a destination the workload reaches again and again is
-/// then not judged again. Stateful-reply decisions are per socket and never come from here.
+/// A workload's allowed decision that a `connect()` may reuse without judging the flow again.
+pub struct Reused {
+    pub slot: u32,
+    pub rule: u32,
+    pub stats: u32,
+}
+
+/// The workload's last decision for `key`, when it allowed the flow under the current epoch and
+/// its policy wants no event for a repeat (`log: all` logs every decision, so it is judged each
+/// time; `log: new` looks at its window when the epoch is renewed). Stateful-reply decisions
+/// are per socket and never come from here.
 #[inline(always)]
-pub fn cached_for_workload(key: &WorkloadDestination, slot: u32, epoch: u32) -> Option<(u32, u64)> {
+pub fn cached_for_workload(key: &WorkloadDestination, epoch: u32) -> Option<Reused> {
     let seen = WORKLOAD_DESTINATIONS.get_ptr(key)?;
     // SAFETY: a map value, fields read once each.
     unsafe {
-        ((*seen).verdict == verdict::ALLOWED
+        let reusable = (*seen).verdict == verdict::ALLOWED
             && (*seen).reusable != 0
-            && (*seen).slot == slot
             && (*seen).epoch == epoch
-            && (*seen).rule != egress_common::rule_id::REPLY)
-            .then(|| ((*seen).rule, (*seen).logged_ns))
+            && (*seen).rule != egress_common::rule_id::REPLY;
+        if !reusable {
+            return None;
+        }
+        // No clock read here: the daemon renews the epoch often enough for `log: new`.
+        ((*seen).log != log::ALL).then(|| Reused { slot: (*seen).slot, rule: (*seen).rule, stats: (*seen).stats })
     }
 }
 

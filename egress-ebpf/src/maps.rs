@@ -6,10 +6,10 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
 };
 use egress_common::{
-    CgroupBinding, Decision, DestinationSeen, FlowId, FlowKey, FlowState, PeerKey, PolicyInfo, PolicyStats, PortTable,
-    RuleKeyV4, RuleKeyV6, Settings, WorkloadDestination, EVENTS_RING_BYTES, FLOW_ENDS_RING_BYTES, MAX_CGROUPS,
-    MAX_CIDRS_V4, MAX_CIDRS_V6, MAX_CLOSED_SOCKETS, MAX_DEEP_GUARDS, MAX_FLOWS, MAX_FLOWS_SEEN, MAX_POLICY_SLOTS,
-    MAX_PORT_TABLES, MAX_UDP_PEERS, MAX_WORKLOAD_DESTINATIONS,
+    CgroupBinding, Decision, DestinationSeen, FlowId, FlowKey, FlowState, PeerKey, PendingOpen, PolicyInfo,
+    PolicyStats, PortTable, RuleKeyV4, RuleKeyV6, Settings, WorkloadDestination, EVENTS_RING_BYTES,
+    FLOW_ENDS_RING_BYTES, MAX_CGROUPS, MAX_CIDRS_V4, MAX_CIDRS_V6, MAX_CLOSED_SOCKETS, MAX_DEEP_GUARDS, MAX_FLOWS,
+    MAX_FLOWS_SEEN, MAX_POLICY_SLOTS, MAX_PORT_TABLES, MAX_UDP_PEERS, MAX_WORKLOAD_DESTINATIONS, PENDING_OPEN_SLOTS,
 };
 
 /// cgroup id -> policy slot.
@@ -67,3 +67,8 @@ pub static CLOSED_SOCKETS: LruHashMap<u64, u64> = LruHashMap::with_max_entries(M
 #[map]
 pub static WORKLOAD_DESTINATIONS: LruHashMap<WorkloadDestination, DestinationSeen> =
     LruHashMap::with_max_entries(MAX_WORKLOAD_DESTINATIONS, 0);
+
+/// Per CPU: who opened the TCP connections whose flows the SYN's packet hook has still to open
+/// (see `flows::hand_over`). Scratch, never pinned: it is only read within a system call.
+#[map]
+pub static PENDING_OPENS: PerCpuArray<PendingOpen> = PerCpuArray::with_max_entries(PENDING_OPEN_SLOTS, 0);

@@ -12,27 +12,37 @@ use aya_ebpf::{
 use egress_common::{lookup::normalise_protocol, proto};
 
 use crate::{
-    flows::{count_packet, flow_id, remote_of_socket, Direction},
+    flows::{count_packet, flow_id, open_at_syn, remote_of_socket, Direction},
     policy::Flow,
     skb::{parse, socket_kind, ETH_P_IP},
 };
 
 const PASS: i32 = 1;
 
+/// Counts packets out; opens the flow of a TCP connection at its SYN, naming the process from
+/// the current task (the SYN leaves from inside `connect()`).
 #[cgroup_skb(egress)]
 pub fn egress_count(ctx: SkBuffContext) -> i32 {
-    count(&ctx, Direction::Out);
+    count::<true>(&ctx, Direction::Out);
+    PASS
+}
+
+/// `egress_count` for kernels that refuse the task helpers in packet programs: who opened a
+/// connection is then handed over by `connect()` (`flows::hand_over`).
+#[cgroup_skb(egress)]
+pub fn egress_count_portable(ctx: SkBuffContext) -> i32 {
+    count::<false>(&ctx, Direction::Out);
     PASS
 }
 
 #[cgroup_skb(ingress)]
 pub fn ingress_count(ctx: SkBuffContext) -> i32 {
-    count(&ctx, Direction::In);
+    count::<false>(&ctx, Direction::In);
     PASS
 }
 
 #[inline(always)]
-fn count(ctx: &SkBuffContext, direction: Direction) {
+fn count<const TASK: bool>(ctx: &SkBuffContext, direction: Direction) {
     let skb = ctx.skb.skb;
     // Mini sockets (a listener's SYN-ACKs, TIME_WAIT) and packets without a socket are no flow.
     let Some((kind, protocol)) = socket_kind(skb) else {
@@ -58,7 +68,25 @@ fn count(ctx: &SkBuffContext, direction: Direction) {
     }
     // SAFETY: helper on the program's own context.
     let cookie = unsafe { bpf_get_socket_cookie(skb.cast()) };
-    count_packet(skb, &flow_id(cookie, &remote), direction, local, || header_len(ctx, skb));
+    let id = flow_id(cookie, &remote);
+    if count_packet(skb, &id, direction, local, || header_len(ctx, skb)) {
+        return;
+    }
+    if direction == Direction::Out && remote.protocol == proto::TCP && opens_connection(ctx, skb) {
+        open_at_syn::<TASK>(skb, &id);
+        count_packet(skb, &id, direction, local, || header_len(ctx, skb));
+    }
+}
+
+/// A TCP SYN without ACK: the first packet of a connection this socket opens.
+#[inline(always)]
+fn opens_connection(ctx: &SkBuffContext, skb: *mut __sk_buff) -> bool {
+    const SYN: u8 = 0x02;
+    const ACK: u8 = 0x10;
+    // SAFETY: reading a context field.
+    let ethertype = u16::from_be(unsafe { (*skb).protocol } as u16);
+    let ip_len = if ethertype == ETH_P_IP { u32::from(ctx.load::<u8>(0).unwrap_or(0x45) & 0x0f) * 4 } else { 40 };
+    ctx.load::<u8>(ip_len as usize + 13).is_ok_and(|flags| flags & (SYN | ACK) == SYN)
 }
 
 /// IP plus transport header length of a packet (for the headers of a GSO/GRO train).

@@ -12,14 +12,17 @@ use aya_ebpf::{
 use egress_common::{
     family, hook, log,
     lookup::{normalise_protocol, rule_port},
-    verdict, PeerKey, NEW_DESTINATION_WINDOW_NS,
+    proto, verdict, PeerKey, DNS_PORT,
 };
 
 use crate::{
     dns,
     events::{count, report, Sender},
-    flows::{cached_for_workload, cached_on_socket, flow_id, now, open, policy_epoch, workload_destination, Opener},
-    maps::{POLICY_INFO, UDP_PEERS},
+    flows::{
+        cached_for_workload, cached_on_socket, flow_id, hand_over, now, open, opener_at_syn, policy_epoch,
+        workload_destination, Opener,
+    },
+    maps::UDP_PEERS,
     policy::{bound_of, current_ancestor, judge, Flow, Judgement},
 };
 
@@ -49,48 +52,63 @@ pub fn sendmsg6(ctx: SockAddrContext) -> i32 {
 #[inline(always)]
 fn on_send(ctx: &SockAddrContext, socket_family: u8, hook: u8, per_datagram: bool) -> i32 {
     let epoch = policy_epoch();
+    let sa = ctx.sock_addr;
     // SAFETY: helper without arguments.
-    let Some((bound, binding)) = bound_of(current_ancestor, || unsafe { bpf_get_current_cgroup_id() }) else {
+    let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
+    let (mut flow, unspecified) = requested(sa, socket_family);
+    // DNS may be steered to the proxy, which the full path does.
+    if !unspecified && flow.port != DNS_PORT && reuse(sa, &flow, cgroup_id, epoch, per_datagram) {
+        return ALLOW;
+    }
+    let Some((bound, binding)) = bound_of(current_ancestor, || cgroup_id) else {
         return ALLOW;
     };
-    let sa = ctx.sock_addr;
-    let flow = destination(sa, socket_family, per_datagram);
-    // SAFETY: helpers on the program's own context, and without arguments.
-    let (cookie, cgroup_id) = unsafe { (bpf_get_socket_cookie(sa.cast()), bpf_get_current_cgroup_id()) };
+    if unspecified {
+        send_target(sa, socket_family, per_datagram, &mut flow);
+    }
+    // SAFETY: helper on the program's own context.
+    let cookie = unsafe { bpf_get_socket_cookie(sa.cast()) };
     if dns::steer(sa, socket_family, &flow, binding.slot, bound, cgroup_id) {
         return ALLOW;
     }
-    let id = flow_id(cookie, &flow);
     let sender = Sender { cgroup_id, cookie, socket_uid: None };
-    let opener = Opener { cgroup_id, slot: binding.slot, epoch, socket_uid: None };
-    if per_datagram {
-        if cached_on_socket(&id, binding.slot, epoch, cgroup_id) {
-            return ALLOW;
-        }
-    } else if let Some((rule, logged_ns)) =
-        cached_for_workload(&workload_destination(cgroup_id, &flow), binding.slot, epoch)
-    {
-        // A destination this workload was allowed to reach under the same policy and epoch.
-        let log = POLICY_INFO.get(binding.slot).map_or(log::ALL, |info| info.log);
-        let judgement = Judgement { verdict: verdict::ALLOWED, rule, log, learned: false };
-        let now = now();
-        let quiet = log == log::BLOCKED || (log == log::NEW && now.wrapping_sub(logged_ns) < NEW_DESTINATION_WINDOW_NS);
-        if quiet {
-            count(binding.stats, verdict::ALLOWED);
-        } else {
-            report::<true>(&binding, &flow, &judgement, hook, &sender, false, epoch);
-        }
-        open::<true>(&id, &opener, &judgement, now);
-        return ALLOW;
-    }
     let judgement = judge(bound, binding.slot, &flow, || peer_spoke_first(cookie, &flow));
     report::<true>(&binding, &flow, &judgement, hook, &sender, per_datagram, epoch);
-    if judgement.lets_through() {
-        open::<true>(&id, &opener, &judgement, now());
-        ALLOW
-    } else {
-        REFUSE
+    if !judgement.lets_through() {
+        return REFUSE;
     }
+    let opener = Opener { cgroup_id, slot: binding.slot, epoch, socket_uid: None };
+    open::<true>(&flow_id(cookie, &flow), &opener, &judgement, now());
+    ALLOW
+}
+
+/// Lets the flow through on a decision taken before under the current policy epoch, without
+/// finding the sender's policy or judging again: a datagram to a destination this socket was
+/// allowed to reach, a `connect()` to a destination this cgroup was allowed to reach. The epoch
+/// moves on whenever rules or bindings change, so a reused decision is the one the full path
+/// would take.
+#[inline(always)]
+fn reuse(sa: *mut bpf_sock_addr, flow: &Flow, cgroup_id: u64, epoch: u32, per_datagram: bool) -> bool {
+    // SAFETY: helper on the program's own context.
+    let cookie = || unsafe { bpf_get_socket_cookie(sa.cast()) };
+    if per_datagram {
+        return cached_on_socket(&flow_id(cookie(), flow), epoch, cgroup_id);
+    }
+    let Some(reused) = cached_for_workload(&workload_destination(cgroup_id, flow), epoch) else {
+        return false;
+    };
+    count(reused.stats, verdict::ALLOWED);
+    let opener = Opener { cgroup_id, slot: reused.slot, epoch, socket_uid: None };
+    if flow.protocol == proto::TCP {
+        // The SYN, sent from this system call, opens the flow (`flows::open_at_syn`).
+        if !opener_at_syn() {
+            hand_over(cookie(), &opener, reused.rule);
+        }
+    } else {
+        let judgement = Judgement { verdict: verdict::ALLOWED, rule: reused.rule, log: log::BLOCKED, learned: false };
+        open::<true>(&flow_id(cookie(), flow), &opener, &judgement, now());
+    }
+    true
 }
 
 #[inline(always)]
@@ -99,40 +117,53 @@ fn peer_spoke_first(cookie: u64, flow: &Flow) -> bool {
     UDP_PEERS.get_ptr(&key).is_some()
 }
 
-/// The address the kernel will send to, with v4-mapped IPv6 (`::ffff:a.b.c.d`) turned into
-/// IPv4 so the IPv4 rules judge it.
-///
-/// An unspecified destination (`0.0.0.0`, `::`, `::ffff:0.0.0.0`) does not stay unspecified: the
-/// kernel sends to the socket's (or the datagram's) source address, or to loopback. Judging
-/// `0.0.0.0` would let a policy that denies loopback be walked around, so the hook writes the
-/// address the kernel would pick back into the call and judges that.
+/// The destination the call names, with v4-mapped IPv6 (`::ffff:a.b.c.d`) turned into IPv4 so
+/// the IPv4 rules judge it, and whether that address is unspecified (`0.0.0.0`, `::`,
+/// `::ffff:0.0.0.0`; see [`send_target`]).
 #[inline(always)]
-fn destination(sa: *mut bpf_sock_addr, socket_family: u8, sendmsg: bool) -> Flow {
+fn requested(sa: *mut bpf_sock_addr, socket_family: u8) -> (Flow, bool) {
     // SAFETY: ctx fields are read one u32 at a time; the verifier rejects wider reads.
     unsafe {
         let port = u16::from_be(core::ptr::read_volatile(&raw const (*sa).user_port) as u16);
         let protocol = normalise_protocol(core::ptr::read_volatile(&raw const (*sa).protocol) as u8);
         let mut flow = Flow { family: family::INET, addr: [0u8; 16], port: rule_port(protocol, port), protocol };
         if socket_family == family::INET {
-            let mut ip = core::ptr::read_volatile(&raw const (*sa).user_ip4);
-            if ip == 0 {
-                ip = local_source_v4(sa, sendmsg);
-                core::ptr::write_volatile(&raw mut (*sa).user_ip4, ip);
-            }
+            let ip = core::ptr::read_volatile(&raw const (*sa).user_ip4);
             flow.addr[..4].copy_from_slice(&ip.to_ne_bytes());
-            return flow;
+            return (flow, ip == 0);
         }
-        let mut w = [
-            core::ptr::read_volatile(&raw const (*sa).user_ip6[0]),
-            core::ptr::read_volatile(&raw const (*sa).user_ip6[1]),
-            core::ptr::read_volatile(&raw const (*sa).user_ip6[2]),
-            core::ptr::read_volatile(&raw const (*sa).user_ip6[3]),
-        ];
-        let mapped = w[0] == 0 && w[1] == 0 && w[2] == u32::from_be(0x0000_ffff);
-        if mapped && w[3] == 0 {
+        let w = user_ip6(sa);
+        if is_mapped(&w) {
+            flow.addr[..4].copy_from_slice(&w[3].to_ne_bytes());
+            return (flow, w[3] == 0);
+        }
+        set_v6(&mut flow, &w);
+        (flow, w == [0; 4])
+    }
+}
+
+/// An unspecified destination does not stay unspecified: the kernel sends to the socket's (or
+/// the datagram's) source address, or to loopback. Judging `0.0.0.0` would let a policy that
+/// denies loopback be walked around, so the address the kernel would pick is written back into
+/// the call and into `flow`, and judged.
+#[inline(always)]
+fn send_target(sa: *mut bpf_sock_addr, socket_family: u8, sendmsg: bool, flow: &mut Flow) {
+    // SAFETY: ctx fields are read and written one u32 at a time.
+    unsafe {
+        // The verifier only takes context stores at the context pointer plus a constant: a fresh
+        // copy keeps the compiler from reusing a field address it computed for the reads.
+        let sa = core::ptr::read_volatile(&raw const sa);
+        if socket_family == family::INET {
+            let ip = local_source_v4(sa, sendmsg);
+            core::ptr::write_volatile(&raw mut (*sa).user_ip4, ip);
+            flow.addr[..4].copy_from_slice(&ip.to_ne_bytes());
+            return;
+        }
+        let mut w = user_ip6(sa);
+        if is_mapped(&w) {
             w[3] = mapped_source_v4(sa);
             core::ptr::write_volatile(&raw mut (*sa).user_ip6[3], w[3]);
-        } else if w == [0; 4] {
+        } else {
             // Like the kernel: a socket bound to a v4-mapped address reaches 127.0.0.1, any
             // other `::1`.
             let source = socket_of(sa);
@@ -147,16 +178,42 @@ fn destination(sa: *mut bpf_sock_addr, socket_family: u8, sendmsg: bool) -> Flow
                 i += 1;
             }
         }
-        if w[0] == 0 && w[1] == 0 && w[2] == u32::from_be(0x0000_ffff) {
+        if is_mapped(&w) {
+            flow.family = family::INET;
+            flow.addr = [0; 16];
             flow.addr[..4].copy_from_slice(&w[3].to_ne_bytes());
-            return flow;
+        } else {
+            set_v6(flow, &w);
         }
-        flow.family = family::INET6;
-        flow.addr[0..4].copy_from_slice(&w[0].to_ne_bytes());
-        flow.addr[4..8].copy_from_slice(&w[1].to_ne_bytes());
-        flow.addr[8..12].copy_from_slice(&w[2].to_ne_bytes());
-        flow.addr[12..16].copy_from_slice(&w[3].to_ne_bytes());
-        flow
+    }
+}
+
+#[inline(always)]
+unsafe fn user_ip6(sa: *mut bpf_sock_addr) -> [u32; 4] {
+    // SAFETY: ctx fields read one u32 at a time.
+    unsafe {
+        [
+            core::ptr::read_volatile(&raw const (*sa).user_ip6[0]),
+            core::ptr::read_volatile(&raw const (*sa).user_ip6[1]),
+            core::ptr::read_volatile(&raw const (*sa).user_ip6[2]),
+            core::ptr::read_volatile(&raw const (*sa).user_ip6[3]),
+        ]
+    }
+}
+
+/// `::ffff:a.b.c.d`, in network-order words.
+#[inline(always)]
+fn is_mapped(w: &[u32; 4]) -> bool {
+    w[0] == 0 && w[1] == 0 && w[2] == u32::from_be(0x0000_ffff)
+}
+
+#[inline(always)]
+fn set_v6(flow: &mut Flow, w: &[u32; 4]) {
+    flow.family = family::INET6;
+    let mut i = 0;
+    while i < 4 {
+        flow.addr[i * 4..i * 4 + 4].copy_from_slice(&w[i].to_ne_bytes());
+        i += 1;
     }
 }
 

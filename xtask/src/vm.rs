@@ -46,6 +46,7 @@ const CHECKS: &[(&str, &str)] = &[
     ),
     ("load", "the daemon loads and attaches every program and reports ready"),
     ("tcp", "TCP connect: EPERM for denied IPv4/IPv6 destinations, allowed ones go through"),
+    ("flow-opener", "connects that reuse a decision still open flow records naming the process"),
     ("udp", "UDP sendto and connect: EPERM when denied"),
     ("icmp", "ping sockets: EPERM when denied"),
     ("raw", "raw ICMP sockets: EPERM when denied (packet hook)"),

@@ -95,6 +95,23 @@ want pass "allow-v6" incg vmclient tcp ::1 8000
 want pass "uncovered" vmclient tcp 127.0.0.2 8000
 end
 
+begin flow-opener
+# Two more connects to a destination the workload reached: both reuse its decision, and their
+# flows, opened at the SYN, still name the process (handed over by connect() on kernels whose
+# packet hooks may not read the task).
+incg vmclient tcp 127.0.0.1 8000 > /dev/null 2>&1
+incg vmclient tcp 127.0.0.1 8000 > /dev/null 2>&1
+named=0
+for _ in $(seq 50); do
+    named=$(egress logs --flows --json 2>/dev/null | grep '"dstaddr":"127.0.0.1"' | grep '"dstport":8000' |
+        grep -c '"comm":"vmclient"')
+    [ "$named" -ge 3 ] && break
+    sleep 0.2
+done
+[ "$named" -ge 3 ] || fail "flows-naming-vmclient:$named"
+echo "INFO opener $(grep -o 'connect() hands it over' $DAEMON_LOG | head -n 1)"
+end
+
 begin udp
 want EPERM "sendto-deny" incg vmclient udp 127.0.0.2 9000
 want EPERM "connect-deny" incg vmclient udpc 127.0.0.2 9000

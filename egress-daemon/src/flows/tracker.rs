@@ -67,6 +67,9 @@ struct Open {
     latest: Counts,
     /// Start of the interval not yet reported.
     since_ns: u64,
+    /// The last sweep that saw the counters move (the packet hooks read no clock): the flow's
+    /// `last_ns` as the records and the idle expiry see it.
+    active_ns: u64,
     state: FlowState,
 }
 
@@ -127,9 +130,16 @@ impl Tracker {
                 reported: Counts::default(),
                 latest: Counts::default(),
                 since_ns: state.start_ns,
+                active_ns: state.start_ns,
                 state,
             });
-            open.latest = Counts::of(&state);
+            let counts = Counts::of(&state);
+            if counts != open.latest {
+                open.active_ns = now_ns;
+            }
+            open.latest = counts;
+            let mut state = state;
+            state.last_ns = state.last_ns.max(open.active_ns);
             open.state = state;
             let idle_limit =
                 if id.protocol == proto::TCP { self.timeouts.stream_idle_ns } else { self.timeouts.datagram_idle_ns };

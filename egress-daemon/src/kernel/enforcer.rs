@@ -15,8 +15,8 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use egress_common::{
-    names, CgroupBinding, PolicyInfo, PolicyStats, RuleKeyV4, RuleKeyV6, Settings, GUARD_SLOT, MAX_CGROUPS,
-    MAX_DEEP_GUARDS, MAX_POLICY_SLOTS, MAX_PORT_TABLES,
+    names, settings_flags, CgroupBinding, PolicyInfo, PolicyStats, RuleKeyV4, RuleKeyV6, Settings, GUARD_SLOT,
+    MAX_CGROUPS, MAX_DEEP_GUARDS, MAX_POLICY_SLOTS, MAX_PORT_TABLES,
 };
 
 use super::{
@@ -126,6 +126,13 @@ impl Enforcer {
         if start == Start::Adopted {
             enforcer.adopt_state()?;
         }
+        let opener_at_syn = enforcer.loaded.opener_at_syn();
+        enforcer.update_settings(|s| {
+            s.flags &= !settings_flags::OPENER_AT_SYN;
+            if opener_at_syn {
+                s.flags |= settings_flags::OPENER_AT_SYN;
+            }
+        })?;
         Ok((enforcer, start))
     }
 
@@ -337,7 +344,7 @@ impl Enforcer {
         // Before any slot's contents change: decisions the kernel cached under the old epoch
         // are taken again, so no cached allow outlives the rules it came from (also when the
         // daemon dies half-way).
-        self.update_settings(|s| s.policy_epoch = s.policy_epoch.wrapping_add(1))?;
+        self.invalidate_decisions()?;
         if self.leftovers {
             let live = self.generation;
             self.installed = self.sweep(|slot| live.owns_slot(slot))?;
@@ -366,16 +373,20 @@ impl Enforcer {
             self.remove_generation(&fresh);
             return Err(error);
         }
+        // Decisions cached since the first epoch may have come from the old bindings.
+        self.invalidate_after_switch();
         fault::crash_point("after-switch");
         let stale: Vec<u64> = self.bindings.keys().filter(|id| !cgroups.contains_key(id)).copied().collect();
         for id in stale {
-            self.unbind(id);
+            self.remove_binding(id);
             fault::crash_point("mid-unbind");
         }
         if let Err(error) = self.update_settings(|s| s.policy_levels = levels) {
             // The old levels are a superset: the programs only look at more levels than needed.
             tracing::warn!(%error, "narrowing the searched cgroup levels");
         }
+        // And those cached meanwhile by cgroups that were unbound.
+        self.invalidate_after_switch();
         fault::crash_point("before-cleanup");
         std::thread::sleep(RETIRE_DELAY);
         let old = std::mem::replace(&mut self.installed, fresh);
@@ -489,13 +500,16 @@ impl Enforcer {
         let mut cgroups = maps::cgroup_policy(&mut self.ebpf)?;
         cgroups.insert(cgroup_id, binding, 0).map_err(KernelError::map(names::CGROUP_POLICY))?;
         self.bindings.insert(cgroup_id, binding);
-        Ok(())
+        self.invalidate_decisions()
     }
 
     /// Adds `policy_levels` bits to those the programs search (for a cgroup bound after an
     /// install).
     pub fn add_levels(&mut self, bits: u32) -> Result<(), KernelError> {
-        self.update_settings(|s| s.policy_levels |= bits)
+        self.update_settings(|s| {
+            s.policy_levels |= bits;
+            s.policy_epoch = s.policy_epoch.wrapping_add(1);
+        })
     }
 
     /// Flow events one cgroup may raise per second on each CPU.
@@ -517,7 +531,7 @@ impl Enforcer {
                 self.free_stats.push(guard.stats);
             }
         }
-        Ok(())
+        self.invalidate_decisions()
     }
 
     /// Refuses senders deeper than the walk below `ancestor` unless bound themselves.
@@ -532,17 +546,29 @@ impl Enforcer {
         let mut guards = maps::deep_guards(&mut self.ebpf)?;
         guards.insert(ancestor, guard, 0).map_err(KernelError::map(names::DEEP_GUARDS))?;
         self.deep_guards.insert(ancestor, guard);
-        Ok(())
+        self.invalidate_decisions()
     }
 
     /// Removes a cgroup's binding (the cgroup is gone or no longer matches a policy).
     pub fn unbind(&mut self, cgroup_id: u64) {
-        if let Some(binding) = self.bindings.remove(&cgroup_id) {
-            if let Ok(mut cgroups) = maps::cgroup_policy(&mut self.ebpf) {
-                drop(cgroups.remove(&cgroup_id));
+        if self.remove_binding(cgroup_id) {
+            if let Err(error) = self.invalidate_decisions() {
+                tracing::error!(%error, cgroup_id, "decisions cached for an unbound cgroup stay in force until the next change");
             }
-            self.release_stats(binding.stats);
         }
+    }
+
+    /// [`Enforcer::unbind`] without moving the epoch on (the caller does, once); true when the
+    /// cgroup was bound.
+    fn remove_binding(&mut self, cgroup_id: u64) -> bool {
+        let Some(binding) = self.bindings.remove(&cgroup_id) else {
+            return false;
+        };
+        if let Ok(mut cgroups) = maps::cgroup_policy(&mut self.ebpf) {
+            drop(cgroups.remove(&cgroup_id));
+        }
+        self.release_stats(binding.stats);
+        true
     }
 
     /// Zeroes a binding's counters and makes the index available again.
@@ -631,6 +657,21 @@ impl Enforcer {
         if failures > 0 {
             tracing::warn!(failures, "entries of a retired generation could not be removed; swept before next reload");
             self.leftovers = true;
+        }
+    }
+
+    /// Moves the policy epoch on: every decision the kernel cached (per workload and
+    /// destination, per socket) is taken again by the full path. Called after every change of
+    /// rules, bindings, guards or searched levels, since the cached path finds no policy itself,
+    /// and every [`DECISION_RENEWAL`](crate::engine::DECISION_RENEWAL), since it reads no clock.
+    pub fn invalidate_decisions(&mut self) -> Result<(), KernelError> {
+        self.update_settings(|s| s.policy_epoch = s.policy_epoch.wrapping_add(1))
+    }
+
+    /// The switch is done and cannot be undone here: a failure is said, not returned.
+    fn invalidate_after_switch(&mut self) {
+        if let Err(error) = self.invalidate_decisions() {
+            tracing::error!(%error, "decisions cached under the previous bindings stay in force until the next change");
         }
     }
 

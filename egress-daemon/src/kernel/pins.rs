@@ -1,4 +1,4 @@
-//! Where enforcement that outlives the daemon lives in bpffs: `<pin dir>/maps-v3/<MAP>` and
+//! Where enforcement that outlives the daemon lives in bpffs: `<pin dir>/maps-v5/<MAP>` and
 //! `<pin dir>/links/<cgroup id>-<program>-<serial>`.
 
 use std::{
@@ -15,7 +15,7 @@ use super::KernelError;
 /// Where the maps are pinned below the pin directory. The suffix changes whenever a key or value
 /// layout changes, so that a daemon never adopts maps it would misread; a unit test holds the
 /// layout this name stands for and fails when a layout changes under the same name.
-pub const MAPS_DIR: &str = "maps-v4";
+pub const MAPS_DIR: &str = "maps-v5";
 const LINKS_DIR: &str = "links";
 
 /// Every map of the object with its pin path (creating the maps directory).
@@ -129,13 +129,13 @@ mod tests {
         // When this fails, a map was added or a key or value changed: bump MAPS_DIR (a daemon
         // must not adopt maps it would misread) and record the new layout here.
         let recorded = (
-            "maps-v4",
+            "maps-v5",
             "CGROUP_POLICY,POLICY_INFO,RULES_V4,RULES_V6,PORT_TABLES,SETTINGS,EVENTS,COUNTERS,BINDING_STATS,\
              UDP_PEERS,FLOWS_SEEN,DEEP_GUARDS,FLOWS,FLOW_ENDS,CLOSED_SOCKETS,WORKLOAD_DESTINATIONS,DNS_CONFIG,\
              LEARNED,STEERED,QUERY_ORIGINS \
              CgroupBinding:8/4,Decision:12/4,FlowEvent:72/8,FlowKey:40/8,PeerKey:32/8,PolicyInfo:12/4,\
-             PolicyStats:48/8,PortTable:196/4,RuleKeyV4:8/1,RuleKeyV6:20/1,Settings:24/8,FlowId:32/8,\
-             FlowState:120/8,FlowEnd:152/8,WorkloadDestination:32/8,DestinationSeen:24/8,DnsConfig:16/8,\
+             PolicyStats:48/8,PortTable:196/4,RuleKeyV4:8/1,RuleKeyV6:20/1,Settings:24/4,FlowId:32/8,\
+             FlowState:120/8,FlowEnd:152/8,WorkloadDestination:32/8,DestinationSeen:32/8,DnsConfig:16/8,\
              LearnedKey:24/8,Learned:208/8,SteeredSocket:40/8,OriginKey:24/2,Origin:48/8",
         );
         assert_eq!((MAPS_DIR, layout().as_str()), recorded, "bump MAPS_DIR and record the new layout");

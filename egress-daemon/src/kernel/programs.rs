@@ -24,9 +24,11 @@ const SOCK_ADDR_PROGRAMS: [&str; 8] =
 /// 6.18 refuse the current-task helpers in packet programs (KERNELS.md).
 const EGRESS_PROGRAMS: [&str; 2] = ["egress_packet", "egress_packet_portable"];
 const INGRESS_PROGRAM: &str = "ingress_packet";
-/// Flow accounting, attached after the filters on the same hooks.
-const COUNT_PROGRAMS: [(&str, CgroupSkbAttachType); 2] =
-    [("egress_count", CgroupSkbAttachType::Egress), ("ingress_count", CgroupSkbAttachType::Ingress)];
+/// Flow accounting, attached after the filters on the same hooks. Out: first the variant that
+/// names who opens a TCP connection at its SYN, then the one that needs `connect()` to hand
+/// that over (kernels that refuse the task helpers in packet programs).
+const EGRESS_COUNT_PROGRAMS: [&str; 2] = ["egress_count", "egress_count_portable"];
+const INGRESS_COUNT_PROGRAM: &str = "ingress_count";
 const SOCK_CREATE_PROGRAM: &str = "sock_create";
 /// Ends flow records when a socket is released (`cgroup/sock_release`, Linux 5.9+).
 const SOCK_RELEASE_PROGRAM: &str = "sock_release";
@@ -69,8 +71,16 @@ pub(super) struct Loaded {
     /// Whether this kernel has `cgroup/sock_release` (flows then end when their socket closes;
     /// without it, by idle expiry).
     pub sock_release: bool,
-    /// Whether the flow accounting programs loaded.
-    pub counting: bool,
+    /// The flow accounting programs that loaded (none when the kernel refused one).
+    pub counting: Vec<(&'static str, CgroupSkbAttachType)>,
+}
+
+impl Loaded {
+    /// Whether the packet hook names who opens a TCP connection (`connect()` then hands
+    /// nothing over: `settings_flags::OPENER_AT_SYN`).
+    pub fn opener_at_syn(&self) -> bool {
+        self.counting.iter().any(|(name, _)| *name == EGRESS_COUNT_PROGRAMS[0])
+    }
 }
 
 /// Loads (verifies) every program of the object.
@@ -82,13 +92,13 @@ pub(super) fn load_all(ebpf: &mut Ebpf) -> Result<Loaded, KernelError> {
     skb_program(ebpf, INGRESS_PROGRAM)?.load().map_err(KernelError::program(INGRESS_PROGRAM))?;
     // Flow records are worth less than enforcement: a kernel that refuses the accounting
     // programs still gets its policies enforced.
-    let mut counting = true;
-    for (name, _) in COUNT_PROGRAMS {
-        if let Err(error) = skb_program(ebpf, name)?.load() {
-            tracing::warn!(%error, program = name, "this kernel refuses the flow accounting program: no flow records");
-            counting = false;
+    let counting = match load_count_programs(ebpf) {
+        Ok(counting) => counting,
+        Err(error) => {
+            tracing::warn!(%error, "this kernel refuses the flow accounting programs: no flow records");
+            Vec::new()
         }
-    }
+    };
     sock_program(ebpf, SOCK_CREATE_PROGRAM)?.load().map_err(KernelError::program(SOCK_CREATE_PROGRAM))?;
     let sock_release = match sock_program(ebpf, SOCK_RELEASE_PROGRAM)?.load() {
         Ok(()) => true,
@@ -117,9 +127,7 @@ pub(super) fn attach_all(
     }
     let mut skb_programs =
         vec![(loaded.egress_program, CgroupSkbAttachType::Egress), (INGRESS_PROGRAM, CgroupSkbAttachType::Ingress)];
-    if loaded.counting {
-        skb_programs.extend(COUNT_PROGRAMS);
-    }
+    skb_programs.extend(&loaded.counting);
     for (name, attach_type) in skb_programs {
         let id = skb_program(ebpf, name)?
             .attach(cgroup, attach_type, CgroupAttachMode::Single)
@@ -210,6 +218,22 @@ fn load_egress_program(ebpf: &mut Ebpf) -> Result<&'static str, KernelError> {
             Ok(portable)
         }
     }
+}
+
+/// Loads the flow accounting programs: the first of `EGRESS_COUNT_PROGRAMS` the verifier
+/// accepts, and the ingress one.
+fn load_count_programs(ebpf: &mut Ebpf) -> Result<Vec<(&'static str, CgroupSkbAttachType)>, KernelError> {
+    let [full, portable] = EGRESS_COUNT_PROGRAMS;
+    let egress = match skb_program(ebpf, full)?.load() {
+        Ok(()) => full,
+        Err(error) => {
+            tracing::info!(%error, "the packet hook cannot name who opens a connection: connect() hands it over");
+            skb_program(ebpf, portable)?.load().map_err(KernelError::program(portable))?;
+            portable
+        }
+    };
+    skb_program(ebpf, INGRESS_COUNT_PROGRAM)?.load().map_err(KernelError::program(INGRESS_COUNT_PROGRAM))?;
+    Ok(vec![(egress, CgroupSkbAttachType::Egress), (INGRESS_COUNT_PROGRAM, CgroupSkbAttachType::Ingress)])
 }
 
 /// Loads the LSM program where the kernel runs BPF LSM programs; says why not otherwise.
