@@ -19,9 +19,10 @@ pub mod names {
     pub const FLOW_ENDS: &str = "FLOW_ENDS";
     pub const CLOSED_SOCKETS: &str = "CLOSED_SOCKETS";
     pub const WORKLOAD_DESTINATIONS: &str = "WORKLOAD_DESTINATIONS";
+    pub const DATAGRAM_EPOCH: &str = "DATAGRAM_EPOCH";
 
     /// Every map of the kernel object; all are pinned so that enforcement outlives the daemon.
-    pub const ALL: [&str; 16] = [
+    pub const ALL: [&str; 17] = [
         CGROUP_POLICY,
         POLICY_INFO,
         RULES_V4,
@@ -38,6 +39,7 @@ pub mod names {
         FLOW_ENDS,
         CLOSED_SOCKETS,
         WORKLOAD_DESTINATIONS,
+        DATAGRAM_EPOCH,
     ];
 }
 

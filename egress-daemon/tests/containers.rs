@@ -107,21 +107,28 @@ fn each_workload_gets_its_own_policy_and_new_children_are_covered_at_once() {
     ));
     assert_eq!(tcp_connect_from(&new_container, "127.0.0.1", port_a), "EPERM");
 
-    // A new pod slice matching the glob gets mapped by discovery.
+    // A new pod slice matching the glob gets mapped by discovery. Binding it moves the policy
+    // epoch on: a process that entered the cgroup before the binding may have had decisions of
+    // the ancestor's policy cached, and those must be taken again.
+    let epoch = || egress::kernel::pinned_policy_epoch(&file.pin_dir).expect("read the pinned policy epoch");
+    let before_bind = epoch();
     let new_pod = parent.child("kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod9999.slice");
     let new_pod_id = cgroup_id(&new_pod);
     let mapped_after = wait_until("the new pod is mapped", Duration::from_secs(3), || {
         bound_cgroup_ids(&file.pin_dir).contains(&new_pod_id)
     });
     eprintln!("a new matching cgroup was mapped {mapped_after:?} after mkdir");
+    wait_until("binding moves the epoch on", Duration::from_secs(3), || epoch() != before_bind);
 
-    // A removed cgroup leaves no map entry behind.
+    // A removed cgroup leaves no map entry behind, nor a cached decision.
     let docker_id = cgroup_id(&docker);
     assert!(bound_cgroup_ids(&file.pin_dir).contains(&docker_id));
+    let before_unbind = epoch();
     drop(docker);
     wait_until("the removed container's entry is gone", Duration::from_secs(3), || {
         !bound_cgroup_ids(&file.pin_dir).contains(&docker_id)
     });
+    wait_until("unbinding moves the epoch on", Duration::from_secs(3), || epoch() != before_unbind);
     drop(new_pod);
     wait_until("the removed pod's entry is gone", Duration::from_secs(3), || {
         !bound_cgroup_ids(&file.pin_dir).contains(&new_pod_id)

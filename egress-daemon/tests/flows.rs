@@ -308,3 +308,35 @@ fn log_all_and_log_blocked_choose_which_allowed_flows_raise_events() {
         assert_eq!(allowed, expected, "log: {log}");
     }
 }
+
+#[test]
+fn a_datagram_flow_that_went_idle_is_counted_again_when_its_socket_sends_again() {
+    if !privileged() {
+        return;
+    }
+    let cg = TestCgroup::new("flows-idle");
+    let sink = std::net::UdpSocket::bind("127.0.0.1:0").expect("udp sink");
+    let port = sink.local_addr().expect("sink address").port();
+    let file = policy(&cg, "  flow_interval: 1\n", "127.0.0.1", "new");
+    let _daemon = Daemon::start(&file);
+    // The second burst reuses the socket's decision (per CPU, without a map lookup); the flow
+    // ended after two idle intervals, so that burst must open it again, not go uncounted.
+    let client = cg.python(
+        r#"
+import socket, sys, time
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+for i in range(5): s.sendto(b"a" * 10, ("127.0.0.1", int(sys.argv[1])))
+time.sleep(4)
+for i in range(7): s.sendto(b"b" * 10, ("127.0.0.1", int(sys.argv[1])))
+time.sleep(0.3)
+print("sent")
+"#,
+        &[&port.to_string()],
+    );
+    assert_eq!(stdout_of(&client), "sent", "{}", stderr_of(&client));
+    let records = wait_records(&file, "udp", "127.0.0.1", port, |records| {
+        sum(records, "packets_out") >= 12 && records.iter().filter(|r| r["status"] == "end").count() >= 2
+    });
+    assert_eq!(sum(&records, "packets_out"), 12, "every datagram counted once: {records:#?}");
+    assert_eq!(sum(&records, "bytes_out"), 12 * (10 + UDP_HEADERS), "{records:#?}");
+}

@@ -14,6 +14,7 @@ mod events;
 mod flows;
 mod maps;
 mod policy;
+mod recent;
 mod skb;
 mod skb_count;
 mod sock_addr;

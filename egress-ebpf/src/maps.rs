@@ -63,6 +63,12 @@ pub static FLOW_ENDS: RingBuf = RingBuf::with_byte_size(FLOW_ENDS_RING_BYTES, 0)
 #[map]
 pub static CLOSED_SOCKETS: LruHashMap<u64, u64> = LruHashMap::with_max_entries(MAX_CLOSED_SOCKETS, 0);
 
+/// Moved on by the flow-record sweeper when it stops counting a datagram flow whose socket is
+/// still open (idle, or pushed out of `FLOWS`): datagram decisions reused on this CPU
+/// (`recent`) then lapse, and the next datagram opens the flow again.
+#[map]
+pub static DATAGRAM_EPOCH: Array<u32> = Array::with_max_entries(1, 0);
+
 /// Destinations each workload reached: when they were last logged, and the last decision.
 #[map]
 pub static WORKLOAD_DESTINATIONS: LruHashMap<WorkloadDestination, DestinationSeen> =

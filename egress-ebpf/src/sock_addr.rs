@@ -20,10 +20,11 @@ use crate::{
     events::{count, report, Sender},
     flows::{
         cached_for_workload, cached_on_socket, flow_id, hand_over, now, open, opener_at_syn, policy_epoch,
-        workload_destination, Opener,
+        workload_destination, Opener, Reused,
     },
     maps::UDP_PEERS,
     policy::{bound_of, current_ancestor, judge, Flow, Judgement},
+    recent::{datagram_epoch, recall, remember, Kind},
 };
 
 const ALLOW: i32 = 1;
@@ -92,10 +93,27 @@ fn reuse(sa: *mut bpf_sock_addr, flow: &Flow, cgroup_id: u64, epoch: u32, per_da
     // SAFETY: helper on the program's own context.
     let cookie = || unsafe { bpf_get_socket_cookie(sa.cast()) };
     if per_datagram {
-        return cached_on_socket(&flow_id(cookie(), flow), epoch, cgroup_id);
+        let cookie = cookie();
+        // Also lapses when the flow-record sweeper stops counting a flow of a live socket.
+        let stamp = epoch.wrapping_add(datagram_epoch());
+        if recall(Kind::Datagram, cookie, cgroup_id, flow, stamp).is_some() {
+            return true;
+        }
+        if !cached_on_socket(&flow_id(cookie, flow), epoch, cgroup_id) {
+            return false;
+        }
+        remember(Kind::Datagram, cookie, cgroup_id, flow, stamp, &Reused { slot: 0, rule: 0, stats: 0 });
+        return true;
     }
-    let Some(reused) = cached_for_workload(&workload_destination(cgroup_id, flow), epoch) else {
-        return false;
+    let reused = match recall(Kind::Connect, cgroup_id, cgroup_id, flow, epoch) {
+        Some(reused) => reused,
+        None => {
+            let Some(reused) = cached_for_workload(&workload_destination(cgroup_id, flow), epoch) else {
+                return false;
+            };
+            remember(Kind::Connect, cgroup_id, cgroup_id, flow, epoch, &reused);
+            reused
+        }
     };
     count(reused.stats, verdict::ALLOWED);
     let opener = Opener { cgroup_id, slot: reused.slot, epoch, socket_uid: None };

@@ -25,7 +25,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use egress_common::{FlowId, FlowState};
+use egress_common::{proto, FlowId, FlowState};
 
 use self::{
     record::{action_name, address, FlowLogRecord},
@@ -130,6 +130,14 @@ impl Sweep {
         let (raw, remove) = self.tracker.sweep(snapshot, &closed, boot_ns());
         for id in &remove {
             self.maps.remove(id);
+        }
+        // A datagram flow ended while its socket lives on (idle, or pushed out of the map): the
+        // socket's next datagram must not be let through on a decision reused per CPU, which
+        // would leave it uncounted, but judged and counted again.
+        if raw.iter().any(|r| r.ended && r.id.protocol != proto::TCP && !closed.contains_key(&r.id.cookie)) {
+            if let Err(error) = self.maps.renew_datagram_decisions() {
+                tracing::warn!(%error, "renewing datagram decisions: some datagrams may go uncounted");
+            }
         }
         for cookie in closed.keys() {
             self.maps.forget_closed(*cookie);

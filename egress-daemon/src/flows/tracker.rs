@@ -162,8 +162,10 @@ impl Tracker {
                     counts: open.latest.since(open.reported),
                     ended: true,
                 });
+                // Removed from the kernel map right after this sweep: if the same socket and
+                // destination show up again later, the socket sent again (a datagram flow that
+                // went idle) and that is a new flow, not this one.
                 remove.push(id);
-                self.ended.insert(id, 0);
                 continue;
             }
             let moved = open.latest.since(open.reported);

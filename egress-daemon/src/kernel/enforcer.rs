@@ -703,7 +703,8 @@ impl Enforcer {
         let flows = take(names::FLOWS)?;
         let ends = take(names::FLOW_ENDS)?;
         let closed = take(names::CLOSED_SOCKETS)?;
-        FlowSource::new(flows, ends, closed, self.loaded.sock_release)
+        let datagram_epoch = take(names::DATAGRAM_EPOCH)?;
+        FlowSource::new(flows, ends, closed, datagram_epoch, self.loaded.sock_release)
     }
 
     /// The DNS maps (steering, learned addresses, query origins); can be taken once.

@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 
-use aya::maps::{HashMap as BpfHashMap, Map, MapData, RingBuf};
+use aya::maps::{Array, HashMap as BpfHashMap, Map, MapData, RingBuf};
 use egress_common::{names, FlowEnd, FlowId, FlowState};
 
 use super::KernelError;
@@ -12,16 +12,25 @@ pub struct FlowSource {
     flows: BpfHashMap<MapData, FlowId, FlowState>,
     ends: RingBuf<MapData>,
     closed: BpfHashMap<MapData, u64, u64>,
+    datagram_epoch: Array<MapData, u32>,
     sock_release: bool,
 }
 
 impl FlowSource {
-    pub(super) fn new(flows: Map, ends: Map, closed: Map, sock_release: bool) -> Result<Self, KernelError> {
+    pub(super) fn new(
+        flows: Map,
+        ends: Map,
+        closed: Map,
+        datagram_epoch: Map,
+        sock_release: bool,
+    ) -> Result<Self, KernelError> {
         Ok(Self {
             flows: BpfHashMap::try_from(flows).map_err(|source| KernelError::Map { name: names::FLOWS, source })?,
             ends: RingBuf::try_from(ends).map_err(|source| KernelError::Map { name: names::FLOW_ENDS, source })?,
             closed: BpfHashMap::try_from(closed)
                 .map_err(|source| KernelError::Map { name: names::CLOSED_SOCKETS, source })?,
+            datagram_epoch: Array::try_from(datagram_epoch)
+                .map_err(|source| KernelError::Map { name: names::DATAGRAM_EPOCH, source })?,
             sock_release,
         })
     }
@@ -57,6 +66,15 @@ impl FlowSource {
     /// Stops counting a flow (it ended); gone already when the kernel ended it meanwhile.
     pub fn remove(&mut self, id: &FlowId) {
         let _ = self.flows.remove(id);
+    }
+
+    /// Makes the kernel judge the next datagram of every socket again (decisions it reused per
+    /// CPU lapse): called when a datagram flow of a socket still open stops being counted, so
+    /// that its next datagram opens it again.
+    pub fn renew_datagram_decisions(&mut self) -> Result<(), KernelError> {
+        let map_error = |source| KernelError::Map { name: names::DATAGRAM_EPOCH, source };
+        let epoch = self.datagram_epoch.get(&0, 0).map_err(map_error)?;
+        self.datagram_epoch.set(0, epoch.wrapping_add(1), 0).map_err(map_error)
     }
 
     pub fn forget_closed(&mut self, cookie: u64) {

@@ -17,7 +17,7 @@ pub use enforcer::{Enforcer, OnExit, Start};
 pub use error::KernelError;
 pub use events::{DropCounter, Drops, EventSource};
 pub use flows::FlowSource;
-pub use pins::{pinned_bindings, pinned_maps_exist, MAPS_DIR};
+pub use pins::{pinned_bindings, pinned_maps_exist, pinned_policy_epoch, MAPS_DIR};
 pub use probe::{check as preflight, ensure_bpffs, missing_helper, PreflightError};
 pub use programs::SocketGuard;
 

@@ -8,7 +8,7 @@ use std::{
 };
 
 use aya::maps::{HashMap as BpfHashMap, MapData};
-use egress_common::{names, CgroupBinding};
+use egress_common::{names, CgroupBinding, Settings};
 
 use super::KernelError;
 
@@ -82,6 +82,17 @@ pub fn pinned_bindings(pin_dir: &Path) -> Result<HashMap<u64, u32>, KernelError>
     Ok(map.iter().filter_map(Result::ok).map(|(id, binding)| (id, binding.slot)).collect())
 }
 
+/// The policy epoch in the pinned settings under `pin_dir` (decisions the kernel cached under
+/// another epoch are taken again).
+pub fn pinned_policy_epoch(pin_dir: &Path) -> Result<u32, KernelError> {
+    let path = pin_dir.join(MAPS_DIR).join(names::SETTINGS);
+    let data = MapData::from_pin(&path).map_err(|source| KernelError::Map { name: names::SETTINGS, source })?;
+    let map: aya::maps::Array<MapData, Settings> =
+        aya::maps::Array::try_from(aya::maps::Map::from_map_data(data).map_err(KernelError::map(names::SETTINGS))?)
+            .map_err(KernelError::map(names::SETTINGS))?;
+    Ok(map.get(&0, 0).map_err(KernelError::map(names::SETTINGS))?.policy_epoch)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -131,7 +142,8 @@ mod tests {
         let recorded = (
             "maps-v5",
             "CGROUP_POLICY,POLICY_INFO,RULES_V4,RULES_V6,PORT_TABLES,SETTINGS,EVENTS,COUNTERS,BINDING_STATS,\
-             UDP_PEERS,FLOWS_SEEN,DEEP_GUARDS,FLOWS,FLOW_ENDS,CLOSED_SOCKETS,WORKLOAD_DESTINATIONS,DNS_CONFIG,\
+             UDP_PEERS,FLOWS_SEEN,DEEP_GUARDS,FLOWS,FLOW_ENDS,CLOSED_SOCKETS,WORKLOAD_DESTINATIONS,DATAGRAM_EPOCH,\
+             DNS_CONFIG,\
              LEARNED,STEERED,QUERY_ORIGINS \
              CgroupBinding:8/4,Decision:12/4,FlowEvent:72/8,FlowKey:40/8,PeerKey:32/8,PolicyInfo:12/4,\
              PolicyStats:48/8,PortTable:196/4,RuleKeyV4:8/1,RuleKeyV6:20/1,Settings:24/4,FlowId:32/8,\
