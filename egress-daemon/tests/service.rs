@@ -136,6 +136,14 @@ while time.time() < end:
     assert!(reloads >= 5, "only {reloads} reloads");
     assert!(text.lines().count() > 200, "client made only {} attempts", text.lines().count());
     eprintln!("{reloads} reloads, outcomes: {seen:?}");
+    // The kernel reused decisions for a and b all along (per cgroup and per CPU): the file in
+    // force now decides, not one of them.
+    let (now_allowed, now_denied) =
+        if (reloads - 1) % 2 == 0 { ((b, ports[1]), (a, ports[0])) } else { ((a, ports[0]), (b, ports[1])) };
+    for _ in 0..3 {
+        assert_eq!(tcp_connect_from(&cg, now_allowed.0, now_allowed.1), "ok", "allowed by the file in force");
+        assert_eq!(tcp_connect_from(&cg, now_denied.0, now_denied.1), "EPERM", "denied by the file in force");
+    }
 }
 
 #[test]

@@ -1,13 +1,13 @@
 //! The kernel programs: which are loaded, the fallbacks the loader picks between, and attaching,
 //! detaching and taking their links.
 
-use std::{fs, os::fd::BorrowedFd, path::Path};
+use std::{collections::HashMap, fs, os::fd::BorrowedFd, path::Path};
 
 use aya::{
     programs::{
         cgroup_skb::CgroupSkbLinkId, cgroup_sock::CgroupSockLinkId, cgroup_sock_addr::CgroupSockAddrLinkId,
         links::FdLink, lsm::LsmLinkId, CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSock, CgroupSockAddr,
-        Lsm,
+        Lsm, Program, ProgramError,
     },
     Btf, Ebpf,
 };
@@ -83,32 +83,92 @@ impl Loaded {
     }
 }
 
-/// Loads (verifies) every program of the object.
+/// Loads (verifies) every program of the object, several at once: verification is most of a
+/// daemon's start-up, and the kernel verifies each program on the CPU that asked.
 pub(super) fn load_all(ebpf: &mut Ebpf) -> Result<Loaded, KernelError> {
+    let mut programs: HashMap<&str, &mut Program> = ebpf.programs_mut().collect();
+    let mut take = |name: &'static str| programs.remove(name).ok_or(KernelError::MissingProgram(name));
+    let mut sock_addr = Vec::with_capacity(SOCK_ADDR_PROGRAMS.len());
     for name in SOCK_ADDR_PROGRAMS {
-        sock_addr_program(ebpf, name)?.load().map_err(KernelError::program(name))?;
+        sock_addr.push((name, as_type::<CgroupSockAddr>(name, take(name)?)?));
     }
-    let egress_program = load_egress_program(ebpf)?;
-    skb_program(ebpf, INGRESS_PROGRAM)?.load().map_err(KernelError::program(INGRESS_PROGRAM))?;
-    // Flow records are worth less than enforcement: a kernel that refuses the accounting
-    // programs still gets its policies enforced.
-    let counting = match load_count_programs(ebpf) {
-        Ok(counting) => counting,
-        Err(error) => {
-            tracing::warn!(%error, "this kernel refuses the flow accounting programs: no flow records");
-            Vec::new()
+    let egress = [EGRESS_PROGRAMS[0], EGRESS_PROGRAMS[1]].map(|name| (name, take(name)));
+    let ingress = as_type::<CgroupSkb>(INGRESS_PROGRAM, take(INGRESS_PROGRAM)?)?;
+    let egress_count = EGRESS_COUNT_PROGRAMS.map(|name| (name, take(name)));
+    let ingress_count = take(INGRESS_COUNT_PROGRAM);
+    let sock_create = as_type::<CgroupSock>(SOCK_CREATE_PROGRAM, take(SOCK_CREATE_PROGRAM)?)?;
+    let sock_release = as_type::<CgroupSock>(SOCK_RELEASE_PROGRAM, take(SOCK_RELEASE_PROGRAM)?)?;
+    let lsm = as_type::<Lsm>(LSM_PROGRAM, take(LSM_PROGRAM)?)?;
+
+    std::thread::scope(|scope| {
+        let sock_addr: Vec<_> = sock_addr
+            .into_iter()
+            .map(|(name, program)| scope.spawn(move || program.load().map_err(KernelError::program(name))))
+            .collect();
+        let egress = scope.spawn(move || load_first(egress));
+        let ingress = scope.spawn(move || ingress.load().map_err(KernelError::program(INGRESS_PROGRAM)));
+        let counting = scope.spawn(move || load_count_programs(egress_count, ingress_count));
+        let sock_create = scope.spawn(move || sock_create.load().map_err(KernelError::program(SOCK_CREATE_PROGRAM)));
+        let sock_release = scope.spawn(move || sock_release.load());
+        let socket_guard = scope.spawn(move || load_socket_guard(lsm));
+
+        for job in sock_addr {
+            joined(job)?;
         }
-    };
-    sock_program(ebpf, SOCK_CREATE_PROGRAM)?.load().map_err(KernelError::program(SOCK_CREATE_PROGRAM))?;
-    let sock_release = match sock_program(ebpf, SOCK_RELEASE_PROGRAM)?.load() {
-        Ok(()) => true,
-        Err(error) => {
-            tracing::warn!(%error, "no cgroup/sock_release on this kernel (Linux 5.9+): flows end by idle expiry");
-            false
+        let egress_program = joined(egress)?;
+        if egress_program == EGRESS_PROGRAMS[1] {
+            tracing::info!(
+                "this kernel refuses the current-task helpers in packet programs: events of raw and other \
+                 packet-judged flows name no process"
+            );
         }
-    };
-    let socket_guard = load_socket_guard(ebpf);
-    Ok(Loaded { egress_program, socket_guard, sock_release, counting })
+        joined(ingress)?;
+        // Flow records are worth less than enforcement: a kernel that refuses the accounting
+        // programs still gets its policies enforced.
+        let counting = match joined(counting) {
+            Ok(counting) => counting,
+            Err(error) => {
+                tracing::warn!(%error, "this kernel refuses the flow accounting programs: no flow records");
+                Vec::new()
+            }
+        };
+        joined(sock_create)?;
+        let sock_release = match joined(sock_release) {
+            Ok(()) => true,
+            Err(error) => {
+                tracing::warn!(%error, "no cgroup/sock_release on this kernel (Linux 5.9+): flows end by idle expiry");
+                false
+            }
+        };
+        let socket_guard = joined(socket_guard);
+        Ok(Loaded { egress_program, socket_guard, sock_release, counting })
+    })
+}
+
+/// A loading thread's result; a thread that panicked is re-raised here.
+fn joined<T>(job: std::thread::ScopedJoinHandle<'_, T>) -> T {
+    job.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+}
+
+/// One program of the object as its type.
+fn as_type<'a, T>(name: &'static str, program: &'a mut Program) -> Result<&'a mut T, KernelError>
+where
+    &'a mut T: TryFrom<&'a mut Program, Error = ProgramError>,
+{
+    program.try_into().map_err(KernelError::program(name))
+}
+
+/// Loads the first of two `cgroup_skb` variants the verifier accepts; its name.
+fn load_first(variants: [(&'static str, Result<&mut Program, KernelError>); 2]) -> Result<&'static str, KernelError> {
+    let [(full, first), (portable, second)] = variants;
+    match as_type::<CgroupSkb>(full, first?)?.load() {
+        Ok(()) => Ok(full),
+        Err(error) => {
+            tracing::debug!(%error, program = full, "refused by this kernel; loading {portable}");
+            as_type::<CgroupSkb>(portable, second?)?.load().map_err(KernelError::program(portable))?;
+            Ok(portable)
+        }
+    }
 }
 
 /// Attaches every loaded program to `cgroup`, pushing each link as it is made (so that a
@@ -203,41 +263,24 @@ fn lsm_program(ebpf: &mut Ebpf) -> Result<&mut Lsm, KernelError> {
     program.try_into().map_err(KernelError::program(LSM_PROGRAM))
 }
 
-/// Loads the first of `EGRESS_PROGRAMS` the verifier accepts.
-fn load_egress_program(ebpf: &mut Ebpf) -> Result<&'static str, KernelError> {
-    let [full, portable] = EGRESS_PROGRAMS;
-    match skb_program(ebpf, full)?.load() {
-        Ok(()) => Ok(full),
-        Err(error) => {
-            tracing::info!(
-                %error,
-                "this kernel refuses the current-task helpers in packet programs: events of raw and other \
-                 packet-judged flows name no process"
-            );
-            skb_program(ebpf, portable)?.load().map_err(KernelError::program(portable))?;
-            Ok(portable)
-        }
-    }
-}
-
 /// Loads the flow accounting programs: the first of `EGRESS_COUNT_PROGRAMS` the verifier
 /// accepts, and the ingress one.
-fn load_count_programs(ebpf: &mut Ebpf) -> Result<Vec<(&'static str, CgroupSkbAttachType)>, KernelError> {
-    let [full, portable] = EGRESS_COUNT_PROGRAMS;
-    let egress = match skb_program(ebpf, full)?.load() {
-        Ok(()) => full,
-        Err(error) => {
-            tracing::info!(%error, "the packet hook cannot name who opens a connection: connect() hands it over");
-            skb_program(ebpf, portable)?.load().map_err(KernelError::program(portable))?;
-            portable
-        }
-    };
-    skb_program(ebpf, INGRESS_COUNT_PROGRAM)?.load().map_err(KernelError::program(INGRESS_COUNT_PROGRAM))?;
+fn load_count_programs(
+    egress: [(&'static str, Result<&mut Program, KernelError>); 2],
+    ingress: Result<&mut Program, KernelError>,
+) -> Result<Vec<(&'static str, CgroupSkbAttachType)>, KernelError> {
+    let egress = load_first(egress)?;
+    if egress == EGRESS_COUNT_PROGRAMS[1] {
+        tracing::info!("the packet hook cannot name who opens a connection: connect() hands it over");
+    }
+    as_type::<CgroupSkb>(INGRESS_COUNT_PROGRAM, ingress?)?
+        .load()
+        .map_err(KernelError::program(INGRESS_COUNT_PROGRAM))?;
     Ok(vec![(egress, CgroupSkbAttachType::Egress), (INGRESS_COUNT_PROGRAM, CgroupSkbAttachType::Ingress)])
 }
 
 /// Loads the LSM program where the kernel runs BPF LSM programs; says why not otherwise.
-fn load_socket_guard(ebpf: &mut Ebpf) -> SocketGuard {
+fn load_socket_guard(program: &mut Lsm) -> SocketGuard {
     if !Path::new(ACTIVE_LSMS).exists() {
         // securityfs is not mounted on every host (nor in every container).
         let _ = std::process::Command::new("mount")
@@ -261,7 +304,7 @@ fn load_socket_guard(ebpf: &mut Ebpf) -> SocketGuard {
         Ok(btf) => btf,
         Err(error) => return SocketGuard::Off(format!("no kernel BTF for the LSM program: {error}")),
     };
-    match lsm_program(ebpf).and_then(|p| p.load(LSM_HOOK, &btf).map_err(KernelError::program(LSM_PROGRAM))) {
+    match program.load(LSM_HOOK, &btf).map_err(KernelError::program(LSM_PROGRAM)) {
         Ok(()) => SocketGuard::On,
         Err(error) => {
             let error = error.to_string();
