@@ -7,8 +7,8 @@
 //! later, at its SYN ([`hand_over`], [`open_at_syn`]): `connect()` then writes no shared map.
 //!
 //! The entry doubles as a per-socket verdict cache for `sendmsg`: a datagram to a destination
-//! this socket was already allowed to reach, under the same policy slot, policy epoch and
-//! sending cgroup, is let through without judging it again (see [`cached_on_socket`]).
+//! this socket was already allowed to reach, under the same policy epoch and from the same
+//! cgroup, is let through without judging it again (see [`cached_on_socket`]).
 
 use aya_ebpf::{
     bindings::{__sk_buff, bpf_sock, BPF_NOEXIST, BPF_RB_NO_WAKEUP},
@@ -165,56 +165,50 @@ fn take_pending(cookie: u64) -> Option<PendingOpen> {
 /// when it is in the socket's cgroup; else only the socket's owner. The decision: the one the
 /// workload's `connect()` reused.
 #[inline(always)]
-pub fn open_at_syn<const TASK: bool>(skb: *mut __sk_buff, id: &FlowId) {
+pub fn open_at_syn<const TASK: bool>(skb: *mut __sk_buff, id: &FlowId, remote: &Flow) {
+    let opened = match take_pending(id.cookie) {
+        Some(opened) => opened,
+        None => {
+            // SAFETY: helpers on the program's own context.
+            let (cgroup_id, uid) = unsafe { (bpf_skb_cgroup_id(skb.cast()), bpf_get_socket_uid(skb.cast())) };
+            // SAFETY: copied out at once.
+            let Some(seen) = (unsafe { WORKLOAD_DESTINATIONS.get(&workload_destination(cgroup_id, remote)) }).copied()
+            else {
+                return;
+            };
+            let mut opened = PendingOpen {
+                cookie: id.cookie,
+                cgroup_id,
+                slot: seen.slot,
+                rule: seen.rule,
+                epoch: seen.epoch,
+                uid,
+                verdict: seen.verdict,
+                ..PendingOpen::default()
+            };
+            // SAFETY: a helper without arguments.
+            if TASK && unsafe { generated::bpf_get_current_cgroup_id() } == cgroup_id {
+                opened.pid = (bpf_get_current_pid_tgid() >> 32) as u32;
+                opened.uid = bpf_get_current_uid_gid() as u32;
+                opened.comm = bpf_get_current_comm().unwrap_or([0; 16]);
+            }
+            opened
+        }
+    };
     let now = now();
-    if let Some(opened) = take_pending(id.cookie) {
-        let state = FlowState {
-            start_ns: now,
-            last_ns: now,
-            cgroup_id: opened.cgroup_id,
-            policy: opened.slot,
-            rule: opened.rule,
-            epoch: opened.epoch,
-            pid: opened.pid,
-            uid: opened.uid,
-            verdict: opened.verdict,
-            comm: opened.comm,
-            ..FlowState::default()
-        };
-        let _ = FLOWS.insert(id, &state, u64::from(BPF_NOEXIST));
-        return;
-    }
-    // SAFETY: helpers on the program's own context.
-    let (cgroup_id, socket_uid) = unsafe { (bpf_skb_cgroup_id(skb.cast()), bpf_get_socket_uid(skb.cast())) };
-    let key = WorkloadDestination {
-        cgroup_id,
-        addr: id.addr,
-        port: id.port,
-        family: id.family,
-        protocol: id.protocol,
-        _pad: [0; 4],
-    };
-    // SAFETY: copied out at once.
-    let Some(seen) = (unsafe { WORKLOAD_DESTINATIONS.get(&key) }).copied() else {
-        return;
-    };
-    let mut state = FlowState {
+    let state = FlowState {
         start_ns: now,
         last_ns: now,
-        cgroup_id,
-        policy: seen.slot,
-        rule: seen.rule,
-        epoch: seen.epoch,
-        uid: socket_uid,
-        verdict: seen.verdict,
+        cgroup_id: opened.cgroup_id,
+        policy: opened.slot,
+        rule: opened.rule,
+        epoch: opened.epoch,
+        pid: opened.pid,
+        uid: opened.uid,
+        verdict: opened.verdict,
+        comm: opened.comm,
         ..FlowState::default()
     };
-    // SAFETY: a helper without arguments.
-    if TASK && unsafe { generated::bpf_get_current_cgroup_id() } == cgroup_id {
-        state.pid = (bpf_get_current_pid_tgid() >> 32) as u32;
-        state.uid = bpf_get_current_uid_gid() as u32;
-        state.comm = bpf_get_current_comm().unwrap_or([0; 16]);
-    }
     let _ = FLOWS.insert(id, &state, u64::from(BPF_NOEXIST));
 }
 

@@ -73,7 +73,7 @@ fn count<const TASK: bool>(ctx: &SkBuffContext, direction: Direction) {
         return;
     }
     if direction == Direction::Out && remote.protocol == proto::TCP && opens_connection(ctx, skb) {
-        open_at_syn::<TASK>(skb, &id);
+        open_at_syn::<TASK>(skb, &id, &remote);
         count_packet(skb, &id, direction, local, || header_len(ctx, skb));
     }
 }
@@ -83,23 +83,27 @@ fn count<const TASK: bool>(ctx: &SkBuffContext, direction: Direction) {
 fn opens_connection(ctx: &SkBuffContext, skb: *mut __sk_buff) -> bool {
     const SYN: u8 = 0x02;
     const ACK: u8 = 0x10;
+    let (ip_len, _) = ip_header(ctx, skb);
+    ctx.load::<u8>(ip_len as usize + 13).is_ok_and(|flags| flags & (SYN | ACK) == SYN)
+}
+
+/// IP header length and upper-layer protocol of a packet (IPv6 extension headers not walked).
+#[inline(always)]
+fn ip_header(ctx: &SkBuffContext, skb: *mut __sk_buff) -> (u32, u8) {
     // SAFETY: reading a context field.
     let ethertype = u16::from_be(unsafe { (*skb).protocol } as u16);
-    let ip_len = if ethertype == ETH_P_IP { u32::from(ctx.load::<u8>(0).unwrap_or(0x45) & 0x0f) * 4 } else { 40 };
-    ctx.load::<u8>(ip_len as usize + 13).is_ok_and(|flags| flags & (SYN | ACK) == SYN)
+    if ethertype == ETH_P_IP {
+        let first: u8 = ctx.load(0).unwrap_or(0x45);
+        (u32::from(first & 0x0f) * 4, ctx.load::<u8>(9).unwrap_or(0))
+    } else {
+        (40, ctx.load::<u8>(6).unwrap_or(0))
+    }
 }
 
 /// IP plus transport header length of a packet (for the headers of a GSO/GRO train).
 #[inline(always)]
 fn header_len(ctx: &SkBuffContext, skb: *mut __sk_buff) -> u32 {
-    // SAFETY: reading a context field.
-    let ethertype = u16::from_be(unsafe { (*skb).protocol } as u16);
-    let (ip_len, protocol) = if ethertype == ETH_P_IP {
-        let first: u8 = ctx.load(0).unwrap_or(0x45);
-        (u32::from(first & 0x0f) * 4, ctx.load::<u8>(9).unwrap_or(0))
-    } else {
-        (40, ctx.load::<u8>(6).unwrap_or(0))
-    };
+    let (ip_len, protocol) = ip_header(ctx, skb);
     let transport = match protocol {
         proto::TCP => ctx.load::<u8>(ip_len as usize + 12).map_or(20, |offset| u32::from(offset >> 4) * 4),
         proto::UDP => 8,

@@ -180,7 +180,7 @@ pub(super) fn attach_all(
     ids: &mut Vec<LinkId>,
 ) -> Result<(), KernelError> {
     for name in SOCK_ADDR_PROGRAMS {
-        let id = sock_addr_program(ebpf, name)?
+        let id = program::<CgroupSockAddr>(ebpf, name)?
             .attach(cgroup, CgroupAttachMode::Single)
             .map_err(KernelError::program(name))?;
         ids.push(LinkId::SockAddr(name, id));
@@ -189,7 +189,7 @@ pub(super) fn attach_all(
         vec![(loaded.egress_program, CgroupSkbAttachType::Egress), (INGRESS_PROGRAM, CgroupSkbAttachType::Ingress)];
     skb_programs.extend(&loaded.counting);
     for (name, attach_type) in skb_programs {
-        let id = skb_program(ebpf, name)?
+        let id = program::<CgroupSkb>(ebpf, name)?
             .attach(cgroup, attach_type, CgroupAttachMode::Single)
             .map_err(KernelError::program(name))?;
         ids.push(LinkId::Skb(name, id));
@@ -199,12 +199,13 @@ pub(super) fn attach_all(
         sock_programs.push(SOCK_RELEASE_PROGRAM);
     }
     for name in sock_programs {
-        let id =
-            sock_program(ebpf, name)?.attach(cgroup, CgroupAttachMode::Single).map_err(KernelError::program(name))?;
+        let id = program::<CgroupSock>(ebpf, name)?
+            .attach(cgroup, CgroupAttachMode::Single)
+            .map_err(KernelError::program(name))?;
         ids.push(LinkId::Sock(name, id));
     }
     if loaded.socket_guard == SocketGuard::On {
-        let id = lsm_program(ebpf)?.attach().map_err(KernelError::program(LSM_PROGRAM))?;
+        let id = program::<Lsm>(ebpf, LSM_PROGRAM)?.attach().map_err(KernelError::program(LSM_PROGRAM))?;
         ids.push(LinkId::Lsm(id));
     }
     Ok(())
@@ -215,19 +216,19 @@ pub(super) fn attach_all(
 pub(super) fn take_link(ebpf: &mut Ebpf, id: LinkId) -> Result<(&'static str, FdLink), KernelError> {
     Ok(match id {
         LinkId::SockAddr(name, id) => {
-            let link = sock_addr_program(ebpf, name)?.take_link(id).map_err(KernelError::program(name))?;
+            let link = program::<CgroupSockAddr>(ebpf, name)?.take_link(id).map_err(KernelError::program(name))?;
             (name, FdLink::try_from(link)?)
         }
         LinkId::Skb(name, id) => {
-            let link = skb_program(ebpf, name)?.take_link(id).map_err(KernelError::program(name))?;
+            let link = program::<CgroupSkb>(ebpf, name)?.take_link(id).map_err(KernelError::program(name))?;
             (name, FdLink::try_from(link)?)
         }
         LinkId::Sock(name, id) => {
-            let link = sock_program(ebpf, name)?.take_link(id).map_err(KernelError::program(name))?;
+            let link = program::<CgroupSock>(ebpf, name)?.take_link(id).map_err(KernelError::program(name))?;
             (name, FdLink::try_from(link)?)
         }
         LinkId::Lsm(id) => {
-            let link = lsm_program(ebpf)?.take_link(id).map_err(KernelError::program(LSM_PROGRAM))?;
+            let link = program::<Lsm>(ebpf, LSM_PROGRAM)?.take_link(id).map_err(KernelError::program(LSM_PROGRAM))?;
             (LSM_PROGRAM, link.into())
         }
     })
@@ -236,31 +237,21 @@ pub(super) fn take_link(ebpf: &mut Ebpf, id: LinkId) -> Result<(&'static str, Fd
 /// Detaches one link this process owns.
 pub(super) fn detach(ebpf: &mut Ebpf, id: LinkId) -> Result<(), KernelError> {
     match id {
-        LinkId::SockAddr(name, id) => sock_addr_program(ebpf, name)?.detach(id).map_err(KernelError::program(name)),
-        LinkId::Skb(name, id) => skb_program(ebpf, name)?.detach(id).map_err(KernelError::program(name)),
-        LinkId::Sock(name, id) => sock_program(ebpf, name)?.detach(id).map_err(KernelError::program(name)),
-        LinkId::Lsm(id) => lsm_program(ebpf)?.detach(id).map_err(KernelError::program(LSM_PROGRAM)),
+        LinkId::SockAddr(name, id) => {
+            program::<CgroupSockAddr>(ebpf, name)?.detach(id).map_err(KernelError::program(name))
+        }
+        LinkId::Skb(name, id) => program::<CgroupSkb>(ebpf, name)?.detach(id).map_err(KernelError::program(name)),
+        LinkId::Sock(name, id) => program::<CgroupSock>(ebpf, name)?.detach(id).map_err(KernelError::program(name)),
+        LinkId::Lsm(id) => program::<Lsm>(ebpf, LSM_PROGRAM)?.detach(id).map_err(KernelError::program(LSM_PROGRAM)),
     }
 }
 
-fn sock_addr_program<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut CgroupSockAddr, KernelError> {
-    let program = ebpf.program_mut(name).ok_or(KernelError::MissingProgram(name))?;
-    program.try_into().map_err(KernelError::program(name))
-}
-
-fn skb_program<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut CgroupSkb, KernelError> {
-    let program = ebpf.program_mut(name).ok_or(KernelError::MissingProgram(name))?;
-    program.try_into().map_err(KernelError::program(name))
-}
-
-fn sock_program<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut CgroupSock, KernelError> {
-    let program = ebpf.program_mut(name).ok_or(KernelError::MissingProgram(name))?;
-    program.try_into().map_err(KernelError::program(name))
-}
-
-fn lsm_program(ebpf: &mut Ebpf) -> Result<&mut Lsm, KernelError> {
-    let program = ebpf.program_mut(LSM_PROGRAM).ok_or(KernelError::MissingProgram(LSM_PROGRAM))?;
-    program.try_into().map_err(KernelError::program(LSM_PROGRAM))
+/// The program `name` of the object, as its type.
+fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, KernelError>
+where
+    &'a mut T: TryFrom<&'a mut Program, Error = ProgramError>,
+{
+    as_type(name, ebpf.program_mut(name).ok_or(KernelError::MissingProgram(name))?)
 }
 
 /// Loads the flow accounting programs: the first of `EGRESS_COUNT_PROGRAMS` the verifier
