@@ -956,11 +956,13 @@ fn rule_strategy() -> impl Strategy<Value = Rule> {
 }
 
 fn policy_strategy() -> impl Strategy<Value = Policy> {
-    // At most 10 rules of at most 3 ranges, and at most MAX_PORT_RULES ranges in all, so that
-    // no leaf can be subject to more than the kernel scans (the compiler refuses such a file).
+    // At most 10 rules of at most 3 ranges, and at most MAX_PORT_RULES port-table entries in all
+    // (one per range, one for a protocol rule without ports, none for a catch-all), so that no
+    // leaf can be subject to more than the kernel scans (the compiler refuses such a file).
     (
-        prop::collection::vec(rule_strategy(), 0..=10).prop_filter("at most MAX_PORT_RULES port ranges", |rules| {
-            rules.iter().map(|rule| rule.ports.len()).sum::<usize>() <= egress_common::MAX_PORT_RULES
+        prop::collection::vec(rule_strategy(), 0..=10).prop_filter("at most MAX_PORT_RULES port entries", |rules| {
+            let entries = rules.iter().filter(|rule| !rule.is_catch_all()).map(|rule| rule.ports.len().max(1));
+            entries.sum::<usize>() <= egress_common::MAX_PORT_RULES
         }),
         any::<bool>(),
         any::<bool>(),
