@@ -105,6 +105,10 @@ pub mod rule_id {
     /// DNS over TLS, or HTTPS to a well-known DNS-over-HTTPS resolver, from a policy with name
     /// rules that no rule allows explicitly: it would bypass the name filter.
     pub const DNS_BYPASS: u32 = u32::MAX - 6;
+    /// A packet the hook cannot read to its destination port: truncated, an IPv6 extension
+    /// header that runs past the packet's end, or a header chain longer than the hook walks.
+    /// What cannot be judged is refused.
+    pub const MALFORMED: u32 = u32::MAX - 7;
     /// Lowest special id; rule numbers of a file stay below it.
-    pub const FIRST_SPECIAL: u32 = DNS_BYPASS;
+    pub const FIRST_SPECIAL: u32 = MALFORMED;
 }

@@ -2,7 +2,7 @@
 //! the compiler builds its trie keys with them, and the daemon's property tests check them (not
 //! a copy) against the reference evaluator. Only the trie and hash lookups are the kernel's.
 
-use crate::{proto, Decision, PortTable, RuleKeyV4, RuleKeyV6, MAX_PORT_RULES, POLICY_KEY_BITS};
+use crate::{proto, Decision, PortRule, PortTable, RuleKeyV4, RuleKeyV6, MAX_PORT_RULES, POLICY_KEY_BITS};
 
 /// Prefix length of a full IPv4 lookup key (policy slot and address).
 pub const V4_LOOKUP_BITS: u32 = POLICY_KEY_BITS + 32;
@@ -59,20 +59,27 @@ pub const fn rule_prefix_len(cidr_bits: u8) -> u32 {
 /// `port` as [`rule_port`] gives it.
 #[inline(always)]
 pub fn resolve(decision: &Decision, table: Option<&PortTable>, protocol: u8, port: u16) -> (u8, u32) {
-    if let Some(table) = table {
-        let mut i = 0;
-        while i < MAX_PORT_RULES {
-            if i as u32 >= table.len {
-                break;
-            }
-            let r = &table.rules[i];
-            let proto_matches = r.proto == proto::ANY || r.proto == protocol;
-            let port_matches = r.has_ports == 0 || (port != 0 && r.port_lo <= port && port <= r.port_hi);
-            if proto_matches && port_matches {
-                return (r.action, r.rule);
-            }
-            i += 1;
-        }
+    match table.and_then(|table| port_rule(table, protocol, port)) {
+        Some(r) => (r.action, r.rule),
+        None => (decision.fallback_action, decision.fallback_rule),
     }
-    (decision.fallback_action, decision.fallback_rule)
+}
+
+/// The first rule of `table` that matches the protocol and port.
+#[inline(always)]
+pub fn port_rule(table: &PortTable, protocol: u8, port: u16) -> Option<&PortRule> {
+    let mut i = 0;
+    while i < MAX_PORT_RULES {
+        if i as u32 >= table.len {
+            break;
+        }
+        let r = &table.rules[i];
+        let proto_matches = r.proto == proto::ANY || r.proto == protocol;
+        let port_matches = r.has_ports == 0 || (port != 0 && r.port_lo <= port && port <= r.port_hi);
+        if proto_matches && port_matches {
+            return Some(r);
+        }
+        i += 1;
+    }
+    None
 }

@@ -198,6 +198,8 @@ pub mod counter {
     pub const DROPS_REPORTED: u32 = 1;
     /// Ends of flows that did not fit in the `FLOW_ENDS` ring (the daemon ends them later).
     pub const FLOW_ENDS_DROPPED: u32 = 2;
+    /// Packets of covered sockets refused because the hook could not parse them.
+    pub const MALFORMED_PACKETS: u32 = 3;
     pub const COUNT: u32 = 4;
 }
 

@@ -410,9 +410,16 @@ impl control::server::ControlHandler for Daemon {
     fn status(&self) -> StatusReport {
         let mut state = self.engine.state();
         let dropped_events = self.drops.read().map_or(0, |drops| drops.total);
+        let malformed_packets = self.drops.malformed_packets().unwrap_or(0);
         let guarantees = guarantees(&state);
         let Some(active) = &state.active else {
-            return StatusReport { attach: self.attach.clone(), dropped_events, guarantees, ..StatusReport::default() };
+            return StatusReport {
+                attach: self.attach.clone(),
+                dropped_events,
+                malformed_packets,
+                guarantees,
+                ..StatusReport::default()
+            };
         };
         let policies = active
             .set
@@ -438,6 +445,7 @@ impl control::server::ControlHandler for Daemon {
             loaded_at: crate::events::timestamp(active.loaded_at),
             attach: self.attach.clone(),
             dropped_events,
+            malformed_packets,
             guarantees,
             policies,
             cgroups: Vec::new(),

@@ -137,6 +137,11 @@ pub fn render(report: &StatusReport) -> String {
         "Flow events the ring buffer had to drop",
         counter(report.dropped_events),
     );
+    registry.register(
+        "egress_malformed_packets",
+        "Packets of covered sockets refused because the packet hook could not parse them",
+        counter(report.malformed_packets),
+    );
     let entries = Family::<MapLabel, Gauge>::default();
     let capacity = Family::<MapLabel, Gauge>::default();
     for fill in &report.maps {
@@ -195,6 +200,7 @@ mod tests {
         };
         let report = StatusReport {
             dropped_events: 4,
+            malformed_packets: 6,
             cgroups: vec![cgroup("a", "web", 2), cgroup("b", "web", 3), cgroup("c", "db", 1)],
             maps: vec![MapFill { map: "RULES_V4".into(), used: 7, capacity: 9 }],
             ..StatusReport::default()
@@ -205,6 +211,7 @@ mod tests {
             "egress_flows_total{policy=\"db\",verdict=\"blocked\"} 1",
             "egress_cgroups_bound{policy=\"web\"} 2",
             "egress_events_dropped_total 4",
+            "egress_malformed_packets_total 6",
             "egress_map_entries{map=\"RULES_V4\"} 7",
             "egress_map_capacity{map=\"RULES_V4\"} 9",
         ] {

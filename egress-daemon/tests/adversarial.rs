@@ -451,3 +451,164 @@ fn a_cgroup_deeper_than_the_kernel_walk_is_enforced_and_its_unbound_neighbours_r
         "{report}"
     );
 }
+
+/// Builds raw packets for the attacks below: IPv6 headers, extension headers, UDP and TCP.
+const PY_PACKETS: &str = r#"
+def v6(src, dst, nxt, payload):
+    return (struct.pack("!IHBB", 6 << 28, len(payload), nxt, 64)
+            + ipaddress.IPv6Address(src).packed + ipaddress.IPv6Address(dst).packed + payload)
+def udp(dport, data=b"x"):
+    return struct.pack("!HHHH", 4444, dport, 8 + len(data), 0) + data
+def tcp(dport):
+    return struct.pack("!HHIIBBHHH", 4444, dport, 1, 0, 5 << 4, 2, 1024, 0, 0)
+def dest_opts(nxt):
+    # Eight octets: next header, length 0, one PadN option of four octets.
+    return bytes([nxt, 0, 1, 4, 0, 0, 0, 0])
+def routing(nxt, segment):
+    # A segment routing header with one segment.
+    return bytes([nxt, 2, 4, 0, 0, 0, 0, 0]) + ipaddress.IPv6Address(segment).packed
+def chain(depth, last, inner):
+    out = inner
+    nxt = last
+    for _ in range(depth):
+        out = dest_opts(nxt) + out
+        nxt = 60
+    return nxt, out
+def raw6():
+    return socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_RAW)
+"#;
+
+#[test]
+fn packets_the_hook_cannot_parse_are_refused() {
+    if !privileged() {
+        return;
+    }
+    let wire = Wire::new(65);
+    let parent = TestCgroup::new("adv-malformed");
+    let cg = parent.child("workload");
+    let (file, daemon) = daemon_for(&parent, &strict_policy(&cg, &wire));
+    // Raw sockets need CAP_NET_RAW: a root-in-container attacker.
+    let attack = script(&format!(
+        "{PY_PACKETS}{}",
+        r#"
+me, allowed, denied, me6, allowed6, denied6 = sys.argv[1:7]
+r4u = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_UDP)
+r4t = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_TCP)
+r6u = socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_UDP)
+attempt("short-udp4-denied", lambda: r4u.sendto(b"ab", (denied, 0)))
+attempt("short-udp4-allowed", lambda: r4u.sendto(b"ab", (allowed, 0)))
+attempt("short-tcp4", lambda: r4t.sendto(b"abc", (denied, 0)))
+attempt("short-udp6", lambda: r6u.sendto(b"ab", (denied6, 0)))
+# A destination options header that claims 2 KB in a packet of 200 octets.
+overlong = bytes([17, 255]) + bytes(198)
+attempt("overlong-opts", lambda: raw6().sendto(v6(me6, denied6, 60, overlong), (denied6, 0)))
+attempt("overlong-opts-allowed", lambda: raw6().sendto(v6(me6, allowed6, 60, overlong), (allowed6, 0)))
+# A routing header behind four (and eight) destination options headers.
+for depth in (4, 8):
+    nxt, body = chain(depth, 43, routing(17, denied6) + udp(9999))
+    attempt("deep-route-%d" % depth, lambda: raw6().sendto(v6(me6, allowed6, nxt, body), (allowed6, 0)))
+# A chain longer than the walk: what follows it was never seen.
+nxt, body = chain(20, 17, udp(9999))
+attempt("too-deep", lambda: raw6().sendto(v6(me6, allowed6, nxt, body), (allowed6, 0)))
+# Whole packets still go where the policy allows.
+attempt("whole-udp4", lambda: r4u.sendto(udp(9999), (allowed, 0)))
+nxt, body = chain(2, 17, udp(9998))
+attempt("whole-opts6", lambda: raw6().sendto(v6(me6, allowed6, nxt, body), (allowed6, 0)))
+"#
+    ));
+    let args = [wire.host(1), wire.host(2), wire.host(3), wire.host6(1), wire.host6(2), wire.host6(3)];
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = as_root(&cg, &attack, &args);
+    for refused in [
+        "short-udp4-denied",
+        "short-udp4-allowed",
+        "short-tcp4",
+        "short-udp6",
+        "overlong-opts",
+        "overlong-opts-allowed",
+        "deep-route-4",
+        "deep-route-8",
+        "too-deep",
+    ] {
+        assert!(out.contains(&format!("{refused}:EPERM")), "{refused} was not refused: {out}");
+    }
+    assert!(out.contains("whole-udp4:ok") && out.contains("whole-opts6:ok"), "{out}");
+    wire.wait_for_packet(&wire.host(2), Some(9999));
+    wire.wait_for_packet(&wire.host6(2), Some(9998));
+    wire.assert_nothing_denied_reached("malformed packets");
+    assert!(
+        !wire.packets().iter().any(|p| p["dst"].as_str() == Some(&wire.host6(2)) && p["dport"].as_u64() == Some(9999)),
+        "a packet behind a routing header or a too-long chain reached the wire: {:?}",
+        wire.packets()
+    );
+    blocked_with_rule(&daemon, "malformed");
+    blocked_with_rule(&daemon, "source-routed");
+    let status = file.status_json();
+    assert!(status["malformed_packets"].as_u64().is_some_and(|n| n >= 7), "{status}");
+}
+
+#[test]
+fn raw_packets_to_dns_ports_are_refused_in_a_policy_with_name_rules() {
+    if !privileged() {
+        return;
+    }
+    let wire = Wire::new(66);
+    let parent = TestCgroup::new("adv-rawdns");
+    let cg = parent.child("workload");
+    let file = PolicyFile::attached_at(Some(&parent.relative), "");
+    // The resolver's address is allowed on every port, as a CIDR rule for a whole network would.
+    let policy = |resolver_rule: &str| {
+        format!(
+            "{}  dns:\n    listen_port: 5366\n    upstream: [{}]\npolicies:\n  - name: names\n    cgroup: {}\n    default: deny\n    rules:\n      - allow: app.dns.test\n{resolver_rule}      - allow: {}\n",
+            file.settings(Some(&parent.relative)),
+            wire.host(2),
+            cg.relative,
+            wire.host6(2)
+        )
+    };
+    file.rewrite(&policy(&format!("      - allow: {}\n", wire.host(2))));
+    let daemon = Daemon::start(&file);
+    let attack = script(&format!(
+        "{PY_PACKETS}{}",
+        r#"
+resolver, resolver6 = sys.argv[1:3]
+query = b"\x12\x34\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00\x06secret\x04evil\x00\x00\x01\x00\x01"
+r4u = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_UDP)
+r4t = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_TCP)
+r6u = socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_UDP)
+attempt("raw-udp53", lambda: r4u.sendto(udp(53, query), (resolver, 0)))
+attempt("raw-tcp53", lambda: r4t.sendto(tcp(53), (resolver, 0)))
+attempt("raw-tcp853", lambda: r4t.sendto(tcp(853), (resolver, 0)))
+attempt("raw-udp53-v6", lambda: r6u.sendto(udp(53, query), (resolver6, 0)))
+attempt("raw-other", lambda: r4u.sendto(udp(9999), (resolver, 0)))
+"#
+    ));
+    let args = [wire.host(2), wire.host6(2)];
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = as_root(&cg, &attack, &args);
+    for refused in ["raw-udp53", "raw-tcp53", "raw-tcp853", "raw-udp53-v6"] {
+        assert!(out.contains(&format!("{refused}:EPERM")), "{refused} was not refused: {out}");
+    }
+    assert!(out.contains("raw-other:ok"), "{out}");
+    wire.wait_for_packet(&wire.host(2), Some(9999));
+    thread::sleep(Duration::from_millis(300));
+    let dns_packets =
+        |packets: &[Value]| packets.iter().filter(|p| matches!(p["dport"].as_u64(), Some(53 | 853))).count();
+    assert_eq!(dns_packets(&wire.packets()), 0, "raw DNS reached the wire: {:?}", wire.packets());
+    blocked_with_rule(&daemon, "dns-bypass");
+
+    // A rule that lists the port for that resolver allows it on purpose.
+    file.rewrite(&policy(&format!("      - allow: {}\n        ports: [53]\n", wire.host(2))));
+    daemon.signal(libc::SIGHUP);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let out = as_root(&cg, &attack, &args);
+        if out.contains("raw-udp53:ok") {
+            assert!(out.contains("raw-tcp853:EPERM") && out.contains("raw-udp53-v6:EPERM"), "{out}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "the reload never allowed the named resolver: {out}");
+        thread::sleep(Duration::from_millis(200));
+    }
+    wire.wait_for_packet(&wire.host(2), Some(53));
+}

@@ -157,8 +157,9 @@ fn within_budget(index: u32, now: u64) -> bool {
     true
 }
 
+/// Adds one to a kernel-wide counter (`counter::*`).
 #[inline(always)]
-fn bump(index: u32) {
+pub fn bump(index: u32) {
     if let Some(value) = COUNTERS.get_ptr_mut(index) {
         // SAFETY: per-CPU value, no other writer on this CPU while the program runs.
         unsafe { *value += 1 };

@@ -4,7 +4,8 @@ use aya_ebpf::{helpers::generated::bpf_get_current_ancestor_cgroup_id, maps::lpm
 use egress_common::{
     action, family, log,
     lookup::{self, rule_key_v4, rule_key_v6, V4_LOOKUP_BITS, V6_LOOKUP_BITS},
-    mode, policy_flags, proto, rule_id, verdict, CgroupBinding, DEEP_LEVELS_BIT, MAX_CGROUP_LEVEL, MAX_POLICY_SLOTS,
+    mode, policy_flags, proto, rule_id, verdict, CgroupBinding, Decision, PortTable, DEEP_LEVELS_BIT, MAX_CGROUP_LEVEL,
+    MAX_POLICY_SLOTS,
 };
 
 use crate::maps::{CGROUP_POLICY, DEEP_GUARDS, POLICY_INFO, PORT_TABLES, RULES_V4, RULES_V6, SETTINGS};
@@ -162,6 +163,21 @@ pub fn mode_of(slot: u32) -> u8 {
 /// no rule's CIDR holds it.
 #[inline(always)]
 fn decide(slot: u32, flow: &Flow) -> Option<(u8, u32)> {
+    let (decision, table) = leaf(slot, flow)?;
+    Some(lookup::resolve(decision, table, flow.protocol, flow.port))
+}
+
+/// Whether the rule that allows `flow` names its port: an allow with `ports:` listing it, not a
+/// rule for every port of the address, nor the default.
+#[inline(always)]
+pub fn allowed_by_port_rule(slot: u32, flow: &Flow) -> bool {
+    let Some((_, Some(table))) = leaf(slot, flow) else { return false };
+    lookup::port_rule(table, flow.protocol, flow.port).is_some_and(|r| r.has_ports != 0 && r.action == action::ALLOW)
+}
+
+/// The trie leaf of the longest prefix holding the destination, and the port table it names.
+#[inline(always)]
+fn leaf(slot: u32, flow: &Flow) -> Option<(&'static Decision, Option<&'static PortTable>)> {
     let decision = if flow.family == family::INET {
         let addr = [flow.addr[0], flow.addr[1], flow.addr[2], flow.addr[3]];
         RULES_V4.get(Key::new(V4_LOOKUP_BITS, rule_key_v4(slot, addr)))?
@@ -170,5 +186,5 @@ fn decide(slot: u32, flow: &Flow) -> Option<(u8, u32)> {
     };
     // SAFETY: port tables are only replaced between reloads, never rewritten in place.
     let table = if decision.port_table != 0 { unsafe { PORT_TABLES.get(&decision.port_table) } } else { None };
-    Some(lookup::resolve(decision, table, flow.protocol, flow.port))
+    Some((decision, table))
 }

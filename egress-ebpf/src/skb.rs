@@ -17,11 +17,11 @@ use aya_ebpf::{
     macros::cgroup_skb,
     programs::SkBuffContext,
 };
-use egress_common::{family, hook, proto, rule_id, PeerKey};
+use egress_common::{counter, family, hook, proto, rule_id, PeerKey};
 
 use crate::{
     dns,
-    events::{report, Sender},
+    events::{bump, report, Sender},
     flows::{flow_id, now, open, policy_epoch, Opener},
     maps::UDP_PEERS,
     policy::{bound_of, judge, mode_of, policy_of, refused, Flow},
@@ -40,9 +40,18 @@ const LOOPBACK_IFINDEX: u32 = 1;
 const IPV6_HOP_BY_HOP: u8 = 0;
 const IPV6_ROUTING: u8 = 43;
 const IPV6_FRAGMENT: u8 = 44;
+const IPV6_AUTH: u8 = 51;
 const IPV6_DEST_OPTS: u8 = 60;
-/// Extension headers walked before the upper-layer header; more is treated as unparsable.
-const MAX_EXTENSION_HEADERS: u32 = 4;
+const IPV6_MOBILITY: u8 = 135;
+const IPV6_HIP: u8 = 139;
+const IPV6_SHIM6: u8 = 140;
+const IPV6_EXPERIMENT_1: u8 = 253;
+const IPV6_EXPERIMENT_2: u8 = 254;
+/// Extension headers walked before the upper-layer header. A chain longer than this is refused
+/// as malformed, never taken for the transport: a routing header could hide behind it. Real
+/// stacks send at most a handful (RFC 8200 section 4.1 names six kinds, each once but
+/// destination options twice); 16 keeps the program well inside every verifier's limits.
+const MAX_EXTENSION_HEADERS: u32 = 16;
 
 #[cgroup_skb(egress)]
 pub fn egress_packet(ctx: SkBuffContext) -> i32 {
@@ -62,7 +71,7 @@ fn on_egress<const TASK: bool>(ctx: &SkBuffContext) -> i32 {
     let judged = judged_at_syscall(skb);
     if judged && dns::steering_on() {
         if let Some(socket) = dns::steered_socket(skb) {
-            if let Some(packet) = parse(ctx) {
+            if let Ok(packet) = parse(ctx) {
                 dns::record_origin(socket, packet.protocol, &packet.source, packet.family, packet.source_port);
             }
         }
@@ -70,15 +79,22 @@ fn on_egress<const TASK: bool>(ctx: &SkBuffContext) -> i32 {
     if judged && !may_name_its_route(ctx) {
         return PASS;
     }
-    let Some(packet) = parse(ctx) else {
-        return PASS;
-    };
-    if judged && !packet.routed {
-        return PASS;
+    let parsed = parse(ctx);
+    if let Ok(packet) = &parsed {
+        if judged && !packet.routed {
+            return PASS;
+        }
     }
     let epoch = policy_epoch();
     let Some((bound, binding)) = bound_of(|level| skb_ancestor(skb, level), || skb_cgroup(skb)) else {
         return PASS;
+    };
+    let packet = match parsed {
+        Ok(packet) => packet,
+        Err(partial) => {
+            bump(counter::MALFORMED_PACKETS);
+            partial
+        }
     };
     let flow = Flow {
         family: packet.family,
@@ -86,8 +102,12 @@ fn on_egress<const TASK: bool>(ctx: &SkBuffContext) -> i32 {
         port: packet.destination_port,
         protocol: egress_common::lookup::normalise_protocol(packet.protocol),
     };
-    let judgement = if packet.routed {
+    let judgement = if parsed_badly(&packet) {
+        refused(mode_of(binding.slot), rule_id::MALFORMED)
+    } else if packet.routed {
         refused(mode_of(binding.slot), rule_id::SOURCE_ROUTED)
+    } else if !judged && dns::carries_unsteered_dns(binding.slot, &flow) {
+        refused(mode_of(binding.slot), rule_id::DNS_BYPASS)
     } else {
         judge(bound, binding.slot, &flow, || false)
     };
@@ -126,7 +146,7 @@ pub fn ingress_packet(ctx: SkBuffContext) -> i32 {
     if policy_of(|level| skb_ancestor(skb, level), || skb_cgroup(skb)).is_none() {
         return PASS;
     }
-    let Some(packet) = parse(&ctx) else {
+    let Ok(packet) = parse(&ctx) else {
         return PASS;
     };
     if packet.protocol != proto::UDP {
@@ -245,68 +265,122 @@ pub(crate) struct Packet {
     pub(crate) routed: bool,
 }
 
+/// The protocol a [`parse`] error leaves in its partial packet: no rule names it.
+const UNPARSED: u8 = 255;
+
 #[inline(always)]
-pub(crate) fn parse(ctx: &SkBuffContext) -> Option<Packet> {
+fn parsed_badly(packet: &Packet) -> bool {
+    packet.protocol == UNPARSED
+}
+
+/// Reads the packet's addresses, route and ports. A packet that cannot be read to its
+/// destination port comes back as `Err`, holding what could be read (the destination, when the
+/// IP header was whole) with the protocol [`UNPARSED`]: the egress hook refuses it.
+#[inline(always)]
+pub(crate) fn parse(ctx: &SkBuffContext) -> Result<Packet, Packet> {
     // SAFETY: reading a context field.
     let ethertype = u16::from_be(unsafe { (*ctx.skb.skb).protocol } as u16);
     let mut packet = Packet {
         family: family::INET,
-        protocol: 0,
+        protocol: UNPARSED,
         source: [0; 16],
         destination: [0; 16],
         source_port: 0,
         destination_port: 0,
         routed: false,
     };
+    macro_rules! read {
+        ($offset:expr) => {
+            match ctx.load($offset) {
+                Ok(value) => value,
+                Err(_) => return Err(packet),
+            }
+        };
+    }
     let mut later_fragment = false;
+    let protocol;
     let l4_offset = if ethertype == ETH_P_IP {
-        let first: u8 = ctx.load(0).ok()?;
-        let fragment: [u8; 2] = ctx.load(6).ok()?;
-        packet.protocol = ctx.load(9).ok()?;
-        let source: [u8; 4] = ctx.load(12).ok()?;
-        let destination: [u8; 4] = ctx.load(16).ok()?;
-        packet.source[..4].copy_from_slice(&source);
+        let destination: [u8; 4] = read!(16);
         packet.destination[..4].copy_from_slice(&destination);
+        let first: u8 = read!(0);
+        let fragment: [u8; 2] = read!(6);
+        protocol = read!(9);
+        let source: [u8; 4] = read!(12);
+        packet.source[..4].copy_from_slice(&source);
         let header_len = usize::from(first & 0x0f) * 4;
+        if first >> 4 != 4 || header_len < 20 {
+            return Err(packet);
+        }
         packet.routed = header_len > 20;
         later_fragment = (u16::from_be_bytes(fragment) & 0x1fff) != 0;
         header_len
     } else if ethertype == ETH_P_IPV6 {
         packet.family = family::INET6;
-        packet.source = ctx.load(8).ok()?;
-        packet.destination = ctx.load(24).ok()?;
-        let mut next: u8 = ctx.load(6).ok()?;
+        packet.destination = read!(24);
+        packet.source = read!(8);
+        let mut next: u8 = read!(6);
         let mut offset = 40usize;
         let mut i = 0;
         while i < MAX_EXTENSION_HEADERS {
             if next == IPV6_ROUTING {
                 packet.routed = true;
-                break;
             }
-            if next == IPV6_HOP_BY_HOP || next == IPV6_DEST_OPTS {
-                let header: [u8; 2] = ctx.load(offset).ok()?;
-                next = header[0];
-                offset += (usize::from(header[1]) + 1) * 8;
-            } else if next == IPV6_FRAGMENT {
-                let header: [u8; 4] = ctx.load(offset).ok()?;
+            if next == IPV6_FRAGMENT {
+                let header: [u8; 4] = read!(offset);
                 next = header[0];
                 later_fragment = (u16::from_be_bytes([header[2], header[3]]) & 0xfff8) != 0;
                 offset += 8;
+            } else if next == IPV6_AUTH {
+                // Its length counts 4-octet units, less two.
+                let header: [u8; 2] = read!(offset);
+                next = header[0];
+                offset += (usize::from(header[1]) + 2) * 4;
+            } else if is_extension_header(next) {
+                let header: [u8; 2] = read!(offset);
+                next = header[0];
+                offset += (usize::from(header[1]) + 1) * 8;
             } else {
                 break;
             }
             i += 1;
         }
-        packet.protocol = next;
+        if is_extension_header(next) {
+            // Deeper than the walk: what follows was never seen.
+            return Err(packet);
+        }
+        protocol = next;
         offset
     } else {
-        return None;
+        return Err(packet);
     };
     // A later fragment has no transport header: its "port" stays 0, which no rule allows.
-    if (packet.protocol == proto::TCP || packet.protocol == proto::UDP) && !later_fragment {
-        let ports: [u8; 4] = ctx.load(l4_offset).ok()?;
+    if (protocol == proto::TCP || protocol == proto::UDP) && !later_fragment {
+        let ports: [u8; 4] = read!(l4_offset);
         packet.source_port = u16::from_be_bytes([ports[0], ports[1]]);
         packet.destination_port = u16::from_be_bytes([ports[2], ports[3]]);
+    } else if protocol != proto::TCP && protocol != proto::UDP && !later_fragment {
+        // The header chain must end inside the packet even where no port is read.
+        let _: u8 = read!(l4_offset.saturating_sub(1));
     }
-    Some(packet)
+    packet.protocol = protocol;
+    Ok(packet)
+}
+
+/// The IPv6 extension headers of RFC 7045's list that the walk steps over (ESP aside: what
+/// follows it is encrypted, so it is judged as the transport).
+#[inline(always)]
+fn is_extension_header(next: u8) -> bool {
+    matches!(
+        next,
+        IPV6_HOP_BY_HOP
+            | IPV6_ROUTING
+            | IPV6_FRAGMENT
+            | IPV6_AUTH
+            | IPV6_DEST_OPTS
+            | IPV6_MOBILITY
+            | IPV6_HIP
+            | IPV6_SHIM6
+            | IPV6_EXPERIMENT_1
+            | IPV6_EXPERIMENT_2
+    )
 }

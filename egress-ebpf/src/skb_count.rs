@@ -54,7 +54,7 @@ fn count<const TASK: bool>(ctx: &SkBuffContext, direction: Direction) {
     let mut remote = remote_of_socket(skb, normalise_protocol(protocol as u8));
     let mut local = ([0u8; 16], 0u16, false);
     if remote.port == 0 {
-        let Some(packet) = parse(ctx) else {
+        let Ok(packet) = parse(ctx) else {
             return;
         };
         let (addr, port) = match direction {

@@ -150,6 +150,9 @@ pub fn status_text(report: &StatusReport) -> String {
     let _ = writeln!(out, "loaded at:      {} (generation {})", report.loaded_at, report.generation);
     let _ = writeln!(out, "attached at:    {}", escaped(attach));
     let _ = writeln!(out, "dropped events: {}", report.dropped_events);
+    if report.malformed_packets > 0 {
+        let _ = writeln!(out, "malformed:      {} packets refused (rule `malformed`)", report.malformed_packets);
+    }
     for guarantee in &report.guarantees {
         let _ = writeln!(out, "guarantee:      {guarantee}");
     }

@@ -96,6 +96,8 @@ pub struct StatusReport {
     pub attach: String,
     /// Events the kernel could not deliver (ring buffer full or no daemon running).
     pub dropped_events: u64,
+    /// Packets refused because the packet hook could not parse them (rule `malformed`).
+    pub malformed_packets: u64,
     /// What this host's kernel lets egress guarantee, one line each (e.g. whether `AF_PACKET`
     /// sockets are refused).
     pub guarantees: Vec<String>,

@@ -112,6 +112,12 @@ impl DropCounter {
         Ok(Drops { total: sum(counter::EVENTS_DROPPED)?, reported: sum(counter::DROPS_REPORTED)? })
     }
 
+    /// Packets of covered sockets the packet hook refused because it could not parse them.
+    pub fn malformed_packets(&self) -> Result<u64, KernelError> {
+        let counters = self.counters.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        counters.get(&counter::MALFORMED_PACKETS, 0).map(|values| values.iter().sum::<u64>()).map_err(map_error)
+    }
+
     /// Records that every drop up to `total` has been reported.
     pub fn mark_reported(&self, total: u64) -> Result<(), KernelError> {
         let mut counters = self.counters.lock().unwrap_or_else(std::sync::PoisonError::into_inner);

@@ -9,7 +9,7 @@ import socket
 import sys
 
 ETH_P_ALL = 0x0003
-IPV6_EXTENSIONS = {0, 43, 44, 60}
+IPV6_EXTENSIONS = {0, 43, 44, 51, 60, 135, 139, 140, 253, 254}
 
 
 def summary(frame):
@@ -29,13 +29,18 @@ def summary(frame):
     if ethertype == 0x86DD and len(ip) >= 40:
         nxt, off, routed, segments = ip[6], 40, False, []
         while nxt in IPV6_EXTENSIONS and off + 8 <= len(ip):
-            hdr_len = (ip[off + 1] + 1) * 8
+            if nxt == 44:
+                hdr_len = 8
+            elif nxt == 51:
+                hdr_len = (ip[off + 1] + 2) * 4
+            else:
+                hdr_len = (ip[off + 1] + 1) * 8
             if nxt == 43:
                 routed = True
                 for i in range(off + 8, min(off + hdr_len, len(ip)), 16):
                     segments.append(str(ipaddress.IPv6Address(ip[i:i + 16])))
             nxt = ip[off]
-            off += 8 if nxt == 44 else hdr_len
+            off += hdr_len
         ports = ip[off:off + 4] if nxt in (6, 17) else b""
         return {
             "dst": str(ipaddress.IPv6Address(ip[24:40])),
