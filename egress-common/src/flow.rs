@@ -69,7 +69,9 @@ pub struct FlowState {
     /// Host byte order; 0 until a packet showed it.
     pub local_port: u16,
     pub verdict: u8,
-    pub _pad: u8,
+    /// 1 when the decision rested on an address a DNS answer taught: it lapses when the address
+    /// expires, so the socket must not reuse it for later datagrams.
+    pub learned: u8,
     /// 0 until a packet showed it.
     pub local_addr: [u8; 16],
     pub comm: [u8; 16],

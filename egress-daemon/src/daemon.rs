@@ -468,6 +468,7 @@ impl control::server::ControlHandler for Daemon {
                     bytes_in: t.bytes_in,
                 })
                 .collect(),
+            flow_evictions: self.flows.evictions(),
             ignored: self
                 .ignored()
                 .iter()

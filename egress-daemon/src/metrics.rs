@@ -138,6 +138,11 @@ pub fn render(report: &StatusReport) -> String {
         counter(report.dropped_events),
     );
     registry.register(
+        "egress_flow_evictions",
+        "Flows the kernel's full flow table pushed out before they ended (their records say evicted)",
+        counter(report.flow_evictions),
+    );
+    registry.register(
         "egress_malformed_packets",
         "Packets of covered sockets refused because the packet hook could not parse them",
         counter(report.malformed_packets),

@@ -525,3 +525,53 @@ fn egress_exec_steers_dns_to_a_proxy_of_its_own() {
     assert!(stderr_of(&out).contains("other.dns.test"), "a blocked event names the refused query");
     assert!(!lab.queries().contains("other.dns.test"), "{}", lab.queries());
 }
+
+/// Resolves `argv[1]`, then sends a datagram to port `argv[2]` of its address every 50 ms from
+/// one unconnected UDP socket, for `argv[3]` seconds: prints `first:OUTCOME` and, once a send
+/// is refused, `refused_after:SECONDS`.
+const PY_DATAGRAMS_UNTIL_REFUSED: &str = r#"
+import errno, socket, sys, time
+name, port, limit = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+addr = socket.getaddrinfo(name, port, socket.AF_INET, socket.SOCK_DGRAM)[0][4][0]
+u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+start = time.monotonic()
+first = True
+while time.monotonic() - start < limit:
+    try:
+        u.sendto(b"x", (addr, port))
+        outcome = "ok"
+    except OSError as e:
+        outcome = errno.errorcode.get(e.errno, str(e.errno))
+    if first:
+        print("first:" + outcome)
+        first = False
+    elif outcome == "EPERM":
+        print("refused_after:%.2f" % (time.monotonic() - start))
+        break
+    time.sleep(0.05)
+"#;
+
+#[test]
+fn a_datagram_socket_cannot_reuse_a_learned_address_after_it_expired() {
+    if !privileged() {
+        return;
+    }
+    let zone = r#"{"app.dns.test": {"ttl": 1, "A": ["10.214.170.1"]}}"#;
+    let rules = "      - allow: app.dns.test\n        protocol: udp\n        ports: [7001]\n";
+    let lab = Lab::new(170, zone, &policy("names", "{W}", "deny", rules), "    min_ttl: 1\n    grace: 0\n");
+    let out = lab.python_with_resolver(
+        &lab.workload,
+        &lab.resolver(),
+        PY_DATAGRAMS_UNTIL_REFUSED,
+        &["app.dns.test", "7001", "8"],
+    );
+    assert!(out.contains("first:ok"), "the learned address was not allowed: {out}");
+    // Learned for one second (TTL 1, no grace): later datagrams on the same socket must be
+    // judged again and refused, not let through on the socket's earlier decision.
+    let refused_after: f64 = out
+        .lines()
+        .find_map(|l| l.strip_prefix("refused_after:"))
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or_else(|| panic!("datagrams went on after the learned address expired: {out}"));
+    assert!(refused_after < 4.0, "refused only after {refused_after} s: {out}");
+}

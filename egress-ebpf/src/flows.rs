@@ -49,13 +49,17 @@ pub fn flow_id(cookie: u64, flow: &Flow) -> FlowId {
 
 /// Whether this socket was already allowed to reach the flow's destination under the current
 /// policy epoch, from the same cgroup (a process moved into another cgroup is judged by its
-/// new policy; the epoch moves on when any binding changes).
+/// new policy; the epoch moves on when any binding changes), by a decision that does not lapse
+/// on its own (one through a learned address does, when the address expires).
 #[inline(always)]
 pub fn cached_on_socket(id: &FlowId, epoch: u32, cgroup_id: u64) -> bool {
     match FLOWS.get_ptr(id) {
         // SAFETY: a map value; fields are read once each.
         Some(state) => unsafe {
-            (*state).verdict == verdict::ALLOWED && (*state).epoch == epoch && (*state).cgroup_id == cgroup_id
+            (*state).verdict == verdict::ALLOWED
+                && (*state).learned == 0
+                && (*state).epoch == epoch
+                && (*state).cgroup_id == cgroup_id
         },
         None => false,
     }
@@ -81,6 +85,7 @@ pub fn open<const TASK: bool>(id: &FlowId, opener: &Opener, judgement: &Judgemen
             (*state).rule = judgement.rule;
             (*state).epoch = opener.epoch;
             (*state).verdict = judgement.verdict;
+            (*state).learned = u8::from(judgement.learned);
             (*state).cgroup_id = opener.cgroup_id;
         }
         return;
@@ -102,6 +107,7 @@ pub fn open<const TASK: bool>(id: &FlowId, opener: &Opener, judgement: &Judgemen
         pid: (pid_tgid >> 32) as u32,
         uid,
         verdict: judgement.verdict,
+        learned: u8::from(judgement.learned),
         comm,
         ..FlowState::default()
     };

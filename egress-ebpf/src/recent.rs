@@ -5,11 +5,19 @@
 //!
 //! An entry is eight words: `owner` (the cgroup for `connect()`, the socket cookie for a
 //! datagram), the sending cgroup, the address (two words), port, family and protocol with the
-//! epoch, slot and rule, stats index and kind, and a digest of the seven others. It is valid
-//! while its epoch is the policy epoch (so everything that invalidates the maps behind it
-//! invalidates it too; for datagrams plus `DATAGRAM_EPOCH`, since `FLOWS` entries also go when
-//! the daemon stops counting a flow) and its digest matches: a program preempted half-way through writing an
-//! entry on this CPU can leave it torn, and a torn entry must never match another key.
+//! epoch, slot and rule, stats index and kind, and a sequence count. It is valid while its epoch
+//! is the policy epoch (so everything that invalidates the maps behind it invalidates it too; for
+//! datagrams plus `DATAGRAM_EPOCH`, since `FLOWS` entries also go when the daemon stops counting
+//! a flow) and it was read whole.
+//!
+//! Why a sequence count is enough: the array is per CPU, so only programs on this CPU touch an
+//! entry, and they interleave only by preemption, which nests (a program that preempts another
+//! runs to its end before the other resumes). A writer makes the count odd, writes, and makes
+//! it even again; it leaves an entry alone while the count is odd (it preempted a writer). A
+//! reader takes the entry only if the count was even before and unchanged after its reads: a
+//! writer it preempted left the count odd, and a writer that preempted it moved the count on.
+//! So a read never mixes words of two writes, whatever the words hold (an attacker chooses the
+//! addresses, so a check that hashes the words would have to be keyed and collision-free).
 
 use aya_ebpf::{macros::map, maps::PerCpuArray};
 
@@ -46,19 +54,13 @@ fn index(key: &[u64; 5], kind: Kind) -> u32 {
     (folded.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 56) as u32 & (SLOTS - 1)
 }
 
-/// A chained multiply-xorshift over the words: an entry torn between two writes (each word is
-/// written whole) matches the digest of neither, and no choice of addresses makes two partial
-/// entries cancel out as they could in a linear sum.
+/// The word of an entry that holds its sequence count.
+const SEQUENCE: usize = 7;
+
 #[inline(always)]
-fn digest(words: &[u64; 7]) -> u64 {
-    let mut hash: u64 = 0x243f_6a88_85a3_08d3;
-    let mut i = 0;
-    while i < 7 {
-        hash = (hash ^ words[i]).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-        hash ^= hash >> 29;
-        i += 1;
-    }
-    hash
+fn read_word(entry: *const u64, i: usize) -> u64 {
+    // SAFETY: callers pass a per-CPU map value of `WORDS` words and i < WORDS; read whole.
+    unsafe { core::ptr::read_volatile(entry.add(i)) }
 }
 
 /// See `maps::DATAGRAM_EPOCH`.
@@ -72,18 +74,22 @@ pub fn datagram_epoch() -> u32 {
 pub fn recall(kind: Kind, owner: u64, cgroup_id: u64, flow: &Flow, epoch: u32) -> Option<Reused> {
     let key = key_words(owner, cgroup_id, flow, epoch);
     let entry = RECENT_DECISIONS.get_ptr(index(&key, kind))?.cast::<u64>();
-    // SAFETY: a per-CPU map value of `WORDS` words, read one word at a time.
-    let words: [u64; 7] = unsafe {
-        [
-            core::ptr::read_volatile(entry),
-            core::ptr::read_volatile(entry.add(1)),
-            core::ptr::read_volatile(entry.add(2)),
-            core::ptr::read_volatile(entry.add(3)),
-            core::ptr::read_volatile(entry.add(4)),
-            core::ptr::read_volatile(entry.add(5)),
-            core::ptr::read_volatile(entry.add(6)),
-        ]
-    };
+    let before = read_word(entry, SEQUENCE);
+    if before & 1 != 0 {
+        return None;
+    }
+    let words: [u64; 7] = [
+        read_word(entry, 0),
+        read_word(entry, 1),
+        read_word(entry, 2),
+        read_word(entry, 3),
+        read_word(entry, 4),
+        read_word(entry, 5),
+        read_word(entry, 6),
+    ];
+    if read_word(entry, SEQUENCE) != before {
+        return None;
+    }
     if words[0] != key[0]
         || words[1] != key[1]
         || words[2] != key[2]
@@ -93,14 +99,11 @@ pub fn recall(kind: Kind, owner: u64, cgroup_id: u64, flow: &Flow, epoch: u32) -
     {
         return None;
     }
-    // SAFETY: as above.
-    if unsafe { core::ptr::read_volatile(entry.add(7)) } != digest(&words) {
-        return None;
-    }
     Some(Reused { slot: words[5] as u32, rule: (words[5] >> 32) as u32, stats: words[6] as u32 })
 }
 
-/// Remembers an allowed decision on this CPU (replacing whatever shared its entry).
+/// Remembers an allowed decision on this CPU (replacing whatever shared its entry), unless this
+/// program preempted another one writing the same entry.
 #[inline(always)]
 pub fn remember(kind: Kind, owner: u64, cgroup_id: u64, flow: &Flow, epoch: u32, decision: &Reused) {
     let key = key_words(owner, cgroup_id, flow, epoch);
@@ -108,6 +111,10 @@ pub fn remember(kind: Kind, owner: u64, cgroup_id: u64, flow: &Flow, epoch: u32,
         return;
     };
     let entry = entry.cast::<u64>();
+    let sequence = read_word(entry, SEQUENCE);
+    if sequence & 1 != 0 {
+        return;
+    }
     let words = [
         key[0],
         key[1],
@@ -117,14 +124,14 @@ pub fn remember(kind: Kind, owner: u64, cgroup_id: u64, flow: &Flow, epoch: u32,
         u64::from(decision.slot) | u64::from(decision.rule) << 32,
         u64::from(decision.stats) | u64::from(kind as u32) << 32,
     ];
-    let check = digest(&words);
     // SAFETY: a per-CPU map value of `WORDS` words, written one word at a time.
     unsafe {
+        core::ptr::write_volatile(entry.add(SEQUENCE), sequence.wrapping_add(1));
         let mut i = 0;
         while i < 7 {
             core::ptr::write_volatile(entry.add(i), words[i]);
             i += 1;
         }
-        core::ptr::write_volatile(entry.add(7), check);
+        core::ptr::write_volatile(entry.add(SEQUENCE), sequence.wrapping_add(2));
     }
 }

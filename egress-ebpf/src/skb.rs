@@ -89,11 +89,24 @@ fn on_egress<const TASK: bool>(ctx: &SkBuffContext) -> i32 {
     let Some((bound, binding)) = bound_of(|level| skb_ancestor(skb, level), || skb_cgroup(skb)) else {
         return PASS;
     };
+    // SAFETY: helpers on the program's own context.
+    let sender = unsafe {
+        Sender {
+            cgroup_id: bpf_skb_cgroup_id(skb.cast()),
+            cookie: bpf_get_socket_cookie(skb.cast()),
+            socket_uid: Some(bpf_get_socket_uid(skb.cast())),
+        }
+    };
     let packet = match parsed {
         Ok(packet) => packet,
+        // Decided apart from the judging path, which the verifier then walks once, for whole
+        // packets only.
         Err(partial) => {
             bump(counter::MALFORMED_PACKETS);
-            partial
+            let flow = Flow { family: partial.family, addr: partial.destination, port: 0, protocol: UNPARSED };
+            let judgement = refused(mode_of(binding.slot), rule_id::MALFORMED);
+            report::<TASK>(&binding, &flow, &judgement, hook::SKB, &sender, true, epoch);
+            return if judgement.lets_through() { PASS } else { DROP };
         }
     };
     let flow = Flow {
@@ -102,22 +115,12 @@ fn on_egress<const TASK: bool>(ctx: &SkBuffContext) -> i32 {
         port: packet.destination_port,
         protocol: egress_common::lookup::normalise_protocol(packet.protocol),
     };
-    let judgement = if parsed_badly(&packet) {
-        refused(mode_of(binding.slot), rule_id::MALFORMED)
-    } else if packet.routed {
+    let judgement = if packet.routed {
         refused(mode_of(binding.slot), rule_id::SOURCE_ROUTED)
     } else if !judged && dns::carries_unsteered_dns(binding.slot, &flow) {
         refused(mode_of(binding.slot), rule_id::DNS_BYPASS)
     } else {
         judge(bound, binding.slot, &flow, || false)
-    };
-    // SAFETY: helpers on the program's own context.
-    let sender = unsafe {
-        Sender {
-            cgroup_id: bpf_skb_cgroup_id(skb.cast()),
-            cookie: bpf_get_socket_cookie(skb.cast()),
-            socket_uid: Some(bpf_get_socket_uid(skb.cast())),
-        }
     };
     report::<TASK>(&binding, &flow, &judgement, hook::SKB, &sender, true, epoch);
     if !judgement.lets_through() {
@@ -268,11 +271,6 @@ pub(crate) struct Packet {
 /// The protocol a [`parse`] error leaves in its partial packet: no rule names it.
 const UNPARSED: u8 = 255;
 
-#[inline(always)]
-fn parsed_badly(packet: &Packet) -> bool {
-    packet.protocol == UNPARSED
-}
-
 /// Reads the packet's addresses, route and ports. A packet that cannot be read to its
 /// destination port comes back as `Err`, holding what could be read (the destination, when the
 /// IP header was whole) with the protocol [`UNPARSED`]: the egress hook refuses it.
@@ -322,26 +320,24 @@ pub(crate) fn parse(ctx: &SkBuffContext) -> Result<Packet, Packet> {
         let mut offset = 40usize;
         let mut i = 0;
         while i < MAX_EXTENSION_HEADERS {
-            if next == IPV6_ROUTING {
-                packet.routed = true;
+            if !is_extension_header(next) {
+                break;
             }
-            if next == IPV6_FRAGMENT {
+            let len = if next == IPV6_FRAGMENT {
                 let header: [u8; 4] = read!(offset);
                 next = header[0];
                 later_fragment = (u16::from_be_bytes([header[2], header[3]]) & 0xfff8) != 0;
-                offset += 8;
-            } else if next == IPV6_AUTH {
-                // Its length counts 4-octet units, less two.
-                let header: [u8; 2] = read!(offset);
-                next = header[0];
-                offset += (usize::from(header[1]) + 2) * 4;
-            } else if is_extension_header(next) {
-                let header: [u8; 2] = read!(offset);
-                next = header[0];
-                offset += (usize::from(header[1]) + 1) * 8;
+                8
             } else {
-                break;
-            }
+                let header: [u8; 2] = read!(offset);
+                let units = usize::from(header[1]);
+                packet.routed |= next == IPV6_ROUTING;
+                // AH counts 4-octet units less two, the others 8-octet units less one.
+                let len = if next == IPV6_AUTH { (units + 2) * 4 } else { (units + 1) * 8 };
+                next = header[0];
+                len
+            };
+            offset += len;
             i += 1;
         }
         if is_extension_header(next) {
@@ -360,7 +356,8 @@ pub(crate) fn parse(ctx: &SkBuffContext) -> Result<Packet, Packet> {
         packet.destination_port = u16::from_be_bytes([ports[2], ports[3]]);
     } else if protocol != proto::TCP && protocol != proto::UDP && !later_fragment {
         // The header chain must end inside the packet even where no port is read.
-        let _: u8 = read!(l4_offset.saturating_sub(1));
+        // (No branch on the offset here: the verifier would then track every offset apart.)
+        let _: u8 = read!(l4_offset.wrapping_sub(1));
     }
     packet.protocol = protocol;
     Ok(packet)
@@ -368,19 +365,41 @@ pub(crate) fn parse(ctx: &SkBuffContext) -> Result<Packet, Packet> {
 
 /// The IPv6 extension headers of RFC 7045's list that the walk steps over (ESP aside: what
 /// follows it is encrypted, so it is judged as the transport).
+///
+/// A bit test rather than a comparison per value: each comparison would split the verifier's
+/// walk into one path per header kind, at every step of the loop.
 #[inline(always)]
 fn is_extension_header(next: u8) -> bool {
-    matches!(
-        next,
-        IPV6_HOP_BY_HOP
-            | IPV6_ROUTING
-            | IPV6_FRAGMENT
-            | IPV6_AUTH
-            | IPV6_DEST_OPTS
-            | IPV6_MOBILITY
-            | IPV6_HIP
-            | IPV6_SHIM6
-            | IPV6_EXPERIMENT_1
-            | IPV6_EXPERIMENT_2
-    )
+    const fn bits(values: &[u8], base: u8) -> u64 {
+        let mut mask = 0u64;
+        let mut i = 0;
+        while i < values.len() {
+            if values[i] >= base && values[i] - base < 64 {
+                mask |= 1 << (values[i] - base);
+            }
+            i += 1;
+        }
+        mask
+    }
+    const HEADERS: [u8; 10] = [
+        IPV6_HOP_BY_HOP,
+        IPV6_ROUTING,
+        IPV6_FRAGMENT,
+        IPV6_AUTH,
+        IPV6_DEST_OPTS,
+        IPV6_MOBILITY,
+        IPV6_HIP,
+        IPV6_SHIM6,
+        IPV6_EXPERIMENT_1,
+        IPV6_EXPERIMENT_2,
+    ];
+    const MASKS: [u64; 4] = [bits(&HEADERS, 0), bits(&HEADERS, 64), bits(&HEADERS, 128), bits(&HEADERS, 192)];
+    let next = u64::from(next);
+    let mask = match next >> 6 {
+        0 => MASKS[0],
+        1 => MASKS[1],
+        2 => MASKS[2],
+        _ => MASKS[3],
+    };
+    (mask >> (next & 63)) & 1 != 0
 }

@@ -150,6 +150,9 @@ pub fn status_text(report: &StatusReport) -> String {
     let _ = writeln!(out, "loaded at:      {} (generation {})", report.loaded_at, report.generation);
     let _ = writeln!(out, "attached at:    {}", escaped(attach));
     let _ = writeln!(out, "dropped events: {}", report.dropped_events);
+    if report.flow_evictions > 0 {
+        let _ = writeln!(out, "evicted flows:  {} (the kernel's flow table was full)", report.flow_evictions);
+    }
     if report.malformed_packets > 0 {
         let _ = writeln!(out, "malformed:      {} packets refused (rule `malformed`)", report.malformed_packets);
     }

@@ -110,6 +110,8 @@ pub struct StatusReport {
     pub maps: Vec<MapFill>,
     /// Packets and bytes of the flow records since the daemon started, per policy and workload.
     pub flow_totals: Vec<FlowTotal>,
+    /// Flows the kernel's full flow table pushed out before they ended (records `evicted`).
+    pub flow_evictions: u64,
 }
 
 /// What the flow records of one policy and workload (else cgroup) add up to.

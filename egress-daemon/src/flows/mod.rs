@@ -154,6 +154,7 @@ impl Sweep {
                 end_ns: state.last_ns,
                 counts,
                 ended: false,
+                evicted: false,
             })
             .collect();
         let open = self.name(open, "open");
@@ -182,6 +183,7 @@ impl Sweep {
                     end_at,
                     action: action_name(r.state.verdict).to_string(),
                     status: match status {
+                        "" if r.evicted => store::EVICTED.to_string(),
                         "" if r.ended => "end".to_string(),
                         "" => "interim".to_string(),
                         other => other.to_string(),

@@ -49,7 +49,12 @@ pub struct FlowLog {
     capacity: usize,
     live: broadcast::Sender<FlowLogRecord>,
     interval_secs: AtomicU64,
+    /// Records of flows pushed out of the kernel's full flow table (status `evicted`).
+    evictions: AtomicU64,
 }
+
+/// The record status of a flow the kernel's flow table pushed out (LRU) before it ended.
+pub const EVICTED: &str = "evicted";
 
 #[derive(Default)]
 struct Inner {
@@ -68,6 +73,7 @@ impl FlowLog {
             capacity,
             live,
             interval_secs: AtomicU64::new(interval.as_secs().max(1)),
+            evictions: AtomicU64::new(0),
         }
     }
 
@@ -80,7 +86,15 @@ impl FlowLog {
         self.interval_secs.store(interval.as_secs().max(1), Ordering::Relaxed);
     }
 
+    /// Flows pushed out of the kernel's flow table while the daemon tracked them.
+    pub fn evictions(&self) -> u64 {
+        self.evictions.load(Ordering::Relaxed)
+    }
+
     pub fn push(&self, record: FlowLogRecord) {
+        if record.status == EVICTED {
+            self.evictions.fetch_add(1, Ordering::Relaxed);
+        }
         let mut inner = self.lock();
         if self.live.receiver_count() > 0 {
             let _ = self.live.send(record.clone());

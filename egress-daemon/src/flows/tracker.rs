@@ -48,6 +48,9 @@ pub struct RawRecord {
     pub end_ns: u64,
     pub counts: Counts,
     pub ended: bool,
+    /// Ended because the kernel's flow table pushed the flow out (LRU), not because it ended:
+    /// its counts stop there, though the socket may still send.
+    pub evicted: bool,
 }
 
 /// When flows count as ended without a word from the kernel.
@@ -105,6 +108,7 @@ impl Tracker {
             end_ns: state.end_ns.max(state.last_ns),
             counts: Counts::of(&state).since(reported),
             ended: true,
+            evicted: false,
         }
     }
 
@@ -161,6 +165,7 @@ impl Tracker {
                     end_ns: end_ns.max(open.since_ns),
                     counts: open.latest.since(open.reported),
                     ended: true,
+                    evicted: false,
                 });
                 // Removed from the kernel map right after this sweep: if the same socket and
                 // destination show up again later, the socket sent again (a datagram flow that
@@ -177,6 +182,7 @@ impl Tracker {
                     end_ns: now_ns,
                     counts: moved,
                     ended: false,
+                    evicted: false,
                 });
                 open.reported = open.latest;
                 open.since_ns = now_ns;
@@ -193,6 +199,7 @@ impl Tracker {
                     end_ns: open.state.last_ns.max(open.since_ns),
                     counts: open.latest.since(open.reported),
                     ended: true,
+                    evicted: true,
                 });
             }
         }
@@ -281,5 +288,18 @@ mod tests {
         let (records, _) = t.sweep(Vec::new(), &HashMap::new(), 3 * S);
         assert_eq!(records.len(), 1);
         assert_eq!(records[0].counts.packets_out, 4);
+        assert!(records[0].ended && records[0].evicted, "{:?}", records[0]);
+    }
+
+    #[test]
+    fn flows_that_end_are_not_evicted() {
+        let mut t = tracker();
+        let (a, b) = (id(4, proto::TCP), id(5, proto::UDP));
+        t.sweep(vec![(a, state(S, S, 1)), (b, state(S, S, 1))], &HashMap::new(), 2 * S);
+        let mut last = state(S, 2 * S, 2);
+        last.end_ns = 3 * S;
+        assert!(!t.end(a, last).evicted);
+        let (records, _) = t.sweep(vec![(b, state(S, S, 1))], &HashMap::from([(5, 3 * S)]), 4 * S);
+        assert!(records.iter().all(|r| r.ended && !r.evicted), "{records:?}");
     }
 }
