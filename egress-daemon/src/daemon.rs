@@ -76,7 +76,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let attach_point =
         hierarchy.open(&settings.attach).with_context(|| format!("settings.attach: cgroup {:?}", settings.attach))?;
 
-    let loaded = Engine::load(Some(&settings.pin_dir), &hierarchy)?;
+    let loaded = Engine::load(Some(&settings.pin_dir), &hierarchy, kernel::Wanted::ALL)?;
     if loaded.start == Start::Adopted {
         tracing::info!(pins = %settings.pin_dir.display(), "adopting the enforcement an earlier daemon left in place");
     }

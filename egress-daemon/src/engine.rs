@@ -15,7 +15,7 @@ use crate::{
     cgroup::{Cgroup, Hierarchy},
     events::{Catalog, DomainNames, SlotNames},
     generation::Generation,
-    kernel::{self, DnsMaps, DropCounter, Enforcer, EventSource, FlowSource, Start},
+    kernel::{self, DnsMaps, DropCounter, Enforcer, EventSource, FlowSource, Start, Wanted},
     policy::{
         compile::compile_set,
         model::{Policy, PolicySet},
@@ -97,9 +97,10 @@ pub struct Loaded {
 }
 
 impl Engine {
-    /// Loads the kernel programs; with a pin directory an earlier daemon's maps are adopted.
-    pub fn load(pin_dir: Option<&Path>, hierarchy: &Hierarchy) -> anyhow::Result<Loaded> {
-        let (mut enforcer, start) = Enforcer::load(pin_dir).map_err(|error| {
+    /// Loads the kernel programs (the filters, and those `wanted` asks for); with a pin directory
+    /// an earlier daemon's maps are adopted.
+    pub fn load(pin_dir: Option<&Path>, hierarchy: &Hierarchy, wanted: Wanted) -> anyhow::Result<Loaded> {
+        let (mut enforcer, start) = Enforcer::load(pin_dir, wanted).map_err(|error| {
             let what = kernel::missing_helper(&error.to_string()).map_or_else(
                 || "loading the kernel programs".to_owned(),
                 |m| format!("loading the kernel programs: {m}"),

@@ -10,6 +10,7 @@ mod common;
 use std::{
     fs,
     io::{BufRead, BufReader},
+    os::unix::process::ExitStatusExt,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     sync::mpsc,
@@ -250,4 +251,126 @@ fn sigkill_of_exec_kills_the_command_before_enforcement_ends() {
     wait_until(Duration::from_secs(10), "the transient cgroup is left", || !cgroup.exists());
     // Every connect until the client died was refused: enforcement lasted while it lived.
     scratch.assert_always_refused();
+}
+
+/// What a signal at some moment of exec's start-up must leave: exec ends promptly, with the
+/// status of a command killed by the signal (start-up cut short, or the command, started, got
+/// the signal and died of it), or killed by it before exec made anything; and neither the
+/// transient cgroup nor the programs in it remain.
+fn assert_start_up_cut_cleanly(exec: &mut Exec, signal: i32, delay: Duration) {
+    let cgroup = exec.transient_cgroup();
+    let sent = Instant::now();
+    let status = exec.wait(Duration::from_secs(10));
+    let took = sent.elapsed();
+    let ok = status.code() == Some(128 + signal) || (status.code().is_none() && status.signal() == Some(signal));
+    assert!(ok, "signal {signal} after {delay:?}: {status:?}");
+    assert!(took < Duration::from_secs(3), "signal {signal} after {delay:?}: exec took {took:?} to end");
+    // A cgroup that is gone has no programs attached; exec pins nothing.
+    wait_until(
+        Duration::from_secs(2),
+        &format!("signal {signal} after {delay:?}: {} is left", cgroup.display()),
+        || !cgroup.exists(),
+    );
+}
+
+/// The moments of start-up the signal tests hit: before exec blocked the signals, while it
+/// creates the cgroup, loads the programs (about a second on 2 vCPUs), attaches, and after the
+/// command started.
+const START_UP_DELAYS_MS: [u64; 6] = [0, 100, 300, 600, 1000, 2000];
+
+#[test]
+fn sigterm_or_sigint_at_any_moment_of_start_up_leaves_nothing_behind() {
+    if !privileged() {
+        return;
+    }
+    let file = policy();
+    for signal in [libc::SIGTERM, libc::SIGINT] {
+        for delay in START_UP_DELAYS_MS.map(Duration::from_millis) {
+            let mut exec = Exec::start(&file, "exec sleep 30");
+            thread::sleep(delay);
+            exec.signal(signal);
+            assert_start_up_cut_cleanly(&mut exec, signal, delay);
+        }
+    }
+}
+
+/// The terminal's ^C goes to the whole foreground process group (`SI_KERNEL`). Once the
+/// command runs it has it too and exec passes nothing on; before that, no command has it and
+/// it must end start-up.
+#[test]
+fn ctrl_c_from_the_terminal_during_start_up_leaves_nothing_behind() {
+    if !privileged() {
+        return;
+    }
+    let file = policy();
+    for delay in START_UP_DELAYS_MS.map(Duration::from_millis) {
+        let terminal = Pty::open();
+        let mut command = Command::new(egress_bin());
+        command
+            .arg("exec")
+            .arg("--config")
+            .arg(&file.path)
+            .args(["--policy", "lifecycle", "--", "sleep", "30"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        terminal.make_controlling(&mut command);
+        let child = command.spawn().expect("start egress exec");
+        let mut exec = Exec { child, lines: mpsc::channel().1 };
+        thread::sleep(delay);
+        terminal.type_ctrl_c();
+        assert_start_up_cut_cleanly(&mut exec, libc::SIGINT, delay);
+    }
+}
+
+/// A pseudo-terminal whose far end becomes the controlling terminal of a new session.
+struct Pty {
+    master: std::os::fd::OwnedFd,
+    slave: std::ffi::CString,
+}
+
+impl Pty {
+    fn open() -> Self {
+        use std::os::fd::FromRawFd;
+        // SAFETY: plain libc calls on a fd this function owns; ptsname_r writes into `name`.
+        unsafe {
+            let fd = libc::posix_openpt(libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC);
+            assert!(fd >= 0, "posix_openpt: {}", std::io::Error::last_os_error());
+            let master = std::os::fd::OwnedFd::from_raw_fd(fd);
+            assert_eq!(libc::grantpt(fd), 0, "grantpt");
+            assert_eq!(libc::unlockpt(fd), 0, "unlockpt");
+            let mut name = [0 as libc::c_char; 128];
+            assert_eq!(libc::ptsname_r(fd, name.as_mut_ptr(), name.len()), 0, "ptsname_r");
+            let slave = std::ffi::CStr::from_ptr(name.as_ptr()).to_owned();
+            Self { master, slave }
+        }
+    }
+
+    /// The command starts a session whose controlling terminal (and stdin) is this one; its
+    /// process group is the terminal's foreground group.
+    fn make_controlling(&self, command: &mut Command) {
+        use std::os::unix::process::CommandExt;
+        let slave = self.slave.clone();
+        // SAFETY: only async-signal-safe calls between fork and exec, on memory made before.
+        unsafe {
+            command.pre_exec(move || {
+                if libc::setsid() < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                let fd = libc::open(slave.as_ptr(), libc::O_RDWR);
+                if fd < 0 || libc::ioctl(fd, libc::TIOCSCTTY, 0) != 0 || libc::dup2(fd, 0) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                libc::close(fd);
+                Ok(())
+            });
+        }
+    }
+
+    /// What the terminal does on ^C: SIGINT to its foreground process group.
+    fn type_ctrl_c(&self) {
+        use std::os::fd::AsRawFd;
+        // SAFETY: writing one byte from a valid buffer to our own fd.
+        let written = unsafe { libc::write(self.master.as_raw_fd(), b"\x03".as_ptr().cast(), 1) };
+        assert_eq!(written, 1, "writing ^C: {}", std::io::Error::last_os_error());
+    }
 }

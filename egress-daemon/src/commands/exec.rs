@@ -4,6 +4,10 @@
 //! the command runs are forwarded to the command instead, whatever is left in the cgroup when the command ends (or
 //! `exec` fails) is killed before the programs are detached, and a guard process keeps the
 //! programs attached until the cgroup is empty even when `exec` is SIGKILLed.
+//!
+//! Those signals are taken over before `exec` makes anything: one that comes during start-up
+//! ends it between two steps (the program load is abandoned at once), after what was made is
+//! removed, with the status a shell gives a command killed by it.
 
 use std::{io, os::unix::process::ExitStatusExt, path::PathBuf, process::ExitStatus, time::Duration};
 
@@ -11,15 +15,15 @@ use anyhow::{anyhow, Context};
 
 use super::{
     exec_guard::Guard,
-    exec_signals::{self, Forwarded},
+    exec_signals::{self, Forwarded, Interrupted},
 };
 use crate::{
     cgroup::{Cgroup, Hierarchy},
-    engine::{Binding, Engine},
-    kernel,
+    engine::{Binding, Engine, Loaded},
+    kernel::{self, Wanted},
     output::{EventWriter, LogFormat},
     pipeline,
-    policy::parse_policy_file,
+    policy::{model::PolicySet, parse_policy_file},
 };
 
 pub struct ExecArgs {
@@ -33,9 +37,40 @@ pub struct ExecArgs {
 /// keeps waiting).
 const EMPTY_WAIT: Duration = Duration::from_secs(10);
 
-/// Returns the command's exit status (128 + signal when it was killed).
+/// Returns the command's exit status (128 + signal when it was killed, or when a signal ended
+/// start-up before the command started).
 pub async fn exec(args: ExecArgs) -> anyhow::Result<i32> {
+    // First of all, so that no way out of start-up skips the cleanup: from here on the signals
+    // wait in the signalfd. The runtime is current-thread, so no other thread exists yet; those
+    // started later (the loader's) inherit the mask.
+    let signals = Forwarded::install().context("taking over SIGINT, SIGTERM, SIGHUP and SIGQUIT")?;
+    match start_and_run(&args, &signals).await {
+        Err(error) => match error.downcast_ref::<Interrupted>() {
+            Some(interrupted) => {
+                tracing::info!("{interrupted}; nothing of exec is left behind");
+                Ok(interrupted.status())
+            }
+            None => Err(error),
+        },
+        done => done,
+    }
+}
+
+async fn start_and_run(args: &ExecArgs, signals: &Forwarded) -> anyhow::Result<i32> {
     let hierarchy = kernel::preflight()?;
+    let set = one_policy(args)?;
+    interrupted(signals)?;
+    let cgroup =
+        hierarchy.create(&format!("egress-exec-{}", std::process::id())).context("creating the transient cgroup")?;
+    let result = exec_in(&hierarchy, &cgroup, set, args, signals).await;
+    if let Err(error) = cgroup.kill_and_remove() {
+        tracing::warn!(%error, "removing the transient cgroup");
+    }
+    result
+}
+
+/// The policy file with only the policy `exec` was asked for.
+fn one_policy(args: &ExecArgs) -> anyhow::Result<PolicySet> {
     let mut set = parse_policy_file(&args.config)?;
     let index = set
         .policies
@@ -44,28 +79,33 @@ pub async fn exec(args: ExecArgs) -> anyhow::Result<i32> {
         .ok_or_else(|| anyhow!("{}: no policy named {:?}", args.config.display(), args.policy))?;
     let policy = set.policies.swap_remove(index);
     set.policies = vec![policy];
+    Ok(set)
+}
 
-    let cgroup =
-        hierarchy.create(&format!("egress-exec-{}", std::process::id())).context("creating the transient cgroup")?;
-    let result = exec_in(&hierarchy, &cgroup, set, &args).await;
-    if let Err(error) = cgroup.kill_and_remove() {
-        tracing::warn!(%error, "removing the transient cgroup");
+/// Fails with [`Interrupted`] when a signal came in. Before the command exists every one counts,
+/// the terminal's too: no command has received it.
+fn interrupted(signals: &Forwarded) -> anyhow::Result<()> {
+    match signals.pending().context("reading the signalfd")? {
+        Some(number) => Err(Interrupted(number).into()),
+        None => Ok(()),
     }
-    result
 }
 
 async fn exec_in(
     hierarchy: &Hierarchy,
     cgroup: &Cgroup,
-    set: crate::policy::model::PolicySet,
+    set: PolicySet,
     args: &ExecArgs,
+    signals: &Forwarded,
 ) -> anyhow::Result<i32> {
-    let loaded = Engine::load(None, hierarchy)?;
+    let names = set.policies.first().is_some_and(|p| !p.names.is_empty());
+    // exec writes no flow records: the accounting programs would only add start-up time.
+    let loaded = load(hierarchy, Wanted { dns: names, accounting: false }, signals).await?;
     let engine = loaded.engine;
     // The programs are exec's own: its proxy takes any free port, beside a running daemon's.
     let dns_settings = crate::policy::DnsSettings { listen_port: 0, ..set.settings.dns.clone() };
     let dns_maps = std::sync::Arc::new(std::sync::Mutex::new(loaded.dns_maps));
-    let _dns = if set.policies.first().is_some_and(|p| !p.names.is_empty()) {
+    let _dns = if names {
         let state = std::sync::Arc::new(crate::dns::DnsState::default());
         engine.name_domains(state.clone());
         engine.watch_bindings(state.clone());
@@ -73,13 +113,10 @@ async fn exec_in(
     } else {
         None
     };
+    interrupted(signals)?;
     engine.apply(set, &args.config.display().to_string(), &[Binding { policy: 0, cgroup: cgroup.clone() }])?;
     engine.attach(cgroup)?;
-    let guard = Guard::start(cgroup).context("starting the guard process")?;
-
-    // Before any thread starts: a thread inherits the signal mask it is created with, and one
-    // that left these signals unblocked would let them end exec while the command runs.
-    let signals = Forwarded::install().context("taking over SIGINT, SIGTERM, SIGHUP and SIGQUIT")?;
+    interrupted(signals)?;
     let writer = EventWriter::new(args.log_format, io::stderr());
     let events = pipeline::spawn(pipeline::Ends {
         events: loaded.events,
@@ -89,8 +126,16 @@ async fn exec_in(
         history: None,
     })
     .context("starting the event pipeline")?;
+    // From here every way out goes through the guard's release below.
+    let guard = match Guard::start(cgroup).context("starting the guard process") {
+        Ok(guard) => guard,
+        Err(error) => {
+            events.stop().await?;
+            return Err(error);
+        }
+    };
 
-    let status = run_command(cgroup, &args.command, &signals).await;
+    let status = run_command(cgroup, &args.command, signals).await;
     // Before the programs go: nothing of the command may outlive its filter.
     empty(cgroup).await;
     guard.release().await;
@@ -101,8 +146,26 @@ async fn exec_in(
     Ok(status.code().unwrap_or_else(|| 128 + status.signal().unwrap_or(0)))
 }
 
+/// Loads the programs on a thread of its own, so that a signal ends start-up at once rather
+/// than after the verifier is done (most of a second). Abandoned, the load ends with the
+/// process: nothing is attached or pinned before it returns.
+async fn load(hierarchy: &Hierarchy, wanted: Wanted, signals: &Forwarded) -> anyhow::Result<Loaded> {
+    let (done, loaded) = tokio::sync::oneshot::channel();
+    let hierarchy = hierarchy.clone();
+    std::thread::Builder::new()
+        .name("egress-load".to_owned())
+        .spawn(move || drop(done.send(Engine::load(None, &hierarchy, wanted))))
+        .context("starting the loader thread")?;
+    tokio::select! {
+        loaded = loaded => loaded.context("the loader thread ended without a result")?,
+        signal = signals.any() => Err(Interrupted(signal.context("reading the signalfd")?).into()),
+    }
+}
+
 /// Starts the command and waits for it, passing on the signals that would end `exec`.
 async fn run_command(cgroup: &Cgroup, command: &[String], signals: &Forwarded) -> anyhow::Result<ExitStatus> {
+    // The last moment a signal can come in that the command would never get.
+    interrupted(signals)?;
     let mut child = spawn_in_cgroup(cgroup, command).with_context(|| format!("starting {}", command.join(" ")))?;
     let pid = child.id().and_then(|pid| libc::pid_t::try_from(pid).ok());
     loop {

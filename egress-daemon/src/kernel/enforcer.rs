@@ -24,7 +24,7 @@ use super::{
     events::{DropCounter, EventSource},
     flows::FlowSource,
     maps, nr_cpus, pins,
-    programs::{self, LinkId, Loaded, SocketGuard, OBJECT},
+    programs::{self, LinkId, Loaded, SocketGuard, Wanted, OBJECT},
     KernelError,
 };
 use crate::{
@@ -91,9 +91,10 @@ pub struct Enforcer {
 }
 
 impl Enforcer {
-    /// Loads the kernel object and verifies every program (nothing is attached yet). With a pin
+    /// Loads the kernel object and verifies the programs `wanted` asks for besides the filters
+    /// (nothing is attached yet). With a pin
     /// directory, the maps live in bpffs and an earlier daemon's maps there are adopted.
-    pub fn load(pin_dir: Option<&Path>) -> Result<(Self, Start), KernelError> {
+    pub fn load(pin_dir: Option<&Path>, wanted: Wanted) -> Result<(Self, Start), KernelError> {
         let mut loader = EbpfLoader::new();
         let mut start = Start::Fresh;
         let map_paths = match pin_dir {
@@ -109,7 +110,7 @@ impl Enforcer {
             loader.map_pin_path(name, path.as_path());
         }
         let mut ebpf = loader.load(OBJECT)?;
-        let loaded = programs::load_all(&mut ebpf)?;
+        let loaded = programs::load_all(&mut ebpf, wanted)?;
         let mut enforcer = Self {
             ebpf,
             pin_dir: pin_dir.map(Path::to_path_buf),

@@ -16,10 +16,11 @@ use super::KernelError;
 
 pub(super) static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/egress.bpf.o"));
 
-/// The flow hooks, then the DNS hooks that make steered replies look as if they came from the
-/// resolver the workload named.
-const SOCK_ADDR_PROGRAMS: [&str; 8] =
-    ["connect4", "connect6", "sendmsg4", "sendmsg6", "recvmsg4", "recvmsg6", "getpeername4", "getpeername6"];
+/// The flow hooks: they judge every connect and datagram.
+const FILTER_SOCK_ADDR_PROGRAMS: [&str; 4] = ["connect4", "connect6", "sendmsg4", "sendmsg6"];
+/// The DNS hooks that make steered replies look as if they came from the resolver the workload
+/// named. Nothing is steered without name rules, so without them these have nothing to do.
+const DNS_SOCK_ADDR_PROGRAMS: [&str; 4] = ["recvmsg4", "recvmsg6", "getpeername4", "getpeername6"];
 /// The packet backstop, first with process names in its events, then without: kernels before
 /// 6.18 refuse the current-task helpers in packet programs (KERNELS.md).
 const EGRESS_PROGRAMS: [&str; 2] = ["egress_packet", "egress_packet_portable"];
@@ -63,15 +64,34 @@ impl SocketGuard {
     }
 }
 
+/// The programs loaded besides the filters (the flow hooks, the packet backstop, `sock_create`
+/// and the LSM guard), which always are. Leaving one out takes nothing from enforcement: the
+/// filters never depend on them, only share maps that stay created.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Wanted {
+    /// The DNS hooks (`recvmsg`, `getpeername`), needed only where name rules steer DNS.
+    pub dns: bool,
+    /// Flow accounting (the counting packet programs and `sock_release`), read only by flow
+    /// records.
+    pub accounting: bool,
+}
+
+impl Wanted {
+    pub const ALL: Self = Self { dns: true, accounting: true };
+}
+
 /// Which variants this kernel accepted, once every program is loaded (nothing attached yet).
 pub(super) struct Loaded {
+    /// The `cgroup_sock_addr` programs loaded.
+    pub sock_addr: Vec<&'static str>,
     /// Which of `EGRESS_PROGRAMS` this kernel accepted.
     pub egress_program: &'static str,
     pub socket_guard: SocketGuard,
     /// Whether this kernel has `cgroup/sock_release` (flows then end when their socket closes;
     /// without it, by idle expiry).
     pub sock_release: bool,
-    /// The flow accounting programs that loaded (none when the kernel refused one).
+    /// The flow accounting programs that loaded (none when the kernel refused one, or they were
+    /// not wanted).
     pub counting: Vec<(&'static str, CgroupSkbAttachType)>,
 }
 
@@ -83,21 +103,28 @@ impl Loaded {
     }
 }
 
-/// Loads (verifies) every program of the object, several at once: verification is most of a
+/// Loads (verifies) the programs `wanted` asks for, several at once: verification is most of a
 /// daemon's start-up, and the kernel verifies each program on the CPU that asked.
-pub(super) fn load_all(ebpf: &mut Ebpf) -> Result<Loaded, KernelError> {
+pub(super) fn load_all(ebpf: &mut Ebpf, wanted: Wanted) -> Result<Loaded, KernelError> {
     let mut programs: HashMap<&str, &mut Program> = ebpf.programs_mut().collect();
     let mut take = |name: &'static str| programs.remove(name).ok_or(KernelError::MissingProgram(name));
-    let mut sock_addr = Vec::with_capacity(SOCK_ADDR_PROGRAMS.len());
-    for name in SOCK_ADDR_PROGRAMS {
+    let dns_programs: &[&'static str] = if wanted.dns { &DNS_SOCK_ADDR_PROGRAMS } else { &[] };
+    let sock_addr_names: Vec<&'static str> = FILTER_SOCK_ADDR_PROGRAMS.iter().chain(dns_programs).copied().collect();
+    let mut sock_addr = Vec::with_capacity(sock_addr_names.len());
+    for &name in &sock_addr_names {
         sock_addr.push((name, as_type::<CgroupSockAddr>(name, take(name)?)?));
     }
     let egress = [EGRESS_PROGRAMS[0], EGRESS_PROGRAMS[1]].map(|name| (name, take(name)));
     let ingress = as_type::<CgroupSkb>(INGRESS_PROGRAM, take(INGRESS_PROGRAM)?)?;
-    let egress_count = EGRESS_COUNT_PROGRAMS.map(|name| (name, take(name)));
-    let ingress_count = take(INGRESS_COUNT_PROGRAM);
+    let accounting = if wanted.accounting {
+        let egress_count = EGRESS_COUNT_PROGRAMS.map(|name| (name, take(name)));
+        let ingress_count = take(INGRESS_COUNT_PROGRAM);
+        let sock_release = as_type::<CgroupSock>(SOCK_RELEASE_PROGRAM, take(SOCK_RELEASE_PROGRAM)?)?;
+        Some((egress_count, ingress_count, sock_release))
+    } else {
+        None
+    };
     let sock_create = as_type::<CgroupSock>(SOCK_CREATE_PROGRAM, take(SOCK_CREATE_PROGRAM)?)?;
-    let sock_release = as_type::<CgroupSock>(SOCK_RELEASE_PROGRAM, take(SOCK_RELEASE_PROGRAM)?)?;
     let lsm = as_type::<Lsm>(LSM_PROGRAM, take(LSM_PROGRAM)?)?;
 
     std::thread::scope(|scope| {
@@ -107,9 +134,11 @@ pub(super) fn load_all(ebpf: &mut Ebpf) -> Result<Loaded, KernelError> {
             .collect();
         let egress = scope.spawn(move || load_first(egress));
         let ingress = scope.spawn(move || ingress.load().map_err(KernelError::program(INGRESS_PROGRAM)));
-        let counting = scope.spawn(move || load_count_programs(egress_count, ingress_count));
+        let accounting = accounting.map(|(egress_count, ingress_count, sock_release)| {
+            let counting = scope.spawn(move || load_count_programs(egress_count, ingress_count));
+            (counting, scope.spawn(move || sock_release.load()))
+        });
         let sock_create = scope.spawn(move || sock_create.load().map_err(KernelError::program(SOCK_CREATE_PROGRAM)));
-        let sock_release = scope.spawn(move || sock_release.load());
         let socket_guard = scope.spawn(move || load_socket_guard(lsm));
 
         for job in sock_addr {
@@ -123,26 +152,37 @@ pub(super) fn load_all(ebpf: &mut Ebpf) -> Result<Loaded, KernelError> {
             );
         }
         joined(ingress)?;
-        // Flow records are worth less than enforcement: a kernel that refuses the accounting
-        // programs still gets its policies enforced.
-        let counting = match joined(counting) {
-            Ok(counting) => counting,
-            Err(error) => {
-                tracing::warn!(%error, "this kernel refuses the flow accounting programs: no flow records");
-                Vec::new()
+        let (counting, sock_release) = match accounting {
+            Some((counting, sock_release)) => {
+                (counting_loaded(joined(counting)), sock_release_loaded(joined(sock_release)))
             }
+            None => (Vec::new(), false),
         };
         joined(sock_create)?;
-        let sock_release = match joined(sock_release) {
-            Ok(()) => true,
-            Err(error) => {
-                tracing::warn!(%error, "no cgroup/sock_release on this kernel (Linux 5.9+): flows end by idle expiry");
-                false
-            }
-        };
         let socket_guard = joined(socket_guard);
-        Ok(Loaded { egress_program, socket_guard, sock_release, counting })
+        Ok(Loaded { sock_addr: sock_addr_names, egress_program, socket_guard, sock_release, counting })
     })
+}
+
+/// Flow records are worth less than enforcement: a kernel that refuses the accounting programs
+/// still gets its policies enforced.
+fn counting_loaded(
+    result: Result<Vec<(&'static str, CgroupSkbAttachType)>, KernelError>,
+) -> Vec<(&'static str, CgroupSkbAttachType)> {
+    result.unwrap_or_else(|error| {
+        tracing::warn!(%error, "this kernel refuses the flow accounting programs: no flow records");
+        Vec::new()
+    })
+}
+
+fn sock_release_loaded(result: Result<(), ProgramError>) -> bool {
+    match result {
+        Ok(()) => true,
+        Err(error) => {
+            tracing::warn!(%error, "no cgroup/sock_release on this kernel (Linux 5.9+): flows end by idle expiry");
+            false
+        }
+    }
 }
 
 /// A loading thread's result; a thread that panicked is re-raised here.
@@ -179,7 +219,7 @@ pub(super) fn attach_all(
     cgroup: BorrowedFd<'_>,
     ids: &mut Vec<LinkId>,
 ) -> Result<(), KernelError> {
-    for name in SOCK_ADDR_PROGRAMS {
+    for &name in &loaded.sock_addr {
         let id = program::<CgroupSockAddr>(ebpf, name)?
             .attach(cgroup, CgroupAttachMode::Single)
             .map_err(KernelError::program(name))?;

@@ -4,6 +4,7 @@
 pub mod compile;
 pub mod domain;
 pub mod model;
+mod one_or_many;
 pub mod parse;
 pub mod reference;
 pub mod validate;

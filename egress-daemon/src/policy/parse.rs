@@ -18,7 +18,7 @@ use std::{
 use egress_common::{MAX_CIDRS_V4, MAX_CIDRS_V6, MAX_PORT_RULES};
 use ipnet::{IpNet, Ipv4Net};
 use serde::{
-    de::{self, value::MapAccessDeserializer, Deserializer, MapAccess, SeqAccess, Visitor},
+    de::{self, value::MapAccessDeserializer, Deserializer, MapAccess, Visitor},
     Deserialize,
 };
 
@@ -27,6 +27,7 @@ use super::model::{
     PortRange, Protocol, RefuseWith, Rule, Selector, Settings, SocketKind, MAX_EVENT_BUDGET, MAX_FLOW_INTERVAL_SECS,
     MAX_HISTORY,
 };
+use super::one_or_many::{Bounds, OneOrMany};
 
 /// A policy file that cannot be used, and where the problem is.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -147,7 +148,7 @@ fn unmarked_position(message: &str, text: &str) -> (usize, usize) {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct FileDoc {
-    policies: Vec<PolicyEntry>,
+    policies: OneOrMany<PolicyEntry>,
     #[serde(default)]
     settings: Option<SettingsDoc>,
 }
@@ -210,9 +211,9 @@ struct PolicyDoc {
     #[serde(default)]
     log: Checked<LogLevel>,
     #[serde(default)]
-    rules: Vec<AnyRule>,
+    rules: OneOrMany<AnyRule>,
     #[serde(default)]
-    allow_sockets: Vec<Checked<SocketKind>>,
+    allow_sockets: OneOrMany<Checked<SocketKind>>,
 }
 
 fn default_action() -> Checked<Action> {
@@ -275,7 +276,7 @@ impl PolicyDoc {
             return Err(format!("a policy needs a selector: one of {SELECTOR_KEYS}"));
         };
         let (mut rules, mut names) = (Vec::new(), Vec::new());
-        for rule in self.rules {
+        for rule in self.rules.0 {
             match rule {
                 AnyRule::Cidr(rule) => rules.push(rule),
                 AnyRule::Name(rule) => names.push(rule),
@@ -290,7 +291,7 @@ impl PolicyDoc {
                 log: self.log.0,
                 rules,
                 names,
-                allow_sockets: self.allow_sockets.into_iter().map(|kind| kind.0).collect(),
+                allow_sockets: self.allow_sockets.0.into_iter().map(|kind| kind.0).collect(),
             },
             name_at: (self.name.line, self.name.column),
             selector_at,
@@ -300,9 +301,10 @@ impl PolicyDoc {
 
 impl FileDoc {
     fn into_set(self, file: &str) -> Result<PolicySet, ConfigError> {
-        let names = self.policies.iter().map(|e| (e.policy.name.as_str(), "name", e.name_at));
+        let policies = self.policies.0;
+        let names = policies.iter().map(|e| (e.policy.name.as_str(), "name", e.name_at));
         check_unique(names, file, |name, _, first| format!("duplicate policy name `{name}` (first at line {first})"))?;
-        let selectors = self.policies.iter().map(|e| {
+        let selectors = policies.iter().map(|e| {
             let s = &e.policy.selector;
             ((s.kind(), s.value()), s.kind(), e.selector_at)
         });
@@ -311,7 +313,7 @@ impl FileDoc {
         })?;
         Ok(PolicySet {
             settings: self.settings.map_or_else(Settings::default, SettingsDoc::into_settings),
-            policies: self.policies.into_iter().map(|e| e.policy).collect(),
+            policies: policies.into_iter().map(|e| e.policy).collect(),
         })
     }
 }
@@ -414,50 +416,19 @@ impl<'de> Visitor<'de> for RuleVisitor {
 #[derive(Default)]
 struct Ports(Vec<PortRange>);
 
+/// More can never compile, and the cap bounds what an aliased list can expand to.
+const PORT_BOUNDS: Bounds = Bounds {
+    max: MAX_PORT_RULES,
+    too_many: || {
+        format!("more than {MAX_PORT_RULES} port ranges in one rule; at most {MAX_PORT_RULES} apply to one destination")
+    },
+    empty: Some("the port list is empty; leave out `ports` to match every port"),
+};
+
 impl<'de> Deserialize<'de> for Ports {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        deserializer.deserialize_any(PortsVisitor)
-    }
-}
-
-struct PortsVisitor;
-
-impl<'de> Visitor<'de> for PortsVisitor {
-    type Value = Ports;
-
-    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("a port, a port range like 8000-8080, or a list of them")
-    }
-
-    fn visit_str<E: de::Error>(self, text: &str) -> Result<Ports, E> {
-        let range = PortRange::parse(text).map_err(E::custom)?;
-        Ok(Ports(vec![range]))
-    }
-
-    fn visit_u64<E: de::Error>(self, port: u64) -> Result<Ports, E> {
-        self.visit_str(&port.to_string())
-    }
-
-    fn visit_i64<E: de::Error>(self, port: i64) -> Result<Ports, E> {
-        self.visit_str(&port.to_string())
-    }
-
-    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Ports, A::Error> {
-        let mut ranges = Vec::new();
-        while let Some(Checked(range)) = seq.next_element::<Checked<PortRange>>()? {
-            // More can never compile, and the cap bounds what an aliased list can expand to.
-            if ranges.len() == MAX_PORT_RULES {
-                return Err(de::Error::custom(format_args!(
-                    "more than {MAX_PORT_RULES} port ranges in one rule; at most {MAX_PORT_RULES} \
-                     apply to one destination"
-                )));
-            }
-            ranges.push(range);
-        }
-        if ranges.is_empty() {
-            return Err(de::Error::custom("the port list is empty; leave out `ports` to match every port"));
-        }
-        Ok(Ports(ranges))
+        let ranges = OneOrMany::<Checked<PortRange>>::deserialize_bounded(deserializer, &PORT_BOUNDS)?;
+        Ok(Ports(ranges.0.into_iter().map(|Checked(range)| range).collect()))
     }
 }
 
@@ -498,6 +469,15 @@ impl<'de, T: Scalar> Visitor<'de> for ScalarVisitor<T> {
 
     fn visit_i64<E: de::Error>(self, number: i64) -> Result<T, E> {
         self.visit_str(&number.to_string())
+    }
+
+    // Only a single value standing for a list is read as YAML typed it (see `OneOrMany`).
+    fn visit_f64<E: de::Error>(self, number: f64) -> Result<T, E> {
+        self.visit_str(&number.to_string())
+    }
+
+    fn visit_bool<E: de::Error>(self, value: bool) -> Result<T, E> {
+        self.visit_str(&value.to_string())
     }
 }
 
@@ -954,7 +934,7 @@ struct DnsDoc {
     #[serde(default)]
     listen_port: Option<Checked<ListenPort>>,
     #[serde(default)]
-    upstream: Option<Vec<Checked<Upstream>>>,
+    upstream: Option<OneOrMany<Checked<Upstream>>>,
     #[serde(default)]
     refuse_with: Option<Checked<RefuseWith>>,
     #[serde(default)]
@@ -968,7 +948,7 @@ impl DnsDoc {
         let defaults = DnsSettings::default();
         DnsSettings {
             listen_port: self.listen_port.map_or(defaults.listen_port, |v| v.0 .0),
-            upstream: self.upstream.map_or(defaults.upstream, |list| list.into_iter().map(|v| v.0 .0).collect()),
+            upstream: self.upstream.map_or(defaults.upstream, |list| list.0.into_iter().map(|v| v.0 .0).collect()),
             refuse_with: self.refuse_with.map_or(defaults.refuse_with, |v| v.0),
             min_ttl: self.min_ttl.map_or(defaults.min_ttl, |v| v.0 .0),
             grace: self.grace.map_or(defaults.grace, |v| v.0 .0),

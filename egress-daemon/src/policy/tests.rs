@@ -252,6 +252,86 @@ fn error_rule_shape_points_at_the_rule() {
     assert_error(&with_rules("      - 10.0.0.0/8\n"), 5, 9, "expected a rule");
 }
 
+/// Each list of the file format written as its one element reads as a list of one.
+#[test]
+fn single_values_stand_for_lists_of_one() {
+    let text = "\
+settings:
+  dns:
+    upstream: 192.0.2.53
+policies:
+  name: solo
+  cgroup: solo
+  rules:
+    allow: 10.0.0.0/8
+    protocol: tcp
+    ports: 443
+  allow_sockets: packet
+";
+    let set = parse(text);
+    assert_eq!(set.settings.dns.upstream, vec!["192.0.2.53:53".parse::<std::net::SocketAddr>().unwrap()]);
+    assert_eq!(set.policies.len(), 1);
+    let solo = &set.policies[0];
+    assert_eq!(solo.name, "solo");
+    assert_eq!(solo.rules.iter().map(Rule::text).collect::<Vec<_>>(), ["allow 10.0.0.0/8 tcp ports 443"]);
+    assert_eq!(solo.allow_sockets, [model::SocketKind::Packet]);
+    // A single name rule goes with the name rules.
+    let named = parse("policies:\n  - name: n\n    cgroup: n\n    rules: {allow: api.example.com}\n");
+    assert_eq!((named.policies[0].rules.len(), named.policies[0].names.len()), (0, 1));
+    // Flow style, quoted, and the same values as lists of one.
+    assert_eq!(settings_of("  dns:\n    upstream: \"[2001:db8::53]:5353\"\n").dns.upstream.len(), 1);
+    assert_eq!(settings_of("  dns:\n    upstream: [192.0.2.53]\n").dns.upstream, set.settings.dns.upstream);
+    // Empty keys stay empty lists.
+    let empty = parse("policies:\n  - name: e\n    cgroup: e\n    rules:\n    allow_sockets:\n");
+    assert!(empty.policies[0].rules.is_empty() && empty.policies[0].allow_sockets.is_empty());
+}
+
+/// An error inside a single value points where it would in a list of one.
+#[test]
+fn error_in_a_single_value_points_at_it() {
+    let dns = |value: &str| format!("settings:\n  dns:\n    upstream: {value}\npolicies: []\n");
+    assert_error(
+        &dns("resolver.example"),
+        3,
+        15,
+        "settings.dns.upstream: `resolver.example` is not a resolver address",
+    );
+    assert_error(&dns("[resolver.example]"), 3, 16, "settings.dns.upstream[0]: `resolver.example` is not a resolver");
+    assert_error(&dns("1.5"), 3, 15, "`1.5` is not a resolver address");
+    assert_error(&dns("{a: 1}"), 3, 15, "invalid type: map, expected a resolver address");
+
+    let one_rule = |rule: &str| format!("policies:\n  - name: demo\n    cgroup: demo\n    rules:\n{rule}");
+    assert_error(
+        &one_rule("      allow: 10.0.0.1/8\n"),
+        5,
+        14,
+        "policies[0].rules.allow: 10.0.0.1/8 has host bits set",
+    );
+    assert_error(
+        &one_rule("      - allow: 10.0.0.1/8\n"),
+        5,
+        16,
+        "policies[0].rules[0].allow: 10.0.0.1/8 has host bits set",
+    );
+    assert_error(
+        &one_rule("      allow: 10.0.0.0/8\n      deny: 10.0.0.0/8\n"),
+        5,
+        7,
+        "policies[0].rules: a rule takes",
+    );
+    assert_error(&one_rule("      allow: 10.0.0.0/8\n      proto: tcp\n"), 6, 7, "unknown field `proto`");
+    assert_error(&one_rule("      allow: 10.0.0.0/8\n      ports: 0\n"), 6, 14, "port 0");
+    assert_error(&one_rule("      10.0.0.0/8\n"), 5, 7, "expected a rule");
+
+    let sockets = |value: &str| format!("policies:\n  - name: a\n    cgroup: a\n    allow_sockets: {value}\n");
+    assert_error(&sockets("raw"), 4, 20, "policies[0].allow_sockets: unknown socket kind `raw`");
+    assert_error(&sockets("[packet, raw]"), 4, 29, "policies[0].allow_sockets[1]: unknown socket kind `raw`");
+
+    assert_error("policies:\n  name: a\n  cgroup: a\n  mode: loud\n", 4, 9, "policies.mode: unknown mode `loud`");
+    assert_error("policies:\n  name: a\n", 2, 3, "a policy needs a selector");
+    assert_error("policies: web\n", 1, 11, "expected a policy");
+}
+
 #[test]
 fn error_names_and_cgroups() {
     let two = "policies:\n  - name: web\n    cgroup: a/b\n  - name: web\n    cgroup: c\n";
