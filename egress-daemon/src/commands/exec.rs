@@ -73,6 +73,7 @@ async fn exec_in(
     } else {
         None
     };
+    let limits = std::sync::Arc::new(crate::output_budget::OutputLimits::new(&set.settings));
     engine.apply(set, &args.config.display().to_string(), &[Binding { policy: 0, cgroup: cgroup.clone() }])?;
     engine.attach(cgroup)?;
     let guard = Guard::start(cgroup).context("starting the guard process")?;
@@ -87,6 +88,7 @@ async fn exec_in(
         catalog: engine.shared_catalog(),
         writer,
         history: None,
+        limits,
     })
     .context("starting the event pipeline")?;
 
