@@ -195,9 +195,11 @@ def policy_yaml(path, cgroup, pin_dir, socket, server, ports):
         f"  attach: {cgroup}",
         f"  pin_dir: {pin_dir}",
         f"  control_socket: {socket}",
-        # The per-cgroup event budget would suppress most of the event phases' blocked
-        # connects; lifted so that those phases measure the ring buffer and the daemon.
+        # The per-cgroup event budget and the output's total would suppress most of the event
+        # phases' blocked connects; lifted so that those phases measure the ring buffer and the
+        # daemon.
         "  events_per_second: 10000000",
+        "  events_written_per_second: 10000000",
         "policies:",
         "  - name: bench",
         f"    cgroup: {cgroup}",

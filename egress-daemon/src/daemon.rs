@@ -31,6 +31,7 @@ use crate::{
     matching::{self, IgnoredMatches, Match},
     metrics,
     output::{EventWriter, LogFormat},
+    output_budget::OutputLimits,
     pipeline,
     policy::{model::PolicySet, parse_policy_file},
     printable::escaped,
@@ -53,6 +54,8 @@ pub struct Daemon {
     /// Flow records, for `egress logs --flows`, `egress top` and the metrics.
     pub flows: Arc<FlowLog>,
     pub drops: DropCounter,
+    /// What the event output may write per second, as the policy file in force says.
+    limits: Arc<OutputLimits>,
     names: Arc<Mutex<ContainerNames>>,
     /// Selector matches that do not count (see `matching`), for status.
     ignored: Arc<Mutex<IgnoredMatches>>,
@@ -88,6 +91,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let daemon = Daemon {
         engine: loaded.engine,
         drops: loaded.drops.clone(),
+        limits: Arc::new(OutputLimits::new(&settings)),
         hierarchy: hierarchy.clone(),
         config: args.config.clone(),
         history: Arc::new(EventHistory::new(settings.history)),
@@ -114,18 +118,6 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     // Policies are in the maps before the programs see any traffic.
     daemon.engine.attach(&attach_point)?;
 
-    let writer = EventWriter::new(args.log_format, io::stdout()).with_journal_priorities(service::under_journal());
-    let events = pipeline::spawn(pipeline::Ends {
-        events: loaded.events,
-        drops: loaded.drops,
-        catalog: daemon.engine.shared_catalog(),
-        writer,
-        history: Some(daemon.history.clone()),
-    })
-    .context("starting the event pipeline")?;
-    let flow_sweeper = flows::spawn(loaded.flows, daemon.engine.shared_catalog(), daemon.flows.clone())
-        .context("starting the flow record sweeper")?;
-    let cgroups = CgroupFollower::spawn(daemon.clone(), changes).context("starting the cgroup follower")?;
     let control_server =
         control::server::serve(&settings.control_socket, settings.control_group.clone(), Arc::new(daemon.clone()))
             .await
@@ -138,9 +130,25 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         }
         None => None,
     };
-    // Said once the control socket answers too: scripts and tests wait for this line.
-    tracing::info!(config = %args.config.display(), attach = %attach_point.relative, "all policies enforced");
+    // Ready before the event path starts: whatever waits in the ring (an earlier daemon's backlog,
+    // a flood's events) cannot hold readiness up. Said once the control socket answers too:
+    // scripts and tests wait for this line.
     service::notify_ready();
+    tracing::info!(config = %args.config.display(), attach = %attach_point.relative, "all policies enforced");
+
+    let writer = EventWriter::new(args.log_format, io::stdout()).with_journal_priorities(service::under_journal());
+    let events = pipeline::spawn(pipeline::Ends {
+        events: loaded.events,
+        drops: loaded.drops,
+        catalog: daemon.engine.shared_catalog(),
+        writer,
+        history: Some(daemon.history.clone()),
+        limits: daemon.limits.clone(),
+    })
+    .context("starting the event pipeline")?;
+    let flow_sweeper = flows::spawn(loaded.flows, daemon.engine.shared_catalog(), daemon.flows.clone())
+        .context("starting the flow record sweeper")?;
+    let cgroups = CgroupFollower::spawn(daemon.clone(), changes).context("starting the cgroup follower")?;
 
     let result = daemon.serve_until_stopped().await;
     service::notify_stopping();
@@ -307,7 +315,9 @@ impl Daemon {
                 tracing::info!(policy = %name, selector = %selector, cgroups = count, "enforcing");
             }
         }
+        let settings = set.settings.clone();
         self.engine.apply(set, &self.config.display().to_string(), &bindings)?;
+        self.limits.set(&settings);
         self.ignored().replace_with(ignored);
         // Parsing a large file leaves freed heap behind; hand it back to the system.
         // SAFETY: malloc_trim only releases free memory at the top of glibc's heaps.

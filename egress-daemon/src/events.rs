@@ -142,18 +142,8 @@ impl Catalog {
         self.cgroups.insert(id, CgroupName { relative, workload });
     }
 
-    /// Decodes one ring buffer item; `None` when it is too short to be an event.
-    pub fn record(&mut self, bytes: &[u8]) -> Option<FlowRecord> {
-        if bytes.len() < size_of::<FlowEvent>() {
-            return None;
-        }
-        // SAFETY: FlowEvent is plain old data and the length is checked; read_unaligned copes
-        // with any alignment of the ring buffer slot.
-        let event: FlowEvent = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
-        Some(self.describe(&event))
-    }
-
-    fn describe(&mut self, event: &FlowEvent) -> FlowRecord {
+    /// Names an event and stamps it with wall-clock time.
+    pub fn describe(&mut self, event: &FlowEvent) -> FlowRecord {
         let names = self.names(event.policy, event.rule, event.cgroup_id);
         let by_name = self
             .slots
@@ -228,6 +218,16 @@ impl Catalog {
         self.cgroups.insert(id, name.clone());
         name
     }
+}
+
+/// Decodes one ring buffer item; `None` when it is too short to be an event.
+pub fn decode(bytes: &[u8]) -> Option<FlowEvent> {
+    if bytes.len() < size_of::<FlowEvent>() {
+        return None;
+    }
+    // SAFETY: FlowEvent is plain old data and the length is checked; read_unaligned copes with
+    // any alignment of the ring buffer slot.
+    Some(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) })
 }
 
 fn find_cgroup_dir(dir: &Path, id: u64, depth: u32) -> Option<std::path::PathBuf> {

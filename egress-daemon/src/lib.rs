@@ -24,6 +24,7 @@ pub mod kernel;
 pub(crate) mod matching;
 pub(crate) mod metrics;
 pub mod output;
+pub(crate) mod output_budget;
 pub(crate) mod pipeline;
 pub mod policy;
 pub mod printable;

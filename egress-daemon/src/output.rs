@@ -57,16 +57,46 @@ impl<W: Write> EventWriter<W> {
 
     /// Reports events the kernel had to drop since the last notice.
     pub fn write_dropped(&mut self, dropped: u64, total: u64) -> io::Result<()> {
+        self.notice(
+            "<3>",
+            serde_json::json!({"notice": "events_dropped", "dropped": dropped, "dropped_total": total}),
+            format!("DROPPED {dropped} events (ring buffer full; {total} since start)"),
+        )
+    }
+
+    /// Reports events of one cgroup not written because they were over its budget for a second.
+    pub fn write_suppressed(&mut self, cgroup: &str, workload: Option<&str>, suppressed: u64) -> io::Result<()> {
+        let mut json = serde_json::json!({"notice": "events_suppressed", "cgroup": cgroup, "suppressed": suppressed});
+        if let Some(workload) = workload {
+            json["workload"] = workload.into();
+        }
+        let workload = workload.map(|w| format!(" workload={}", escaped(w))).unwrap_or_default();
+        let text = format!(
+            "SUPPRESSED {suppressed} events of cgroup={}{workload} (over settings.events_per_second)",
+            escaped(cgroup)
+        );
+        self.notice("<4>", json, text)
+    }
+
+    /// Reports events not written because the output had written its total for a second.
+    pub fn write_not_written(&mut self, not_written: u64) -> io::Result<()> {
+        self.notice(
+            "<4>",
+            serde_json::json!({"notice": "events_not_written", "not_written": not_written}),
+            format!("NOT WRITTEN {not_written} events (over settings.events_written_per_second)"),
+        )
+    }
+
+    /// One notice line: `json` gains the time; `text` follows the time.
+    fn notice(&mut self, priority: &str, mut json: serde_json::Value, text: String) -> io::Result<()> {
         let time = crate::events::timestamp(SystemTime::now());
-        let prefix = if self.journal { "<3>" } else { "" };
+        let prefix = if self.journal { priority } else { "" };
         let line = match self.format {
-            LogFormat::Json => format!(
-                "{prefix}{}\n",
-                serde_json::json!({"time": time, "notice": "events_dropped", "dropped": dropped, "dropped_total": total})
-            ),
-            LogFormat::Text => {
-                format!("{prefix}{time} DROPPED {dropped} events (ring buffer full; {total} since start)\n")
+            LogFormat::Json => {
+                json["time"] = time.into();
+                format!("{prefix}{json}\n")
             }
+            LogFormat::Text => format!("{prefix}{time} {text}\n"),
         };
         self.emit(line.as_bytes())
     }

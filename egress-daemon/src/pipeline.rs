@@ -5,6 +5,8 @@
 //! for the first time walks the cgroup tree, and a ring that a workload keeps full would never
 //! let the runtime answer the control socket or bind new cgroups. Events are decoded in bounded
 //! batches, so the locks the pump shares with the control plane are released between batches.
+//! What it writes goes through the output's budget (`output_budget`): a backlog is written at the
+//! rate live events are, and what is held back is reported as counts.
 
 use std::{
     io::{self, Write},
@@ -21,9 +23,10 @@ use egress_common::{FlowEvent, EVENTS_RING_BYTES};
 
 use crate::{
     control::history::EventHistory,
-    events::Catalog,
+    events::{self, Catalog},
     kernel::{DropCounter, EventSource},
     output::EventWriter,
+    output_budget::{Held, OutputBudget, OutputLimits},
 };
 
 /// How often the kernel's dropped-event counter is checked.
@@ -55,6 +58,8 @@ pub struct Ends<W: Write> {
     pub catalog: Arc<Mutex<Catalog>>,
     pub writer: EventWriter<W>,
     pub history: Option<Arc<EventHistory>>,
+    /// What may be written per second (the settings in force).
+    pub limits: Arc<OutputLimits>,
 }
 
 /// Starts pumping events to the writer (and history) on a thread of its own.
@@ -62,7 +67,8 @@ pub fn spawn<W: Write + Send + 'static>(ends: Ends<W>) -> io::Result<Pump> {
     let stop = Arc::new(AtomicBool::new(false));
     let stopped = stop.clone();
     let thread = thread::Builder::new().name("egress-events".into()).spawn(move || {
-        let result = ends.run(&stopped);
+        let budget = OutputBudget::new(ends.limits.clone());
+        let result = ends.run(budget, &stopped);
         if let Err(error) = &result {
             tracing::error!(%error, "the event pipeline stopped: flow events are no longer written");
         }
@@ -88,7 +94,7 @@ impl Drop for Pump {
 }
 
 impl<W: Write> Ends<W> {
-    fn run(mut self, stop: &AtomicBool) -> io::Result<()> {
+    fn run(mut self, mut budget: OutputBudget, stop: &AtomicBool) -> io::Result<()> {
         let mut drops = DropWatch::default();
         let started = Instant::now();
         let mut next_drop_check = started;
@@ -99,7 +105,8 @@ impl<W: Write> Ends<W> {
             if !backlog {
                 self.events.wait(DRAIN_INTERVAL)?;
             }
-            backlog = self.drain_batch()? == DRAIN_BATCH;
+            backlog = self.drain_batch(&mut budget)? == DRAIN_BATCH;
+            self.report(budget.take_held(Instant::now(), false))?;
             // The first check waits until the events an earlier daemon left in the ring are
             // written, so that the notice of what was lost comes after them.
             let first_due = !backlog || started.elapsed() >= FIRST_DROP_CHECK_LIMIT;
@@ -110,23 +117,28 @@ impl<W: Write> Ends<W> {
         }
         let mut written = 0;
         while written < FINAL_DRAIN_LIMIT {
-            let batch = self.drain_batch()?;
+            let batch = self.drain_batch(&mut budget)?;
             if batch == 0 {
                 break;
             }
             written += batch;
         }
+        self.report(budget.take_held(Instant::now(), true))?;
         drops.check(&self.drops, &mut self.writer)
     }
 
-    /// Decodes and writes at most [`DRAIN_BATCH`] events; returns how many items it took.
-    fn drain_batch(&mut self) -> io::Result<usize> {
-        let mut records = Vec::with_capacity(DRAIN_BATCH);
-        let taken = {
+    /// Takes at most [`DRAIN_BATCH`] events and writes those the budget admits; returns how many
+    /// items it took.
+    fn drain_batch(&mut self, budget: &mut OutputBudget) -> io::Result<usize> {
+        let now = Instant::now();
+        let mut admitted = Vec::with_capacity(DRAIN_BATCH);
+        let taken = self.events.drain(DRAIN_BATCH, |bytes| {
+            admitted.extend(events::decode(bytes).filter(|event| budget.admit(event.cgroup_id, now)));
+        });
+        let records: Vec<_> = {
             let mut catalog = self.catalog.lock().unwrap_or_else(PoisonError::into_inner);
-            let taken = self.events.drain(DRAIN_BATCH, |bytes| records.extend(catalog.record(bytes)));
-            records.extend(catalog.take_injected());
-            taken
+            let named: Vec<_> = admitted.iter().map(|event| catalog.describe(event)).collect();
+            named.into_iter().chain(catalog.take_injected()).collect()
         };
         // Written without the catalog's lock: a slow reader of the output blocks the pump only.
         for record in records {
@@ -136,6 +148,24 @@ impl<W: Write> Ends<W> {
             }
         }
         Ok(taken)
+    }
+
+    /// Writes what the budget held back: a notice per cgroup, one for the total.
+    fn report(&mut self, held: Held) -> io::Result<()> {
+        if held.is_empty() {
+            return Ok(());
+        }
+        let names: Vec<_> = {
+            let mut catalog = self.catalog.lock().unwrap_or_else(PoisonError::into_inner);
+            held.suppressed.iter().map(|(cgroup, count)| (catalog.cgroup_names(*cgroup), *count)).collect()
+        };
+        for ((cgroup, workload), count) in names {
+            self.writer.write_suppressed(&cgroup, workload.as_deref(), count)?;
+        }
+        if held.not_written > 0 {
+            self.writer.write_not_written(held.not_written)?;
+        }
+        Ok(())
     }
 }
 

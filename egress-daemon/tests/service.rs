@@ -280,9 +280,10 @@ fn events_raised_while_no_daemon_runs_are_delivered_or_counted_as_lost() {
     }
     let cg = TestCgroup::new("lost");
     let file = file_for(&cg, &one_policy(&cg, ""));
-    // A budget above the burst, so that events are lost to the full ring, not suppressed.
+    // Budgets above the burst, so that events are lost to the full ring, not suppressed.
     let yaml = fs::read_to_string(&file.path).expect("read policy");
-    file.rewrite(&yaml.replacen("settings:\n", "settings:\n  events_per_second: 1000000\n", 1));
+    let budgets = "settings:\n  events_per_second: 1000000\n  events_written_per_second: 1000000\n";
+    file.rewrite(&yaml.replacen("settings:\n", budgets, 1));
     let first = Daemon::start(&file);
     first.signal(libc::SIGKILL);
     drop(first);

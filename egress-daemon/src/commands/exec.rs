@@ -114,6 +114,7 @@ async fn exec_in(
         None
     };
     interrupted(signals)?;
+    let limits = std::sync::Arc::new(crate::output_budget::OutputLimits::new(&set.settings));
     engine.apply(set, &args.config.display().to_string(), &[Binding { policy: 0, cgroup: cgroup.clone() }])?;
     engine.attach(cgroup)?;
     interrupted(signals)?;
@@ -124,6 +125,7 @@ async fn exec_in(
         catalog: engine.shared_catalog(),
         writer,
         history: None,
+        limits,
     })
     .context("starting the event pipeline")?;
     // From here every way out goes through the guard's release below.

@@ -438,6 +438,8 @@ pub const DEFAULT_HISTORY: usize = 10_000;
 pub const MAX_HISTORY: usize = 10_000_000;
 /// Largest [`Settings::events_per_second`].
 pub const MAX_EVENT_BUDGET: u32 = 10_000_000;
+/// Default of [`Settings::events_written_per_second`].
+pub const DEFAULT_EVENTS_WRITTEN: u32 = 10_000;
 /// Default of [`Settings::control_socket`].
 pub const DEFAULT_CONTROL_SOCKET: &str = "/run/egress/control.sock";
 /// Default of [`Settings::pin_dir`].
@@ -462,6 +464,9 @@ pub struct Settings {
     /// Flow events one cgroup may raise per second on each CPU; the kernel counts the rest
     /// as suppressed (`1..=MAX_EVENT_BUDGET`).
     pub events_per_second: u32,
+    /// Flow events written to the output (stdout, the journal) per second, all cgroups together;
+    /// the rest are counted and reported (`1..=MAX_EVENT_BUDGET`).
+    pub events_written_per_second: u32,
     /// Between interim flow records of a long flow (`1..=MAX_FLOW_INTERVAL_SECS` seconds).
     pub flow_interval: std::time::Duration,
     /// The DNS proxy for name rules.
@@ -532,6 +537,7 @@ impl Default for Settings {
             metrics: None,
             pin_dir: PathBuf::from(DEFAULT_PIN_DIR),
             events_per_second: egress_common::DEFAULT_EVENT_BUDGET,
+            events_written_per_second: DEFAULT_EVENTS_WRITTEN,
             flow_interval: std::time::Duration::from_secs(60),
             dns: DnsSettings::default(),
         }

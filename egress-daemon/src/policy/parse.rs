@@ -172,6 +172,8 @@ struct SettingsDoc {
     #[serde(default)]
     events_per_second: Option<Checked<EventBudget>>,
     #[serde(default)]
+    events_written_per_second: Option<Checked<WrittenBudget>>,
+    #[serde(default)]
     flow_interval: Option<Checked<FlowInterval>>,
     dns: Option<DnsDoc>,
 }
@@ -183,6 +185,9 @@ impl SettingsDoc {
             attach: self.attach.map_or(defaults.attach, |v| v.0 .0),
             history: self.history.map_or(defaults.history, |v| v.0 .0),
             events_per_second: self.events_per_second.map_or(defaults.events_per_second, |v| v.0 .0),
+            events_written_per_second: self
+                .events_written_per_second
+                .map_or(defaults.events_written_per_second, |v| v.0 .0),
             flow_interval: self.flow_interval.map_or(defaults.flow_interval, |v| v.0 .0),
             control_socket: self.control_socket.map_or(defaults.control_socket, |v| v.0 .0),
             control_group: self.control_group.map(|v| v.0 .0).or(defaults.control_group),
@@ -800,6 +805,22 @@ impl Scalar for EventBudget {
         match text.trim().replace('_', "").parse::<u32>() {
             Ok(n) if (1..=MAX_EVENT_BUDGET).contains(&n) => Ok(EventBudget(n)),
             _ => Err(format!("events_per_second `{text}` is out of range; keep 1 to {MAX_EVENT_BUDGET}")),
+        }
+    }
+}
+
+/// `settings.events_written_per_second`.
+struct WrittenBudget(u32);
+
+impl Scalar for WrittenBudget {
+    fn expecting() -> Cow<'static, str> {
+        "a number of events per second".into()
+    }
+
+    fn parse(text: &str) -> Result<Self, String> {
+        match text.trim().replace('_', "").parse::<u32>() {
+            Ok(n) if (1..=MAX_EVENT_BUDGET).contains(&n) => Ok(WrittenBudget(n)),
+            _ => Err(format!("events_written_per_second `{text}` is out of range; keep 1 to {MAX_EVENT_BUDGET}")),
         }
     }
 }

@@ -566,6 +566,7 @@ fn settings_default_when_absent_or_empty() {
         metrics: None,
         pin_dir: "/sys/fs/bpf/egress".into(),
         events_per_second: egress_common::DEFAULT_EVENT_BUDGET,
+        events_written_per_second: 10_000,
         flow_interval: std::time::Duration::from_secs(60),
         dns: DnsSettings::default(),
     };
@@ -596,6 +597,7 @@ settings:
   metrics: 127.0.0.1:9154
   pin_dir: /sys/fs/bpf/egress-test/
   events_per_second: 2_000
+  events_written_per_second: 50_000
   flow_interval: 2s
 policies:
   - name: a
@@ -613,6 +615,7 @@ policies:
             metrics: Some("127.0.0.1:9154".parse().expect("addr")),
             pin_dir: "/sys/fs/bpf/egress-test".into(),
             events_per_second: 2_000,
+            events_written_per_second: 50_000,
             flow_interval: std::time::Duration::from_secs(2),
             dns: DnsSettings::default(),
         }
@@ -663,6 +666,13 @@ fn error_bad_settings_point_at_the_value() {
         ("pin_dir: sys/fs/bpf/egress", 12, "settings.pin_dir: `sys/fs/bpf/egress` is not an absolute path"),
         ("pin_dir: /", 12, "not /"),
         ("pin_dir: /sys/fs/bpf/../egress", 12, "must not contain `..`"),
+        (
+            "events_written_per_second: 0",
+            30,
+            "settings.events_written_per_second: events_written_per_second `0` is out of range; keep 1 to 10000000",
+        ),
+        ("events_written_per_second: 10000001", 30, "out of range"),
+        ("events_written_per_second: lots", 30, "out of range"),
     ];
     for &(line, column, needle) in cases {
         assert_error(&format!("settings:\n  {line}\npolicies: []\n"), 2, column, needle);
