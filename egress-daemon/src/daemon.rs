@@ -479,6 +479,7 @@ impl control::server::ControlHandler for Daemon {
                 })
                 .collect(),
             flow_evictions: self.flows.evictions(),
+            warnings: Vec::new(),
             ignored: self
                 .ignored()
                 .iter()
@@ -507,6 +508,8 @@ impl control::server::ControlHandler for Daemon {
         }
         report.cgroups.sort_by(|a, b| a.cgroup.cmp(&b.cgroup));
         drop(state);
+        let bound: Vec<(&str, &str)> = report.cgroups.iter().map(|c| (c.cgroup.as_str(), c.policy.as_str())).collect();
+        report.warnings = matching::uncovered_delegations(self.hierarchy.mount(), &bound);
         crate::dns::status::fill(&self.dns, &mut report.policies);
         report
     }

@@ -161,6 +161,35 @@ pub fn workload_of(relative: &str) -> Option<String> {
     unit_of(path)
 }
 
+/// The live form of `policy::delegation`: for bound cgroups (path, policy) that lie inside a
+/// subtree an unprivileged user may create cgroups in (owned by them, writable by them, or
+/// delegated by systemd), one warning per such subtree root that no bound cgroup covers at or
+/// above it. Reads the cgroup tree's ownership; call it off the async runtime.
+pub fn uncovered_delegations(mount: &std::path::Path, bound: &[(&str, &str)]) -> Vec<String> {
+    use std::collections::HashSet;
+    let paths: HashSet<&str> = bound.iter().map(|(path, _)| *path).collect();
+    let mut reported = HashSet::new();
+    let mut warnings = Vec::new();
+    for (path, policy) in bound {
+        let Err(untrusted) = crate::discovery::check_placement(mount, path, 1) else { continue };
+        if !matches!(
+            untrusted.reason,
+            crate::discovery::UntrustedReason::Owner(_)
+                | crate::discovery::UntrustedReason::Writable(_)
+                | crate::discovery::UntrustedReason::Delegated
+        ) {
+            continue;
+        }
+        let root = untrusted.ancestor;
+        let components: Vec<&str> = root.split('/').collect();
+        let covered = (1..=components.len()).any(|depth| paths.contains(components[..depth].join("/").as_str()));
+        if !covered && reported.insert(root.clone()) {
+            warnings.push(crate::policy::delegation::uncovered(policy, path, &root));
+        }
+    }
+    warnings
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -236,3 +236,62 @@ fn an_exact_path_into_a_delegated_subtree_is_the_operators_word() {
     assert_eq!(tcp_connect_from(&other, "127.0.0.1", port), "EPERM", "the user's policy covers the rest");
     assert!(ignored(&file.status_json()).is_empty());
 }
+
+#[test]
+fn a_policy_inside_a_delegated_subtree_is_warned_about_until_its_root_is_covered() {
+    if !privileged() {
+        return;
+    }
+    const OWNER: u32 = 4243;
+    let parent = TestCgroup::new("deleg-root");
+    let user = parent.child(&format!("user.slice/user@{OWNER}.service"));
+    delegate(&user, OWNER);
+    mkdir_as(OWNER, &user.dir.join("app.slice"));
+    mkdir_as(OWNER, &user.dir.join("app.slice/job.service"));
+    let job = user.child("app.slice/job.service");
+    let apps = format!(
+        "policies:\n  - name: apps\n    cgroup: {}/app.slice/job.service\n    default: deny\n    rules: []\n",
+        user.relative
+    );
+    let file = PolicyFile::attached_at(Some(&parent.relative), &apps);
+    let _daemon = Daemon::start(&file);
+    let port = tcp_server("127.0.0.1:0");
+    assert_eq!(tcp_connect_from(&job, "127.0.0.1", port), "EPERM");
+
+    // The attack: the user moves the job to a cgroup of their own that the selector does not name.
+    mkdir_as(OWNER, &user.dir.join("escape.slice"));
+    let escape = user.child("escape.slice");
+    assert_eq!(tcp_connect_from(&escape, "127.0.0.1", port), "ok", "nothing holds the rest of the subtree");
+    // Both checks say so, naming the delegation root.
+    let status = file.status_json();
+    let warnings: Vec<&str> =
+        status["warnings"].as_array().into_iter().flatten().filter_map(Value::as_str).collect();
+    assert!(
+        warnings.len() == 1 && warnings[0].contains(&format!("inside `{}`", user.relative)),
+        "{status:#}"
+    );
+    let check = Command::new(egress_bin()).arg("check").arg(&file.path).output().expect("run egress check");
+    assert!(check.status.success(), "{}", stderr_of(&check));
+    assert!(
+        stderr_of(&check).contains(&format!("warning: policy `apps` selects `{}/app.slice/job.service`", user.relative)),
+        "{}",
+        stderr_of(&check)
+    );
+
+    // A policy at the delegation root holds the whole subtree, and the warning goes.
+    file.rewrite_with(
+        Some(&parent.relative),
+        &format!("{apps}  - name: user\n    cgroup: {}\n    default: deny\n    rules: []\n", user.relative),
+    );
+    let reload = Command::new(egress_bin())
+        .args(["reload", "--socket"])
+        .arg(&file.socket)
+        .output()
+        .expect("run egress reload");
+    assert!(reload.status.success(), "{}", stderr_of(&reload));
+    assert_eq!(tcp_connect_from(&escape, "127.0.0.1", port), "EPERM");
+    let status = file.status_json();
+    assert!(status["warnings"].as_array().is_none_or(Vec::is_empty), "{status:#}");
+    let check = Command::new(egress_bin()).arg("check").arg(&file.path).output().expect("run egress check");
+    assert!(!stderr_of(&check).contains("warning"), "{}", stderr_of(&check));
+}

@@ -156,6 +156,9 @@ pub fn status_text(report: &StatusReport) -> String {
     if report.malformed_packets > 0 {
         let _ = writeln!(out, "malformed:      {} packets refused (rule `malformed`)", report.malformed_packets);
     }
+    for warning in &report.warnings {
+        let _ = writeln!(out, "warning:        {}", escaped(warning));
+    }
     for guarantee in &report.guarantees {
         let _ = writeln!(out, "guarantee:      {guarantee}");
     }

@@ -112,6 +112,9 @@ pub struct StatusReport {
     pub flow_totals: Vec<FlowTotal>,
     /// Flows the kernel's full flow table pushed out before they ended (records `evicted`).
     pub flow_evictions: u64,
+    /// What the operator should know about the policies in force (a delegated subtree that no
+    /// policy holds whole), one line each.
+    pub warnings: Vec<String>,
 }
 
 /// What the flow records of one policy and workload (else cgroup) add up to.

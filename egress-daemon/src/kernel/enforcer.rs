@@ -27,6 +27,7 @@ use super::{
     programs::{self, LinkId, Loaded, SocketGuard, Wanted, OBJECT},
     KernelError,
 };
+use super::barrier::ProgramBarrier;
 use crate::{
     cgroup::Cgroup,
     fault,
@@ -34,9 +35,9 @@ use crate::{
     policy::compile::CompiledSet,
 };
 
-/// Time for program runs that read the previous bindings to finish before their slots are
-/// cleared (programs run under RCU; a run takes microseconds).
-const RETIRE_DELAY: Duration = Duration::from_millis(20);
+/// Time given to program runs that read the previous bindings, where the kernel cannot wait for
+/// them (see [`ProgramBarrier`]): a guess, not a grace period, used only if the barrier fails.
+const RETIRE_DELAY_WITHOUT_BARRIER: Duration = Duration::from_millis(20);
 
 /// What one generation put into the maps, so that it can be removed again.
 #[derive(Default)]
@@ -88,6 +89,8 @@ pub struct Enforcer {
     /// The half the next generation goes into may hold entries a failed removal left behind.
     leftovers: bool,
     loaded: Loaded,
+    /// Waits for running programs before what they may read is removed.
+    barrier: Option<ProgramBarrier>,
 }
 
 impl Enforcer {
@@ -123,6 +126,13 @@ impl Enforcer {
             generation: Generation::default(),
             leftovers: false,
             loaded,
+            barrier: match ProgramBarrier::new() {
+                Ok(barrier) => Some(barrier),
+                Err(error) => {
+                    tracing::warn!(%error, "no program barrier: reloads wait a fixed 20 ms before retiring the old policies");
+                    None
+                }
+            },
         };
         if start == Start::Adopted {
             enforcer.adopt_state()?;
@@ -135,6 +145,18 @@ impl Enforcer {
             }
         })?;
         Ok((enforcer, start))
+    }
+
+    /// Returns once no program run that started before the call can still be running, so that
+    /// what it may have read can be removed.
+    fn wait_for_running_programs(&self) {
+        let waited = self.barrier.as_ref().map(ProgramBarrier::wait);
+        if !matches!(waited, Some(Ok(()))) {
+            if let Some(Err(error)) = waited {
+                tracing::warn!(%error, "waiting for running programs; falling back to a fixed delay");
+            }
+            std::thread::sleep(RETIRE_DELAY_WITHOUT_BARRIER);
+        }
     }
 
     /// Takes over what an earlier daemon left in the pinned maps. Which generation is live is
@@ -163,7 +185,7 @@ impl Enforcer {
                 self.unbind(*id);
             }
             fault::crash_point("adopt-after-unbind");
-            std::thread::sleep(RETIRE_DELAY);
+            self.wait_for_running_programs();
         }
         self.generation = adoption.live.unwrap_or(Generation(marker));
         let live = adoption.live;
@@ -370,7 +392,7 @@ impl Enforcer {
             if let Err(restore) = restored {
                 tracing::warn!(error = %restore, "restoring the generation marker");
             }
-            std::thread::sleep(RETIRE_DELAY);
+            self.wait_for_running_programs();
             self.remove_generation(&fresh);
             return Err(error);
         }
@@ -389,7 +411,7 @@ impl Enforcer {
         // And those cached meanwhile by cgroups that were unbound.
         self.invalidate_after_switch();
         fault::crash_point("before-cleanup");
-        std::thread::sleep(RETIRE_DELAY);
+        self.wait_for_running_programs();
         let old = std::mem::replace(&mut self.installed, fresh);
         self.generation = generation;
         self.remove_generation(&old);

@@ -1,6 +1,7 @@
 //! Every kernel object egress uses: the embedded programs and their links, the maps and their
 //! pins in bpffs, feature probes, and the event ring. Nothing outside this module imports aya.
 
+mod barrier;
 mod batch;
 mod dns;
 mod enforcer;

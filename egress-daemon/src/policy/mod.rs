@@ -2,6 +2,7 @@
 //! evaluator the compiled maps must agree with.
 
 pub mod compile;
+pub mod delegation;
 pub mod domain;
 pub mod model;
 mod one_or_many;

@@ -48,8 +48,14 @@ pub fn boot(vmlinuz: &Path, initramfs: &Path, extra_arguments: &str, log: &Path,
         .arg(initramfs)
         // `bpf` in the LSM list turns the BPF LSM on where the kernel is built with it but does
         // not enable it by default (5.10); panic=-1 turns a guest panic into a QEMU exit.
+        // preempt=full (kernels with PREEMPT_DYNAMIC, 6.1 on; older ones ignore it) lets a
+        // program run be preempted, so reloads are checked where only a real grace period is
+        // safe before the old policies' entries go.
         .arg("-append")
-        .arg(format!("console=ttyS0 quiet panic=-1 lsm=lockdown,capability,yama,bpf {extra_arguments}").trim_end())
+        .arg(
+            format!("console=ttyS0 quiet panic=-1 lsm=lockdown,capability,yama,bpf preempt=full {extra_arguments}")
+                .trim_end(),
+        )
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
