@@ -294,6 +294,7 @@ impl Daemon {
         }
         drop(names);
         self.flows.set_interval(set.settings.flow_interval);
+        self.dns.events.set(set.settings.events_per_second);
         self.ensure_dns(&set)?;
         for policy in &set.policies {
             let count = bindings.iter().filter(|b| set.policies[b.policy].name == policy.name).count();
@@ -478,6 +479,8 @@ impl control::server::ControlHandler for Daemon {
                     reason: i.reason.clone(),
                 })
                 .collect(),
+            // Filled from the proxy's counters below.
+            ..StatusReport::default()
         };
         for (id, b) in bound {
             let stats = state.enforcer.cgroup_stats(id).unwrap_or_default();
@@ -490,13 +493,14 @@ impl control::server::ControlHandler for Daemon {
                 allowed: stats.allowed,
                 blocked: stats.blocked,
                 audited: stats.audited,
-                suppressed: stats.suppressed,
+                // The proxy's refused-query events count against the same budget.
+                suppressed: stats.suppressed + self.dns.events.suppressed(id),
                 deep: b.deep,
             });
         }
         report.cgroups.sort_by(|a, b| a.cgroup.cmp(&b.cgroup));
         drop(state);
-        crate::dns::status::fill(&self.dns, &mut report.policies);
+        crate::dns::status::fill(&self.dns, &mut report);
         report
     }
 
