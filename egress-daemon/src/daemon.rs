@@ -302,6 +302,7 @@ impl Daemon {
         }
         drop(names);
         self.flows.set_interval(set.settings.flow_interval);
+        self.dns.events.set(set.settings.events_per_second);
         self.ensure_dns(&set)?;
         for policy in &set.policies {
             let count = bindings.iter().filter(|b| set.policies[b.policy].name == policy.name).count();
@@ -490,6 +491,8 @@ impl control::server::ControlHandler for Daemon {
                     reason: i.reason.clone(),
                 })
                 .collect(),
+            // Filled from the proxy's counters below.
+            ..StatusReport::default()
         };
         for (id, b) in bound {
             let stats = state.enforcer.cgroup_stats(id).unwrap_or_default();
@@ -502,7 +505,8 @@ impl control::server::ControlHandler for Daemon {
                 allowed: stats.allowed,
                 blocked: stats.blocked,
                 audited: stats.audited,
-                suppressed: stats.suppressed,
+                // The proxy's refused-query events count against the same budget.
+                suppressed: stats.suppressed + self.dns.events.suppressed(id),
                 deep: b.deep,
             });
         }
@@ -510,7 +514,7 @@ impl control::server::ControlHandler for Daemon {
         drop(state);
         let bound: Vec<(&str, &str)> = report.cgroups.iter().map(|c| (c.cgroup.as_str(), c.policy.as_str())).collect();
         report.warnings = matching::uncovered_delegations(self.hierarchy.mount(), &bound);
-        crate::dns::status::fill(&self.dns, &mut report.policies);
+        crate::dns::status::fill(&self.dns, &mut report);
         report
     }
 

@@ -147,6 +147,16 @@ pub fn render(report: &StatusReport) -> String {
         "Packets of covered sockets refused because the packet hook could not parse them",
         counter(report.malformed_packets),
     );
+    registry.register(
+        "egress_dns_busy",
+        "DNS queries answered SERVFAIL and TCP connections closed because their cgroup held its share of the proxy",
+        counter(report.dns_busy),
+    );
+    registry.register(
+        "egress_dns_upstream_mismatches",
+        "Upstream DNS answers that did not echo their query (id, question, letter case); each ended its query",
+        counter(report.dns_upstream_mismatches),
+    );
     let entries = Family::<MapLabel, Gauge>::default();
     let capacity = Family::<MapLabel, Gauge>::default();
     for fill in &report.maps {
@@ -206,6 +216,8 @@ mod tests {
         let report = StatusReport {
             dropped_events: 4,
             malformed_packets: 6,
+            dns_busy: 2,
+            dns_upstream_mismatches: 3,
             cgroups: vec![cgroup("a", "web", 2), cgroup("b", "web", 3), cgroup("c", "db", 1)],
             maps: vec![MapFill { map: "RULES_V4".into(), used: 7, capacity: 9 }],
             ..StatusReport::default()
@@ -217,6 +229,8 @@ mod tests {
             "egress_cgroups_bound{policy=\"web\"} 2",
             "egress_events_dropped_total 4",
             "egress_malformed_packets_total 6",
+            "egress_dns_busy_total 2",
+            "egress_dns_upstream_mismatches_total 3",
             "egress_map_entries{map=\"RULES_V4\"} 7",
             "egress_map_capacity{map=\"RULES_V4\"} 9",
         ] {

@@ -264,16 +264,13 @@ fn a_policy_inside_a_delegated_subtree_is_warned_about_until_its_root_is_covered
     assert_eq!(tcp_connect_from(&escape, "127.0.0.1", port), "ok", "nothing holds the rest of the subtree");
     // Both checks say so, naming the delegation root.
     let status = file.status_json();
-    let warnings: Vec<&str> =
-        status["warnings"].as_array().into_iter().flatten().filter_map(Value::as_str).collect();
-    assert!(
-        warnings.len() == 1 && warnings[0].contains(&format!("inside `{}`", user.relative)),
-        "{status:#}"
-    );
+    let warnings: Vec<&str> = status["warnings"].as_array().into_iter().flatten().filter_map(Value::as_str).collect();
+    assert!(warnings.len() == 1 && warnings[0].contains(&format!("inside `{}`", user.relative)), "{status:#}");
     let check = Command::new(egress_bin()).arg("check").arg(&file.path).output().expect("run egress check");
     assert!(check.status.success(), "{}", stderr_of(&check));
     assert!(
-        stderr_of(&check).contains(&format!("warning: policy `apps` selects `{}/app.slice/job.service`", user.relative)),
+        stderr_of(&check)
+            .contains(&format!("warning: policy `apps` selects `{}/app.slice/job.service`", user.relative)),
         "{}",
         stderr_of(&check)
     );
@@ -283,11 +280,8 @@ fn a_policy_inside_a_delegated_subtree_is_warned_about_until_its_root_is_covered
         Some(&parent.relative),
         &format!("{apps}  - name: user\n    cgroup: {}\n    default: deny\n    rules: []\n", user.relative),
     );
-    let reload = Command::new(egress_bin())
-        .args(["reload", "--socket"])
-        .arg(&file.socket)
-        .output()
-        .expect("run egress reload");
+    let reload =
+        Command::new(egress_bin()).args(["reload", "--socket"]).arg(&file.socket).output().expect("run egress reload");
     assert!(reload.status.success(), "{}", stderr_of(&reload));
     assert_eq!(tcp_connect_from(&escape, "127.0.0.1", port), "EPERM");
     let status = file.status_json();

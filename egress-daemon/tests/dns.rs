@@ -575,3 +575,285 @@ fn a_datagram_socket_cannot_reuse_a_learned_address_after_it_expired() {
         .unwrap_or_else(|| panic!("datagrams went on after the learned address expired: {out}"));
     assert!(refused_after < 4.0, "refused only after {refused_after} s: {out}");
 }
+
+/// Python: a DNS query for `name` with id `qid` (type A, class IN, recursion desired).
+const PY_QUERY: &str = r#"
+import socket, struct, sys, time, json, errno
+def query(name, qid):
+    q = struct.pack("!HHHHHH", qid & 0xFFFF, 0x0100, 1, 0, 0, 0)
+    for label in name.split("."):
+        q += bytes([len(label)]) + label.encode()
+    return q + b"\0" + struct.pack("!HH", 1, 1)
+RCODES = {0: "NOERROR", 2: "SERVFAIL", 3: "NXDOMAIN", 5: "REFUSED"}
+def rcode(reply):
+    return RCODES.get(reply[3] & 0xF, str(reply[3] & 0xF)) if len(reply) >= 4 else "SHORT"
+def recv_framed(s):
+    head = b""
+    while len(head) < 2:
+        chunk = s.recv(2 - len(head))
+        if not chunk:
+            return b""
+        head += chunk
+    (length,) = struct.unpack("!H", head)
+    data = b""
+    while len(data) < length:
+        chunk = s.recv(length - len(data))
+        if not chunk:
+            return b""
+        data += chunk
+    return data
+"#;
+
+/// Sends queries for `argv[2]` (`#` replaced by a counter) over one UDP socket to `argv[1]`,
+/// `argv[4]` every 20 ms for `argv[3]` seconds, then collects answers for 2.5 s: prints
+/// `{"sent": n, "codes": {...}}`.
+const PY_FLOOD: &str = r##"
+resolver, pattern, seconds, per_tick = sys.argv[1], sys.argv[2], float(sys.argv[3]), int(sys.argv[4])
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.connect((resolver, 53))
+s.setblocking(False)
+codes = {}
+def drain():
+    while True:
+        try:
+            reply = s.recv(4096)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            return
+        codes[rcode(reply)] = codes.get(rcode(reply), 0) + 1
+sent = 0
+end = time.time() + seconds
+while time.time() < end:
+    for _ in range(per_tick):
+        try:
+            s.send(query(pattern.replace("#", str(sent)), sent))
+            sent += 1
+        except BlockingIOError:
+            break
+    drain()
+    time.sleep(0.02)
+until = time.time() + 2.5
+while time.time() < until:
+    drain()
+    time.sleep(0.05)
+print(json.dumps({"sent": sent, "codes": codes}), flush=True)
+"##;
+
+/// Opens `argv[2]` TCP connections to `argv[1]`:53 and holds them for `argv[3]` seconds; after
+/// one second counts how many the far side has not closed: prints `{"open": n}`.
+const PY_HOLD_TCP: &str = r#"
+resolver, count, seconds = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+start = time.time()
+held = []
+for _ in range(count):
+    s = socket.socket()
+    s.settimeout(2)
+    try:
+        s.connect((resolver, 53))
+        held.append(s)
+    except OSError:
+        pass
+time.sleep(1)
+still = 0
+for s in held:
+    s.setblocking(False)
+    try:
+        still += 1 if s.recv(1, socket.MSG_PEEK) else 0
+    except BlockingIOError:
+        still += 1
+    except OSError:
+        pass
+print(json.dumps({"open": still}), flush=True)
+time.sleep(max(0, seconds - (time.time() - start)))
+"#;
+
+/// Resolves `argv[2]` at `argv[1]` `argv[3]` times over UDP then `argv[4]` times over TCP, each
+/// on a fresh socket, 50 ms apart: prints `{"udp": [ms...], "tcp": [ms...], "codes": {...}}`.
+const PY_TIMED: &str = r#"
+resolver, name, n_udp, n_tcp = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+out = {"udp": [], "tcp": [], "codes": {}}
+for i in range(n_udp + n_tcp):
+    tcp = i >= n_udp
+    start = time.perf_counter()
+    try:
+        if tcp:
+            s = socket.create_connection((resolver, 53), timeout=3)
+            q = query(name, i)
+            s.sendall(struct.pack("!H", len(q)) + q)
+            reply = recv_framed(s)
+        else:
+            s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            s.settimeout(3)
+            s.connect((resolver, 53))
+            s.send(query(name, i))
+            reply = s.recv(4096)
+        code = rcode(reply)
+    except OSError as e:
+        code = "TIMEOUT" if isinstance(e, socket.timeout) else errno.errorcode.get(e.errno, str(e))
+    s.close()
+    out["tcp" if tcp else "udp"].append(round((time.perf_counter() - start) * 1000, 2))
+    out["codes"][code] = out["codes"].get(code, 0) + 1
+    time.sleep(0.05)
+print(json.dumps(out), flush=True)
+"#;
+
+/// Sends a query for `argv[2]` over TCP to `argv[1]`:53, then another: prints the first
+/// answer's code and whether the connection was closed after it.
+const PY_TCP_TWICE: &str = r#"
+s = socket.create_connection((sys.argv[1], 53), timeout=3)
+q = query(sys.argv[2], 7)
+s.sendall(struct.pack("!H", len(q)) + q)
+first = rcode(recv_framed(s))
+try:
+    s.sendall(struct.pack("!H", len(q)) + q)
+    second = "closed" if not recv_framed(s) else "open"
+except OSError:
+    second = "closed"
+print(first, second)
+"#;
+
+/// Runs one of the scripts above (with [`PY_QUERY`]) in `cgroup`.
+fn python_dns(cgroup: &TestCgroup, script: &str, args: &[&str]) -> Command {
+    let mut command = cgroup.command("python3");
+    command.arg("-c").arg(format!("{PY_QUERY}{script}")).args(args).stdout(Stdio::piped()).stderr(Stdio::piped());
+    command
+}
+
+fn json_of(out: &std::process::Output) -> Value {
+    serde_json::from_str(&stdout_of(out)).unwrap_or_else(|_| panic!("{}\n{}", stdout_of(out), stderr_of(out)))
+}
+
+#[test]
+fn refused_query_events_keep_to_the_cgroups_event_budget() {
+    if !privileged() {
+        return;
+    }
+    let zone = r#"{"app.dns.test": {"A": ["10.214.159.1"]}}"#;
+    let policies = format!(
+        "{}{}",
+        policy("flooder", "{W}", "deny", "      - allow: app.dns.test\n"),
+        policy("quiet", "{C}/other", "deny", "      - allow: app.dns.test\n")
+    );
+    let lab = Lab::new(159, zone, &policies, "  events_per_second: 50\n");
+    let other = lab.cgroup.child("other");
+    thread::sleep(Duration::from_millis(500));
+    let resolver = lab.resolver();
+    let started = Instant::now();
+    let flood =
+        python_dns(&lab.workload, PY_FLOOD, &[&resolver, "n#.flood.dns.test", "1.5", "40"]).spawn().expect("flood");
+    thread::sleep(Duration::from_millis(700));
+    // Mid-flood: another cgroup's refusal has a budget of its own.
+    let quiet = lab.dig(&other, &[&format!("@{resolver}"), "quiet.dns.test", "A"]);
+    assert_eq!(quiet.status, "REFUSED", "{}", quiet.text);
+    let flood = json_of(&flood.wait_with_output().expect("flood"));
+    let elapsed = started.elapsed();
+    let sent = flood["sent"].as_u64().unwrap_or(0);
+    let refused = flood["codes"]["REFUSED"].as_u64().unwrap_or(0);
+    assert!(refused >= 1_000, "the flood was answered: {flood}");
+    lab.daemon().wait_event(Duration::from_secs(5), |e| e["domain"] == "quiet.dns.test");
+    thread::sleep(Duration::from_millis(300));
+    let written = lab
+        .daemon()
+        .events()
+        .into_iter()
+        .filter(|e| e["rule"] == "dns" && e["cgroup"] == lab.workload.relative.as_str())
+        .count() as u64;
+    // One budget per second the flood touched: at most ceil(elapsed) + 1 windows of 50.
+    let windows = elapsed.as_secs() + 2;
+    eprintln!("{sent} queries ({refused} REFUSED) in {elapsed:?}: {written} events written");
+    assert!(written > 0 && written <= 50 * windows, "{written} events for {refused} refusals in {elapsed:?}");
+    let status = lab.file.status_json();
+    let row = status["cgroups"]
+        .as_array()
+        .and_then(|rows| rows.iter().find(|r| r["cgroup"] == lab.workload.relative.as_str()))
+        .cloned()
+        .unwrap_or_else(|| panic!("no status row: {status:#}"));
+    let suppressed = row["suppressed"].as_u64().unwrap_or(0);
+    assert!(suppressed + written >= refused, "suppressed {suppressed} + written {written} < {refused}: {row}");
+}
+
+#[test]
+fn a_cgroup_flooding_the_proxy_does_not_delay_another_cgroups_answers() {
+    if !privileged() {
+        return;
+    }
+    let zone = r#"{"app.dns.test": {"A": ["10.214.160.1"]}, "slow.dns.test": {"silent": true}}"#;
+    let policies = format!(
+        "{}{}",
+        policy("flooder", "{W}", "deny", "      - allow: slow.dns.test\n"),
+        policy("victim", "{C}/other", "deny", "      - allow: app.dns.test\n")
+    );
+    let lab = Lab::new(160, zone, &policies, "");
+    let other = lab.cgroup.child("other");
+    thread::sleep(Duration::from_millis(500));
+    let resolver = lab.resolver();
+
+    // The attack: queries upstream never answers (each would hold a slot for 2 s) at 1,000 a
+    // second, refused names at 1,000 a second, and 150 TCP connections held open.
+    let attack = [
+        python_dns(&lab.workload, PY_FLOOD, &[&resolver, "slow.dns.test", "6", "20"]).spawn().expect("flood"),
+        python_dns(&lab.workload, PY_FLOOD, &[&resolver, "n#.refused.dns.test", "6", "20"]).spawn().expect("flood"),
+        python_dns(&lab.workload, PY_HOLD_TCP, &[&resolver, "150", "8"]).spawn().expect("hold"),
+    ];
+    thread::sleep(Duration::from_millis(1_500));
+    let timed = python_dns(&other, PY_TIMED, &[&resolver, "app.dns.test", "40", "10"]).output().expect("timed");
+    let timed = json_of(&timed);
+    let outputs: Vec<Value> =
+        attack.into_iter().map(|child| json_of(&child.wait_with_output().expect("attack"))).collect();
+    eprintln!("victim: {timed}\nattack: {outputs:?}");
+    assert_eq!(timed["codes"]["NOERROR"], 50, "every answer came: {timed}");
+    let mut times: Vec<f64> = ["udp", "tcp"]
+        .iter()
+        .flat_map(|t| timed[t].as_array().cloned().unwrap_or_default())
+        .filter_map(|v| v.as_f64())
+        .collect();
+    times.sort_by(f64::total_cmp);
+    let (median, slowest) = (times[times.len() / 2], times[times.len() - 1]);
+    eprintln!("victim answers: median {median} ms, slowest {slowest} ms");
+    assert!(slowest < 100.0, "slowest answer {slowest} ms (median {median} ms): {timed}");
+    let slow = &outputs[0]["codes"];
+    assert!(slow["SERVFAIL"].as_u64().unwrap_or(0) > 1_000, "over its share, answered at once: {slow}");
+    assert!(outputs[2]["open"].as_u64().unwrap_or(999) <= 16, "TCP connections kept: {}", outputs[2]);
+    assert!(lab.file.status_json()["dns_busy"].as_u64().unwrap_or(0) > 1_000);
+
+    // A refused query over TCP closes the connection; an answered one keeps it.
+    let twice = python_dns(&lab.workload, PY_TCP_TWICE, &[&resolver, "nope.dns.test"]).output().expect("tcp");
+    assert_eq!(stdout_of(&twice), "REFUSED closed", "{}", stderr_of(&twice));
+    let twice = python_dns(&other, PY_TCP_TWICE, &[&resolver, "app.dns.test"]).output().expect("tcp");
+    assert_eq!(stdout_of(&twice), "NOERROR open", "{}", stderr_of(&twice));
+}
+
+#[test]
+fn upstream_answers_that_do_not_echo_the_query_end_it_and_teach_nothing() {
+    if !privileged() {
+        return;
+    }
+    let zone = r#"{"good.dns.test": {"A": ["10.214.161.1"]},
+        "case.dns.test": {"A": ["10.214.161.66"], "spoof": "case"},
+        "id.dns.test": {"A": ["10.214.161.67"], "spoof": "id", "inject": "10.214.161.68"}}"#;
+    let rules = "      - allow: good.dns.test\n      - allow: case.dns.test\n      - allow: id.dns.test\n";
+    let lab = Lab::new(161, zone, &policy("names", "{W}", "deny", rules), "");
+    let resolver = format!("@{}", lab.resolver());
+    for (name, tcp) in
+        [("case.dns.test", false), ("id.dns.test", false), ("case.dns.test", true), ("id.dns.test", true)]
+    {
+        let started = Instant::now();
+        let args: &[&str] = if tcp { &["+tcp", &resolver, name, "A"] } else { &[&resolver, name, "A"] };
+        let dig = lab.dig(&lab.workload, args);
+        let elapsed = started.elapsed();
+        assert_eq!(dig.status, "SERVFAIL", "{name} tcp={tcp}: {}", dig.text);
+        assert!(elapsed < Duration::from_secs(1), "{name} tcp={tcp}: answered after {elapsed:?}");
+    }
+    for injected in ["10.214.161.66", "10.214.161.67", "10.214.161.68"] {
+        assert_eq!(tcp_connect(&lab.workload, injected), "EPERM", "{injected} was learned");
+    }
+    // A resolver that echoes the question is answered, in the workload's own spelling.
+    let good = lab.dig(&lab.workload, &[&resolver, "GoOd.DNS.test", "A"]);
+    assert_eq!((good.status.as_str(), good.answers.clone()), ("NOERROR", vec!["10.214.161.1".to_string()]));
+    assert!(good.text.contains(";GoOd.DNS.test."), "{}", good.text);
+    let good_tcp = lab.dig(&lab.workload, &["+tcp", &resolver, "good.dns.test", "A"]);
+    assert_eq!(good_tcp.status, "NOERROR", "{}", good_tcp.text);
+    assert_eq!(tcp_connect(&lab.workload, "10.214.161.1"), "ok");
+    assert_eq!(lab.file.status_json()["dns_upstream_mismatches"], 4);
+}

@@ -107,6 +107,7 @@ async fn exec_in(
     let dns_maps = std::sync::Arc::new(std::sync::Mutex::new(loaded.dns_maps));
     let _dns = if names {
         let state = std::sync::Arc::new(crate::dns::DnsState::default());
+        state.events.set(set.settings.events_per_second);
         engine.name_domains(state.clone());
         engine.watch_bindings(state.clone());
         Some(crate::dns::start(&dns_settings, state, dns_maps, engine.clone())?)

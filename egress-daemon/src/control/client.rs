@@ -159,6 +159,16 @@ pub fn status_text(report: &StatusReport) -> String {
     for warning in &report.warnings {
         let _ = writeln!(out, "warning:        {}", escaped(warning));
     }
+    if report.dns_busy > 0 {
+        let _ = writeln!(out, "dns busy:       {} queries or connections over their cgroup's share", report.dns_busy);
+    }
+    if report.dns_upstream_mismatches > 0 {
+        let _ = writeln!(
+            out,
+            "dns upstream:   {} answers that did not echo their query (SERVFAIL)",
+            report.dns_upstream_mismatches
+        );
+    }
     for guarantee in &report.guarantees {
         let _ = writeln!(out, "guarantee:      {guarantee}");
     }

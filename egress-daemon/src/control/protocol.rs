@@ -98,6 +98,12 @@ pub struct StatusReport {
     pub dropped_events: u64,
     /// Packets refused because the packet hook could not parse them (rule `malformed`).
     pub malformed_packets: u64,
+    /// DNS queries answered SERVFAIL and TCP connections closed because their cgroup held its
+    /// share of the proxy (queries upstream at once, connections open).
+    pub dns_busy: u64,
+    /// Upstream DNS answers that did not echo their query (id, question, letter case); each
+    /// ended its query with SERVFAIL.
+    pub dns_upstream_mismatches: u64,
     /// What this host's kernel lets egress guarantee, one line each (e.g. whether `AF_PACKET`
     /// sockets are refused).
     pub guarantees: Vec<String>,

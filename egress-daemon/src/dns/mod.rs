@@ -6,15 +6,21 @@
 //! the daemon's runtime.
 
 pub mod book;
+pub mod budget;
+pub mod echo;
 pub mod message;
 pub mod proxy;
+pub mod shares;
 pub mod status;
 pub mod upstream;
 pub mod view;
 
 use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
-    sync::{Arc, Mutex, MutexGuard},
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc, Mutex, MutexGuard,
+    },
     thread,
     time::Duration,
 };
@@ -35,6 +41,26 @@ const KERNEL_SWEEP_EVERY: u32 = 30;
 pub struct DnsState {
     pub view: View,
     book: Mutex<Book>,
+    /// The per-cgroup budget of refused-query events.
+    pub events: budget::EventBudget,
+    /// Queries and connections the proxy refused to spare others, and answers it threw away.
+    pub counters: Counters,
+}
+
+/// What the proxy counts beside the events, for status and metrics.
+#[derive(Default)]
+pub struct Counters {
+    /// Queries answered SERVFAIL and TCP connections closed because their cgroup held its
+    /// whole share (or the proxy all it serves at once).
+    pub busy: AtomicU64,
+    /// Upstream answers that did not echo their query (id, question, letter case): SERVFAIL.
+    pub mismatched: AtomicU64,
+}
+
+impl Counters {
+    pub fn count(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
 }
 
 impl DnsState {
@@ -54,6 +80,7 @@ impl crate::engine::BindingWatcher for DnsState {
 
     fn unbound(&self, cgroup_id: u64) {
         self.view.unbind(cgroup_id);
+        self.events.forget(cgroup_id);
     }
 }
 
@@ -140,6 +167,8 @@ pub fn start(
         catalog: engine.shared_catalog(),
         settings: settings.clone(),
         resolvers,
+        forwarded: shares::Shares::new(proxy::MAX_FORWARDED_PER_CGROUP),
+        connections: shares::Shares::new(proxy::MAX_TCP_PER_CGROUP),
     });
     // Without the namespace cookie (Linux < 5.14) nothing is steered: name rules then allow
     // nothing, and DNS is judged by the CIDR rules like any other flow (fail closed).

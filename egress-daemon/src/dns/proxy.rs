@@ -4,6 +4,11 @@
 //! (or NXDOMAIN) and a `blocked` event. An allowed one is forwarded upstream, and the answer's
 //! addresses along the CNAME chain are written into the cgroup's learned map before a byte of
 //! the answer goes back; if that fails, or no upstream answers, the client gets SERVFAIL.
+//!
+//! The proxy is shared by every covered cgroup, so no cgroup may take what another one's
+//! queries need: each has a share of the queries forwarded at once and of the TCP connections
+//! held open, is answered SERVFAIL (or its connection closed) at once beyond it, and a TCP
+//! connection is checked for its sender when accepted and closed after a refusal.
 
 use std::{
     net::{IpAddr, Ipv6Addr, SocketAddr},
@@ -21,9 +26,11 @@ use tokio::{
 
 use super::{
     book::boot_ns,
+    echo,
     message::{format_error, read_answer, Query, CANARY},
-    upstream::{self, read_framed, write_framed},
-    DnsState,
+    shares::Shares,
+    upstream::{self, read_framed, write_framed, UpstreamError},
+    Counters, DnsState,
 };
 use crate::{
     events::{Catalog, FlowRecord},
@@ -31,10 +38,15 @@ use crate::{
     policy::{DnsSettings, RefuseWith},
 };
 
-/// Queries answered at once; datagrams beyond this are dropped (clients retry).
+/// Datagrams handled at once; datagrams beyond this are dropped (clients retry). Only queries
+/// forwarded upstream stay in flight for long, and those are capped per cgroup.
 const MAX_UDP_IN_FLIGHT: usize = 512;
-/// TCP connections served at once; further ones wait in the listen backlog.
+/// Queries of one bound cgroup forwarded upstream at once (UDP and TCP together).
+pub const MAX_FORWARDED_PER_CGROUP: usize = 64;
+/// TCP connections held open at once; further ones are closed when accepted.
 const MAX_TCP_CONNECTIONS: usize = 128;
+/// TCP connections one bound cgroup holds open at once.
+pub const MAX_TCP_PER_CGROUP: usize = 16;
 /// A TCP client that sends nothing for this long is dropped.
 const TCP_IDLE: Duration = Duration::from_secs(10);
 /// How old the kernel's record of a query's sender may be: it is refreshed by every packet, so
@@ -51,12 +63,32 @@ pub struct Proxy {
     pub catalog: Arc<Mutex<Catalog>>,
     pub settings: DnsSettings,
     pub resolvers: Vec<SocketAddr>,
+    /// Per bound cgroup: queries forwarded upstream now.
+    pub forwarded: Shares,
+    /// Per bound cgroup: TCP connections held open now.
+    pub connections: Shares,
 }
 
 /// Who sent a query, as the kernel recorded it.
 struct Sender {
     origin: Origin,
     transport: u8,
+}
+
+/// An answer, and whether the proxy answered it itself to refuse (a TCP connection then closes).
+struct Reply {
+    bytes: Vec<u8>,
+    refused: bool,
+}
+
+impl Reply {
+    fn answered(bytes: Vec<u8>) -> Self {
+        Self { bytes, refused: false }
+    }
+
+    fn refused(bytes: Vec<u8>) -> Self {
+        Self { bytes, refused: true }
+    }
 }
 
 impl Proxy {
@@ -79,8 +111,8 @@ impl Proxy {
             let datagram = buffer[..len].to_vec();
             let (proxy, socket) = (self.clone(), socket.clone());
             tokio::spawn(async move {
-                if let Some(answer) = proxy.answer(&datagram, peer, proto::UDP).await {
-                    drop(socket.send_to(&answer, peer).await);
+                if let Some(reply) = proxy.answer(&datagram, peer, proto::UDP).await {
+                    drop(socket.send_to(&reply.bytes, peer).await);
                 }
                 drop(permit);
             });
@@ -90,13 +122,19 @@ impl Proxy {
     pub async fn serve_tcp(self: Arc<Self>, listener: TcpListener) {
         let limit = Arc::new(Semaphore::new(MAX_TCP_CONNECTIONS));
         loop {
-            let Ok(permit) = limit.clone().acquire_owned().await else { return };
+            // Accepted at once and checked, never left waiting in the backlog behind
+            // connections another cgroup holds open.
             let (stream, peer) = match listener.accept().await {
                 Ok(accepted) => accepted,
                 Err(error) => {
                     tracing::debug!(%error, "DNS proxy: accepting");
                     continue;
                 }
+            };
+            let Ok(permit) = limit.clone().try_acquire_owned() else {
+                tracing::debug!(%peer, "DNS proxy: too many TCP connections; closed");
+                Counters::count(&self.state.counters.busy);
+                continue;
             };
             let proxy = self.clone();
             tokio::spawn(async move {
@@ -107,26 +145,40 @@ impl Proxy {
     }
 
     async fn serve_connection(&self, mut stream: TcpStream, peer: SocketAddr) {
+        let Some(sender) = self.sender(peer, proto::TCP) else {
+            tracing::debug!(%peer, "DNS proxy: TCP connection from a socket the kernel did not steer; closed");
+            return;
+        };
+        let bound = sender.origin.socket.bound;
+        if self.state.view.names_of(bound).is_none() {
+            return;
+        }
+        let Some(_slot) = self.connections.take(bound) else {
+            tracing::debug!(%peer, cgroup = bound, "DNS proxy: the cgroup holds its share of TCP connections; closed");
+            Counters::count(&self.state.counters.busy);
+            return;
+        };
         while let Ok(Ok(query)) = timeout(TCP_IDLE, read_framed(&mut stream)).await {
-            let Some(answer) = self.answer(&query, peer, proto::TCP).await else { return };
-            if write_framed(&mut stream, &answer).await.is_err() {
+            let Some(reply) = self.answer(&query, peer, proto::TCP).await else { return };
+            if write_framed(&mut stream, &reply.bytes).await.is_err() || reply.refused {
                 return;
             }
         }
     }
 
     /// The answer to one query from `peer`; `None` when the datagram deserves no answer.
-    async fn answer(&self, bytes: &[u8], peer: SocketAddr, transport: u8) -> Option<Vec<u8>> {
-        let Ok(query) = Query::parse(bytes) else { return format_error(bytes) };
+    async fn answer(&self, bytes: &[u8], peer: SocketAddr, transport: u8) -> Option<Reply> {
+        let Ok(query) = Query::parse(bytes) else { return format_error(bytes).map(Reply::refused) };
         let Some(sender) = self.sender(peer, transport) else {
             tracing::debug!(%peer, "DNS proxy: query from a socket the kernel did not steer; refused");
-            return Some(query.answer_with(ResponseCode::Refused));
+            return Some(Reply::refused(query.answer_with(ResponseCode::Refused)));
         };
-        let Some(names) = self.state.view.names_of(sender.origin.socket.bound) else {
-            return Some(query.answer_with(ResponseCode::Refused));
+        let bound = sender.origin.socket.bound;
+        let Some(names) = self.state.view.names_of(bound) else {
+            return Some(Reply::refused(query.answer_with(ResponseCode::Refused)));
         };
         if query.name == CANARY || query.name.ends_with(&format!(".{CANARY}")) {
-            return Some(query.answer_with(ResponseCode::NXDomain));
+            return Some(Reply::answered(query.answer_with(ResponseCode::NXDomain)));
         }
         if !names.allows(&query.name) {
             self.report(&sender, &names.policy, &query.name, if names.audit { "audit" } else { "blocked" });
@@ -135,19 +187,45 @@ impl Proxy {
                     RefuseWith::Refused => ResponseCode::Refused,
                     RefuseWith::NxDomain => ResponseCode::NXDomain,
                 };
-                return Some(query.answer_with(code));
+                return Some(Reply::refused(query.answer_with(code)));
             }
         }
-
-        // A fresh id upstream: the client's id is not trusted to be unpredictable.
-        let client_id = [bytes[0], bytes[1]];
-        let mut forwarded = bytes.to_vec();
-        forwarded[..2].copy_from_slice(&random_id());
-        let Ok(mut answer) = upstream::forward(&self.resolvers, &forwarded, transport == proto::TCP).await else {
-            return Some(query.answer_with(ResponseCode::ServFail));
+        let Some(_slot) = self.forwarded.take(bound) else {
+            tracing::debug!(%peer, cgroup = bound, "DNS proxy: the cgroup has its share of queries upstream; SERVFAIL");
+            Counters::count(&self.state.counters.busy);
+            return Some(Reply::refused(query.answer_with(ResponseCode::ServFail)));
         };
+        self.resolve(&query, bytes, &sender, &names).await.map(Reply::answered)
+    }
+
+    /// Forwards an allowed query upstream and learns the answer's addresses before returning it.
+    async fn resolve(
+        &self,
+        query: &Query,
+        bytes: &[u8],
+        sender: &Sender,
+        names: &super::view::PolicyNames,
+    ) -> Option<Vec<u8>> {
+        // A fresh id and random letter case upstream: the client's id is not trusted to be
+        // unpredictable, and the case adds guessing to the id's 16 bits.
+        let Some(mut forwarded) = echo::scramble(bytes) else {
+            return Some(query.answer_with(ResponseCode::FormErr));
+        };
+        let client_id = [bytes[0], bytes[1]];
+        echo::fill_random(&mut forwarded[..2]);
+        let mut answer = match upstream::forward(&self.resolvers, &forwarded, sender.transport == proto::TCP).await {
+            Ok(answer) => answer,
+            Err(error) => {
+                if matches!(error, UpstreamError::Mismatch { .. }) {
+                    Counters::count(&self.state.counters.mismatched);
+                }
+                tracing::debug!(name = %query.name, %error, "DNS proxy: no upstream answer; SERVFAIL");
+                return Some(query.answer_with(ResponseCode::ServFail));
+            }
+        };
+        echo::restore(&mut answer, bytes);
         answer[..2].copy_from_slice(&client_id);
-        let Some((_, learned)) = read_answer(&query, &answer) else {
+        let Some((_, learned)) = read_answer(query, &answer) else {
             return Some(query.answer_with(ResponseCode::ServFail));
         };
         let now = boot_ns();
@@ -155,7 +233,7 @@ impl Proxy {
             let ttl = learned.ttl.clamp(self.settings.min_ttl, MAX_TTL.max(self.settings.min_ttl));
             let expires = now + (u64::from(ttl) + u64::from(self.settings.grace)) * 1_000_000_000;
             if let Err(error) =
-                self.learn(sender.origin.socket.bound, &names, &query.name, &learned.addresses, expires, now)
+                self.learn(sender.origin.socket.bound, names, &query.name, &learned.addresses, expires, now)
             {
                 tracing::warn!(name = %query.name, %error, "DNS proxy: the learned addresses could not be written; SERVFAIL");
                 return Some(query.answer_with(ResponseCode::ServFail));
@@ -197,9 +275,12 @@ impl Proxy {
         Some(Sender { origin, transport })
     }
 
-    /// A flow event for a query the policy does not allow.
+    /// A flow event for a query the policy does not allow, within the cgroup's event budget.
     fn report(&self, sender: &Sender, policy: &str, name: &str, verdict: &str) {
         let socket = &sender.origin.socket;
+        if !self.state.events.admit(socket.bound, std::time::Instant::now()) {
+            return;
+        }
         let resolver = original_resolver(socket);
         let mut catalog = self.catalog.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let (cgroup, workload) = catalog.cgroup_names(socket.cgroup);
@@ -238,11 +319,4 @@ fn original_resolver(socket: &egress_common::SteeredSocket) -> IpAddr {
     }
     let v6 = Ipv6Addr::from(bytes);
     v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4)
-}
-
-fn random_id() -> [u8; 2] {
-    let mut id = [0u8; 2];
-    // SAFETY: a buffer of the given length; a short read leaves zeros, still a valid id.
-    unsafe { libc::getrandom(id.as_mut_ptr().cast(), id.len(), 0) };
-    id
 }

@@ -1,12 +1,17 @@
-//! What `egress status` shows of name rules: per policy the names seen and the addresses learned.
+//! What `egress status` shows of name rules: per policy the names seen and the addresses
+//! learned, and what the proxy refused to spare other cgroups or threw away.
+
+use std::sync::atomic::Ordering;
 
 use super::DnsState;
-use crate::control::protocol::{LearnedStatus, PolicyStatus};
+use crate::control::protocol::{LearnedStatus, StatusReport};
 
-/// Fills the DNS fields of `policies` from what the proxy learned.
-pub fn fill(state: &DnsState, policies: &mut [PolicyStatus]) {
+/// Fills the DNS fields of `status` from what the proxy learned and counted.
+pub fn fill(state: &DnsState, status: &mut StatusReport) {
+    status.dns_busy = state.counters.busy.load(Ordering::Relaxed);
+    status.dns_upstream_mismatches = state.counters.mismatched.load(Ordering::Relaxed);
     let mut report = state.book().report(super::book::boot_ns());
-    for policy in policies {
+    for policy in &mut status.policies {
         let Some(found) = report.remove(&policy.name) else { continue };
         policy.names_seen = found.seen;
         policy.learned = found

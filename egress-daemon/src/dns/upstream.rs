@@ -1,10 +1,16 @@
 //! The resolvers allowed queries are forwarded to, and forwarding itself (UDP and TCP).
+//!
+//! Every query gets a socket of its own, from a random port, connected to the resolver (the
+//! kernel drops datagrams from any other source). The first answer that comes back must echo
+//! the query exactly ([`super::echo`]); one that does not ends the query instead of being
+//! waited past, so a process that can send from the resolver's address gets one guess per query.
 
 use std::{
-    net::{IpAddr, SocketAddr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     time::Duration,
 };
 
+use super::echo::{self, Mismatch};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::{TcpStream, UdpSocket},
@@ -24,6 +30,17 @@ pub enum UpstreamError {
     NoneConfigured,
     #[error("no upstream resolver answered")]
     NoAnswer,
+    #[error("{resolver} answered with something other than an answer to the query: {mismatch}")]
+    Mismatch { resolver: SocketAddr, mismatch: Mismatch },
+}
+
+/// Why one resolver gave no usable answer.
+#[derive(Debug, thiserror::Error)]
+enum AttemptError {
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+    #[error(transparent)]
+    Mismatch(#[from] Mismatch),
 }
 
 /// `configured`, or the host's resolvers from `/etc/resolv.conf`. The daemon's own queries are
@@ -50,8 +67,8 @@ fn parse_resolv_conf(text: &str) -> Vec<SocketAddr> {
         .collect()
 }
 
-/// Sends `query` (already carrying the id the answer must echo) to each resolver in turn until
-/// one answers with that id.
+/// Sends `query` (already carrying the id and question the answer must echo) to each resolver
+/// in turn until one answers; an answer that does not echo them ends the query.
 pub async fn forward(resolvers: &[SocketAddr], query: &[u8], tcp: bool) -> Result<Vec<u8>, UpstreamError> {
     if resolvers.is_empty() {
         return Err(UpstreamError::NoneConfigured);
@@ -60,33 +77,35 @@ pub async fn forward(resolvers: &[SocketAddr], query: &[u8], tcp: bool) -> Resul
         let attempt = if tcp { over_tcp(*resolver, query).await } else { over_udp(*resolver, query).await };
         match attempt {
             Ok(answer) => return Ok(answer),
-            Err(error) => tracing::debug!(%resolver, %error, "upstream resolver did not answer"),
+            Err(AttemptError::Mismatch(mismatch)) => {
+                return Err(UpstreamError::Mismatch { resolver: *resolver, mismatch })
+            }
+            Err(AttemptError::Io(error)) => tracing::debug!(%resolver, %error, "upstream resolver did not answer"),
         }
     }
     Err(UpstreamError::NoAnswer)
 }
 
-async fn over_udp(resolver: SocketAddr, query: &[u8]) -> std::io::Result<Vec<u8>> {
-    let local: SocketAddr =
-        if resolver.is_ipv4() { "0.0.0.0:0".parse() } else { "[::]:0".parse() }.map_err(std::io::Error::other)?;
+async fn over_udp(resolver: SocketAddr, query: &[u8]) -> Result<Vec<u8>, AttemptError> {
+    // Port 0: the kernel picks a random free port for every query.
+    let local = if resolver.is_ipv4() {
+        SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0))
+    } else {
+        SocketAddr::from((Ipv6Addr::UNSPECIFIED, 0))
+    };
     let socket = UdpSocket::bind(local).await?;
     socket.connect(resolver).await?;
     socket.send(query).await?;
     let mut buffer = vec![0u8; MAX_MESSAGE];
-    let deadline = tokio::time::Instant::now() + UPSTREAM_TIMEOUT;
-    loop {
-        let len = tokio::time::timeout_at(deadline, socket.recv(&mut buffer))
-            .await
-            .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
-        // Only an answer with the query's id counts; anything else is ignored.
-        if len >= 2 && buffer[..2] == query[..2] {
-            buffer.truncate(len);
-            return Ok(buffer);
-        }
-    }
+    let len = timeout(UPSTREAM_TIMEOUT, socket.recv(&mut buffer))
+        .await
+        .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
+    buffer.truncate(len);
+    echo::check(query, &buffer)?;
+    Ok(buffer)
 }
 
-async fn over_tcp(resolver: SocketAddr, query: &[u8]) -> std::io::Result<Vec<u8>> {
+async fn over_tcp(resolver: SocketAddr, query: &[u8]) -> Result<Vec<u8>, AttemptError> {
     let exchange = async {
         let mut stream = TcpStream::connect(resolver).await?;
         write_framed(&mut stream, query).await?;
@@ -94,9 +113,7 @@ async fn over_tcp(resolver: SocketAddr, query: &[u8]) -> std::io::Result<Vec<u8>
     };
     let answer =
         timeout(UPSTREAM_TIMEOUT, exchange).await.map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
-    if answer.len() < 2 || answer[..2] != query[..2] {
-        return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, "answer with another id"));
-    }
+    echo::check(query, &answer)?;
     Ok(answer)
 }
 

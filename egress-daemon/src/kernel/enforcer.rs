@@ -19,6 +19,7 @@ use egress_common::{
     MAX_CGROUPS, MAX_DEEP_GUARDS, MAX_POLICY_SLOTS, MAX_PORT_TABLES,
 };
 
+use super::barrier::ProgramBarrier;
 use super::{
     batch::update_batch,
     events::{DropCounter, EventSource},
@@ -27,7 +28,6 @@ use super::{
     programs::{self, LinkId, Loaded, SocketGuard, Wanted, OBJECT},
     KernelError,
 };
-use super::barrier::ProgramBarrier;
 use crate::{
     cgroup::Cgroup,
     fault,

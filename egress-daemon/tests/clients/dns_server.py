@@ -6,6 +6,10 @@ usage: dns_server.py ADDR PORT ZONE_JSON LOG_FILE
 ZONE_JSON maps a name (lower case, no trailing dot) to
   {"ttl": 1, "A": ["10.0.0.1"], "AAAA": ["fd00::1"], "CNAME": "target.name",
    "fresh": "10.214.7"}  # "fresh": a new A address PREFIX.1..254 on every answer
+  {"silent": true}        # never answered
+  {"spoof": "case"}       # answered with the question's letters in the other case
+  {"spoof": "id", "inject": "10.0.0.9"}  # first an answer with another id carrying the
+                                         # injected address, then the right answer
 Every query is logged as "NAME TYPE" (one line, flushed). Unknown names get NXDOMAIN.
 """
 import ipaddress
@@ -49,6 +53,23 @@ def fresh_a(prefix):
         return f"{prefix}.{counter[0]}"
 
 
+def answers(query):
+    """The replies to send, in order (none for a silent name)."""
+    (qid, flags, qd) = struct.unpack("!HHH", query[:6])
+    name, end = read_name(query, 12)
+    entry = ZONE.get(name, {})
+    if entry.get("silent"):
+        return []
+    reply = answer(query)
+    if entry.get("spoof") == "case":
+        return [reply[:12] + reply[12:end].swapcase() + reply[end:]]
+    if entry.get("spoof") == "id":
+        header = struct.pack("!HHHHHH", qid ^ 1, 0x8580, 1, 1, 0, 0)
+        injected = record(name, 1, 60, ipaddress.IPv4Address(entry["inject"]).packed)
+        return [header + query[12 : end + 4] + injected, reply]
+    return [reply]
+
+
 def answer(query):
     (qid, flags, qd) = struct.unpack("!HHH", query[:6])
     name, end = read_name(query, 12)
@@ -88,12 +109,20 @@ def serve_udp():
     while True:
         data, peer = sock.recvfrom(4096)
         try:
-            sock.sendto(answer(data), peer)
+            for reply in answers(data):
+                sock.sendto(reply, peer)
         except Exception as error:  # a test server: log and go on
             log.write(f"error {error}\n")
 
 
 def serve_tcp_client(conn):
+    try:
+        serve_framed(conn)
+    except OSError:  # the client went away (the proxy closes after a mismatch)
+        pass
+
+
+def serve_framed(conn):
     with conn:
         while True:
             head = conn.recv(2)
@@ -106,8 +135,8 @@ def serve_tcp_client(conn):
                 if not chunk:
                     return
                 data += chunk
-            reply = answer(data)
-            conn.sendall(struct.pack("!H", len(reply)) + reply)
+            for reply in answers(data):
+                conn.sendall(struct.pack("!H", len(reply)) + reply)
 
 
 def serve_tcp():
