@@ -109,6 +109,10 @@ pub mod rule_id {
     /// header that runs past the packet's end, or a header chain longer than the hook walks.
     /// What cannot be judged is refused.
     pub const MALFORMED: u32 = u32::MAX - 7;
+    /// The sender's cgroup matched a selector but could not be bound (the binding table was
+    /// full, or its delegated subtree had used up its share): refused rather than left to an
+    /// ancestor's policy or none.
+    pub const UNBINDABLE: u32 = u32::MAX - 8;
     /// Lowest special id; rule numbers of a file stay below it.
-    pub const FIRST_SPECIAL: u32 = MALFORMED;
+    pub const FIRST_SPECIAL: u32 = UNBINDABLE;
 }

@@ -63,6 +63,14 @@ pub const MAX_CGROUP_LEVEL: u32 = 15;
 pub const DEEP_LEVELS_BIT: u32 = 1 << 31;
 /// Slot of a `DEEP_GUARDS` binding: no policy, every flow refused.
 pub const GUARD_SLOT: u32 = u32::MAX;
+/// Slot of a cgroup a selector matches but that could not be given its own binding (the
+/// binding table was full, or its delegated subtree was over its share): every flow refused.
+pub const UNBINDABLE_SLOT: u32 = u32::MAX - 1;
+/// Entries of `CGROUP_POLICY` kept for `UNBINDABLE_SLOT` bindings: policy bindings stop short of
+/// them, so a cgroup that cannot be bound can still be refused.
+pub const RESERVED_BINDINGS: u32 = 256;
+/// The `BINDING_STATS` index every `UNBINDABLE_SLOT` binding counts into.
+pub const UNBINDABLE_STATS: u32 = MAX_CGROUPS - 1;
 /// Capacity of the map of level-`MAX_CGROUP_LEVEL` cgroups that have bound descendants deeper.
 pub const MAX_DEEP_GUARDS: u32 = 1_024;
 /// Flow events one cgroup may write per second on each CPU when the settings name no budget;

@@ -2,6 +2,7 @@
 //! discovery (cgroups coming and going), the event pipeline, the control socket and metrics.
 
 use std::{
+    collections::HashMap,
     io,
     path::PathBuf,
     sync::{
@@ -22,10 +23,10 @@ use crate::{
     control::{
         self,
         history::EventHistory,
-        protocol::{CgroupStatus, FlowTotal, IgnoredStatus, MapFill, PolicyStatus, StatusReport},
+        protocol::{CgroupStatus, FlowTotal, IgnoredStatus, MapFill, PolicyStatus, StatusReport, UnbindableStatus},
     },
     discovery::{self, Change, ContainerNames},
-    engine::{Binding, Engine},
+    engine::{BindOutcome, Binding, Engine},
     flows::{self, store::FlowLog},
     kernel::{self, DropCounter, OnExit, SocketGuard, Start},
     matching::{self, IgnoredMatches, Match},
@@ -301,6 +302,11 @@ impl Daemon {
             }
         }
         drop(names);
+        let (bindings, quarantined) = self.within_shares(bindings);
+        // Before the switch, which would otherwise bind them to their policies for a moment.
+        for (root, reason) in &quarantined {
+            self.engine.refuse(root, reason)?;
+        }
         self.flows.set_interval(set.settings.flow_interval);
         self.dns.events.set(set.settings.events_per_second);
         self.ensure_dns(&set)?;
@@ -318,12 +324,41 @@ impl Daemon {
         }
         let settings = set.settings.clone();
         self.engine.apply(set, &self.config.display().to_string(), &bindings)?;
+        self.engine.set_refused(&quarantined)?;
         self.limits.set(&settings);
         self.ignored().replace_with(ignored);
         // Parsing a large file leaves freed heap behind; hand it back to the system.
         // SAFETY: malloc_trim only releases free memory at the top of glibc's heaps.
         unsafe { libc::malloc_trim(0) };
         Ok(())
+    }
+
+    /// Keeps each delegated subtree to its share of bindings: a subtree over it keeps its first
+    /// cgroups bound (by path) and its root is refused (returned, with why), covering the rest.
+    fn within_shares(&self, bindings: Vec<Binding>) -> (Vec<Binding>, Vec<(Cgroup, String)>) {
+        let mut per_root: HashMap<String, usize> = HashMap::new();
+        let mut over: Vec<String> = Vec::new();
+        let mut kept = Vec::with_capacity(bindings.len());
+        let mut sorted = bindings;
+        sorted.sort_by(|a, b| a.cgroup.relative.cmp(&b.cgroup.relative));
+        for binding in sorted {
+            if let Some(root) = matching::delegation_root(self.hierarchy.mount(), &binding.cgroup.relative) {
+                let count = per_root.entry(root.clone()).or_default();
+                if *count >= matching::MAX_BINDINGS_PER_DELEGATED_SUBTREE {
+                    if !over.contains(&root) {
+                        over.push(root);
+                    }
+                    continue;
+                }
+                *count += 1;
+            }
+            kept.push(binding);
+        }
+        let roots: Vec<(Cgroup, String)> =
+            over.iter().filter_map(|root| self.hierarchy.open(root).ok()).map(|c| (c, quarantine_reason())).collect();
+        let root_ids: Vec<u64> = roots.iter().map(|(c, _)| c.id).collect();
+        kept.retain(|b| !root_ids.contains(&b.cgroup.id));
+        (kept, roots)
     }
 
     /// Binds a cgroup that appeared, unbinds one that went. Blocks: call it off the runtime.
@@ -347,9 +382,19 @@ impl Daemon {
                 };
                 drop(names);
                 if let Some(policy) = policy {
+                    if let Some(root) = self.over_share(&found.relative) {
+                        self.quarantine(&root);
+                        return;
+                    }
                     let binding = Binding { policy, cgroup: found.clone() };
                     match self.engine.bind(&binding) {
-                        Ok(()) => tracing::info!(cgroup = %escaped(&found.relative), "new cgroup bound to its policy"),
+                        Ok(BindOutcome::Bound) => {
+                            tracing::info!(cgroup = %escaped(&found.relative), "new cgroup bound to its policy");
+                        }
+                        Ok(BindOutcome::Refused) => tracing::error!(
+                            cgroup = %escaped(&found.relative),
+                            "the binding table is full: the new cgroup is refused everything (rule unbindable)"
+                        ),
                         Err(error) => {
                             tracing::error!(cgroup = %escaped(&found.relative), "binding a new cgroup: {error:#}");
                         }
@@ -364,6 +409,40 @@ impl Daemon {
                 if self.engine.unbind(id).is_some() {
                     tracing::info!(cgroup = %escaped(&relative), "cgroup removed; its binding is gone");
                 }
+            }
+        }
+    }
+
+    /// The delegated subtree `relative` lies in, when that subtree already has its share of
+    /// bound cgroups.
+    fn over_share(&self, relative: &str) -> Option<String> {
+        let root = matching::delegation_root(self.hierarchy.mount(), relative)?;
+        let state = self.engine.state();
+        let bound = state
+            .active
+            .as_ref()
+            .map_or(0, |active| active.bound.values().filter(|b| matching::is_below(&b.relative, &root)).count());
+        (bound >= matching::MAX_BINDINGS_PER_DELEGATED_SUBTREE).then_some(root)
+    }
+
+    /// Refuses everything to a delegated subtree's root: its cgroups that have no binding of their
+    /// own (those over the share among them) are refused with it.
+    fn quarantine(&self, root: &str) {
+        let reason = quarantine_reason();
+        let refused = self.hierarchy.open(root).map_err(anyhow::Error::from).and_then(|cgroup| {
+            let already = self.engine.state().refused.contains_key(&cgroup.id);
+            self.engine.refuse(&cgroup, &reason).map(|()| already)
+        });
+        match refused {
+            Ok(true) => {}
+            Ok(false) => tracing::error!(
+                subtree = %escaped(root),
+                "a delegated subtree went over its share of {} bound cgroups: it is refused everything \
+                 (rule unbindable) but for the cgroups already bound in it",
+                matching::MAX_BINDINGS_PER_DELEGATED_SUBTREE
+            ),
+            Err(error) => {
+                tracing::error!(subtree = %escaped(root), "refusing a delegated subtree over its share: {error:#}");
             }
         }
     }
@@ -511,6 +590,12 @@ impl control::server::ControlHandler for Daemon {
             });
         }
         report.cgroups.sort_by(|a, b| a.cgroup.cmp(&b.cgroup));
+        report.unbindable = state
+            .refused
+            .values()
+            .map(|r| UnbindableStatus { cgroup: r.relative.clone(), reason: r.reason.clone() })
+            .collect();
+        report.unbindable.sort_by(|a, b| a.cgroup.cmp(&b.cgroup));
         drop(state);
         let bound: Vec<(&str, &str)> = report.cgroups.iter().map(|c| (c.cgroup.as_str(), c.policy.as_str())).collect();
         report.warnings = matching::uncovered_delegations(self.hierarchy.mount(), &bound);
@@ -529,4 +614,11 @@ impl control::server::ControlHandler for Daemon {
     fn flow_log(&self) -> Option<&FlowLog> {
         Some(&self.flows)
     }
+}
+
+fn quarantine_reason() -> String {
+    format!(
+        "its delegated subtree has more than {} cgroups bound to policies",
+        matching::MAX_BINDINGS_PER_DELEGATED_SUBTREE
+    )
 }

@@ -15,7 +15,7 @@ use crate::{
     cgroup::{Cgroup, Hierarchy},
     events::{Catalog, DomainNames, SlotNames},
     generation::Generation,
-    kernel::{self, DnsMaps, DropCounter, Enforcer, EventSource, FlowSource, Start, Wanted},
+    kernel::{self, DnsMaps, DropCounter, Enforcer, EventSource, FlowSource, KernelError, Start, Wanted},
     policy::{
         compile::compile_set,
         model::{Policy, PolicySet},
@@ -65,6 +65,26 @@ pub struct Active {
 pub struct State {
     pub enforcer: Enforcer,
     pub active: Option<Active>,
+    /// Cgroups refused everything because they could not be bound (see [`Engine::refuse`]),
+    /// by id, with their paths and why.
+    pub refused: HashMap<u64, Refusal>,
+}
+
+/// A cgroup refused everything (rule `unbindable`), and why.
+#[derive(Clone, Debug)]
+pub struct Refusal {
+    pub relative: String,
+    pub reason: String,
+    /// Its depth: the kernel walk must look at that level.
+    pub level: u32,
+}
+
+/// What became of a cgroup [`Engine::bind`] was asked to bind.
+#[derive(Debug, PartialEq, Eq)]
+pub enum BindOutcome {
+    Bound,
+    /// The binding table was full: the cgroup is refused everything instead.
+    Refused,
 }
 
 /// Shared handle on the kernel state and the event catalog.
@@ -112,7 +132,7 @@ impl Engine {
         let dns_maps = enforcer.take_dns_maps().context("taking the DNS maps")?;
         let catalog = Arc::new(Mutex::new(Catalog::new(hierarchy.clone())));
         let engine = Self {
-            state: Arc::new(Mutex::new(State { enforcer, active: None })),
+            state: Arc::new(Mutex::new(State { enforcer, active: None, refused: HashMap::new() })),
             catalog,
             watchers: Arc::new(Mutex::new(Vec::new())),
         };
@@ -172,13 +192,14 @@ impl Engine {
         let slots = generation.slots(set.policies.len());
         let compiled = compile_set(&set, &slots, generation.first_table_id()).context("compiling the policies")?;
         let cgroup_slots: HashMap<u64, u32> = bindings.iter().map(|b| (b.cgroup.id, slots[b.policy])).collect();
-        let levels = bindings.iter().fold(0u32, |mask, b| mask | level_bit(b.cgroup.level));
+        let bound_levels = bindings.iter().fold(0u32, |mask, b| mask | level_bit(b.cgroup.level));
 
         // Name the new slots before they can raise events.
         self.name_slots(&set, &slots);
         let bound: HashMap<u64, Bound> = bindings.iter().map(|b| (b.cgroup.id, Bound::of(b))).collect();
         self.name_cgroups(&bound);
         let mut state = self.state();
+        let levels = state.refused.values().fold(bound_levels, |mask, r| mask | level_bit(r.level));
         if state.enforcer.next_generation() != generation {
             bail!("another set of policies was put in force meanwhile; apply again");
         }
@@ -197,11 +218,63 @@ impl Engine {
         Ok(())
     }
 
-    /// Binds one more cgroup (one that appeared after the policies were applied).
-    pub fn bind(&self, binding: &Binding) -> anyhow::Result<()> {
+    /// Binds one more cgroup (one that appeared after the policies were applied). When the
+    /// binding table is full the cgroup is refused everything instead: a cgroup a selector
+    /// matches is never left to an ancestor's policy, or none, for want of room.
+    pub fn bind(&self, binding: &Binding) -> anyhow::Result<BindOutcome> {
+        match self.bind_policy(binding) {
+            Ok(()) => Ok(BindOutcome::Bound),
+            Err(error)
+                if error.downcast_ref::<KernelError>().is_some_and(|e| matches!(e, KernelError::TooManyBindings)) =>
+            {
+                self.refuse(&binding.cgroup, "the binding table is full")?;
+                Ok(BindOutcome::Refused)
+            }
+            Err(error) => Err(error),
+        }
+    }
+
+    /// Refuses every flow of `cgroup` (rule `unbindable`), replacing its binding if it had one.
+    pub fn refuse(&self, cgroup: &Cgroup, reason: &str) -> anyhow::Result<()> {
+        let mut state = self.state();
+        state.enforcer.add_levels(level_bit(cgroup.level))?;
+        state.enforcer.refuse(cgroup.id).with_context(|| format!("refusing cgroup {}", cgroup.relative))?;
+        if let Some(active) = &mut state.active {
+            active.bound.remove(&cgroup.id);
+        }
+        for watcher in self.watchers().iter() {
+            watcher.unbound(cgroup.id);
+        }
+        let refusal = Refusal { relative: cgroup.relative.clone(), reason: reason.to_string(), level: cgroup.level };
+        state.refused.insert(cgroup.id, refusal);
+        Ok(())
+    }
+
+    /// Makes the refusals exactly `wanted` (with why): refuses those not yet refused and ends the
+    /// others (a cgroup bound since keeps its binding).
+    pub fn set_refused(&self, wanted: &[(Cgroup, String)]) -> anyhow::Result<()> {
+        for (cgroup, reason) in wanted {
+            self.refuse(cgroup, reason)?;
+        }
+        let mut state = self.state();
+        // The enforcer's list also holds refusals an earlier daemon left in the pinned maps.
+        let stale: Vec<u64> = state
+            .enforcer
+            .refused()
+            .chain(state.refused.keys().copied())
+            .filter(|id| !wanted.iter().any(|(c, _)| c.id == *id))
+            .collect();
+        for id in stale {
+            state.enforcer.unrefuse(id);
+            state.refused.remove(&id);
+        }
+        Ok(())
+    }
+
+    fn bind_policy(&self, binding: &Binding) -> anyhow::Result<()> {
         let guard = deep_guard_of(&binding.cgroup)?;
         let mut state = self.state();
-        let State { enforcer, active } = &mut *state;
+        let State { enforcer, active, .. } = &mut *state;
         let Some(active) = active else { bail!("no policies are loaded") };
         let slot = *active.slots.get(binding.policy).context("policy index out of range")?;
         let bound = Bound::of(binding);
@@ -224,6 +297,7 @@ impl Engine {
     pub fn unbind(&self, cgroup_id: u64) -> Option<Bound> {
         let mut state = self.state();
         state.enforcer.unbind(cgroup_id);
+        state.refused.remove(&cgroup_id);
         for watcher in self.watchers().iter() {
             watcher.unbound(cgroup_id);
         }

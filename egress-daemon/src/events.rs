@@ -191,6 +191,7 @@ impl Catalog {
             rule_id::TOO_DEEP => "too-deep".to_string(),
             rule_id::DNS_BYPASS => "dns-bypass".to_string(),
             rule_id::MALFORMED => "malformed".to_string(),
+            rule_id::UNBINDABLE => "unbindable".to_string(),
             index => {
                 names.and_then(|n| n.rules.get(index as usize).cloned()).unwrap_or_else(|| format!("rule {index}"))
             }

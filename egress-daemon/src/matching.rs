@@ -161,6 +161,25 @@ pub fn workload_of(relative: &str) -> Option<String> {
     unit_of(path)
 }
 
+/// Cgroups one delegated subtree may have bound to policies. Its user can create cgroups a
+/// selector matches as fast as they like; without a share they could fill the binding table
+/// (16,384) and leave cgroups created afterwards, anywhere, without the policy meant for them.
+pub const MAX_BINDINGS_PER_DELEGATED_SUBTREE: usize = 1_024;
+
+/// The root of the subtree an unprivileged user may create cgroups in (owned by them, writable
+/// by them, or delegated by systemd) that `relative` lies inside, if any. Reads the tree.
+pub fn delegation_root(mount: &std::path::Path, relative: &str) -> Option<String> {
+    use crate::discovery::UntrustedReason;
+    let untrusted = crate::discovery::check_placement(mount, relative, 1).err()?;
+    matches!(untrusted.reason, UntrustedReason::Owner(_) | UntrustedReason::Writable(_) | UntrustedReason::Delegated)
+        .then_some(untrusted.ancestor)
+}
+
+/// Whether `path` lies strictly below `root`.
+pub fn is_below(path: &str, root: &str) -> bool {
+    path.strip_prefix(root).is_some_and(|rest| rest.starts_with('/'))
+}
+
 /// The live form of `policy::delegation`: for bound cgroups (path, policy) that lie inside a
 /// subtree an unprivileged user may create cgroups in (owned by them, writable by them, or
 /// delegated by systemd), one warning per such subtree root that no bound cgroup covers at or
@@ -171,16 +190,7 @@ pub fn uncovered_delegations(mount: &std::path::Path, bound: &[(&str, &str)]) ->
     let mut reported = HashSet::new();
     let mut warnings = Vec::new();
     for (path, policy) in bound {
-        let Err(untrusted) = crate::discovery::check_placement(mount, path, 1) else { continue };
-        if !matches!(
-            untrusted.reason,
-            crate::discovery::UntrustedReason::Owner(_)
-                | crate::discovery::UntrustedReason::Writable(_)
-                | crate::discovery::UntrustedReason::Delegated
-        ) {
-            continue;
-        }
-        let root = untrusted.ancestor;
+        let Some(root) = delegation_root(mount, path) else { continue };
         let components: Vec<&str> = root.split('/').collect();
         let covered = (1..=components.len()).any(|depth| paths.contains(components[..depth].join("/").as_str()));
         if !covered && reported.insert(root.clone()) {

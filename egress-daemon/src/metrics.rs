@@ -143,6 +143,11 @@ pub fn render(report: &StatusReport) -> String {
         counter(report.flow_evictions),
     );
     registry.register(
+        "egress_cgroups_unbindable",
+        "Cgroups a selector matches that are refused everything because they could not be bound",
+        gauge(report.unbindable.len()),
+    );
+    registry.register(
         "egress_malformed_packets",
         "Packets of covered sockets refused because the packet hook could not parse them",
         counter(report.malformed_packets),
@@ -192,6 +197,12 @@ pub fn render(report: &StatusReport) -> String {
         tracing::warn!(%error, "encoding the metrics");
     }
     out
+}
+
+fn gauge(value: usize) -> Gauge {
+    let gauge = Gauge::default();
+    gauge.set(i64::try_from(value).unwrap_or(i64::MAX));
+    gauge
 }
 
 fn counter(value: u64) -> Counter {

@@ -289,3 +289,72 @@ fn a_policy_inside_a_delegated_subtree_is_warned_about_until_its_root_is_covered
     let check = Command::new(egress_bin()).arg("check").arg(&file.path).output().expect("run egress check");
     assert!(!stderr_of(&check).contains("warning"), "{}", stderr_of(&check));
 }
+
+#[test]
+fn a_delegated_subtree_over_its_share_of_bindings_is_refused_not_left_unfiltered() {
+    if !privileged() {
+        return;
+    }
+    const OWNER: u32 = 4244;
+    const SHARE: usize = 1024;
+    let parent = TestCgroup::new("deleg-share");
+    let user = parent.child(&format!("user.slice/user@{OWNER}.service"));
+    delegate(&user, OWNER);
+    mkdir_as(OWNER, &user.dir.join("jobs.slice"));
+    let file = PolicyFile::attached_at(
+        Some(&parent.relative),
+        &format!(
+            "policies:\n  - name: jobs\n    cgroup: {}/jobs.slice/*\n    default: deny\n    rules:\n      - allow: 127.0.0.1\n",
+            user.relative
+        ),
+    );
+    let daemon = Daemon::start(&file);
+    let port = tcp_server("127.0.0.1:0");
+    let count_bound = || {
+        file.status_json()["cgroups"]
+            .as_array()
+            .map_or(0, |rows| rows.iter().filter(|row| row["policy"] == "jobs").count())
+    };
+    // The user makes as many matching cgroups as the subtree's share, each bound.
+    let id = OWNER.to_string();
+    let made = Command::new("setpriv")
+        .args(["--reuid", &id, "--regid", &id, "--clear-groups", "sh", "-c"])
+        .arg(format!(
+            "cd {} && for i in $(seq 1 {SHARE}); do mkdir j$i || exit 1; done",
+            user.dir.join("jobs.slice").display()
+        ))
+        .status()
+        .expect("run setpriv");
+    assert!(made.success());
+    let started = Instant::now();
+    while count_bound() < SHARE {
+        assert!(started.elapsed() < Duration::from_secs(120), "only {} of {SHARE} bound", count_bound());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let first = user.child("jobs.slice/j1");
+    assert_eq!(tcp_connect_from(&first, "127.0.0.1", port), "ok");
+
+    // One more: without a share it would take another entry of the table every cgroup needs;
+    // with one, the subtree is refused everything but for the cgroups already bound.
+    mkdir_as(OWNER, &user.dir.join("jobs.slice/over"));
+    let over = user.child("jobs.slice/over");
+    let started = Instant::now();
+    while file.status_json()["unbindable"].as_array().is_none_or(Vec::is_empty) {
+        assert!(started.elapsed() < Duration::from_secs(10), "the subtree was never refused");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(tcp_connect_from(&over, "127.0.0.1", port), "EPERM", "a cgroup over the share");
+    daemon.wait_event(Duration::from_secs(5), |e| e["verdict"] == "blocked" && e["rule"] == "unbindable");
+    assert_eq!(tcp_connect_from(&first, "127.0.0.1", port), "ok", "a cgroup bound within the share");
+    assert_eq!(tcp_connect_from(&first, "127.0.0.2", port), "EPERM");
+    let status = file.status_json();
+    assert_eq!(status["unbindable"][0]["cgroup"], user.relative.as_str(), "{}", status["unbindable"]);
+    assert_eq!(count_bound(), SHARE);
+
+    // A reload matches the tree again and keeps the subtree to its share.
+    daemon.signal(libc::SIGHUP);
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(tcp_connect_from(&over, "127.0.0.1", port), "EPERM", "after a reload");
+    assert_eq!(tcp_connect_from(&first, "127.0.0.1", port), "ok", "after a reload");
+    assert_eq!(count_bound(), SHARE);
+}

@@ -4,7 +4,7 @@ use aya_ebpf::{helpers::generated::bpf_get_current_ancestor_cgroup_id, maps::lpm
 use egress_common::{
     action, family, log,
     lookup::{self, rule_key_v4, rule_key_v6, V4_LOOKUP_BITS, V6_LOOKUP_BITS},
-    mode, policy_flags, proto, rule_id, verdict, CgroupBinding, Decision, PortTable, DEEP_LEVELS_BIT, MAX_CGROUP_LEVEL,
+    mode, policy_flags, proto, rule_id, verdict, CgroupBinding, Decision, PortTable, UNBINDABLE_SLOT, DEEP_LEVELS_BIT, MAX_CGROUP_LEVEL,
     MAX_POLICY_SLOTS,
 };
 
@@ -116,8 +116,10 @@ fn deep_binding(ancestor: &impl Fn(i32) -> u64, own: impl Fn() -> u64) -> Option
 #[inline(always)]
 pub fn judge(bound: u64, slot: u32, flow: &Flow, udp_reply: impl FnOnce() -> bool) -> Judgement {
     if slot >= MAX_POLICY_SLOTS {
-        // A deep guard (see `deep_binding`) or a slot no policy owns: fail closed.
-        return Judgement { verdict: verdict::BLOCKED, rule: rule_id::TOO_DEEP, log: log::ALL, learned: false };
+        // A deep guard (see `deep_binding`), a cgroup that could not be bound, or a slot no
+        // policy owns: fail closed.
+        let rule = if slot == UNBINDABLE_SLOT { rule_id::UNBINDABLE } else { rule_id::TOO_DEEP };
+        return Judgement { verdict: verdict::BLOCKED, rule, log: log::ALL, learned: false };
     }
     let Some(info) = POLICY_INFO.get(slot) else {
         return Judgement { verdict: verdict::BLOCKED, rule: rule_id::DEFAULT, log: log::ALL, learned: false };

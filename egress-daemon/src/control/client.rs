@@ -239,6 +239,12 @@ pub fn status_text(report: &StatusReport) -> String {
             );
         }
     }
+    if !report.unbindable.is_empty() {
+        out.push_str("\nrefused everything, for want of a binding (rule unbindable):\n");
+        for row in &report.unbindable {
+            let _ = writeln!(out, "  {}: {}", escaped(&row.cgroup), escaped(&row.reason));
+        }
+    }
     if !report.ignored.is_empty() {
         out.push_str(
             "\nignored matches (named where unprivileged users make cgroups; their ancestors' policy applies):\n",

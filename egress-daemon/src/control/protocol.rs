@@ -121,6 +121,17 @@ pub struct StatusReport {
     /// What the operator should know about the policies in force (a delegated subtree that no
     /// policy holds whole), one line each.
     pub warnings: Vec<String>,
+    /// Cgroups a selector matches that are refused everything because they could not be bound
+    /// (rule `unbindable`), with why.
+    pub unbindable: Vec<UnbindableStatus>,
+}
+
+/// A cgroup refused everything for want of a binding.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct UnbindableStatus {
+    pub cgroup: String,
+    pub reason: String,
 }
 
 /// What the flow records of one policy and workload (else cgroup) add up to.

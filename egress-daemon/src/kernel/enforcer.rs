@@ -16,7 +16,8 @@ use aya::{
 };
 use egress_common::{
     names, settings_flags, CgroupBinding, PolicyInfo, PolicyStats, RuleKeyV4, RuleKeyV6, Settings, GUARD_SLOT,
-    MAX_CGROUPS, MAX_DEEP_GUARDS, MAX_POLICY_SLOTS, MAX_PORT_TABLES,
+    MAX_CGROUPS, MAX_DEEP_GUARDS, MAX_POLICY_SLOTS, MAX_PORT_TABLES, RESERVED_BINDINGS, UNBINDABLE_SLOT,
+    UNBINDABLE_STATS,
 };
 
 use super::barrier::ProgramBarrier;
@@ -91,6 +92,9 @@ pub struct Enforcer {
     loaded: Loaded,
     /// Waits for running programs before what they may read is removed.
     barrier: Option<ProgramBarrier>,
+    /// Cgroups bound to `UNBINDABLE_SLOT` (see [`Enforcer::refuse`]); not generation bindings,
+    /// so a reload's switch leaves them in place.
+    refused: HashSet<u64>,
 }
 
 impl Enforcer {
@@ -126,6 +130,7 @@ impl Enforcer {
             generation: Generation::default(),
             leftovers: false,
             loaded,
+            refused: HashSet::new(),
             barrier: match ProgramBarrier::new() {
                 Ok(barrier) => Some(barrier),
                 Err(error) => {
@@ -167,7 +172,10 @@ impl Enforcer {
         let marker = self.settings()?.generation;
         {
             let cgroups = maps::cgroup_policy(&mut self.ebpf)?;
-            self.bindings = cgroups.iter().filter_map(Result::ok).collect();
+            let entries: Vec<(u64, CgroupBinding)> = cgroups.iter().filter_map(Result::ok).collect();
+            // An earlier daemon's refusals stay until this one has matched the tree again.
+            self.refused = entries.iter().filter(|(_, b)| b.slot == UNBINDABLE_SLOT).map(|(id, _)| *id).collect();
+            self.bindings = entries.into_iter().filter(|(_, b)| b.slot != UNBINDABLE_SLOT).collect();
         }
         {
             let guards = maps::deep_guards(&mut self.ebpf)?;
@@ -396,6 +404,8 @@ impl Enforcer {
             self.remove_generation(&fresh);
             return Err(error);
         }
+        // Refused cgroups the new generation binds are refused no more.
+        self.refused.retain(|id| !cgroups.contains_key(id));
         // Decisions cached since the first epoch may have come from the old bindings.
         self.invalidate_after_switch();
         fault::crash_point("after-switch");
@@ -513,17 +523,64 @@ impl Enforcer {
         let values: Vec<CgroupBinding> = entries.iter().map(|(_, binding)| *binding).collect();
         update_batch(map.fd().as_fd(), &keys, &values)
     }
-    /// Binds one cgroup to a policy slot of the generation in force (one map write).
+    /// Binds one cgroup to a policy slot of the generation in force (one map write). Policy
+    /// bindings stop [`RESERVED_BINDINGS`] short of the map's capacity (see [`Enforcer::refuse`]).
     pub fn bind(&mut self, cgroup_id: u64, slot: u32) -> Result<(), KernelError> {
         let stats = match self.bindings.get(&cgroup_id) {
             Some(existing) => existing.stats,
+            None if self.bindings.len() + self.refused.len() >= (MAX_CGROUPS - RESERVED_BINDINGS) as usize => {
+                return Err(KernelError::TooManyBindings);
+            }
             None => self.allocate_stats()?,
         };
         let binding = CgroupBinding { slot, stats };
         let mut cgroups = maps::cgroup_policy(&mut self.ebpf)?;
         cgroups.insert(cgroup_id, binding, 0).map_err(KernelError::map(names::CGROUP_POLICY))?;
         self.bindings.insert(cgroup_id, binding);
+        self.refused.remove(&cgroup_id);
         self.invalidate_decisions()
+    }
+
+    /// Refuses every flow of a cgroup that a selector matches but that cannot be bound (rule
+    /// `unbindable`), or of a delegated subtree's root that went over its share; replaces its
+    /// binding, if it had one. Uses the entries policy bindings leave free, and one shared
+    /// stats index, so it works when the binding table is full.
+    pub fn refuse(&mut self, cgroup_id: u64) -> Result<(), KernelError> {
+        if !self.refused.contains(&cgroup_id) && self.bindings.len() + self.refused.len() >= MAX_CGROUPS as usize {
+            return Err(KernelError::TooManyBindings);
+        }
+        let binding = CgroupBinding { slot: UNBINDABLE_SLOT, stats: UNBINDABLE_STATS };
+        let mut cgroups = maps::cgroup_policy(&mut self.ebpf)?;
+        cgroups.insert(cgroup_id, binding, 0).map_err(KernelError::map(names::CGROUP_POLICY))?;
+        if let Some(previous) = self.bindings.remove(&cgroup_id) {
+            self.release_stats(previous.stats);
+        }
+        self.refused.insert(cgroup_id);
+        self.invalidate_decisions()
+    }
+
+    /// Ends a refusal of [`Enforcer::refuse`] (not a binding the cgroup got since).
+    pub fn unrefuse(&mut self, cgroup_id: u64) {
+        if self.remove_refusal(cgroup_id) {
+            if let Err(error) = self.invalidate_decisions() {
+                tracing::error!(%error, cgroup_id, "decisions cached for a cgroup no longer refused stay until the next change");
+            }
+        }
+    }
+
+    fn remove_refusal(&mut self, cgroup_id: u64) -> bool {
+        if !self.refused.remove(&cgroup_id) {
+            return false;
+        }
+        if let Ok(mut cgroups) = maps::cgroup_policy(&mut self.ebpf) {
+            drop(cgroups.remove(&cgroup_id));
+        }
+        true
+    }
+
+    /// The cgroups refused by [`Enforcer::refuse`].
+    pub fn refused(&self) -> impl Iterator<Item = u64> + '_ {
+        self.refused.iter().copied()
     }
 
     /// Adds `policy_levels` bits to those the programs search (for a cgroup bound after an
@@ -574,7 +631,8 @@ impl Enforcer {
 
     /// Removes a cgroup's binding (the cgroup is gone or no longer matches a policy).
     pub fn unbind(&mut self, cgroup_id: u64) {
-        if self.remove_binding(cgroup_id) {
+        let was_refused = self.remove_refusal(cgroup_id);
+        if self.remove_binding(cgroup_id) || was_refused {
             if let Err(error) = self.invalidate_decisions() {
                 tracing::error!(%error, cgroup_id, "decisions cached for an unbound cgroup stay in force until the next change");
             }
@@ -609,7 +667,8 @@ impl Enforcer {
         if let Some(index) = self.free_stats.pop() {
             return Ok(index);
         }
-        if self.next_stats >= MAX_CGROUPS {
+        // The last index is the shared one of refused cgroups.
+        if self.next_stats >= UNBINDABLE_STATS {
             return Err(KernelError::TooManyBindings);
         }
         self.next_stats += 1;
@@ -757,7 +816,7 @@ impl Enforcer {
             (names::RULES_V4, self.installed.v4.len(), egress_common::MAX_CIDRS_V4),
             (names::RULES_V6, self.installed.v6.len(), egress_common::MAX_CIDRS_V6),
             (names::PORT_TABLES, self.installed.tables.len(), MAX_PORT_TABLES),
-            (names::CGROUP_POLICY, self.bindings.len(), MAX_CGROUPS),
+            (names::CGROUP_POLICY, self.bindings.len() + self.refused.len(), MAX_CGROUPS),
         ]
     }
 }
