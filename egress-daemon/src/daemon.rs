@@ -70,6 +70,8 @@ pub struct Daemon {
     /// What the DNS proxy learned (names seen, addresses), shared with events and status.
     dns: Arc<crate::dns::DnsState>,
     dns_service: Arc<Mutex<Option<crate::dns::DnsService>>>,
+    /// Cgroups the watcher could not watch (out of inotify watches), for status.
+    unwatched: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
@@ -89,7 +91,11 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let dns_state = Arc::new(crate::dns::DnsState::default());
     loaded.engine.name_domains(dns_state.clone());
     loaded.engine.watch_bindings(dns_state.clone());
+    // Watch before the first scan, so a cgroup created in between is not missed.
+    let (changes, watcher) = discovery::spawn_watcher(hierarchy.mount().to_path_buf(), settings.attach.clone())
+        .context("watching the cgroup tree")?;
     let daemon = Daemon {
+        unwatched: watcher.unwatched(),
         engine: loaded.engine,
         drops: loaded.drops.clone(),
         limits: Arc::new(OutputLimits::new(&settings)),
@@ -106,9 +112,6 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         dns_service: Arc::new(Mutex::new(None)),
     };
 
-    // Watch before the first scan, so a cgroup created in between is not missed.
-    let (changes, watcher) = discovery::spawn_watcher(hierarchy.mount().to_path_buf(), settings.attach.clone())
-        .context("watching the cgroup tree")?;
     let first = daemon.clone();
     tokio::task::spawn_blocking(move || {
         let _changing = first.changing();
@@ -599,6 +602,15 @@ impl control::server::ControlHandler for Daemon {
         drop(state);
         let bound: Vec<(&str, &str)> = report.cgroups.iter().map(|c| (c.cgroup.as_str(), c.policy.as_str())).collect();
         report.warnings = matching::uncovered_delegations(self.hierarchy.mount(), &bound);
+        let unwatched = self.unwatched.load(std::sync::atomic::Ordering::Relaxed);
+        if unwatched > 0 {
+            report.warnings.push(format!(
+                "{unwatched} cgroups could not be watched (out of inotify watches: raise \
+                 fs.inotify.max_user_watches): cgroups created below them are found by a rescan every {} s, \
+                 and until then run under their nearest bound ancestor's policy",
+                discovery::UNWATCHED_RESCAN.as_secs()
+            ));
+        }
         crate::dns::status::fill(&self.dns, &mut report);
         report
     }

@@ -23,7 +23,7 @@ pub use names::{find_on_path, ContainerNames, MIN_PREFIX};
 pub use placement::{check as check_placement, Reason as UntrustedReason, Untrusted};
 pub use runtime::{container_of, enclosing_container, unit_of, ContainerRef, Runtime};
 pub use scan::scan;
-pub use watch::{spawn_watcher, Change, WatchHandle};
+pub use watch::{spawn_watcher, Change, WatchHandle, UNWATCHED_RESCAN};
 
 #[cfg(test)]
 pub(crate) mod testutil {

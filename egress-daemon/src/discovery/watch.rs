@@ -20,6 +20,10 @@ use std::{
     ops::ControlFlow,
     os::unix::fs::MetadataExt,
     path::PathBuf,
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc,
+    },
 };
 
 use inotify::{EventMask, EventOwned, Inotify, WatchDescriptor, WatchMask, Watches};
@@ -47,7 +51,19 @@ pub enum Change {
 #[derive(Debug)]
 pub struct WatchHandle {
     task: AbortHandle,
+    unwatched: Arc<AtomicUsize>,
 }
+
+impl WatchHandle {
+    /// How many known cgroups could not be watched (`fs.inotify.max_user_watches`): cgroups
+    /// created below them are found by a rescan every [`UNWATCHED_RESCAN`] instead of at once.
+    pub fn unwatched(&self) -> Arc<AtomicUsize> {
+        self.unwatched.clone()
+    }
+}
+
+/// How often the tree is walked again while some cgroup in it could not be watched.
+pub const UNWATCHED_RESCAN: std::time::Duration = std::time::Duration::from_secs(2);
 
 impl Drop for WatchHandle {
     fn drop(&mut self) {
@@ -77,16 +93,35 @@ pub fn spawn_watcher(mount: PathBuf, under: String) -> io::Result<(UnboundedRece
         unsafe { AsyncFd::register_with_interest(inotify, Interest::READABLE) }.map_err(io::Error::from)?
     };
     let (tx, rx) = mpsc::unbounded_channel();
-    let task = runtime.spawn(run(fd, tree, tx));
-    Ok((rx, WatchHandle { task: task.abort_handle() }))
+    let unwatched = Arc::new(AtomicUsize::new(tree.unwatched()));
+    let task = runtime.spawn(run(fd, tree, tx, unwatched.clone()));
+    Ok((rx, WatchHandle { task: task.abort_handle(), unwatched }))
 }
 
-async fn run(mut fd: AsyncFd<Inotify>, mut tree: Tree, tx: UnboundedSender<Change>) {
+async fn run(mut fd: AsyncFd<Inotify>, mut tree: Tree, tx: UnboundedSender<Change>, unwatched: Arc<AtomicUsize>) {
     // Large enough for hundreds of events per read; inotify needs at least one full event.
     let mut buffer = vec![0u8; 64 * 1024];
+    let mut rescan = tokio::time::interval(UNWATCHED_RESCAN);
     loop {
+        let blind = unwatched.load(Ordering::Relaxed) > 0;
         let events = tokio::select! {
             () = tx.closed() => return,
+            _ = rescan.tick(), if blind => {
+                // Out of watches: see what was made below the cgroups without one (and watch
+                // them if watches were freed meanwhile).
+                let mut changes = Vec::new();
+                tree.resync(&mut changes);
+                unwatched.store(tree.unwatched(), Ordering::Relaxed);
+                for change in changes {
+                    if tx.send(change).is_err() {
+                        return;
+                    }
+                }
+                if !tree.known.contains_key(&tree.root) {
+                    return;
+                }
+                continue;
+            }
             read = read_events(&mut fd, &mut buffer) => read,
         };
         let events = match events {
@@ -98,6 +133,7 @@ async fn run(mut fd: AsyncFd<Inotify>, mut tree: Tree, tx: UnboundedSender<Chang
         };
         let mut changes = Vec::new();
         let flow = tree.apply(events, &mut changes);
+        unwatched.store(tree.unwatched(), Ordering::Relaxed);
         for change in changes {
             if tx.send(change).is_err() {
                 return;
@@ -239,7 +275,10 @@ impl Tree {
                     let dir = node.dir.join(name);
                     if event.mask.intersects(EventMask::CREATE | EventMask::MOVED_TO) {
                         if let Some(e) = self.add_subtree(dir, relative, out, None) {
-                            tracing::warn!("cgroup watcher: {e}; cgroups created below it will go unnoticed");
+                            tracing::warn!(
+                                "cgroup watcher: {e}; cgroups created below it are found by a rescan every {} s",
+                                UNWATCHED_RESCAN.as_secs()
+                            );
                         }
                     } else if event.mask.intersects(EventMask::DELETE | EventMask::MOVED_FROM)
                         && !self.still_known(&dir, &relative)
@@ -260,6 +299,11 @@ impl Tree {
             }
         }
         ControlFlow::Continue(())
+    }
+
+    /// Known cgroups without a watch.
+    fn unwatched(&self) -> usize {
+        self.known.values().filter(|entry| entry.wd.is_none()).count()
     }
 
     /// Whether `dir` exists as the very cgroup known at `relative`: a cgroup removed and made
@@ -638,6 +682,35 @@ mod tests {
         fs::write(dir.path().join("w/x/file"), "").expect("file");
         let got = until_added(&mut rx, &["w/x".into(), "w/x/y".into()]).await;
         assert_eq!(got.len(), 2, "{got:?}");
+    }
+
+    #[test]
+    fn a_cgroup_without_a_watch_is_counted_and_its_children_found_by_a_rescan() {
+        let dir = ScratchDir::new("watch-unwatched");
+        fs::create_dir_all(dir.path().join("w/blind")).expect("mkdir");
+        let inotify = Inotify::init().expect("inotify");
+        let mut tree = Tree::new(inotify.watches(), dir.path().to_path_buf(), "w");
+        tree.start().expect("start");
+        assert_eq!(tree.unwatched(), 0);
+        // As if the watch could not be added (out of watches): drop it.
+        let entry = tree.known.get_mut("w/blind").expect("known");
+        let wd = entry.wd.take().expect("watched");
+        tree.by_wd.remove(&wd.get_watch_descriptor_id());
+        tree.watches.remove(wd).expect("remove watch");
+        assert_eq!(tree.unwatched(), 1);
+        fs::create_dir(dir.path().join("w/blind/child")).expect("mkdir");
+        let mut out = Vec::new();
+        tree.resync(&mut out);
+        let added: Vec<String> = out
+            .iter()
+            .filter_map(|c| match c {
+                Change::Added(cgroup) => Some(cgroup.relative.clone()),
+                Change::Removed { .. } => None,
+            })
+            .collect();
+        assert_eq!(added, ["w/blind/child"]);
+        // Watches were free again: the rescan watched it.
+        assert_eq!(tree.unwatched(), 0);
     }
 
     #[test]
