@@ -589,6 +589,7 @@ impl control::server::ControlHandler for Daemon {
                 audited: stats.audited,
                 // The proxy's refused-query events count against the same budget.
                 suppressed: stats.suppressed + self.dns.events.suppressed(id),
+                learned: self.dns.learned(id),
                 deep: b.deep,
             });
         }

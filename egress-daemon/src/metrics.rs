@@ -162,6 +162,11 @@ pub fn render(report: &StatusReport) -> String {
         "Upstream DNS answers that did not echo their query (id, question, letter case); each ended its query",
         counter(report.dns_upstream_mismatches),
     );
+    registry.register(
+        "egress_dns_quota",
+        "DNS answers refused with SERVFAIL because their cgroup held its quota of learned addresses",
+        counter(report.dns_quota),
+    );
     let entries = Family::<MapLabel, Gauge>::default();
     let capacity = Family::<MapLabel, Gauge>::default();
     for fill in &report.maps {
@@ -229,6 +234,7 @@ mod tests {
             malformed_packets: 6,
             dns_busy: 2,
             dns_upstream_mismatches: 3,
+            dns_quota: 4,
             cgroups: vec![cgroup("a", "web", 2), cgroup("b", "web", 3), cgroup("c", "db", 1)],
             maps: vec![MapFill { map: "RULES_V4".into(), used: 7, capacity: 9 }],
             ..StatusReport::default()
@@ -242,6 +248,7 @@ mod tests {
             "egress_malformed_packets_total 6",
             "egress_dns_busy_total 2",
             "egress_dns_upstream_mismatches_total 3",
+            "egress_dns_quota_total 4",
             "egress_map_entries{map=\"RULES_V4\"} 7",
             "egress_map_capacity{map=\"RULES_V4\"} 9",
         ] {

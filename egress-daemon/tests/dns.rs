@@ -857,3 +857,87 @@ fn upstream_answers_that_do_not_echo_the_query_end_it_and_teach_nothing() {
     assert_eq!(tcp_connect(&lab.workload, "10.214.161.1"), "ok");
     assert_eq!(lab.file.status_json()["dns_upstream_mismatches"], 4);
 }
+
+/// Queries `argv[2]` (`#` replaced by 0, 1, ...) `argv[3]` times over UDP to `argv[1]`:53, one
+/// at a time: prints `{"codes": {...}, "records": [answer records of each NOERROR reply]}`.
+const PY_NAMES: &str = r##"
+resolver, pattern, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.connect((resolver, 53))
+s.settimeout(3)
+codes, records = {}, []
+for i in range(n):
+    s.send(query(pattern.replace("#", str(i)), i))
+    try:
+        reply = s.recv(65535)
+    except socket.timeout:
+        reply = b""
+    code = rcode(reply)
+    codes[code] = codes.get(code, 0) + 1
+    if code == "NOERROR":
+        records.append(struct.unpack("!H", reply[6:8])[0])
+print(json.dumps({"codes": codes, "records": records}))
+"##;
+
+#[test]
+fn a_cgroup_flooding_learned_addresses_hits_its_quota_and_others_keep_resolving() {
+    if !privileged() {
+        return;
+    }
+    // Every name under the wildcard answers 1,000 addresses never seen before, for 3 s.
+    let zone = r#"{"*.flood.dns.test": {"count": 1000, "from": "10.216.0.1", "ttl": 3},
+        "app.dns.test": {"A": ["10.214.162.1"], "ttl": 60}}"#;
+    let policies = format!(
+        "{}{}",
+        policy("flooder", "{W}", "deny", "      - allow: \"*.flood.dns.test\"\n"),
+        policy(
+            "victim",
+            "{C}/other",
+            "deny",
+            "      - allow: app.dns.test\n        protocol: tcp\n        ports: [7000]\n"
+        )
+    );
+    let lab = Lab::new(162, zone, &policies, "    min_ttl: 1\n    grace: 0\n    max_learned_per_cgroup: 256\n");
+    let other = lab.cgroup.child("other");
+    thread::sleep(Duration::from_millis(500));
+    let resolver = lab.resolver();
+
+    // 20 names of 1,000 addresses each: 32 learned per answer (the rest cut from the answer), so
+    // 8 answers fill the quota of 256 and the other 12 get SERVFAIL.
+    let flood =
+        json_of(&python_dns(&lab.workload, PY_NAMES, &[&resolver, "n#.flood.dns.test", "20"]).output().expect("flood"));
+    let status = lab.file.status_json();
+    eprintln!("flood: {flood}");
+    assert_eq!(flood["codes"]["NOERROR"], 8, "{flood}");
+    assert_eq!(flood["codes"]["SERVFAIL"], 12, "{flood}");
+    let records: Vec<u64> = flood["records"].as_array().unwrap().iter().filter_map(Value::as_u64).collect();
+    assert!(records.iter().all(|n| *n == 32), "each answer carries the 32 addresses learned: {records:?}");
+    let row = |status: &Value, cgroup: &str| {
+        status["cgroups"]
+            .as_array()
+            .and_then(|rows| rows.iter().find(|r| r["cgroup"] == cgroup))
+            .cloned()
+            .unwrap_or_else(|| panic!("no status row for {cgroup}: {status:#}"))
+    };
+    assert_eq!(row(&status, &lab.workload.relative)["learned"], 256, "{status:#}");
+    assert_eq!(status["dns_quota"], 12, "{status:#}");
+    let fill = status["maps"].as_array().and_then(|maps| maps.iter().find(|m| m["map"] == "LEARNED")).cloned();
+    let used = fill.as_ref().and_then(|f| f["used"].as_u64()).unwrap_or(u64::MAX);
+    assert!(used <= 256, "the kernel map holds the quota, not 20 answers' worth: {fill:?}");
+    let event = lab.daemon().wait_event(Duration::from_secs(5), |e| e["rule"] == "dns-quota");
+    assert_eq!(event["verdict"], "blocked", "{event}");
+    assert_eq!(event["cgroup"], lab.workload.relative.as_str(), "{event}");
+    assert_eq!(event["domain"], "n8.flood.dns.test", "{event}");
+
+    // Another cgroup under the same daemon still resolves and connects.
+    let app = lab.dig(&other, &[&format!("@{resolver}"), "app.dns.test", "A"]);
+    assert_eq!((app.status.as_str(), app.answers.clone()), ("NOERROR", vec!["10.214.162.1".to_string()]));
+    assert_eq!(tcp_connect(&other, "10.214.162.1"), "ok");
+    assert_eq!(row(&lab.file.status_json(), &other.relative)["learned"], 1);
+
+    // Once its addresses expire, the flooding cgroup resolves again (over TCP too, capped).
+    thread::sleep(Duration::from_secs(4));
+    let again = lab.dig(&lab.workload, &["+tcp", &format!("@{resolver}"), "again.flood.dns.test", "A"]);
+    assert_eq!(again.status, "NOERROR", "{}", again.text);
+    assert_eq!(again.answers.len(), 32, "{}", again.text);
+}

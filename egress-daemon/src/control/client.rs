@@ -169,6 +169,13 @@ pub fn status_text(report: &StatusReport) -> String {
             report.dns_upstream_mismatches
         );
     }
+    if report.dns_quota > 0 {
+        let _ = writeln!(
+            out,
+            "dns quota:      {} answers over their cgroup's quota of learned addresses (SERVFAIL)",
+            report.dns_quota
+        );
+    }
     for guarantee in &report.guarantees {
         let _ = writeln!(out, "guarantee:      {guarantee}");
     }

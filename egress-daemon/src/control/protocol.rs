@@ -104,6 +104,10 @@ pub struct StatusReport {
     /// Upstream DNS answers that did not echo their query (id, question, letter case); each
     /// ended its query with SERVFAIL.
     pub dns_upstream_mismatches: u64,
+    /// DNS answers refused with SERVFAIL because their cgroup held its quota of learned
+    /// addresses (`settings.dns.max_learned_per_cgroup`); each raised a `dns-quota` event
+    /// within the cgroup's event budget.
+    pub dns_quota: u64,
     /// What this host's kernel lets egress guarantee, one line each (e.g. whether `AF_PACKET`
     /// sockets are refused).
     pub guarantees: Vec<String>,
@@ -203,6 +207,9 @@ pub struct CgroupStatus {
     /// Events the kernel did not write because the cgroup was over its event budget; its flows
     /// are still judged and counted above.
     pub suppressed: u64,
+    /// Addresses the DNS proxy learned for the cgroup (with everything below it) that it
+    /// holds now, against its quota.
+    pub learned: u64,
     /// Deeper than the kernel's cgroup walk: found by its own id; unbound cgroups that deep
     /// below the same level-15 ancestor are refused everything.
     #[serde(skip_serializing_if = "std::ops::Not::not")]

@@ -53,6 +53,8 @@ pub struct Book {
     domains: HashMap<(String, Ipv6Addr), String>,
     /// Per policy: names allowed and answered, with when they were last asked (boot ns).
     seen: HashMap<String, BTreeMap<String, u64>>,
+    /// Per bound cgroup: its entries (expired ones until they are swept), for its quota.
+    held: HashMap<u64, usize>,
 }
 
 /// An entry to write: the merge of an answer into what is there.
@@ -95,7 +97,43 @@ impl Book {
     /// Records an update the kernel accepted.
     pub fn commit(&mut self, update: Update, name: &str) {
         self.domains.insert((update.entry.policy.clone(), update.key.1), name.to_string());
-        self.entries.insert(update.key, update.entry);
+        self.insert(update.key, update.entry);
+    }
+
+    /// Whether `key` has an entry (live or not yet swept): writing it takes no new room.
+    pub fn has(&self, key: (u64, Ipv6Addr)) -> bool {
+        self.entries.contains_key(&key)
+    }
+
+    /// The entries `cgroup` holds.
+    pub fn held(&self, cgroup: u64) -> usize {
+        self.held.get(&cgroup).copied().unwrap_or(0)
+    }
+
+    /// Entries of all cgroups together (as in the kernel map, which the book mirrors).
+    pub fn total(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Removes and returns the keys of `cgroup`'s entries expired at `now_ns`: room for its
+    /// quota before the next sweep.
+    pub fn take_expired_of(&mut self, cgroup: u64, now_ns: u64) -> Vec<(u64, Ipv6Addr)> {
+        let expired: Vec<_> = self
+            .entries
+            .iter()
+            .filter(|((owner, _), e)| *owner == cgroup && e.expires_ns <= now_ns)
+            .map(|(k, _)| *k)
+            .collect();
+        for key in &expired {
+            self.forget(*key);
+        }
+        expired
+    }
+
+    fn insert(&mut self, key: (u64, Ipv6Addr), entry: Entry) {
+        if self.entries.insert(key, entry).is_none() {
+            *self.held.entry(key.0).or_insert(0) += 1;
+        }
     }
 
     /// Notes a name a policy allowed, for status.
@@ -121,6 +159,12 @@ impl Book {
     /// Removes one entry.
     pub fn forget(&mut self, key: (u64, Ipv6Addr)) {
         if let Some(entry) = self.entries.remove(&key) {
+            if let Some(held) = self.held.get_mut(&key.0) {
+                *held = held.saturating_sub(1);
+                if *held == 0 {
+                    self.held.remove(&key.0);
+                }
+            }
             let still_learned = self.entries.iter().any(|((_, a), e)| *a == key.1 && e.policy == entry.policy);
             if !still_learned {
                 self.domains.remove(&(entry.policy, key.1));
@@ -135,7 +179,7 @@ impl Book {
 
     /// Replaces an entry's rules (after a reload).
     pub fn set(&mut self, key: (u64, Ipv6Addr), entry: Entry) {
-        self.entries.insert(key, entry);
+        self.insert(key, entry);
     }
 
     /// The domain a policy learned `addr` for.
@@ -178,4 +222,34 @@ pub fn boot_ns() -> u64 {
     // SAFETY: valid pointer to a timespec; clock_gettime cannot fail for this clock id.
     unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn learn(book: &mut Book, cgroup: u64, last: u16, expires_ns: u64) {
+        for i in 0..last {
+            let key = (cgroup, Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, i));
+            let entry =
+                Entry { policy: "p".into(), expires_ns, names: BTreeSet::from(["a.test".into()]), rules: Vec::new() };
+            book.commit(Update { key, entry }, "a.test");
+        }
+    }
+
+    #[test]
+    fn each_cgroup_counts_its_own_entries_and_expired_ones_give_their_room_back() {
+        let mut book = Book::default();
+        learn(&mut book, 1, 10, 100);
+        learn(&mut book, 1, 10, 200);
+        learn(&mut book, 2, 3, 100);
+        assert_eq!((book.held(1), book.held(2), book.held(3), book.total()), (10, 3, 0, 13), "a refresh takes no room");
+        assert!(book.has((1, Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 9))));
+        assert!(book.take_expired_of(1, 150).is_empty(), "refreshed until 200");
+        assert_eq!(book.take_expired_of(1, 200).len(), 10);
+        assert_eq!((book.held(1), book.held(2)), (0, 3), "only that cgroup's entries");
+        assert_eq!(book.take_expired(100).len(), 3);
+        assert_eq!(book.total(), 0);
+        assert!(book.held.is_empty());
+    }
 }

@@ -100,6 +100,26 @@ pub fn read_answer(query: &Query, bytes: &[u8]) -> Option<(Message, Learned)> {
     Some((answer, learned))
 }
 
+/// `bytes` (an answer to `queried` that `learned` describes) without the A and AAAA records of
+/// its chain whose addresses `learned` no longer holds (those beyond the per-answer cap): the
+/// workload gets only addresses it can reach. `None` when it cannot be re-encoded.
+pub fn keep_learned(bytes: &[u8], queried: &str, learned: &Learned) -> Option<Vec<u8>> {
+    let mut answer = Message::from_vec(bytes).ok()?;
+    let on_chain = |name: &Name| {
+        let name = name_text(name);
+        name == queried || learned.aliases.contains(&name)
+    };
+    answer.answers.retain(|record| {
+        let address = match &record.data {
+            RData::A(a) => a.0.to_ipv6_mapped(),
+            RData::AAAA(aaaa) => aaaa.0,
+            _ => return true,
+        };
+        !on_chain(&record.name) || learned.addresses.contains(&address)
+    });
+    answer.to_vec().ok()
+}
+
 /// The A/AAAA addresses along the CNAME chain from `name`, and the chain's smallest TTL.
 fn chain_addresses(name: &str, answer: &Message) -> Learned {
     let mut chain = vec![name.to_string()];
@@ -195,6 +215,24 @@ mod tests {
         );
         assert_eq!(learned.ttl, 30);
         assert_eq!(learned.aliases, vec!["edge.cdn.net".to_string()]);
+    }
+
+    #[test]
+    fn addresses_beyond_the_cap_leave_the_answer_and_the_rest_stays() {
+        let q = query("many.example.");
+        let mut records: Vec<Record> = (1..=5u8)
+            .map(|i| Record::from_rdata(name("many.example."), 60, RData::A(A(Ipv4Addr::new(10, 0, 0, i)))))
+            .collect();
+        records.push(Record::from_rdata(name("other.example."), 60, RData::A(A(Ipv4Addr::new(10, 9, 9, 9)))));
+        let bytes = answer(&q, records);
+        let (_, mut learned) = read_answer(&q, &bytes).unwrap();
+        learned.addresses.truncate(2);
+        let trimmed = keep_learned(&bytes, &q.name, &learned).unwrap();
+        let (message, relearned) = read_answer(&q, &trimmed).unwrap();
+        assert_eq!(relearned.addresses, learned.addresses);
+        assert_eq!(message.answers.len(), 3, "two of the chain and the unrelated record");
+        assert_eq!(message.metadata.id, q.message.metadata.id);
+        assert_eq!(message.queries, q.message.queries);
     }
 
     #[test]

@@ -10,6 +10,7 @@ pub mod budget;
 pub mod echo;
 pub mod message;
 pub mod proxy;
+pub mod quota;
 pub mod shares;
 pub mod status;
 pub mod upstream;
@@ -55,6 +56,8 @@ pub struct Counters {
     pub busy: AtomicU64,
     /// Upstream answers that did not echo their query (id, question, letter case): SERVFAIL.
     pub mismatched: AtomicU64,
+    /// Answers refused with SERVFAIL because their cgroup held its quota of learned addresses.
+    pub quota: AtomicU64,
 }
 
 impl Counters {
@@ -66,6 +69,11 @@ impl Counters {
 impl DnsState {
     pub fn book(&self) -> MutexGuard<'_, Book> {
         self.book.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The learned entries `cgroup` holds now.
+    pub fn learned(&self, cgroup: u64) -> u64 {
+        self.book().held(cgroup) as u64
     }
 }
 
@@ -169,6 +177,7 @@ pub fn start(
         resolvers,
         forwarded: shares::Shares::new(proxy::MAX_FORWARDED_PER_CGROUP),
         connections: shares::Shares::new(proxy::MAX_TCP_PER_CGROUP),
+        quota: quota::Quota::new(settings.max_learned_per_cgroup),
     });
     // Without the namespace cookie (Linux < 5.14) nothing is steered: name rules then allow
     // nothing, and DNS is judged by the CIDR rules like any other flow (fail closed).

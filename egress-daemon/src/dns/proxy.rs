@@ -9,6 +9,10 @@
 //! queries need: each has a share of the queries forwarded at once and of the TCP connections
 //! held open, is answered SERVFAIL (or its connection closed) at once beyond it, and a TCP
 //! connection is checked for its sender when accepted and closed after a refusal.
+//!
+//! The learned-address map is shared too: an answer teaches at most `max_addresses_per_answer`
+//! addresses (the rest leave the answer), and a cgroup at its quota of learned entries gets
+//! SERVFAIL and a `dns-quota` event for answers that would teach it more (see `quota.rs`).
 
 use std::{
     net::{IpAddr, Ipv6Addr, SocketAddr},
@@ -27,7 +31,8 @@ use tokio::{
 use super::{
     book::boot_ns,
     echo,
-    message::{format_error, read_answer, Query, CANARY},
+    message::{format_error, keep_learned, read_answer, Query, CANARY},
+    quota::{capped, OverQuota, Quota},
     shares::Shares,
     upstream::{self, read_framed, write_framed, UpstreamError},
     Counters, DnsState,
@@ -67,6 +72,17 @@ pub struct Proxy {
     pub forwarded: Shares,
     /// Per bound cgroup: TCP connections held open now.
     pub connections: Shares,
+    /// Per bound cgroup: learned entries held at once.
+    pub quota: Quota,
+}
+
+/// Why an answer's addresses were not learned (the query then gets SERVFAIL).
+#[derive(Debug, thiserror::Error)]
+enum LearnError {
+    #[error(transparent)]
+    Map(#[from] crate::kernel::DnsMapError),
+    #[error(transparent)]
+    Quota(#[from] OverQuota),
 }
 
 /// Who sent a query, as the kernel recorded it.
@@ -181,7 +197,7 @@ impl Proxy {
             return Some(Reply::answered(query.answer_with(ResponseCode::NXDomain)));
         }
         if !names.allows(&query.name) {
-            self.report(&sender, &names.policy, &query.name, if names.audit { "audit" } else { "blocked" });
+            self.report(&sender, &names.policy, &query.name, if names.audit { "audit" } else { "blocked" }, "dns");
             if !names.audit {
                 let code = match self.settings.refuse_with {
                     RefuseWith::Refused => ResponseCode::Refused,
@@ -225,18 +241,34 @@ impl Proxy {
         };
         echo::restore(&mut answer, bytes);
         answer[..2].copy_from_slice(&client_id);
-        let Some((_, learned)) = read_answer(query, &answer) else {
+        let Some((_, mut learned)) = read_answer(query, &answer) else {
             return Some(query.answer_with(ResponseCode::ServFail));
         };
         let now = boot_ns();
         if !learned.addresses.is_empty() && names.allows(&query.name) {
+            let cap = self.settings.max_addresses_per_answer;
+            if learned.addresses.len() > capped(&learned.addresses, cap).len() {
+                tracing::debug!(name = %query.name, count = learned.addresses.len(), cap, "DNS proxy: answer cut to the per-answer cap");
+                learned.addresses = capped(&learned.addresses, cap).to_vec();
+                let Some(kept) = keep_learned(&answer, &query.name, &learned) else {
+                    return Some(query.answer_with(ResponseCode::ServFail));
+                };
+                answer = kept;
+            }
             let ttl = learned.ttl.clamp(self.settings.min_ttl, MAX_TTL.max(self.settings.min_ttl));
             let expires = now + (u64::from(ttl) + u64::from(self.settings.grace)) * 1_000_000_000;
-            if let Err(error) =
-                self.learn(sender.origin.socket.bound, names, &query.name, &learned.addresses, expires, now)
-            {
-                tracing::warn!(name = %query.name, %error, "DNS proxy: the learned addresses could not be written; SERVFAIL");
-                return Some(query.answer_with(ResponseCode::ServFail));
+            match self.learn(sender.origin.socket.bound, names, &query.name, &learned.addresses, expires, now) {
+                Ok(()) => {}
+                Err(LearnError::Quota(over)) => {
+                    Counters::count(&self.state.counters.quota);
+                    tracing::debug!(name = %query.name, cgroup = sender.origin.socket.bound, %over, "DNS proxy: learned-address quota; SERVFAIL");
+                    self.report(sender, &names.policy, &query.name, "blocked", "dns-quota");
+                    return Some(query.answer_with(ResponseCode::ServFail));
+                }
+                Err(LearnError::Map(error)) => {
+                    tracing::warn!(name = %query.name, %error, "DNS proxy: the learned addresses could not be written; SERVFAIL");
+                    return Some(query.answer_with(ResponseCode::ServFail));
+                }
             }
         }
         self.state.book().saw(&names.policy, &query.name, now);
@@ -244,6 +276,8 @@ impl Proxy {
     }
 
     /// Writes every address, then records them; the first failure stops and fails the query.
+    /// Nothing is written when the new entries do not fit the cgroup's quota, even after its
+    /// expired entries are reclaimed.
     fn learn(
         &self,
         cgroup: u64,
@@ -252,10 +286,19 @@ impl Proxy {
         addresses: &[Ipv6Addr],
         expires: u64,
         now: u64,
-    ) -> Result<(), crate::kernel::DnsMapError> {
+    ) -> Result<(), LearnError> {
+        let cgroups = self.state.view.cgroups();
         let mut maps = self.maps.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let mut book = self.state.book();
-        for update in book.merge(cgroup, names, name, addresses, expires, now) {
+        let updates = book.merge(cgroup, names, name, addresses, expires, now);
+        let new = updates.iter().filter(|update| !book.has(update.key)).count();
+        if self.quota.check(book.held(cgroup), new, cgroups).is_err() {
+            for (owner, addr) in book.take_expired_of(cgroup, now) {
+                maps.remove(owner, addr);
+            }
+            self.quota.check(book.held(cgroup), new, cgroups)?;
+        }
+        for update in updates {
             maps.write(cgroup, update.key.1, &update.entry.value())?;
             book.commit(update, name);
         }
@@ -275,8 +318,10 @@ impl Proxy {
         Some(Sender { origin, transport })
     }
 
-    /// A flow event for a query the policy does not allow, within the cgroup's event budget.
-    fn report(&self, sender: &Sender, policy: &str, name: &str, verdict: &str) {
+    /// A flow event for a query the proxy refused (`rule` `dns`: the policy does not allow the
+    /// name; `dns-quota`: the cgroup holds all the learned addresses it may), within the
+    /// cgroup's event budget.
+    fn report(&self, sender: &Sender, policy: &str, name: &str, verdict: &str, rule: &str) {
         let socket = &sender.origin.socket;
         if !self.state.events.admit(socket.bound, std::time::Instant::now()) {
             return;
@@ -290,7 +335,7 @@ impl Proxy {
             at,
             verdict: verdict.to_string(),
             policy: policy.to_string(),
-            rule: "dns".to_string(),
+            rule: rule.to_string(),
             cgroup,
             pid: 0,
             comm: String::new(),

@@ -3,14 +3,20 @@
 
 use std::sync::atomic::Ordering;
 
+use egress_common::{dns_names, MAX_LEARNED};
+
 use super::DnsState;
-use crate::control::protocol::{LearnedStatus, StatusReport};
+use crate::control::protocol::{LearnedStatus, MapFill, StatusReport};
 
 /// Fills the DNS fields of `status` from what the proxy learned and counted.
 pub fn fill(state: &DnsState, status: &mut StatusReport) {
     status.dns_busy = state.counters.busy.load(Ordering::Relaxed);
     status.dns_upstream_mismatches = state.counters.mismatched.load(Ordering::Relaxed);
-    let mut report = state.book().report(super::book::boot_ns());
+    status.dns_quota = state.counters.quota.load(Ordering::Relaxed);
+    let book = state.book();
+    let mut report = book.report(super::book::boot_ns());
+    status.maps.push(MapFill { map: dns_names::LEARNED.to_owned(), used: book.total(), capacity: MAX_LEARNED });
+    drop(book);
     for policy in &mut status.policies {
         let Some(found) = report.remove(&policy.name) else { continue };
         policy.names_seen = found.seen;

@@ -104,6 +104,11 @@ impl View {
         self.inner.read().unwrap_or_else(std::sync::PoisonError::into_inner).by_cgroup.get(&cgroup).cloned()
     }
 
+    /// Bound cgroups whose policy has name rules (each has a quota of learned entries).
+    pub fn cgroups(&self) -> usize {
+        self.inner.read().unwrap_or_else(std::sync::PoisonError::into_inner).by_cgroup.len()
+    }
+
     pub fn generation(&self) -> u64 {
         self.inner.read().unwrap_or_else(std::sync::PoisonError::into_inner).generation
     }

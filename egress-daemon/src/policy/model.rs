@@ -479,6 +479,11 @@ pub const DEFAULT_DNS_PORT: u16 = 5300;
 pub const DEFAULT_MIN_TTL: u32 = 5;
 /// Default of [`DnsSettings::grace`], seconds.
 pub const DEFAULT_GRACE: u32 = 30;
+/// Default of [`DnsSettings::max_addresses_per_answer`].
+pub const DEFAULT_MAX_ADDRESSES_PER_ANSWER: u32 = 32;
+/// Default of [`DnsSettings::max_learned_per_cgroup`]: 16 cgroups at their quota fill the
+/// kernel's `MAX_LEARNED` (65,536) entries.
+pub const DEFAULT_MAX_LEARNED_PER_CGROUP: u32 = 4_096;
 
 /// What the DNS proxy answers for a name no rule allows.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
@@ -510,6 +515,10 @@ pub struct DnsSettings {
     pub min_ttl: u32,
     /// Time added to the TTL, for clients that cache answers a little longer (seconds).
     pub grace: u32,
+    /// Addresses learned from one answer; the answer's further A/AAAA records are removed.
+    pub max_addresses_per_answer: u32,
+    /// Learned entries one bound cgroup holds at once; beyond them its answers get SERVFAIL.
+    pub max_learned_per_cgroup: u32,
 }
 
 impl Default for DnsSettings {
@@ -520,6 +529,8 @@ impl Default for DnsSettings {
             refuse_with: RefuseWith::Refused,
             min_ttl: DEFAULT_MIN_TTL,
             grace: DEFAULT_GRACE,
+            max_addresses_per_answer: DEFAULT_MAX_ADDRESSES_PER_ANSWER,
+            max_learned_per_cgroup: DEFAULT_MAX_LEARNED_PER_CGROUP,
         }
     }
 }

@@ -962,6 +962,10 @@ struct DnsDoc {
     min_ttl: Option<Checked<Seconds>>,
     #[serde(default)]
     grace: Option<Checked<Seconds>>,
+    #[serde(default)]
+    max_addresses_per_answer: Option<Checked<Count<MAX_ADDRESSES_PER_ANSWER>>>,
+    #[serde(default)]
+    max_learned_per_cgroup: Option<Checked<Count<{ egress_common::MAX_LEARNED }>>>,
 }
 
 impl DnsDoc {
@@ -973,6 +977,29 @@ impl DnsDoc {
             refuse_with: self.refuse_with.map_or(defaults.refuse_with, |v| v.0),
             min_ttl: self.min_ttl.map_or(defaults.min_ttl, |v| v.0 .0),
             grace: self.grace.map_or(defaults.grace, |v| v.0 .0),
+            max_addresses_per_answer: self
+                .max_addresses_per_answer
+                .map_or(defaults.max_addresses_per_answer, |v| v.0 .0),
+            max_learned_per_cgroup: self.max_learned_per_cgroup.map_or(defaults.max_learned_per_cgroup, |v| v.0 .0),
+        }
+    }
+}
+
+/// Largest `settings.dns.max_addresses_per_answer` (more do not fit a 64 KiB message anyway).
+const MAX_ADDRESSES_PER_ANSWER: u32 = 4_096;
+
+/// A count from 1 to `MAX`.
+struct Count<const MAX: u32>(u32);
+
+impl<const MAX: u32> Scalar for Count<MAX> {
+    fn expecting() -> Cow<'static, str> {
+        format!("a number from 1 to {MAX}").into()
+    }
+
+    fn parse(text: &str) -> Result<Self, String> {
+        match text.trim().parse::<u32>() {
+            Ok(count) if (1..=MAX).contains(&count) => Ok(Count(count)),
+            _ => Err(format!("`{text}` is not a number from 1 to {MAX}")),
         }
     }
 }

@@ -171,7 +171,8 @@ fn error_name_rules_only_allow_and_wildcards_take_a_whole_label() {
 #[test]
 fn parses_dns_settings() {
     let text = "settings:\n  dns:\n    listen_port: 5353\n    upstream: [192.0.2.53, \"[2001:db8::53]:5353\"]\n    \
-                refuse_with: NXDOMAIN\n    min_ttl: 2\n    grace: 0\npolicies: []\n";
+                refuse_with: NXDOMAIN\n    min_ttl: 2\n    grace: 0\n    max_addresses_per_answer: 8\n    \
+                max_learned_per_cgroup: 100\npolicies: []\n";
     let dns = parse(text).settings.dns;
     assert_eq!(
         dns,
@@ -181,7 +182,15 @@ fn parses_dns_settings() {
             refuse_with: RefuseWith::NxDomain,
             min_ttl: 2,
             grace: 0,
+            max_addresses_per_answer: 8,
+            max_learned_per_cgroup: 100,
         }
+    );
+    assert_error(
+        "settings:\n  dns:\n    max_learned_per_cgroup: 0\npolicies: []\n",
+        3,
+        29,
+        "not a number from 1 to 65536",
     );
     assert_error("settings:\n  dns:\n    listen_port: 53\npolicies: []\n", 3, 18, "cannot listen on port 53");
     assert_error("settings:\n  dns:\n    grace: 1d\npolicies: []\n", 3, 12, "not a number of seconds");

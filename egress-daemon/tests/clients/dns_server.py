@@ -6,10 +6,13 @@ usage: dns_server.py ADDR PORT ZONE_JSON LOG_FILE
 ZONE_JSON maps a name (lower case, no trailing dot) to
   {"ttl": 1, "A": ["10.0.0.1"], "AAAA": ["fd00::1"], "CNAME": "target.name",
    "fresh": "10.214.7"}  # "fresh": a new A address PREFIX.1..254 on every answer
+  {"count": 1000, "from": "10.216.0.1"}  # COUNT A addresses on every answer, each answer
+                                         # the next COUNT after FROM (never one twice)
   {"silent": true}        # never answered
   {"spoof": "case"}       # answered with the question's letters in the other case
   {"spoof": "id", "inject": "10.0.0.9"}  # first an answer with another id carrying the
                                          # injected address, then the right answer
+A name "*.PARENT" answers for every name one label below PARENT that is not listed.
 Every query is logged as "NAME TYPE" (one line, flushed). Unknown names get NXDOMAIN.
 """
 import ipaddress
@@ -23,6 +26,7 @@ ADDR, PORT, ZONE, LOG = sys.argv[1], int(sys.argv[2]), json.loads(sys.argv[3]), 
 TYPES = {1: "A", 28: "AAAA", 5: "CNAME"}
 lock = threading.Lock()
 counter = [0]
+block = [0]
 log = open(LOG, "a", buffering=1)
 
 
@@ -53,11 +57,26 @@ def fresh_a(prefix):
         return f"{prefix}.{counter[0]}"
 
 
+def lookup(name):
+    if name in ZONE:
+        return ZONE[name]
+    parent = name.split(".", 1)[1] if "." in name else ""
+    return ZONE.get("*." + parent)
+
+
+def block_a(entry):
+    with lock:
+        start = block[0]
+        block[0] += entry["count"]
+    first = ipaddress.IPv4Address(entry["from"]) + start
+    return [str(first + i) for i in range(entry["count"])]
+
+
 def answers(query):
     """The replies to send, in order (none for a silent name)."""
     (qid, flags, qd) = struct.unpack("!HHH", query[:6])
     name, end = read_name(query, 12)
-    entry = ZONE.get(name, {})
+    entry = lookup(name) or {}
     if entry.get("silent"):
         return []
     reply = answer(query)
@@ -80,7 +99,7 @@ def answer(query):
     rcode = 0
     current = name
     for _ in range(8):
-        entry = ZONE.get(current)
+        entry = lookup(current)
         if entry is None:
             if current == name:
                 rcode = 3
@@ -91,7 +110,12 @@ def answer(query):
             current = entry["CNAME"]
             continue
         if qtype == 1:
-            addresses = [fresh_a(entry["fresh"])] if "fresh" in entry else entry.get("A", [])
+            if "fresh" in entry:
+                addresses = [fresh_a(entry["fresh"])]
+            elif "count" in entry:
+                addresses = block_a(entry)
+            else:
+                addresses = entry.get("A", [])
             for a in addresses:
                 answers.append(record(current, 1, ttl, ipaddress.IPv4Address(a).packed))
         if qtype == 28:
