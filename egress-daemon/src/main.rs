@@ -2,9 +2,9 @@
 
 #![cfg_attr(not(test), warn(clippy::unwrap_used))]
 
-use std::{path::PathBuf, process::ExitCode};
+use std::{path::PathBuf, process::ExitCode, sync::LazyLock};
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use egress::{
     commands::{self, exec::ExecArgs},
     control::{
@@ -21,8 +21,11 @@ use tracing_subscriber::{fmt, prelude::*, EnvFilter};
 
 const DEFAULT_SOCKET: &str = "/run/egress/control.sock";
 
+/// `egress --version`: the release, the embedded programs' build and the oldest Linux they need.
+static VERSION: LazyLock<String> = LazyLock::new(egress::version);
+
 #[derive(Parser)]
-#[command(name = "egress", version, about = "Per-cgroup egress filtering on eBPF")]
+#[command(name = "egress", version = VERSION.as_str(), about = "Per-cgroup egress filtering on eBPF")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -132,6 +135,12 @@ enum Command {
         #[arg(long, default_value = DEFAULT_SOCKET)]
         socket: PathBuf,
     },
+    /// Write the completion script for SHELL to stdout (the Debian package ships them).
+    #[command(hide = true)]
+    Completions { shell: clap_complete::Shell },
+    /// Write the man pages, egress(1) and one per command, into DIR (the Debian package ships them).
+    #[command(hide = true)]
+    Manpages { dir: PathBuf },
 }
 
 fn main() -> ExitCode {
@@ -215,6 +224,16 @@ fn dispatch(command: Command) -> anyhow::Result<i32> {
         }
         Command::Reload { socket } => {
             runtime()?.block_on(client::reload(&socket))?;
+            Ok(0)
+        }
+        Command::Completions { shell } => {
+            clap_complete::generate(shell, &mut Cli::command(), "egress", &mut std::io::stdout());
+            Ok(0)
+        }
+        Command::Manpages { dir } => {
+            std::fs::create_dir_all(&dir)?;
+            // The pages' footer names the release alone; `--version` tells the rest.
+            clap_mangen::generate_to(Cli::command().version(env!("CARGO_PKG_VERSION")), &dir)?;
             Ok(0)
         }
     }
