@@ -135,15 +135,46 @@ enum Command {
         #[arg(long, default_value = DEFAULT_SOCKET)]
         socket: PathBuf,
     },
-    /// Write the completion script for SHELL to stdout (the Debian package ships them).
-    #[command(hide = true)]
+}
+
+/// What the Debian package's build asks of the binary (xtask/src/package.rs). Generated from
+/// [`Cli`], the one definition of the command line, and kept out of it, so that no help text,
+/// completion or man page offers them.
+#[derive(Parser)]
+#[command(name = "egress")]
+enum Packaging {
+    /// Write the completion script for SHELL to stdout.
     Completions { shell: clap_complete::Shell },
-    /// Write the man pages, egress(1) and one per command, into DIR (the Debian package ships them).
-    #[command(hide = true)]
+    /// Write the man pages, egress(1) and one per command, into DIR.
     Manpages { dir: PathBuf },
 }
 
+impl Packaging {
+    fn run(self) -> std::io::Result<()> {
+        match self {
+            Self::Completions { shell } => {
+                clap_complete::generate(shell, &mut Cli::command(), "egress", &mut std::io::stdout());
+                Ok(())
+            }
+            Self::Manpages { dir } => {
+                std::fs::create_dir_all(&dir)?;
+                // The pages' footer names the release alone; `--version` tells the rest.
+                clap_mangen::generate_to(Cli::command().version(env!("CARGO_PKG_VERSION")), &dir)
+            }
+        }
+    }
+}
+
 fn main() -> ExitCode {
+    if let Ok(packaging) = Packaging::try_parse() {
+        return match packaging.run() {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(error) => {
+                eprintln!("egress: {error}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let cli = Cli::parse();
     let log_format = match &cli.command {
         Command::Run { log_format, .. } | Command::Exec { log_format, .. } => (*log_format).into(),
@@ -226,16 +257,6 @@ fn dispatch(command: Command) -> anyhow::Result<i32> {
             runtime()?.block_on(client::reload(&socket))?;
             Ok(0)
         }
-        Command::Completions { shell } => {
-            clap_complete::generate(shell, &mut Cli::command(), "egress", &mut std::io::stdout());
-            Ok(0)
-        }
-        Command::Manpages { dir } => {
-            std::fs::create_dir_all(&dir)?;
-            // The pages' footer names the release alone; `--version` tells the rest.
-            clap_mangen::generate_to(Cli::command().version(env!("CARGO_PKG_VERSION")), &dir)?;
-            Ok(0)
-        }
     }
 }
 
@@ -258,5 +279,32 @@ fn init_logging(format: LogFormat) {
     match format {
         LogFormat::Json => builder.json().init(),
         LogFormat::Text => builder.init(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_command_line_is_consistent() {
+        Cli::command().debug_assert();
+        Packaging::command().debug_assert();
+    }
+
+    #[test]
+    fn completions_offer_the_commands_and_not_the_packaging_ones() {
+        let mut out = Vec::new();
+        clap_complete::generate(clap_complete::Shell::Bash, &mut Cli::command(), "egress", &mut out);
+        let script = String::from_utf8(out).unwrap();
+        assert!(script.contains("reload"), "{script}");
+        assert!(!script.contains("manpages") && !script.contains("completions"), "{script}");
+    }
+
+    #[test]
+    fn the_version_names_the_programs_and_the_oldest_linux() {
+        let version = egress::version();
+        assert!(version.starts_with(env!("CARGO_PKG_VERSION")), "{version}");
+        assert!(version.contains("kernel programs ") && version.contains("Linux 5.8 or later"), "{version}");
     }
 }
