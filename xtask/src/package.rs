@@ -104,6 +104,7 @@ pub fn package(bin: &Path) -> Result<PathBuf> {
         0o644,
     )?;
     write(&control.join("conffiles"), format!("{CONFFILE}\n").as_bytes(), 0o644)?;
+    write(&control.join("md5sums"), &md5sums(&tree)?, 0o644)?;
     for script in ["postinst", "prerm", "postrm"] {
         install(&packaging.join("debian").join(script), &control.join(script), 0o755)?;
     }
@@ -233,6 +234,29 @@ Description: per-cgroup egress filtering on eBPF
  `systemctl enable --now egress`.
 "
     )
+}
+
+/// `DEBIAN/md5sums` as dh_md5sums writes it: every file but the conffiles (dpkg keeps theirs).
+fn md5sums(tree: &Path) -> Result<Vec<u8>> {
+    let mut files = Vec::new();
+    collect_files(tree, tree, &mut files)?;
+    files.retain(|file| !file.starts_with("DEBIAN") && Path::new("/").join(file) != Path::new(CONFFILE));
+    files.sort();
+    let out = Command::new("md5sum").args(&files).current_dir(tree).output().context("run md5sum")?;
+    ensure!(out.status.success(), "md5sum failed: {}", String::from_utf8_lossy(&out.stderr));
+    Ok(out.stdout)
+}
+
+fn collect_files(root: &Path, dir: &Path, files: &mut Vec<PathBuf>) -> Result<()> {
+    for entry in fs::read_dir(dir)? {
+        let path = entry?.path();
+        if path.is_dir() {
+            collect_files(root, &path, files)?;
+        } else {
+            files.push(path.strip_prefix(root)?.to_path_buf());
+        }
+    }
+    Ok(())
 }
 
 /// `Installed-Size`: KiB of the files, as dpkg-gencontrol counts them (one KiB per started KiB).
