@@ -88,6 +88,11 @@ const SERVICE_CHECKS: &[(&str, &str)] = &[
         "`systemctl restart egress` while a client in the cgroup connects to a denied address back to \
          back: no connection gets through; a new main process",
     ),
+    (
+        "remove",
+        "`apt-get remove egress` stops and disables the service and keeps the policy file; the \
+         pinned enforcement stays; `apt-get purge` removes the policy file",
+    ),
 ];
 
 /// Checks that are known not to pass on a kernel series, and why. Each entry is a fact found by

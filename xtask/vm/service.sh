@@ -187,6 +187,18 @@ esac
 active restart
 end
 
+begin remove
+# Removing the package stops and disables the service; what it enforced stays pinned (README);
+# purging removes the policy file.
+step "apt-get remove -y egress"
+[ ! -e /usr/bin/egress ] || fail "/usr/bin/egress-still-there"
+[ "$(systemctl is-active egress 2>&1)" != active ] || fail "still-active"
+[ -f $CONFIG ] || fail "remove-took-$CONFIG"
+want EPERM "pinned-after-remove" incg vmclient tcp 127.0.0.2 8000
+step "apt-get purge -y egress"
+[ ! -e $CONFIG ] || fail "purge-left-$CONFIG"
+end
+
 if [ $FAILED -ne 0 ]; then
     echo "LOG ---- journalctl -u egress"
     journalctl -u egress --no-pager 2>&1 | tail -n 60 | sed 's/^/LOG /'
