@@ -59,4 +59,13 @@ fn main() {
 
     let object = target_dir.join("bpfel-unknown-none/release/egress");
     std::fs::copy(&object, out_dir.join("egress.bpf.o")).expect("copy the kernel object");
+    // `egress --version` names the build of the programs it embeds: two binaries of one release
+    // built from different kernel sources (or toolchains) tell themselves apart.
+    let bytes = std::fs::read(&object).expect("read the kernel object");
+    println!("cargo:rustc-env=EGRESS_PROGRAMS_BUILD={:016x}", fnv1a(&bytes));
+}
+
+/// FNV-1a 64: a stable digest with no dependency (not for security: it names a build).
+fn fnv1a(data: &[u8]) -> u64 {
+    data.iter().fold(0xcbf2_9ce4_8422_2325, |hash, byte| (hash ^ u64::from(*byte)).wrapping_mul(0x0100_0000_01b3))
 }

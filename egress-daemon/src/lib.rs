@@ -29,3 +29,14 @@ pub(crate) mod pipeline;
 pub mod policy;
 pub mod printable;
 pub mod service;
+
+/// What `egress --version` prints after the name: the release, the build of the embedded kernel
+/// programs and the oldest Linux they run on (the preflight's own minimum).
+pub fn version() -> String {
+    format!(
+        "{} (kernel programs {}, Linux {} or later)",
+        env!("CARGO_PKG_VERSION"),
+        kernel::PROGRAMS_BUILD,
+        features::MINIMUM
+    )
+}

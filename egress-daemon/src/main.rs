@@ -2,9 +2,9 @@
 
 #![cfg_attr(not(test), warn(clippy::unwrap_used))]
 
-use std::{path::PathBuf, process::ExitCode};
+use std::{path::PathBuf, process::ExitCode, sync::LazyLock};
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use egress::{
     commands::{self, exec::ExecArgs},
     control::{
@@ -21,8 +21,11 @@ use tracing_subscriber::{fmt, prelude::*, EnvFilter};
 
 const DEFAULT_SOCKET: &str = "/run/egress/control.sock";
 
+/// `egress --version`: the release, the embedded programs' build and the oldest Linux they need.
+static VERSION: LazyLock<String> = LazyLock::new(egress::version);
+
 #[derive(Parser)]
-#[command(name = "egress", version, about = "Per-cgroup egress filtering on eBPF")]
+#[command(name = "egress", version = VERSION.as_str(), about = "Per-cgroup egress filtering on eBPF")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -134,7 +137,44 @@ enum Command {
     },
 }
 
+/// What the Debian package's build asks of the binary (xtask/src/package.rs). Generated from
+/// [`Cli`], the one definition of the command line, and kept out of it, so that no help text,
+/// completion or man page offers them.
+#[derive(Parser)]
+#[command(name = "egress")]
+enum Packaging {
+    /// Write the completion script for SHELL to stdout.
+    Completions { shell: clap_complete::Shell },
+    /// Write the man pages, egress(1) and one per command, into DIR.
+    Manpages { dir: PathBuf },
+}
+
+impl Packaging {
+    fn run(self) -> std::io::Result<()> {
+        match self {
+            Self::Completions { shell } => {
+                clap_complete::generate(shell, &mut Cli::command(), "egress", &mut std::io::stdout());
+                Ok(())
+            }
+            Self::Manpages { dir } => {
+                std::fs::create_dir_all(&dir)?;
+                // The pages' footer names the release alone; `--version` tells the rest.
+                clap_mangen::generate_to(Cli::command().version(env!("CARGO_PKG_VERSION")), &dir)
+            }
+        }
+    }
+}
+
 fn main() -> ExitCode {
+    if let Ok(packaging) = Packaging::try_parse() {
+        return match packaging.run() {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(error) => {
+                eprintln!("egress: {error}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let cli = Cli::parse();
     let log_format = match &cli.command {
         Command::Run { log_format, .. } | Command::Exec { log_format, .. } => (*log_format).into(),
@@ -239,5 +279,32 @@ fn init_logging(format: LogFormat) {
     match format {
         LogFormat::Json => builder.json().init(),
         LogFormat::Text => builder.init(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_command_line_is_consistent() {
+        Cli::command().debug_assert();
+        Packaging::command().debug_assert();
+    }
+
+    #[test]
+    fn completions_offer_the_commands_and_not_the_packaging_ones() {
+        let mut out = Vec::new();
+        clap_complete::generate(clap_complete::Shell::Bash, &mut Cli::command(), "egress", &mut out);
+        let script = String::from_utf8(out).unwrap();
+        assert!(script.contains("reload"), "{script}");
+        assert!(!script.contains("manpages") && !script.contains("completions"), "{script}");
+    }
+
+    #[test]
+    fn the_version_names_the_programs_and_the_oldest_linux() {
+        let version = egress::version();
+        assert!(version.starts_with(env!("CARGO_PKG_VERSION")), "{version}");
+        assert!(version.contains("kernel programs ") && version.contains("Linux 5.8 or later"), "{version}");
     }
 }

@@ -261,11 +261,11 @@ fn the_systemd_unit_verifies() {
     let dir = std::env::temp_dir().join(unique("egress-unit"));
     fs::create_dir_all(&dir).expect("dir");
     let path = dir.join("egress.service");
-    let unit = unit
-        .replace("/usr/local/bin/egress", &egress_bin().to_string_lossy())
-        .replace("/etc/egress/egress.yaml", config);
+    let unit =
+        unit.replace("/usr/bin/egress", &egress_bin().to_string_lossy()).replace("/etc/egress/egress.yaml", config);
     fs::write(&path, unit).expect("write unit");
-    let out = Command::new("systemd-analyze").arg("verify").arg(&path).output();
+    // `man:egress(1)` comes with the Debian package, not with a checkout.
+    let out = Command::new("systemd-analyze").args(["verify", "--man=no"]).arg(&path).output();
     let _ = fs::remove_dir_all(&dir);
     match out {
         Ok(out) => assert!(out.status.success() && out.stderr.is_empty(), "{}", stderr_of(&out)),

@@ -1,4 +1,5 @@
-//! `cargo xtask`: the developer entry point for egress (setup, build, test, run, bench, vm-test).
+//! `cargo xtask`: the developer entry point for egress (setup, build, package, test, run, bench,
+//! vm-test).
 //!
 //! Everything here shells out to the same tools a person would type; the value is in doing the
 //! steps in the right order with the right environment on a fresh Debian machine.
@@ -7,6 +8,7 @@
 
 mod bench;
 mod build;
+mod package;
 mod run;
 mod setup;
 mod sys;
@@ -36,6 +38,9 @@ enum Task {
     },
     /// Check the toolchain, then build target/release/egress.
     Build,
+    /// Build, then make the Debian package target/package/egress_VERSION_ARCH.deb (with
+    /// dpkg-deb) and check it with lintian.
+    Package,
     /// Set up, build, then run the unit and integration tests (integration tests need root).
     Test {
         /// Run only the unit tests (`--lib`); the only way to test without root.
@@ -76,6 +81,10 @@ enum Task {
         /// Skip the systemd guest (a Debian root file system running the README's service steps).
         #[arg(long)]
         no_service: bool,
+        /// Boot only the systemd guest: install the Debian package and run the README's service
+        /// steps (no kernel matrix).
+        #[arg(long, conflicts_with_all = ["no_service", "kernels", "write_doc"])]
+        service_only: bool,
     },
 }
 
@@ -84,16 +93,20 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Task::Setup { bench } => setup::setup_command(bench),
         Task::Build => build::build_command(),
+        Task::Package => package::package_command(),
         Task::Test { unit_only, args } => test::test_command(unit_only, &args),
         Task::Run { args } => run::run_command(&args),
         Task::Bench { quick } => bench::bench_command(quick),
-        Task::VmTest { kernels, jobs, timeout, write_doc, no_service } => vm::vm_test_command(vm::Options {
-            kernels,
-            jobs,
-            timeout: std::time::Duration::from_secs(timeout),
-            write_doc,
-            service: !no_service,
-        }),
+        Task::VmTest { kernels, jobs, timeout, write_doc, no_service, service_only } => {
+            vm::vm_test_command(vm::Options {
+                kernels,
+                jobs,
+                timeout: std::time::Duration::from_secs(timeout),
+                write_doc,
+                service: !no_service,
+                service_only,
+            })
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

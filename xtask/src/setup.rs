@@ -38,6 +38,8 @@ const TEST_PACKAGES: &[&str] = &[
     "qemu-system-x86",
     "mmdebstrap",
     "cpio",
+    // `cargo xtask package` (run by `cargo xtask test`): the Debian package's checker.
+    "lintian",
 ];
 /// What `cargo xtask bench` compares against and measures with.
 const BENCH_PACKAGES: &[&str] = &["nftables", "iptables", "ipset", "iperf3", "clang", "libbpf-dev", "linux-libc-dev"];

@@ -8,7 +8,7 @@ use std::{
 use anyhow::{bail, Result};
 
 use crate::{
-    build,
+    build, package,
     setup::{self, Scope, Verbosity},
     sys, workspace,
 };
@@ -35,6 +35,10 @@ fn run_steps(unit_only: bool, extra: &[String], summary: &mut Summary) -> Result
     let scope = if unit_only { Scope::Build } else { Scope::Test };
     let toolchain = summary.step("setup", || setup::ensure(scope, Verbosity::Summary))?;
     let bin = summary.step("build", || build::build_daemon(&toolchain))?;
+    if !unit_only {
+        // Seconds: the Debian package is built and checked with lintian on every test run.
+        summary.step("package", || package::package(&bin).and_then(|deb| package::lintian(&deb)))?;
+    }
 
     let label = if unit_only { "unit tests" } else { "tests" };
     summary.step(label, || run_tests(&bin, unit_only, &toolchain, extra))

@@ -1,10 +1,11 @@
 #!/bin/bash
 # The service suite of `cargo xtask vm-test`: runs as a systemd unit in a guest whose PID 1 is
 # systemd (a Debian root file system, xtask/src/vm/rootfs.rs). /src holds what a user's checkout
-# would: target/release/egress (built on the host), config/, and readme-steps.sh, the shell
-# block of the README's "Run as a service" section, extracted at test time. Each line of that
-# block runs verbatim, in order, from /src; after the lines that start, reload, show status,
-# follow logs and read the journal, the suite checks what the README promises. Then it restarts
+# would: target/package/egress_*.deb (made on the host by `cargo xtask package`), config/, and
+# readme-steps.sh, the shell block of the README's "Run as a service" section, extracted at test
+# time. Each line of that block runs verbatim, in order, from /src; after the lines that install
+# the package, start, reload, show status, follow logs and read the journal, the suite checks
+# what the README promises, against what the package installed (/usr/bin/egress, its unit). Then it restarts
 # the service under a client hammering a denied address. One `CHECK <step> PASS|FAIL <detail>`
 # line per step goes to the serial console (xtask/src/vm.rs parses them); the unit powers the
 # guest off when this script ends. Every address used is on the guest's loopback.
@@ -37,6 +38,31 @@ enforced() { # enforced WHAT: the example policy is in force for the workload cg
     want pass "$1-allow" incg vmclient tcp 127.0.0.1 8000
 }
 active() { [ "$(systemctl is-active egress)" = active ] || fail "$1:service=$(systemctl is-active egress)"; }
+# installed: what the package put in place, and that installing it enabled and started nothing.
+# The shipped policy file covers nothing: the service starts with it and judges no connection.
+installed() {
+    [ "$(dpkg-query -W -f '${Status}' egress 2>&1)" = "install ok installed" ] || fail "not-installed"
+    [ "$(command -v egress)" = /usr/bin/egress ] || fail "egress-is:$(command -v egress)"
+    [ "$(dpkg-query -S /usr/bin/egress 2>/dev/null | cut -d: -f1)" = egress ] || fail "/usr/bin/egress-not-from-the-package"
+    echo "INFO version $(egress --version)"
+    egress --version | grep -q 'Linux 5.8 or later' || fail "version-names-no-minimum-linux"
+    unit=$(systemctl show -p FragmentPath --value egress)
+    case "$unit" in /lib/systemd/system/egress.service | /usr/lib/systemd/system/egress.service) ;; *) fail "unit-at:$unit" ;; esac
+    grep -q '^ExecStart=/usr/bin/egress run --config /etc/egress/egress.yaml$' "$unit" || fail "unit-execstart"
+    for f in /usr/share/man/man1/egress.1.gz /usr/share/man/man1/egress-run.1.gz \
+        /usr/share/bash-completion/completions/egress /usr/share/doc/egress/copyright \
+        /usr/share/doc/egress/examples/egress.yaml; do
+        [ -s "$f" ] || fail "missing:$f"
+    done
+    [ "$(systemctl is-enabled egress 2>&1)" = disabled ] || fail "enabled-by-install:$(systemctl is-enabled egress 2>&1)"
+    [ "$(systemctl is-active egress 2>&1)" = inactive ] || fail "started-by-install:$(systemctl is-active egress 2>&1)"
+    dpkg-query -W -f '${Conffiles}' egress | grep -q " $CONFIG " || fail "$CONFIG-not-a-conffile"
+    egress check $CONFIG > /dev/null 2>&1 || fail "shipped-$CONFIG-rejected"
+    systemctl start egress || fail "start-with-the-shipped-file"
+    active shipped-file
+    want pass "shipped-file-covers-nothing" incg vmclient tcp 127.0.0.2 8000
+    systemctl stop egress
+}
 
 echo "INFO kernel $(uname -r)"
 echo "INFO systemd $(dpkg-query -W -f '${Version}' systemd 2>/dev/null)"
@@ -47,9 +73,13 @@ LOGS_PID=""
 while IFS= read -r line <&3; do
     case "$line" in
     "" | "#"*) continue ;;
-    "cargo xtask build")
-        # Done on the host: the guest has no toolchain; the binary is in place.
-        [ -x target/release/egress ] || fail "no-target/release/egress"
+    "cargo xtask package"*)
+        # Done on the host: the guest has no toolchain; the package is in place.
+        ls target/package/egress_*.deb > /dev/null 2>&1 || fail "no-target/package/egress_*.deb"
+        ;;
+    *"apt install"*)
+        step "$line"
+        installed
         ;;
     *"enable --now"* | *"systemctl start"*)
         end
@@ -155,6 +185,18 @@ case "$result" in
 esac
 [ "$pid_before" != "$pid_after" ] || fail "same-main-pid:$pid_after"
 active restart
+end
+
+begin remove
+# Removing the package stops and disables the service; what it enforced stays pinned (README);
+# purging removes the policy file.
+step "apt-get remove -y egress"
+[ ! -e /usr/bin/egress ] || fail "/usr/bin/egress-still-there"
+[ "$(systemctl is-active egress 2>&1)" != active ] || fail "still-active"
+[ -f $CONFIG ] || fail "remove-took-$CONFIG"
+want EPERM "pinned-after-remove" incg vmclient tcp 127.0.0.2 8000
+step "apt-get purge -y egress"
+[ ! -e $CONFIG ] || fail "purge-left-$CONFIG"
 end
 
 if [ $FAILED -ne 0 ]; then

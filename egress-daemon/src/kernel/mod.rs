@@ -20,7 +20,7 @@ pub use events::{DropCounter, Drops, EventSource};
 pub use flows::FlowSource;
 pub use pins::{pinned_bindings, pinned_maps_exist, pinned_policy_epoch, MAPS_DIR};
 pub use probe::{check as preflight, ensure_bpffs, missing_helper, PreflightError};
-pub use programs::{SocketGuard, Wanted};
+pub use programs::{SocketGuard, Wanted, PROGRAMS_BUILD};
 
 fn nr_cpus() -> usize {
     aya::util::nr_cpus().unwrap_or(1)

@@ -15,6 +15,9 @@ use aya::{
 use super::KernelError;
 
 pub(super) static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/egress.bpf.o"));
+/// A digest of [`OBJECT`] (FNV-1a 64, in hex), computed by build.rs: which build of the programs
+/// this binary carries.
+pub const PROGRAMS_BUILD: &str = env!("EGRESS_PROGRAMS_BUILD");
 
 /// The flow hooks: they judge every connect and datagram.
 const FILTER_SOCK_ADDR_PROGRAMS: [&str; 4] = ["connect4", "connect6", "sendmsg4", "sendmsg6"];

@@ -19,10 +19,10 @@ use crate::sys;
 /// Debian 13: its glibc is newer than the build host's (Debian 12), so the host-built daemon runs.
 const SUITE: &str = "trixie";
 const MIRROR: &str = "http://deb.debian.org/debian";
-/// `essential` plus these: systemd as init (journald included), `ip` for the network. The
-/// suite's client is the static vmclient; everything else it uses (bash, coreutils, grep, sed)
-/// is essential.
-const PACKAGES: &[&str] = &["systemd", "systemd-sysv", "iproute2"];
+/// `essential` plus these: systemd as init (journald included), `ip` for the network, apt to
+/// install the egress package as the README says. The suite's client is the static vmclient;
+/// everything else it uses (bash, coreutils, grep, sed) is essential.
+const PACKAGES: &[&str] = &["systemd", "systemd-sysv", "iproute2", "apt"];
 const OPTIONS: &[&str] = &[
     "--variant=essential",
     "--keyring=/usr/share/keyrings/debian-archive-keyring.gpg",
@@ -30,6 +30,9 @@ const OPTIONS: &[&str] = &[
     "--dpkgopt=path-exclude=/usr/share/man/*",
     "--dpkgopt=path-exclude=/usr/share/info/*",
     "--dpkgopt=path-exclude=/usr/share/locale/*",
+    // The exclusions keep the image small while it is built; packages installed later in the
+    // guest (egress's) get their documentation and examples as on any Debian system.
+    "--customize-hook=rm -f \"$1/etc/dpkg/dpkg.cfg.d/99mmdebstrap\"",
 ];
 
 /// The cached root file system for the current recipe, built first when missing.

@@ -1,6 +1,7 @@
 //! The systemd guest: the cached Debian root file system (rootfs.rs) plus an overlay holding a
-//! user's view of the checkout (`/src`: the built binary, `config/`, the README's service steps)
-//! and the suite (xtask/vm/service.sh) as a unit systemd starts at boot.
+//! user's view of the checkout (`/src`: the Debian package `cargo xtask package` made, `config/`,
+//! the README's service steps) and the suite (xtask/vm/service.sh) as a unit systemd starts at
+//! boot. The guest installs the package as the README says and tests what it installed.
 
 use std::{
     fs,
@@ -49,14 +50,15 @@ pub fn readme_steps(readme: &str) -> Result<String> {
 
 /// Builds the guest's initramfs: the cached root file system followed by the overlay (the
 /// kernel unpacks concatenated archives in order).
-pub fn build_initramfs(work: &Path, cache: &Path, daemon: &Path, vmclient: &Path) -> Result<PathBuf> {
+pub fn build_initramfs(work: &Path, cache: &Path, deb: &Path, vmclient: &Path) -> Result<PathBuf> {
     let base = rootfs::ensure(cache)?;
     let root = workspace::root();
     let overlay = work.join("service-overlay");
     let _ = fs::remove_dir_all(&overlay);
 
     let src = overlay.join("src");
-    copy(daemon, &src.join("target/release/egress"), 0o755)?;
+    // Where `cargo xtask package` leaves it in a checkout (the README installs it from there).
+    copy(deb, &src.join("target/package").join(deb.file_name().context("package file name")?), 0o644)?;
     for entry in fs::read_dir(root.join("config")).context("read config/")? {
         let path = entry?.path();
         if path.is_file() {
