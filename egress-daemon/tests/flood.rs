@@ -35,27 +35,6 @@ const RELOAD_BOUND: Duration = Duration::from_secs(2);
 /// Rounds of measurements taken while the flood runs.
 const ROUNDS: usize = 3;
 
-/// Python: loop `connect()` to a denied address on one socket until the time is up; print the
-/// number of attempts. Anything but EPERM is a failure.
-const PY_FLOOD: &str = r#"
-import errno, socket, sys, time
-end = time.monotonic() + float(sys.argv[2])
-s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-n = 0
-while time.monotonic() < end:
-    for _ in range(1000):
-        try:
-            s.connect((sys.argv[1], 9))
-            print("UNEXPECTED=connected", flush=True)
-            sys.exit(1)
-        except OSError as e:
-            if e.errno != errno.EPERM:
-                print("UNEXPECTED=" + errno.errorcode.get(e.errno, str(e.errno)), flush=True)
-                sys.exit(1)
-    n += 1000
-print("CONNECTS=%d" % n, flush=True)
-"#;
-
 /// Python: print the pid, wait for a line on stdin (sent once the process has been moved into its
 /// new cgroup), then connect to an address only that cgroup's own policy denies until it is
 /// refused; print the `CLOCK_MONOTONIC` time of the refusal.

@@ -502,3 +502,25 @@ pub fn run_limited(mut cmd: Command, limit: Duration) -> Run {
     let stderr = err_reader.join().unwrap_or_default();
     Run { status, stdout, stderr, elapsed, pid }
 }
+
+/// Python: loop `connect()` to `argv[1]` port 9 for `argv[2]` seconds, every one refused with
+/// EPERM (anything else ends it with `UNEXPECTED=...`); prints `CONNECTS=N` at the end.
+#[allow(dead_code)]
+pub const PY_FLOOD: &str = r#"
+import errno, socket, sys, time
+end = time.monotonic() + float(sys.argv[2])
+s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+n = 0
+while time.monotonic() < end:
+    for _ in range(1000):
+        try:
+            s.connect((sys.argv[1], 9))
+            print("UNEXPECTED=connected", flush=True)
+            sys.exit(1)
+        except OSError as e:
+            if e.errno != errno.EPERM:
+                print("UNEXPECTED=" + errno.errorcode.get(e.errno, str(e.errno)), flush=True)
+                sys.exit(1)
+    n += 1000
+print("CONNECTS=%d" % n, flush=True)
+"#;
