@@ -4,8 +4,8 @@ use aya_ebpf::{helpers::generated::bpf_get_current_ancestor_cgroup_id, maps::lpm
 use egress_common::{
     action, family, log,
     lookup::{self, rule_key_v4, rule_key_v6, V4_LOOKUP_BITS, V6_LOOKUP_BITS},
-    mode, policy_flags, proto, rule_id, verdict, CgroupBinding, Decision, PortTable, UNBINDABLE_SLOT, DEEP_LEVELS_BIT, MAX_CGROUP_LEVEL,
-    MAX_POLICY_SLOTS,
+    mode, policy_flags, proto, rule_id, verdict, CgroupBinding, Decision, PortTable, DEEP_LEVELS_BIT, MAX_CGROUP_LEVEL,
+    MAX_POLICY_SLOTS, UNBINDABLE_SLOT,
 };
 
 use crate::maps::{CGROUP_POLICY, DEEP_GUARDS, POLICY_INFO, PORT_TABLES, RULES_V4, RULES_V6, SETTINGS};

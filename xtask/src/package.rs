@@ -125,6 +125,32 @@ pub fn lintian(deb: &Path) -> Result<()> {
         .context("lintian found errors in the package")
 }
 
+/// The Kubernetes schema checker, from PyPI (it bundles the schemas: no cluster, no download at
+/// check time), at the version whose schemas the manifests are checked against.
+const KUBERNETES_VALIDATE: &str = "kubernetes-validate==1.37.0";
+
+/// Checks packaging/kubernetes/*.yaml against the Kubernetes schemas, strictly (unknown fields
+/// are errors). Installs the checker with pip first when it is missing.
+pub fn validate_manifests() -> Result<()> {
+    let version = Command::new("python3").args(["-m", "kubernetes_validate", "--version"]).output();
+    let wanted = KUBERNETES_VALIDATE.rsplit_once("==").map_or("", |(_, v)| v);
+    if !version.is_ok_and(|out| out.status.success() && String::from_utf8_lossy(&out.stdout).trim() == wanted) {
+        sys::run(Command::new("python3").args(["-m", "pip", "install", "--quiet", KUBERNETES_VALIDATE]))
+            .context("installing the Kubernetes schema checker")?;
+    }
+    let dir = workspace::root().join("packaging/kubernetes");
+    let mut manifests: Vec<PathBuf> = fs::read_dir(&dir)
+        .with_context(|| format!("read {}", dir.display()))?
+        .flatten()
+        .map(|entry| entry.path())
+        .filter(|path| path.extension().is_some_and(|ext| ext == "yaml"))
+        .collect();
+    manifests.sort();
+    ensure!(!manifests.is_empty(), "no manifests in {}", dir.display());
+    sys::run(Command::new("python3").args(["-m", "kubernetes_validate", "--strict"]).args(&manifests))
+        .context("the Kubernetes manifests do not validate")
+}
+
 /// The package's version: the top entry of packaging/debian/changelog, whose upstream part must
 /// be the workspace's version (Cargo.toml stays the one home of the release number).
 fn package_version() -> Result<String> {

@@ -36,8 +36,11 @@ fn run_steps(unit_only: bool, extra: &[String], summary: &mut Summary) -> Result
     let toolchain = summary.step("setup", || setup::ensure(scope, Verbosity::Summary))?;
     let bin = summary.step("build", || build::build_daemon(&toolchain))?;
     if !unit_only {
-        // Seconds: the Debian package is built and checked with lintian on every test run.
-        summary.step("package", || package::package(&bin).and_then(|deb| package::lintian(&deb)))?;
+        // Seconds: the Debian package is built and checked with lintian, and the Kubernetes
+        // manifests against the schemas, on every test run.
+        summary.step("package", || {
+            package::package(&bin).and_then(|deb| package::lintian(&deb)).and_then(|()| package::validate_manifests())
+        })?;
     }
 
     let label = if unit_only { "unit tests" } else { "tests" };
