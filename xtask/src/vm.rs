@@ -198,7 +198,7 @@ pub fn vm_test_command(options: Options) -> Result<()> {
     let mut failures = matrix.failures();
     if let (Some(kernel), Some(run)) = (service_kernel, service_run) {
         let systemd = run.info.get("systemd").cloned().unwrap_or_else(|| "?".to_owned());
-        let label = format!("{}, Debian 13 root fs, systemd `{systemd}` as PID 1", kernel_label(&kernel));
+        let label = format!("{}, Debian 12 root fs, systemd `{systemd}` as PID 1", kernel_label(&kernel));
         let service = Matrix::new("guest", SERVICE_CHECKS, vec![("systemd".to_owned(), label, run)]);
         table.push_str(&format!(
             "\nThe README's \"Run as a service\" steps under systemd (`xtask/vm/service.sh`):\n\n{}",

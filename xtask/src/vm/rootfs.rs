@@ -16,8 +16,9 @@ use anyhow::{bail, Context, Result};
 
 use crate::sys;
 
-/// Debian 13: its glibc is newer than the build host's (Debian 12), so the host-built daemon runs.
-const SUITE: &str = "trixie";
+/// Debian 12, the release the package is made for: installing it there with apt checks its
+/// dependencies (glibc 2.34 or later) against the oldest system it promises to run on.
+const SUITE: &str = "bookworm";
 const MIRROR: &str = "http://deb.debian.org/debian";
 /// `essential` plus these: systemd as init (journald included), `ip` for the network, apt to
 /// install the egress package as the README says. The suite's client is the static vmclient;
@@ -101,7 +102,7 @@ mod tests {
     #[test]
     fn the_cache_key_follows_the_recipe() {
         assert_eq!(fnv1a(b""), 0xcbf2_9ce4_8422_2325);
-        assert_ne!(fnv1a(recipe().as_bytes()), fnv1a(b"suite=trixie\n"));
+        assert_ne!(fnv1a(recipe().as_bytes()), fnv1a(b"suite=bookworm\n"));
         assert!(recipe().contains("systemd-sysv"));
     }
 }
