@@ -342,10 +342,11 @@ impl Daemon {
         let mut per_root: HashMap<String, usize> = HashMap::new();
         let mut over: Vec<String> = Vec::new();
         let mut kept = Vec::with_capacity(bindings.len());
+        let mut roots = matching::DelegationRoots::new(self.hierarchy.mount());
         let mut sorted = bindings;
         sorted.sort_by(|a, b| a.cgroup.relative.cmp(&b.cgroup.relative));
         for binding in sorted {
-            if let Some(root) = matching::delegation_root(self.hierarchy.mount(), &binding.cgroup.relative) {
+            if let Some(root) = roots.of(&binding.cgroup.relative) {
                 let count = per_root.entry(root.clone()).or_default();
                 if *count >= matching::MAX_BINDINGS_PER_DELEGATED_SUBTREE {
                     if !over.contains(&root) {

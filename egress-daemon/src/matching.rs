@@ -10,7 +10,7 @@
 //! passes; an exact `cgroup` path is the operator's own word and always counts. A match that does
 //! not count is reported as ignored, and the cgroup falls to whatever policy its ancestors have.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use crate::{
     discovery::{container_of, enclosing_container, unit_of, ContainerNames, Untrusted},
@@ -175,6 +175,29 @@ pub fn delegation_root(mount: &std::path::Path, relative: &str) -> Option<String
         .then_some(untrusted.ancestor)
 }
 
+/// [`delegation_root`] over many cgroups: the answer depends only on a cgroup's ancestors, so
+/// siblings share it and each parent's ancestors are examined once.
+pub struct DelegationRoots<'a> {
+    mount: &'a std::path::Path,
+    by_parent: HashMap<String, Option<String>>,
+}
+
+impl<'a> DelegationRoots<'a> {
+    pub fn new(mount: &'a std::path::Path) -> Self {
+        Self { mount, by_parent: HashMap::new() }
+    }
+
+    pub fn of(&mut self, relative: &str) -> Option<String> {
+        let parent = relative.rsplit_once('/').map_or("", |(parent, _)| parent);
+        if let Some(known) = self.by_parent.get(parent) {
+            return known.clone();
+        }
+        let root = delegation_root(self.mount, relative);
+        self.by_parent.insert(parent.to_owned(), root.clone());
+        root
+    }
+}
+
 /// Whether `path` lies strictly below `root`.
 pub fn is_below(path: &str, root: &str) -> bool {
     path.strip_prefix(root).is_some_and(|rest| rest.starts_with('/'))
@@ -189,8 +212,9 @@ pub fn uncovered_delegations(mount: &std::path::Path, bound: &[(&str, &str)]) ->
     let paths: HashSet<&str> = bound.iter().map(|(path, _)| *path).collect();
     let mut reported = HashSet::new();
     let mut warnings = Vec::new();
+    let mut roots = DelegationRoots::new(mount);
     for (path, policy) in bound {
-        let Some(root) = delegation_root(mount, path) else { continue };
+        let Some(root) = roots.of(path) else { continue };
         let components: Vec<&str> = root.split('/').collect();
         let covered = (1..=components.len()).any(|depth| paths.contains(components[..depth].join("/").as_str()));
         if !covered && reported.insert(root.clone()) {
