@@ -1,4 +1,4 @@
-//! What a process inside a covered cgroup can and cannot send: every kind of traffic the README
+//! What a process inside a covered cgroup can and cannot send: every kind of traffic docs/enforcement.md
 //! lists, judged by the real kernel programs loaded by `egress run`.
 
 mod common;

@@ -72,6 +72,14 @@ pub fn package(bin: &Path) -> Result<PathBuf> {
     install(&packaging.join("debian/copyright"), &doc.join("copyright"), 0o644)?;
     install_gz(&packaging.join("debian/changelog"), &doc.join("changelog.Debian.gz"))?;
     install_gz(&root.join("README.md"), &doc.join("README.md.gz"))?;
+    // The reference pages the README links to, beside it as in the checkout.
+    for entry in fs::read_dir(root.join("docs")).context("read docs/")? {
+        let page = entry?.path();
+        if page.extension().is_some_and(|extension| extension == "md") {
+            let name = page.file_name().context("docs page name")?.to_string_lossy().into_owned();
+            install_gz(&page, &doc.join("docs").join(format!("{name}.gz")))?;
+        }
+    }
     install(&workspace::demo_config(), &doc.join("examples/egress.yaml"), 0o644)?;
     install(&packaging.join("debian/lintian-overrides"), &tree.join("usr/share/lintian/overrides/egress"), 0o644)?;
 

@@ -188,7 +188,7 @@ active restart
 end
 
 begin remove
-# Removing the package stops and disables the service; what it enforced stays pinned (README);
+# Removing the package stops and disables the service; what it enforced stays pinned (docs/service.md);
 # purging removes the policy file.
 step "apt-get remove -y egress"
 [ ! -e /usr/bin/egress ] || fail "/usr/bin/egress-still-there"

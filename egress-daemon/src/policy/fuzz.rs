@@ -17,7 +17,7 @@ const CASE_LIMIT: Duration = Duration::from_secs(5);
 /// The shipped example.
 const SHIPPED: &str = include_str!("../../../config/egress.yaml");
 
-/// The README's policy-file section.
+/// The policy-file example of an earlier README (docs/policy.md has today's).
 const README_EXAMPLE: &str = "\
 settings:                      # all optional
   attach: egress-demo          # where the programs are attached once (default: the cgroup2 root)
