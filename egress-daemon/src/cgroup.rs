@@ -19,6 +19,32 @@ pub const PROCESS_UNIT_SUFFIXES: [&str; 5] = [".service", ".scope", ".socket", "
 /// that group them.
 pub const SELECTABLE_UNIT_SUFFIXES: [&str; 4] = [".service", ".scope", ".slice", ".socket"];
 
+/// A cgroup path as written (in a policy file) that cannot name a cgroup below the cgroup2 mount.
+#[derive(Debug, Error)]
+pub enum PathError {
+    #[error("cgroup path `{0}` must be relative to the cgroup2 mount (no leading `/`)")]
+    NotRelative(String),
+    #[error("cgroup path `{0}` must not contain `..`")]
+    Climbs(String),
+}
+
+/// The components of a cgroup path relative to the cgroup2 mount, without empty or `.` ones.
+pub fn relative_components(text: &str) -> Result<Vec<&str>, PathError> {
+    if text.starts_with('/') {
+        return Err(PathError::NotRelative(text.to_owned()));
+    }
+    let parts: Vec<&str> = text.split('/').filter(|p| !p.is_empty() && *p != ".").collect();
+    if parts.contains(&"..") {
+        return Err(PathError::Climbs(text.to_owned()));
+    }
+    Ok(parts)
+}
+
+/// Whether a cgroup path or pattern has wildcards.
+pub fn is_glob(pattern: &str) -> bool {
+    pattern.contains(['*', '?'])
+}
+
 #[derive(Debug, Error)]
 pub enum CgroupError {
     #[error("no cgroup v2 file system is mounted (looked for type cgroup2 in /proc/self/mountinfo)")]

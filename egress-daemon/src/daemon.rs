@@ -24,6 +24,7 @@ use crate::{
         self,
         history::EventHistory,
         protocol::{CgroupStatus, FlowTotal, IgnoredStatus, MapFill, PolicyStatus, StatusReport, UnbindableStatus},
+        ReloadError,
     },
     discovery::{self, Change, ContainerNames},
     engine::{BindOutcome, Binding, Engine},
@@ -247,15 +248,15 @@ impl Daemon {
 
     /// Reloads the policy file; on any error the running policies stay in force. Blocks (parse,
     /// scan, the runtimes' CLIs, map writes): call it off the runtime.
-    pub fn reload(&self) -> Result<String, String> {
+    pub fn reload(&self) -> Result<String, ReloadError> {
         let _changing = self.changing();
         service::notify_reloading();
-        let result = parse_policy_file(&self.config).map_err(|error| error.to_string()).and_then(|set| {
+        let result = parse_policy_file(&self.config).map_err(ReloadError::File).and_then(|set| {
             if set.settings.attach != self.attach {
                 tracing::warn!("settings.attach changed; it takes effect when the daemon restarts");
             }
             let count = set.policies.len();
-            self.apply(set).map_err(|error| format!("{error:#}"))?;
+            self.apply(set).map_err(ReloadError::Apply)?;
             Ok(format!("{count} policies enforced from {}", self.config.display()))
         });
         match &result {
@@ -617,7 +618,7 @@ impl control::server::ControlHandler for Daemon {
         report
     }
 
-    fn reload(&self) -> Result<String, String> {
+    fn reload(&self) -> Result<String, ReloadError> {
         Daemon::reload(self)
     }
 

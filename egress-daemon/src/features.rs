@@ -4,7 +4,7 @@
 //! feature gets the fallback, named. Kernels not at hand are checked by feeding the probe
 //! results they give (see the tests). The probes themselves run in `kernel::probe`.
 
-use std::{collections::BTreeSet, fmt};
+use std::collections::BTreeSet;
 
 /// One thing a kernel offers or not, as a probe sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -143,25 +143,22 @@ pub struct Support {
 }
 
 /// Why egress cannot run on this kernel.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "this kernel cannot run egress: it lacks {}; egress needs Linux {MINIMUM} or later with \
+     CONFIG_BPF_SYSCALL and CONFIG_CGROUP_BPF (the oldest kernel tested is {OLDEST_TESTED})",
+    described(.missing)
+)]
 pub struct Refusal {
     pub missing: Vec<Feature>,
 }
 
-impl fmt::Display for Refusal {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let missing: Vec<String> =
-            self.missing.iter().map(|feature| format!("{} (Linux {})", feature.describe(), feature.since())).collect();
-        write!(
-            f,
-            "this kernel cannot run egress: it lacks {}; egress needs Linux {MINIMUM} or later with \
-             CONFIG_BPF_SYSCALL and CONFIG_CGROUP_BPF (the oldest kernel tested is {OLDEST_TESTED})",
-            missing.join(", ")
-        )
-    }
+/// "feature (Linux x.y), ...": what a refusal lacks.
+fn described(missing: &[Feature]) -> String {
+    let missing: Vec<String> =
+        missing.iter().map(|feature| format!("{} (Linux {})", feature.describe(), feature.since())).collect();
+    missing.join(", ")
 }
-
-impl std::error::Error for Refusal {}
 
 /// The decision: refuse, naming every missing required feature, or run with these fallbacks.
 pub fn decide(probes: &Probes) -> Result<Support, Refusal> {

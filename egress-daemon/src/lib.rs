@@ -4,7 +4,19 @@
 //! pins, probes, the event ring) -> kernel -> `pipeline`/`events` (ring buffer -> records) ->
 //! `output` and `control` (history, live logs). `engine` is the control plane that keeps the
 //! kernel in step with the policy file, `discovery` and `matching` decide which cgroups each
-//! policy governs, `daemon` runs it all, `commands` and `control::client` are the CLI.
+//! policy governs, `daemon` runs it all, `commands` and `control::client` are the CLI. The policy
+//! file is read with `yaml` (positions for every error); its `settings:` are the daemon's
+//! configuration, in `settings`.
+//!
+//! Errors: a module that can fail in its own terms returns its own typed error (`thiserror`),
+//! whose message is the one the user reads: `yaml::ConfigError` (`FILE:LINE:COL: message`, built
+//! from the values' `policy::values::ValueError`, `settings::SettingError`, ...),
+//! `kernel::KernelError`, `cgroup::CgroupError`, `features::Refusal`, `control::ReloadError`,
+//! `control::client::ControlError`. `anyhow`, with `.context(...)` naming the step, is for the
+//! code that puts those together and reports them: starting the daemon and its services (`daemon`,
+//! `engine::Engine::load`/`apply`, the DNS proxy's and the control socket's start), the commands
+//! (`commands`, `control::client`) and `main.rs`, which picks the exit status from the typed
+//! error it finds in the chain.
 
 #![cfg_attr(not(test), warn(clippy::unwrap_used))]
 
@@ -29,6 +41,8 @@ pub(crate) mod pipeline;
 pub mod policy;
 pub mod printable;
 pub mod service;
+pub mod settings;
+pub(crate) mod yaml;
 
 /// What `egress --version` prints after the name: the release, the build of the embedded kernel
 /// programs and the oldest Linux they run on (the preflight's own minimum).

@@ -16,10 +16,9 @@ use egress::{
     output::LogFormat,
     policy::ConfigError,
     service,
+    settings::DEFAULT_CONTROL_SOCKET,
 };
 use tracing_subscriber::{fmt, prelude::*, EnvFilter};
-
-const DEFAULT_SOCKET: &str = "/run/egress/control.sock";
 
 /// `egress --version`: the release, the embedded programs' build and the oldest Linux they need.
 static VERSION: LazyLock<String> = LazyLock::new(egress::version);
@@ -92,14 +91,14 @@ enum Command {
     },
     /// What the running daemon enforces on which cgroup, with flow counts.
     Status {
-        #[arg(long, default_value = DEFAULT_SOCKET)]
+        #[arg(long, default_value = DEFAULT_CONTROL_SOCKET)]
         socket: PathBuf,
         #[arg(long)]
         json: bool,
     },
     /// Recent flow events from the running daemon; `-f` keeps following.
     Logs {
-        #[arg(long, default_value = DEFAULT_SOCKET)]
+        #[arg(long, default_value = DEFAULT_CONTROL_SOCKET)]
         socket: PathBuf,
         #[arg(short, long)]
         follow: bool,
@@ -119,7 +118,7 @@ enum Command {
     },
     /// The top talkers by bytes per workload and destination, refreshed live.
     Top {
-        #[arg(long, default_value = DEFAULT_SOCKET)]
+        #[arg(long, default_value = DEFAULT_CONTROL_SOCKET)]
         socket: PathBuf,
         /// Over the last this long (`30s`, `5m`).
         #[arg(long, default_value = "60s", value_parser = client::parse_duration)]
@@ -132,7 +131,7 @@ enum Command {
     },
     /// Ask the running daemon to reload its policy file.
     Reload {
-        #[arg(long, default_value = DEFAULT_SOCKET)]
+        #[arg(long, default_value = DEFAULT_CONTROL_SOCKET)]
         socket: PathBuf,
     },
 }

@@ -13,8 +13,9 @@
 use std::collections::{BTreeMap, HashMap};
 
 use crate::{
+    cgroup::is_glob,
     discovery::{container_of, enclosing_container, unit_of, ContainerNames, Untrusted},
-    policy::model::{cgroup_glob_matches, is_glob, PolicySet, Selector},
+    policy::model::{cgroup_glob_matches, PolicySet, Selector},
     printable::escaped,
 };
 
@@ -227,7 +228,7 @@ pub fn uncovered_delegations(mount: &std::path::Path, bound: &[(&str, &str)]) ->
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{discovery::UntrustedReason, policy::parse::parse_policy_str};
+    use crate::{discovery::UntrustedReason, policy::parse_policy_str};
 
     const ID: &str = "3f2a9c0d1e2f3a4b5c6d7e8f9a0b1c2d3e4f5a6b7c8d9e0f1a2b3c4d5e6f7a8b";
 

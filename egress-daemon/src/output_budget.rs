@@ -15,7 +15,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::policy::Settings;
+use crate::settings::Settings;
 
 /// The span each budget counts over.
 pub const WINDOW: Duration = Duration::from_secs(1);

@@ -103,7 +103,7 @@ async fn exec_in(
     let loaded = load(hierarchy, Wanted { dns: names, accounting: false }, signals).await?;
     let engine = loaded.engine;
     // The programs are exec's own: its proxy takes any free port, beside a running daemon's.
-    let dns_settings = crate::policy::DnsSettings { listen_port: 0, ..set.settings.dns.clone() };
+    let dns_settings = crate::settings::DnsSettings { listen_port: 0, ..set.settings.dns.clone() };
     let dns_maps = std::sync::Arc::new(std::sync::Mutex::new(loaded.dns_maps));
     let _dns = if names {
         let state = std::sync::Arc::new(crate::dns::DnsState::default());

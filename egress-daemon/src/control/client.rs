@@ -69,12 +69,20 @@ pub async fn logs(socket: &Path, args: LogsArgs, json: bool) -> anyhow::Result<(
 }
 
 /// `30s`, `5m`, `2h`, `1d`, `500ms` (any humantime duration), or plain seconds.
-pub fn parse_duration(text: &str) -> Result<Duration, String> {
+pub fn parse_duration(text: &str) -> Result<Duration, DurationError> {
     let text = text.trim();
     if let Ok(seconds) = text.parse::<u64>() {
         return Ok(Duration::from_secs(seconds));
     }
-    humantime::parse_duration(text).map_err(|error| format!("`{text}` is not a duration like 30s, 5m, 2h, 1d: {error}"))
+    humantime::parse_duration(text).map_err(|source| DurationError { text: text.to_owned(), source })
+}
+
+/// A `--since` or `--window` that is not a duration.
+#[derive(Debug, thiserror::Error)]
+#[error("`{text}` is not a duration like 30s, 5m, 2h, 1d: {source}")]
+pub struct DurationError {
+    text: String,
+    source: humantime::DurationError,
 }
 
 /// Asks the daemon for its status report.
@@ -352,14 +360,14 @@ mod tests {
 
     #[test]
     fn parses_durations() {
-        assert_eq!(parse_duration("30s"), Ok(Duration::from_secs(30)));
-        assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
-        assert_eq!(parse_duration("2h"), Ok(Duration::from_secs(7200)));
-        assert_eq!(parse_duration("1d"), Ok(Duration::from_secs(86_400)));
-        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
-        assert_eq!(parse_duration("12"), Ok(Duration::from_secs(12)));
-        assert_eq!(parse_duration(" 10 m "), Ok(Duration::from_secs(600)));
-        assert_eq!(parse_duration("0"), Ok(Duration::ZERO));
+        assert_eq!(parse_duration("30s").ok(), Some(Duration::from_secs(30)));
+        assert_eq!(parse_duration("5m").ok(), Some(Duration::from_secs(300)));
+        assert_eq!(parse_duration("2h").ok(), Some(Duration::from_secs(7200)));
+        assert_eq!(parse_duration("1d").ok(), Some(Duration::from_secs(86_400)));
+        assert_eq!(parse_duration("500ms").ok(), Some(Duration::from_millis(500)));
+        assert_eq!(parse_duration("12").ok(), Some(Duration::from_secs(12)));
+        assert_eq!(parse_duration(" 10 m ").ok(), Some(Duration::from_secs(600)));
+        assert_eq!(parse_duration("0").ok(), Some(Duration::ZERO));
         for bad in ["", "m", "5x", "-5s", "5mm", "99999999999999999999", "999999999999999999d"] {
             assert!(parse_duration(bad).is_err(), "{bad:?} should be rejected");
         }

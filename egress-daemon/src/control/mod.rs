@@ -15,7 +15,7 @@ pub mod server;
 
 pub use history::{EventHistory, LogFilter};
 pub use protocol::{CgroupStatus, PolicyStatus, Request, Response, StatusReport};
-pub use server::{serve, ControlHandler, ServerHandle};
+pub use server::{serve, ControlHandler, ReloadError, ServerHandle};
 
 /// A flow record for tests: `seq` goes in `pid`, so tests can follow the order of events.
 #[cfg(test)]
@@ -64,7 +64,7 @@ mod round_trip {
 
     use super::{
         client::{self, ControlError, LogsArgs},
-        test_record as record, CgroupStatus, ControlHandler, EventHistory, PolicyStatus, StatusReport,
+        test_record as record, CgroupStatus, ControlHandler, EventHistory, PolicyStatus, ReloadError, StatusReport,
     };
 
     const BAD_FILE: &str = "/etc/egress/egress.yaml:3:7: unknown key `alow`";
@@ -101,9 +101,9 @@ mod round_trip {
             }
         }
 
-        fn reload(&self) -> Result<String, String> {
+        fn reload(&self) -> Result<String, ReloadError> {
             if self.reject_reload.load(Ordering::SeqCst) {
-                Err(BAD_FILE.into())
+                Err(ReloadError::Apply(anyhow::anyhow!(BAD_FILE)))
             } else {
                 Ok("2 policies enforced from /etc/egress/egress.yaml".into())
             }

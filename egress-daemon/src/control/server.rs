@@ -23,6 +23,7 @@ use super::{
     history::{EventHistory, LogFilter},
     protocol::{Request, Response, StatusReport, MAX_REQUEST_LINE},
 };
+use crate::yaml::ConfigError;
 
 /// How long a client may take to send its request line.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
@@ -39,14 +40,44 @@ const BACKLOG_CHUNK: usize = 1024;
 /// slow reload never holds up the runtime, other clients or the daemon's other work.
 pub trait ControlHandler: Send + Sync + 'static {
     fn status(&self) -> StatusReport;
-    /// `Ok(summary)`, or `Err(message)` (for a bad file: `FILE:LINE:COL: message`) with the
-    /// running policies left in force.
-    fn reload(&self) -> Result<String, String>;
+    /// `Ok(summary)`, or why not, with the running policies left in force.
+    fn reload(&self) -> Result<String, ReloadError>;
     fn history(&self) -> &EventHistory;
     /// Flow records, where the handler keeps them.
     fn flow_log(&self) -> Option<&crate::flows::store::FlowLog> {
         None
     }
+}
+
+/// Why a reload left the running policies in force; clients get its message.
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    /// The file was rejected: `FILE:LINE:COL: message`.
+    #[error(transparent)]
+    File(#[from] ConfigError),
+    /// The file was good but could not be put in force.
+    #[error("{0:#}")]
+    Apply(anyhow::Error),
+}
+
+/// A client the socket does not serve.
+#[derive(Debug, thiserror::Error)]
+enum AccessError {
+    #[error("cannot tell who the client is: {0}")]
+    Unknown(#[source] io::Error),
+    #[error("permission denied: the control socket is for root only (uid {uid} asked)")]
+    RootOnly { uid: u32 },
+    #[error("permission denied: the control socket is for root and group {group} (uid {uid} asked)")]
+    NotInGroup { group: String, uid: u32 },
+}
+
+/// A request line that cannot be read.
+#[derive(Debug, thiserror::Error)]
+enum RequestError {
+    #[error("reading the request: {0}")]
+    Read(#[source] io::Error),
+    #[error("request longer than {} KiB", MAX_REQUEST_LINE / 1024)]
+    TooLong,
 }
 
 /// The socket being served. Dropping it stops serving (the listener and every open
@@ -201,14 +232,14 @@ async fn converse(stream: UnixStream, access: &Access, handler: Arc<dyn ControlH
     // The request is read even from a client that is refused: closing with its request unread
     // would reset the connection and lose the refusal.
     let line = tokio::time::timeout(REQUEST_TIMEOUT, read_request_line(&mut reader)).await;
-    if let Err(message) = allowed {
-        tracing::warn!("control socket: {message}");
-        return reply(&mut out, &Response::Error { message }).await;
+    if let Err(refusal) = allowed {
+        tracing::warn!("control socket: {refusal}");
+        return reply(&mut out, &Response::Error { message: refusal.to_string() }).await;
     }
     let line = match line {
         Ok(Ok(Some(line))) => line,
         Ok(Ok(None)) => return Ok(()),
-        Ok(Err(message)) => return reply(&mut out, &Response::Error { message }).await,
+        Ok(Err(error)) => return reply(&mut out, &Response::Error { message: error.to_string() }).await,
         Err(_) => {
             let message = format!("no request within {} s", REQUEST_TIMEOUT.as_secs());
             return reply(&mut out, &Response::Error { message }).await;
@@ -226,7 +257,7 @@ async fn converse(stream: UnixStream, access: &Access, handler: Arc<dyn ControlH
         Request::Reload => {
             let response = off_runtime(&handler, |handler| match handler.reload() {
                 Ok(message) => Response::Reloaded { policies: handler.status().policies.len(), message },
-                Err(message) => Response::Error { message },
+                Err(error) => Response::Error { message: error.to_string() },
             })
             .await?;
             reply(&mut out, &response).await
@@ -256,34 +287,30 @@ async fn off_runtime<T: Send + 'static>(
 }
 
 /// The request line without its newline; `None` if the client closed without one.
-async fn read_request_line<R: AsyncRead + Unpin>(reader: &mut BufReader<R>) -> Result<Option<Vec<u8>>, String> {
+async fn read_request_line<R: AsyncRead + Unpin>(reader: &mut BufReader<R>) -> Result<Option<Vec<u8>>, RequestError> {
     let mut line = Vec::new();
     let limit = MAX_REQUEST_LINE as u64;
-    let read = (&mut *reader)
-        .take(limit)
-        .read_until(b'\n', &mut line)
-        .await
-        .map_err(|error| format!("reading the request: {error}"))?;
+    let read = (&mut *reader).take(limit).read_until(b'\n', &mut line).await.map_err(RequestError::Read)?;
     match line.last() {
         _ if read == 0 => Ok(None),
         Some(b'\n') => {
             line.pop();
             Ok(Some(line))
         }
-        _ if read as u64 >= limit => Err(format!("request longer than {} KiB", MAX_REQUEST_LINE / 1024)),
+        _ if read as u64 >= limit => Err(RequestError::TooLong),
         // The client closed its end after a request without a newline.
         _ => Ok(Some(line)),
     }
 }
 
 /// Root and the daemon's own user always; others only as members of the configured group.
-fn authorize(peer: io::Result<UCred>, access: &Access) -> Result<(), String> {
-    let peer = peer.map_err(|error| format!("cannot tell who the client is: {error}"))?;
+fn authorize(peer: io::Result<UCred>, access: &Access) -> Result<(), AccessError> {
+    let peer = peer.map_err(AccessError::Unknown)?;
     if peer.uid() == 0 || peer.uid() == access.own_uid {
         return Ok(());
     }
     let Some((name, gid)) = &access.group else {
-        return Err(format!("permission denied: the control socket is for root only (uid {} asked)", peer.uid()));
+        return Err(AccessError::RootOnly { uid: peer.uid() });
     };
     let member = peer.gid() == *gid
         || peer.pid().is_some_and(|pid| {
@@ -293,7 +320,7 @@ fn authorize(peer: io::Result<UCred>, access: &Access) -> Result<(), String> {
     if member {
         Ok(())
     } else {
-        Err(format!("permission denied: the control socket is for root and group {name} (uid {} asked)", peer.uid()))
+        Err(AccessError::NotInGroup { group: name.clone(), uid: peer.uid() })
     }
 }
 

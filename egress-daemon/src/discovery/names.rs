@@ -138,16 +138,33 @@ fn is_executable(path: &Path) -> bool {
     path.metadata().is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
 }
 
+/// Why a runtime's CLI gave no listing.
+#[derive(Debug, thiserror::Error)]
+enum CliError {
+    #[error("cannot start: {0}")]
+    Start(#[source] std::io::Error),
+    #[error("no answer within {0:?}")]
+    Timeout(Duration),
+    #[error("wait: {0}")]
+    Wait(#[source] std::io::Error),
+    #[error("exited with {0}")]
+    Exit(std::process::ExitStatus),
+    #[error("reading its output: {0}")]
+    Read(#[source] std::io::Error),
+    #[error("its output never ended")]
+    Unended,
+}
+
 /// Runs a command and returns its stdout if it exits 0 within `timeout`; kills it otherwise.
 /// Stdout is drained on a thread so a long listing cannot fill the pipe and stall the child.
-fn run_with_timeout(program: &Path, args: &[&str], timeout: Duration) -> Result<String, String> {
+fn run_with_timeout(program: &Path, args: &[&str], timeout: Duration) -> Result<String, CliError> {
     let mut child = Command::new(program)
         .args(args.iter().map(OsStr::new))
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
-        .map_err(|e| format!("cannot start: {e}"))?;
+        .map_err(CliError::Start)?;
     let (tx, rx) = mpsc::channel();
     if let Some(mut stdout) = child.stdout.take() {
         thread::spawn(move || {
@@ -163,18 +180,18 @@ fn run_with_timeout(program: &Path, args: &[&str], timeout: Duration) -> Result<
             Ok(None) => {
                 let _ = child.kill();
                 let _ = child.wait();
-                return Err(format!("no answer within {timeout:?}"));
+                return Err(CliError::Timeout(timeout));
             }
-            Err(e) => return Err(format!("wait: {e}")),
+            Err(e) => return Err(CliError::Wait(e)),
         }
     };
     if !status.success() {
-        return Err(format!("exited with {status}"));
+        return Err(CliError::Exit(status));
     }
     match rx.recv_timeout(deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(100))) {
         Ok(Ok(text)) => Ok(text),
-        Ok(Err(e)) => Err(format!("reading its output: {e}")),
-        Err(_) => Err("its output never ended".to_string()),
+        Ok(Err(e)) => Err(CliError::Read(e)),
+        Err(_) => Err(CliError::Unended),
     }
 }
 
@@ -273,7 +290,7 @@ mod tests {
     #[test]
     fn runs_clis_with_a_timeout() {
         let sh = Path::new("/bin/sh");
-        assert_eq!(run_with_timeout(sh, &["-c", "echo hi"], CLI_TIMEOUT), Ok("hi\n".to_string()));
+        assert_eq!(run_with_timeout(sh, &["-c", "echo hi"], CLI_TIMEOUT).ok(), Some("hi\n".to_string()));
         assert!(run_with_timeout(sh, &["-c", "exit 3"], CLI_TIMEOUT).is_err());
         let started = Instant::now();
         assert!(run_with_timeout(sh, &["-c", "sleep 5"], Duration::from_millis(200)).is_err());
@@ -284,7 +301,7 @@ mod tests {
             &["-c", "i=0; while [ $i -lt 20000 ]; do echo 0123456789; i=$((i+1)); done"],
             CLI_TIMEOUT,
         );
-        assert_eq!(big.map(|t| t.len()), Ok(20000 * 11));
+        assert_eq!(big.map(|t| t.len()).ok(), Some(20000 * 11));
         assert!(run_with_timeout(Path::new("/nonexistent/docker"), PS_ARGS, CLI_TIMEOUT).is_err());
     }
 

@@ -29,7 +29,7 @@ use std::{
 use anyhow::Context;
 
 use self::{book::Book, proxy::Proxy, view::View};
-use crate::{engine::Engine, kernel::DnsMaps, policy::DnsSettings};
+use crate::{engine::Engine, kernel::DnsMaps, settings::DnsSettings};
 
 /// How often expired entries are removed and, after a reload, entries re-derived.
 const SWEEP_INTERVAL: Duration = Duration::from_secs(1);

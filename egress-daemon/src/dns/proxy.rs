@@ -40,7 +40,7 @@ use super::{
 use crate::{
     events::{Catalog, FlowRecord},
     kernel::DnsMaps,
-    policy::{DnsSettings, RefuseWith},
+    settings::{DnsSettings, RefuseWith},
 };
 
 /// Datagrams handled at once; datagrams beyond this are dropped (clients retry). Only queries

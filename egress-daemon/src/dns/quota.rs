@@ -71,7 +71,7 @@ mod tests {
 
     #[test]
     fn the_default_quota_lets_sixteen_cgroups_fill_the_map_and_more_share_it_equally() {
-        let quota = Quota::new(crate::policy::model::DEFAULT_MAX_LEARNED_PER_CGROUP);
+        let quota = Quota::new(crate::settings::DEFAULT_MAX_LEARNED_PER_CGROUP);
         assert_eq!(quota.limit(1), 4_096);
         assert_eq!(quota.limit(16) * 16, MAX_LEARNED as usize, "16 cgroups at quota fill the map");
         assert_eq!(quota.limit(64), 1_024, "more cgroups: an equal share each");

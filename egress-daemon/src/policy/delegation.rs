@@ -65,7 +65,7 @@ fn covered(set: &PolicySet, root: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::policy::parse::parse_policy_str;
+    use crate::policy::parse_policy_str;
 
     fn warnings(policies: &str) -> Vec<String> {
         let set = parse_policy_str(&format!("policies:\n{policies}"), "test.yaml").expect("valid");

@@ -4,6 +4,35 @@
 
 use std::fmt;
 
+/// Why a name cannot be a domain name.
+#[derive(Debug, thiserror::Error)]
+pub enum NameError {
+    #[error("the name is empty")]
+    Empty,
+    #[error("not a valid internationalised domain name")]
+    Idna,
+    #[error("longer than {MAX_NAME_LEN} characters")]
+    TooLong,
+    #[error("empty label")]
+    EmptyLabel,
+    #[error("a label is longer than {MAX_LABEL_LEN} characters")]
+    LabelTooLong,
+    #[error("`{0}` has characters a host name cannot have")]
+    Characters(String),
+}
+
+/// Why a text cannot be a domain pattern.
+#[derive(Debug, thiserror::Error)]
+pub enum PatternError {
+    #[error("`{text}`: {name}")]
+    Name { text: String, name: NameError },
+    #[error(
+        "`{0}`: a wildcard is only allowed as the whole first label (`*.example.com` for one \
+         label, `**.example.com` for one or more)"
+    )]
+    Wildcard(String),
+}
+
 /// Longest name in presentation form without the trailing dot (RFC 1035: 255 octets on the wire).
 const MAX_NAME_LEN: usize = 253;
 const MAX_LABEL_LEN: usize = 63;
@@ -21,21 +50,19 @@ pub enum DomainPattern {
 
 impl DomainPattern {
     /// Parses and normalises a pattern as written in a policy file.
-    pub fn parse(text: &str) -> Result<Self, String> {
+    pub fn parse(text: &str) -> Result<Self, PatternError> {
         let trimmed = text.trim();
+        let in_text = |name| PatternError::Name { text: text.to_owned(), name };
         if let Some(rest) = trimmed.strip_prefix("**.") {
-            return Ok(Self::AnyLabels(normalise(rest).map_err(|e| format!("`{text}`: {e}"))?));
+            return Ok(Self::AnyLabels(normalise(rest).map_err(in_text)?));
         }
         if let Some(rest) = trimmed.strip_prefix("*.") {
-            return Ok(Self::OneLabel(normalise(rest).map_err(|e| format!("`{text}`: {e}"))?));
+            return Ok(Self::OneLabel(normalise(rest).map_err(in_text)?));
         }
         if trimmed.contains('*') {
-            return Err(format!(
-                "`{text}`: a wildcard is only allowed as the whole first label (`*.example.com` for one \
-                 label, `**.example.com` for one or more)"
-            ));
+            return Err(PatternError::Wildcard(text.to_owned()));
         }
-        Ok(Self::Exact(normalise(trimmed).map_err(|e| format!("`{text}`: {e}"))?))
+        Ok(Self::Exact(normalise(trimmed).map_err(in_text)?))
     }
 
     /// Whether a normalised name (see [`normalise`]) matches.
@@ -66,28 +93,28 @@ impl fmt::Display for DomainPattern {
 }
 
 /// A name in the form rules compare: ASCII (IDNA), lower case, without the trailing dot.
-pub fn normalise(name: &str) -> Result<String, String> {
+pub fn normalise(name: &str) -> Result<String, NameError> {
     let name = name.strip_suffix('.').unwrap_or(name);
     if name.is_empty() {
-        return Err("the name is empty".into());
+        return Err(NameError::Empty);
     }
     let ascii = if name.is_ascii() {
         name.to_ascii_lowercase()
     } else {
-        idna::domain_to_ascii(name).map_err(|_| "not a valid internationalised domain name".to_string())?
+        idna::domain_to_ascii(name).map_err(|_| NameError::Idna)?
     };
     if ascii.len() > MAX_NAME_LEN {
-        return Err(format!("longer than {MAX_NAME_LEN} characters"));
+        return Err(NameError::TooLong);
     }
     for label in ascii.split('.') {
         if label.is_empty() {
-            return Err("empty label".into());
+            return Err(NameError::EmptyLabel);
         }
         if label.len() > MAX_LABEL_LEN {
-            return Err(format!("a label is longer than {MAX_LABEL_LEN} characters"));
+            return Err(NameError::LabelTooLong);
         }
         if !label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') {
-            return Err(format!("`{label}` has characters a host name cannot have"));
+            return Err(NameError::Characters(label.to_owned()));
         }
     }
     Ok(ascii)

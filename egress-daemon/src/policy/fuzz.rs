@@ -6,8 +6,9 @@ use std::time::{Duration, Instant};
 
 use proptest::{prelude::*, sample::Index};
 
-use super::parse::{policy_text, ConfigError, MAX_RULES};
+use super::doc::MAX_RULES;
 use super::validate::validate_policy_str;
+use crate::yaml::{file_text as policy_text, ConfigError};
 
 const FILE: &str = "fuzz.yaml";
 

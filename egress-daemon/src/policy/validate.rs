@@ -5,9 +5,10 @@ use std::path::Path;
 
 use super::{
     compile::{compile_set, CompileError},
+    file::{parse_policy_str, read_policy_file},
     model::PolicySet,
-    parse::{parse_policy_str, read_policy_file, ConfigError},
 };
+use crate::yaml::ConfigError;
 
 /// Parses and compiles the policy file at `path`.
 pub fn validate_policy_file(path: &Path) -> Result<PolicySet, ConfigError> {

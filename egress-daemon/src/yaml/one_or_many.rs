@@ -1,4 +1,4 @@
-//! Lists in a policy file that may also be written as their one element (`ports: 80`,
+//! Lists in a YAML file that may also be written as their one element (`ports: 80`,
 //! `upstream: 192.0.2.53`, `rules: {allow: 10.0.0.0/8}`).
 //!
 //! The single value is read from the same YAML event a list element would be, so errors inside
@@ -18,7 +18,7 @@ use serde::{
 };
 
 /// A list, or one element standing for a list of one.
-pub(super) struct OneOrMany<T>(pub Vec<T>);
+pub(crate) struct OneOrMany<T>(pub Vec<T>);
 
 impl<T> Default for OneOrMany<T> {
     fn default() -> Self {
@@ -28,7 +28,7 @@ impl<T> Default for OneOrMany<T> {
 
 /// What a list refuses beyond its elements' own checks. Checked while the list is read, so the
 /// errors point into the list.
-pub(super) struct Bounds {
+pub(crate) struct Bounds {
     /// Most elements; more are refused at the first one too many.
     pub max: usize,
     pub too_many: fn() -> String,
