@@ -22,22 +22,21 @@ use crate::{
     cgroup::{Cgroup, Hierarchy},
     control::{
         self,
-        history::EventHistory,
         protocol::{CgroupStatus, FlowTotal, IgnoredStatus, MapFill, PolicyStatus, StatusReport, UnbindableStatus},
         ReloadError,
     },
     discovery::{self, Change, ContainerNames},
     engine::{BindOutcome, Binding, Engine},
     flows::{self, store::FlowLog},
+    format::LogFormat,
     kernel::{self, DropCounter, OnExit, SocketGuard, Start},
     matching::{self, IgnoredMatches, Match},
     metrics,
-    output::{EventWriter, LogFormat},
-    output_budget::OutputLimits,
-    pipeline,
+    pipeline::{self, budget::OutputLimits},
     policy::{model::PolicySet, parse_policy_file},
-    printable::escaped,
+    printable::{escaped, timestamp},
     service,
+    sinks::{history::EventHistory, stdout::EventWriter},
 };
 
 pub struct RunArgs {
@@ -537,7 +536,7 @@ impl control::server::ControlHandler for Daemon {
         let mut report = StatusReport {
             generation: state.enforcer.generation(),
             config: active.source.clone(),
-            loaded_at: crate::events::timestamp(active.loaded_at),
+            loaded_at: timestamp(active.loaded_at),
             attach: self.attach.clone(),
             dropped_events,
             malformed_packets,

@@ -13,9 +13,9 @@ use egress_common::{DEEP_LEVELS_BIT, MAX_CGROUP_LEVEL};
 
 use crate::{
     cgroup::{Cgroup, Hierarchy},
-    events::{Catalog, DomainNames, SlotNames},
     generation::Generation,
     kernel::{self, DnsMaps, DropCounter, Enforcer, EventSource, FlowSource, KernelError, Start, Wanted},
+    naming::{Catalog, DomainNames, SlotNames},
     policy::{
         compile::compile_set,
         model::{Policy, PolicySet},

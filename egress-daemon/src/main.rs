@@ -6,14 +6,11 @@ use std::{path::PathBuf, process::ExitCode, sync::LazyLock};
 
 use clap::{CommandFactory, Parser, Subcommand};
 use egress::{
+    client::{self, flows as flows_client, ControlError, LogsArgs},
     commands::{self, exec::ExecArgs},
-    control::{
-        client::{self, ControlError, LogsArgs},
-        flows_client,
-    },
     daemon::{self, RunArgs},
+    format::LogFormat,
     kernel::OnExit,
-    output::LogFormat,
     policy::ConfigError,
     service,
     settings::DEFAULT_CONTROL_SOCKET,

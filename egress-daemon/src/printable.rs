@@ -5,6 +5,7 @@ use std::{
     borrow::Cow,
     fmt::Write as _,
     io::{self, Write},
+    time::SystemTime,
 };
 
 use serde::Serialize;
@@ -102,6 +103,12 @@ impl<F: serde_json::ser::Formatter> serde_json::ser::Formatter for PrintableStri
     fn end_object_value<W: ?Sized + Write>(&mut self, w: &mut W) -> io::Result<()> {
         self.0.end_object_value(w)
     }
+}
+
+/// RFC 3339 UTC with milliseconds, as events, logs and status show times
+/// (`2026-11-23T09:41:02.345Z`).
+pub fn timestamp(time: SystemTime) -> String {
+    humantime::format_rfc3339_millis(time).to_string()
 }
 
 #[cfg(test)]

@@ -21,7 +21,7 @@ use egress_common::{
     DNS_PORT, DOH_RESOLVERS_V4, DOH_RESOLVERS_V6, DOT_PORT, HTTPS_PORT, MAX_LEARNED, MAX_QUERY_ORIGINS, MAX_STEERED,
 };
 
-use crate::{maps::POLICY_INFO, policy::Flow};
+use crate::{destination::Flow, maps::POLICY_INFO};
 
 /// What a learned entry's table falls back to when none of its rules match: not allowed.
 const NO_MATCH: Decision = Decision {
@@ -97,19 +97,6 @@ pub fn is_bypass(flow: &Flow) -> bool {
         i += 1;
     }
     false
-}
-
-/// A packet of a raw socket to the DNS or DNS-over-TLS port, from a policy with name rules.
-/// Steering sees only the system calls of TCP and UDP sockets, so such a packet would carry any
-/// query past the name filter: it is refused unless a rule allows that address with the port
-/// listed (`ports: [53]`), a resolver the policy names on purpose.
-#[inline(always)]
-pub fn carries_unsteered_dns(slot: u32, flow: &Flow) -> bool {
-    if !flow.has_ports() || (flow.port != DNS_PORT && flow.port != DOT_PORT) {
-        return false;
-    }
-    let Some(info) = POLICY_INFO.get(slot) else { return false };
-    info.flags & policy_flags::NAME_RULES != 0 && !crate::policy::allowed_by_port_rule(slot, flow)
 }
 
 /// The flow's address as a `LEARNED` key holds it (IPv4 v4-mapped).

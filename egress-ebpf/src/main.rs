@@ -9,6 +9,7 @@
 #![no_main]
 #![feature(asm_experimental_arch)]
 
+mod destination;
 mod dns;
 mod events;
 mod flows;

@@ -4,21 +4,13 @@ use aya_ebpf::{helpers::generated::bpf_get_current_ancestor_cgroup_id, maps::lpm
 use egress_common::{
     action, family, log,
     lookup::{self, rule_key_v4, rule_key_v6, V4_LOOKUP_BITS, V6_LOOKUP_BITS},
-    mode, policy_flags, proto, rule_id, verdict, CgroupBinding, Decision, PortTable, DEEP_LEVELS_BIT, MAX_CGROUP_LEVEL,
-    MAX_POLICY_SLOTS, UNBINDABLE_SLOT,
+    mode, policy_flags, proto, rule_id, verdict, CgroupBinding, Decision, PortTable, DEEP_LEVELS_BIT, DNS_PORT,
+    DOT_PORT, MAX_CGROUP_LEVEL, MAX_POLICY_SLOTS, UNBINDABLE_SLOT,
 };
 
+// Re-exported: the judging API takes it (it lives in `destination` so that `dns` needs nothing from here).
+pub use crate::destination::Flow;
 use crate::maps::{CGROUP_POLICY, DEEP_GUARDS, POLICY_INFO, PORT_TABLES, RULES_V4, RULES_V6, SETTINGS};
-
-/// A destination as the programs see it; IPv4 (also v4-mapped IPv6) uses `addr[..4]`.
-pub struct Flow {
-    pub family: u8,
-    pub addr: [u8; 16],
-    /// Host byte order, 0 when the protocol has no ports.
-    pub port: u16,
-    /// Normalised with [`lookup::normalise_protocol`].
-    pub protocol: u8,
-}
 
 /// The outcome of judging a flow.
 pub struct Judgement {
@@ -30,14 +22,6 @@ pub struct Judgement {
     /// Allowed through an address a DNS answer taught: it lapses when the address expires, so
     /// the decision is never reused for a later `connect()`.
     pub learned: bool,
-}
-
-impl Flow {
-    /// TCP and UDP flows carry a destination port that rules can match.
-    #[inline(always)]
-    pub fn has_ports(&self) -> bool {
-        lookup::has_ports(self.protocol)
-    }
 }
 
 impl Judgement {
@@ -189,4 +173,17 @@ fn leaf(slot: u32, flow: &Flow) -> Option<(&'static Decision, Option<&'static Po
     // SAFETY: port tables are only replaced between reloads, never rewritten in place.
     let table = if decision.port_table != 0 { unsafe { PORT_TABLES.get(&decision.port_table) } } else { None };
     Some((decision, table))
+}
+
+/// A packet of a raw socket to the DNS or DNS-over-TLS port, from a policy with name rules.
+/// Steering sees only the system calls of TCP and UDP sockets, so such a packet would carry any
+/// query past the name filter: it is refused unless a rule allows that address with the port
+/// listed (`ports: [53]`), a resolver the policy names on purpose.
+#[inline(always)]
+pub fn carries_unsteered_dns(slot: u32, flow: &Flow) -> bool {
+    if !flow.has_ports() || (flow.port != DNS_PORT && flow.port != DOT_PORT) {
+        return false;
+    }
+    let Some(info) = POLICY_INFO.get(slot) else { return false };
+    info.flags & policy_flags::NAME_RULES != 0 && !allowed_by_port_rule(slot, flow)
 }

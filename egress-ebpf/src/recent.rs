@@ -21,7 +21,7 @@
 
 use aya_ebpf::{macros::map, maps::PerCpuArray};
 
-use crate::{flows::Reused, maps::DATAGRAM_EPOCH, policy::Flow};
+use crate::{destination::Flow, flows::Reused, maps::DATAGRAM_EPOCH};
 
 /// Entries per CPU; a power of two.
 const SLOTS: u32 = 256;

@@ -20,11 +20,12 @@ use aya_ebpf::{
 use egress_common::{counter, family, hook, proto, rule_id, PeerKey};
 
 use crate::{
+    destination::Flow,
     dns,
     events::{bump, report, Sender},
     flows::{flow_id, now, open, policy_epoch, Opener},
     maps::UDP_PEERS,
-    policy::{bound_of, judge, mode_of, policy_of, refused, Flow},
+    policy::{bound_of, carries_unsteered_dns, judge, mode_of, policy_of, refused},
 };
 
 const PASS: i32 = 1;
@@ -117,7 +118,7 @@ fn on_egress<const TASK: bool>(ctx: &SkBuffContext) -> i32 {
     };
     let judgement = if packet.routed {
         refused(mode_of(binding.slot), rule_id::SOURCE_ROUTED)
-    } else if !judged && dns::carries_unsteered_dns(binding.slot, &flow) {
+    } else if !judged && carries_unsteered_dns(binding.slot, &flow) {
         refused(mode_of(binding.slot), rule_id::DNS_BYPASS)
     } else {
         judge(bound, binding.slot, &flow, || false)

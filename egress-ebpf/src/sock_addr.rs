@@ -16,6 +16,7 @@ use egress_common::{
 };
 
 use crate::{
+    destination::Flow,
     dns,
     events::{count, report, Sender},
     flows::{
@@ -23,7 +24,7 @@ use crate::{
         workload_destination, Opener, Reused,
     },
     maps::UDP_PEERS,
-    policy::{bound_of, current_ancestor, judge, Flow, Judgement},
+    policy::{bound_of, current_ancestor, judge, Judgement},
     recent::{datagram_epoch, recall, remember, Kind},
 };
 

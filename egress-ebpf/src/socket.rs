@@ -13,9 +13,10 @@ use aya_ebpf::{
 use egress_common::{hook, socket_kind, CgroupBinding};
 
 use crate::{
+    destination::Flow,
     events::{report, Sender},
     maps::POLICY_INFO,
-    policy::{current_ancestor, policy_of, refused, Flow, Judgement},
+    policy::{current_ancestor, policy_of, refused, Judgement},
 };
 
 const EPERM: i32 = 1;

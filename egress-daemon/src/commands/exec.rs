@@ -20,10 +20,11 @@ use super::{
 use crate::{
     cgroup::{Cgroup, Hierarchy},
     engine::{Binding, Engine, Loaded},
+    format::LogFormat,
     kernel::{self, Wanted},
-    output::{EventWriter, LogFormat},
-    pipeline,
+    pipeline::{self, budget::OutputLimits},
     policy::{model::PolicySet, parse_policy_file},
+    sinks::stdout::EventWriter,
 };
 
 pub struct ExecArgs {
@@ -115,7 +116,7 @@ async fn exec_in(
         None
     };
     interrupted(signals)?;
-    let limits = std::sync::Arc::new(crate::output_budget::OutputLimits::new(&set.settings));
+    let limits = std::sync::Arc::new(OutputLimits::new(&set.settings));
     engine.apply(set, &args.config.display().to_string(), &[Binding { policy: 0, cgroup: cgroup.clone() }])?;
     engine.attach(cgroup)?;
     interrupted(signals)?;

@@ -13,8 +13,8 @@
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    events::FlowRecord,
     flows::{record::FlowLogRecord, store::TopRow},
+    naming::NamedEvent,
 };
 
 /// Longest request line the server reads, newline included.
@@ -62,7 +62,7 @@ fn default_top_window() -> u64 {
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Response {
     Status(StatusReport),
-    Event(FlowRecord),
+    Event(NamedEvent),
     Flow(FlowLogRecord),
     Top {
         window_secs: u64,

@@ -13,17 +13,21 @@ use std::{
 
 use anyhow::{anyhow, bail, Context};
 use tokio::{
-    io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter},
+    io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, BufReader, BufWriter},
     net::{unix::UCred, UnixListener, UnixStream},
-    sync::broadcast::{self, error::RecvError},
     task::{JoinHandle, JoinSet},
 };
 
 use super::{
-    history::{EventHistory, LogFilter},
     protocol::{Request, Response, StatusReport, MAX_REQUEST_LINE},
+    stream::{backlog_then_live, reply, Chunk, Items},
 };
-use crate::yaml::ConfigError;
+use crate::{
+    flows::{record::FlowLogRecord, store::FlowLog},
+    naming::NamedEvent,
+    sinks::history::{EventHistory, LogFilter},
+    yaml::ConfigError,
+};
 
 /// How long a client may take to send its request line.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
@@ -32,6 +36,8 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 /// History records examined per lock of the ring while sending a backlog: pushes wait at most
 /// this long, however large `settings.history` is.
 const BACKLOG_CHUNK: usize = 1024;
+/// Rows `egress top` shows at most.
+pub const TOP_ROWS: usize = 50;
 
 /// What the daemon offers to control clients.
 ///
@@ -44,7 +50,7 @@ pub trait ControlHandler: Send + Sync + 'static {
     fn reload(&self) -> Result<String, ReloadError>;
     fn history(&self) -> &EventHistory;
     /// Flow records, where the handler keeps them.
-    fn flow_log(&self) -> Option<&crate::flows::store::FlowLog> {
+    fn flow_log(&self) -> Option<&FlowLog> {
         None
     }
 }
@@ -267,11 +273,11 @@ async fn converse(stream: UnixStream, access: &Access, handler: Arc<dyn ControlH
             logs(handler.history(), &filter, follow, &mut reader, &mut out).await
         }
         Request::Flows { follow, policy, since_secs } => match handler.flow_log() {
-            Some(log) => super::flows::flows(log, policy, since_time(since_secs), follow, &mut reader, &mut out).await,
+            Some(log) => flows(log, policy, since_time(since_secs), follow, &mut reader, &mut out).await,
             None => reply(&mut out, &Response::Error { message: "no flow records here".into() }).await,
         },
         Request::Top { window_secs } => match handler.flow_log() {
-            Some(log) => super::flows::top(log, window_secs, &mut out).await,
+            Some(log) => top(log, window_secs, &mut out).await,
             None => reply(&mut out, &Response::Error { message: "no flow records here".into() }).await,
         },
     }
@@ -354,79 +360,46 @@ where
     } else {
         (history.backlog(), None)
     };
-    while !backlog.is_done() {
-        let chunk = history.read_backlog(&mut backlog, filter, BACKLOG_CHUNK);
-        if chunk.evicted > 0 {
-            write_line(out, &skipped(chunk.evicted, "events")).await?;
-        }
-        for record in chunk.records {
-            write_line(out, &Response::Event(record)).await?;
-        }
-    }
-    out.flush().await?;
-    match live {
-        Some(live) => follow_live(live, |record| filter.matches(record), Response::Event, "events", reader, out).await,
-        None => Ok(()),
-    }
+    let next_chunk = || {
+        (!backlog.is_done()).then(|| {
+            let chunk = history.read_backlog(&mut backlog, filter, BACKLOG_CHUNK);
+            Chunk { evicted: chunk.evicted, items: chunk.records }
+        })
+    };
+    let items = Items { keep: |record: &NamedEvent| filter.matches(record), respond: Response::Event, what: "events" };
+    backlog_then_live(next_chunk, live, items, reader, out).await
 }
 
-/// Writes what `live` brings that `keep` accepts, as `respond` makes it a response, until the
-/// client closes its end or the channel closes; `what` names the items in lag notices.
-pub(super) async fn follow_live<T, R, W>(
-    mut live: broadcast::Receiver<T>,
-    keep: impl Fn(&T) -> bool,
-    respond: impl Fn(T) -> Response,
-    what: &str,
+/// The kept flow records that match, then, with `follow`, live ones until the client closes.
+async fn flows<R, W>(
+    log: &FlowLog,
+    policy: Option<String>,
+    since: Option<SystemTime>,
+    follow: bool,
     reader: &mut R,
     out: &mut BufWriter<W>,
 ) -> io::Result<()>
 where
-    T: Clone,
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    let mut scratch = [0u8; 256];
-    loop {
-        tokio::select! {
-            received = live.recv() => {
-                match received {
-                    Ok(item) if keep(&item) => write_line(out, &respond(item)).await?,
-                    Ok(_) => {}
-                    Err(RecvError::Lagged(missed)) => write_line(out, &skipped(missed, what)).await?,
-                    Err(RecvError::Closed) => return out.flush().await,
-                }
-                // One write per burst rather than per event.
-                if live.is_empty() {
-                    out.flush().await?;
-                }
-            }
-            // A follower sends nothing after its request: readable means it closed its end.
-            read = reader.read(&mut scratch) => match read {
-                Ok(0) | Err(_) => return Ok(()),
-                Ok(_) => {}
-            },
-        }
-    }
+    let (kept, live) = log.follow(policy.as_deref(), since, follow);
+    let mut kept = Some(kept);
+    let next_chunk = || kept.take().map(|items| Chunk { evicted: 0, items });
+    let keep = |record: &FlowLogRecord| policy.as_ref().is_none_or(|p| *p == record.policy);
+    let items = Items { keep, respond: Response::Flow, what: "flow records" };
+    backlog_then_live(next_chunk, live, items, reader, out).await
+}
+
+/// The top talkers of the last `window_secs`.
+async fn top<W: AsyncWrite + Unpin>(log: &FlowLog, window_secs: u64, out: &mut BufWriter<W>) -> io::Result<()> {
+    let rows = log.top(Duration::from_secs(window_secs), TOP_ROWS);
+    reply(out, &Response::Top { window_secs, rows }).await
 }
 
 /// The start of a request's `since_secs` window (the epoch when it reaches back further).
 fn since_time(since_secs: Option<u64>) -> Option<SystemTime> {
     since_secs.map(|secs| SystemTime::now().checked_sub(Duration::from_secs(secs)).unwrap_or(SystemTime::UNIX_EPOCH))
-}
-
-fn skipped(count: u64, what: &str) -> Response {
-    Response::Notice { message: format!("{count} {what} skipped (client too slow)") }
-}
-
-pub(super) async fn write_line<W: AsyncWrite + Unpin>(out: &mut BufWriter<W>, response: &Response) -> io::Result<()> {
-    let mut line = serde_json::to_vec(response).map_err(io::Error::other)?;
-    line.push(b'\n');
-    out.write_all(&line).await
-}
-
-async fn reply<W: AsyncWrite + Unpin>(out: &mut BufWriter<W>, response: &Response) -> io::Result<()> {
-    write_line(out, response).await?;
-    out.flush().await
 }
 
 /// The id of group `name` (through NSS, like `chgrp`), or `name` itself if it is a number.

@@ -34,12 +34,12 @@ use super::{
     message::{format_error, keep_learned, read_answer, Query, CANARY},
     quota::{capped, OverQuota, Quota},
     shares::Shares,
+    state::{Counters, DnsState},
     upstream::{self, read_framed, write_framed, UpstreamError},
-    Counters, DnsState,
 };
 use crate::{
-    events::{Catalog, FlowRecord},
     kernel::DnsMaps,
+    naming::{Catalog, NamedEvent},
     settings::{DnsSettings, RefuseWith},
 };
 
@@ -330,8 +330,8 @@ impl Proxy {
         let mut catalog = self.catalog.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let (cgroup, workload) = catalog.cgroup_names(socket.cgroup);
         let at = std::time::SystemTime::now();
-        let record = FlowRecord {
-            time: crate::events::timestamp(at),
+        let record = NamedEvent {
+            time: crate::printable::timestamp(at),
             at,
             verdict: verdict.to_string(),
             policy: policy.to_string(),

@@ -5,7 +5,7 @@ use std::sync::atomic::Ordering;
 
 use egress_common::{dns_names, MAX_LEARNED};
 
-use super::DnsState;
+use super::state::DnsState;
 use crate::control::protocol::{LearnedStatus, MapFill, StatusReport};
 
 /// Fills the DNS fields of `status` from what the proxy learned and counted.

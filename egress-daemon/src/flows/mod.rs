@@ -33,8 +33,8 @@ use self::{
     tracker::{RawRecord, Timeouts, Tracker},
 };
 use crate::{
-    events::{comm_name, protocol_name, Catalog},
     kernel::FlowSource,
+    naming::{comm_name, protocol_name, Catalog},
 };
 
 /// Default of `settings.flow_interval`, as VPC Flow Logs.

@@ -9,7 +9,7 @@ use std::{
 use egress_common::{family, verdict};
 use serde::{Deserialize, Serialize};
 
-use crate::{events::timestamp, printable::escaped};
+use crate::printable::timestamp;
 
 /// One flow over one interval (or until it ended).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -48,41 +48,6 @@ pub struct FlowLogRecord {
 
 fn unix_epoch() -> SystemTime {
     SystemTime::UNIX_EPOCH
-}
-
-impl FlowLogRecord {
-    /// `2026-11-23T10:00:00.000Z..2026-11-23T10:01:00.000Z ACCEPT tcp 10.0.0.2:40312 -> 10.0.0.1:443 out 12/3400 in 10/51234 curl[42] uid=0 cgroup=web policy=web rule="allow 10.0.0.0/8" end`
-    pub fn text_line(&self) -> String {
-        format!(
-            "{}..{} {:<6} {:<5} {} -> {} out {}/{} in {}/{} {}[{}] uid={} cgroup={}{} policy={} rule=\"{}\" {}",
-            self.start,
-            self.end,
-            self.action,
-            self.protocol,
-            endpoint(self.srcaddr, self.srcport),
-            endpoint(self.dstaddr, self.dstport),
-            self.packets_out,
-            self.bytes_out,
-            self.packets_in,
-            self.bytes_in,
-            escaped(&self.comm),
-            self.pid,
-            self.uid,
-            escaped(&self.cgroup),
-            self.workload.as_deref().map(|w| format!(" workload={}", escaped(w))).unwrap_or_default(),
-            escaped(&self.policy),
-            escaped(&self.rule),
-            self.status,
-        )
-    }
-}
-
-pub fn endpoint(addr: IpAddr, port: u16) -> String {
-    match (addr, port) {
-        (addr, 0) => addr.to_string(),
-        (IpAddr::V6(addr), port) => format!("[{addr}]:{port}"),
-        (IpAddr::V4(addr), port) => format!("{addr}:{port}"),
-    }
 }
 
 pub fn action_name(value: u8) -> &'static str {

@@ -23,7 +23,7 @@ use egress_common::{
 use super::barrier::ProgramBarrier;
 use super::{
     batch::update_batch,
-    events::{DropCounter, EventSource},
+    event_ring::{DropCounter, EventSource},
     flows::FlowSource,
     maps, nr_cpus, pins,
     programs::{self, LinkId, Loaded, SocketGuard, Wanted, OBJECT},

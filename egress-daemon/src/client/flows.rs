@@ -7,12 +7,11 @@ use std::{
     time::Duration,
 };
 
-use super::{
-    client::{Connection, ControlError, LogsArgs},
-    protocol::{Request, Response},
-};
+use super::{Connection, ControlError, LogsArgs};
 use crate::{
-    flows::{record::endpoint, store::TopRow},
+    control::protocol::{Request, Response},
+    flows::store::TopRow,
+    format::{endpoint, flow_line},
     printable::{escaped, json_bytes},
 };
 
@@ -22,12 +21,12 @@ const TOP_REFRESH: Duration = Duration::from_secs(2);
 /// `egress logs --flows`: the kept flow records, then, with `follow`, live ones.
 pub async fn flow_logs<W: Write + Send>(socket: &Path, args: LogsArgs, json: bool, out: &mut W) -> anyhow::Result<()> {
     let request =
-        Request::Flows { follow: args.follow, policy: args.policy, since_secs: super::client::since_secs(args.since) };
+        Request::Flows { follow: args.follow, policy: args.policy, since_secs: super::since_secs(args.since) };
     let mut connection = Connection::open(socket, &request).await?;
     while let Some(response) = connection.next().await? {
         let line = match response {
             Response::Flow(record) if json => String::from_utf8(json_bytes(&record, false)?)?,
-            Response::Flow(record) => record.text_line(),
+            Response::Flow(record) => flow_line(&record),
             Response::Notice { message } => {
                 eprintln!("egress: {message}");
                 continue;

@@ -1,22 +1,16 @@
-//! Sinks for flow records: one readable line per event, or one JSON object per line.
+//! The stdout sink: one line per event on stdout (`run`) or stderr (`exec`), text or JSON, with
+//! syslog priorities when the journal reads it; and the notices of what was not written.
 
 use std::{
     io::{self, Write},
-    net::IpAddr,
     time::SystemTime,
 };
 
 use crate::{
-    events::FlowRecord,
-    printable::{escaped, json_bytes},
+    format::{event_line, LogFormat},
+    naming::NamedEvent,
+    printable::{escaped, json_bytes, timestamp},
 };
-
-/// How events are written.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum LogFormat {
-    Text,
-    Json,
-}
 
 /// Writes records to a stream (stdout for `run`, stderr for `exec`).
 pub struct EventWriter<W: Write> {
@@ -36,14 +30,14 @@ impl<W: Write> EventWriter<W> {
         self
     }
 
-    pub fn write(&mut self, record: &FlowRecord) -> io::Result<()> {
+    pub fn write(&mut self, record: &NamedEvent) -> io::Result<()> {
         let mut line = Vec::with_capacity(256);
         if self.journal {
             line.extend_from_slice(crate::service::journal_priority(&record.verdict).as_bytes());
         }
         match self.format {
             LogFormat::Json => line.extend_from_slice(&json_bytes(record, false)?),
-            LogFormat::Text => line.extend_from_slice(text_line(record).as_bytes()),
+            LogFormat::Text => line.extend_from_slice(event_line(record).as_bytes()),
         }
         line.push(b'\n');
         self.emit(&line)
@@ -89,7 +83,7 @@ impl<W: Write> EventWriter<W> {
 
     /// One notice line: `json` gains the time; `text` follows the time.
     fn notice(&mut self, priority: &str, mut json: serde_json::Value, text: String) -> io::Result<()> {
-        let time = crate::events::timestamp(SystemTime::now());
+        let time = timestamp(SystemTime::now());
         let prefix = if self.journal { priority } else { "" };
         let line = match self.format {
             LogFormat::Json => {
@@ -100,28 +94,4 @@ impl<W: Write> EventWriter<W> {
         };
         self.emit(line.as_bytes())
     }
-}
-
-/// `2026-11-23T10:01:02.345Z BLOCKED  tcp 127.0.0.2:80 curl[1234] uid=0 cgroup=egress-demo policy=demo rule="deny 127.0.0.0/8"`
-pub fn text_line(r: &FlowRecord) -> String {
-    let destination = match (r.dst, r.dport) {
-        (dst, 0) => dst.to_string(),
-        (IpAddr::V6(dst), port) => format!("[{dst}]:{port}"),
-        (IpAddr::V4(dst), port) => format!("{dst}:{port}"),
-    };
-    format!(
-        "{} {:<7} {:<5} {} {}[{}] uid={} cgroup={}{} policy={} rule=\"{}\"{}",
-        r.time,
-        r.verdict.to_uppercase(),
-        r.protocol,
-        destination,
-        escaped(&r.comm),
-        r.pid,
-        r.uid,
-        escaped(&r.cgroup),
-        r.workload.as_deref().map(|w| format!(" workload={}", escaped(w))).unwrap_or_default(),
-        escaped(&r.policy),
-        escaped(&r.rule),
-        r.domain.as_deref().map(|d| format!(" domain={}", escaped(d))).unwrap_or_default()
-    )
 }

@@ -8,7 +8,7 @@ use std::{
 
 use tokio::sync::broadcast;
 
-use crate::events::FlowRecord;
+use crate::naming::NamedEvent;
 
 /// Events a follower may fall behind by before it is told how many it missed.
 pub const FOLLOW_BUFFER: usize = 4096;
@@ -20,11 +20,11 @@ const PREALLOCATED: usize = 65_536;
 pub struct EventHistory {
     ring: Mutex<Ring>,
     capacity: usize,
-    live: broadcast::Sender<FlowRecord>,
+    live: broadcast::Sender<NamedEvent>,
 }
 
 struct Ring {
-    records: VecDeque<FlowRecord>,
+    records: VecDeque<NamedEvent>,
     /// Sequence number of `records[0]`; events are numbered from 0 in push order.
     first: u64,
 }
@@ -44,7 +44,7 @@ pub struct LogFilter {
 }
 
 impl LogFilter {
-    pub fn matches(&self, record: &FlowRecord) -> bool {
+    pub fn matches(&self, record: &NamedEvent) -> bool {
         (!self.blocked_only || record.verdict == "blocked")
             && self.policy.as_ref().is_none_or(|policy| *policy == record.policy)
             && self.since.is_none_or(|since| record.at >= since)
@@ -69,7 +69,7 @@ impl Backlog {
 #[derive(Debug, Default)]
 pub struct BacklogChunk {
     /// The matching events of the chunk, oldest first.
-    pub records: Vec<FlowRecord>,
+    pub records: Vec<NamedEvent>,
     /// Events of the backlog pushed out of the history before they could be read.
     pub evicted: u64,
 }
@@ -84,7 +84,7 @@ impl EventHistory {
 
     /// Records one event. Called for every flow (100k+ a second under load): a short critical
     /// section, no allocation unless someone follows, and the evicted record freed after unlocking.
-    pub fn push(&self, record: FlowRecord) {
+    pub fn push(&self, record: NamedEvent) {
         let mut ring = self.lock();
         // Sent under the lock: see `follow`.
         if self.live.receiver_count() > 0 {
@@ -108,13 +108,13 @@ impl EventHistory {
 
     /// The kept events that match `filter`, oldest first, copied under one lock (see
     /// [`read_backlog`](Self::read_backlog) for large histories).
-    pub fn snapshot(&self, filter: &LogFilter) -> Vec<FlowRecord> {
+    pub fn snapshot(&self, filter: &LogFilter) -> Vec<NamedEvent> {
         self.lock().records.iter().filter(|r| filter.matches(r)).cloned().collect()
     }
 
     /// A receiver of every event pushed from now on. A receiver more than [`FOLLOW_BUFFER`]
     /// events behind gets `RecvError::Lagged(n)` and then the oldest events still buffered.
-    pub fn subscribe(&self) -> broadcast::Receiver<FlowRecord> {
+    pub fn subscribe(&self) -> broadcast::Receiver<NamedEvent> {
         self.live.subscribe()
     }
 
@@ -130,7 +130,7 @@ impl EventHistory {
     /// while it both sends and stores: an event pushed before is in the backlog and was sent
     /// before the receiver existed; one pushed after is past the backlog's end and is received.
     /// Nothing is missed in between and nothing is seen twice, so no dedupe is needed.
-    pub fn follow(&self) -> (Backlog, broadcast::Receiver<FlowRecord>) {
+    pub fn follow(&self) -> (Backlog, broadcast::Receiver<NamedEvent>) {
         let ring = self.lock();
         let live = self.live.subscribe();
         (Backlog { next: ring.first, end: ring.end() }, live)
@@ -187,7 +187,7 @@ mod tests {
     use tokio::sync::broadcast::error::{RecvError, TryRecvError};
 
     use super::*;
-    use crate::control::test_record as record;
+    use crate::naming::test_record as record;
 
     fn at(secs: u64) -> SystemTime {
         SystemTime::UNIX_EPOCH + Duration::from_secs(secs)

@@ -1,5 +1,6 @@
-//! The event pipeline: raw [`FlowEvent`]s from the ring buffer become [`FlowRecord`]s with
-//! names (policy, rule, cgroup) and wall-clock time, ready for the output sinks.
+//! The naming stage of the event path: raw [`FlowEvent`]s from the kernel's ring become
+//! [`NamedEvent`]s with names (policy, rule, cgroup, workload) and wall-clock time, ready for
+//! the sinks. The [`Catalog`] holds the names the engine gives it.
 
 use std::{
     collections::HashMap,
@@ -15,7 +16,7 @@ use crate::cgroup::Hierarchy;
 
 /// One flow decision, as shown to people and machines (and sent over the control socket).
 #[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct FlowRecord {
+pub struct NamedEvent {
     /// RFC 3339, UTC.
     pub time: String,
     /// The same instant, for filtering; not part of the wire format.
@@ -90,7 +91,7 @@ pub struct Catalog {
     /// Which domain a policy learned an address for (the DNS proxy's), to name it in events.
     domains: Option<std::sync::Arc<dyn DomainNames>>,
     /// Records raised outside the kernel (the DNS proxy's), written with the next batch.
-    injected: std::collections::VecDeque<FlowRecord>,
+    injected: std::collections::VecDeque<NamedEvent>,
 }
 
 /// Records waiting in [`Catalog::inject`] beyond which new ones are dropped.
@@ -114,7 +115,7 @@ impl Catalog {
     }
 
     /// Queues a record for the event output; false when the queue is full and it was dropped.
-    pub fn inject(&mut self, record: FlowRecord) -> bool {
+    pub fn inject(&mut self, record: NamedEvent) -> bool {
         if self.injected.len() >= MAX_INJECTED {
             return false;
         }
@@ -123,7 +124,7 @@ impl Catalog {
     }
 
     /// The queued records, oldest first.
-    pub fn take_injected(&mut self) -> Vec<FlowRecord> {
+    pub fn take_injected(&mut self) -> Vec<NamedEvent> {
         self.injected.drain(..).collect()
     }
 
@@ -143,7 +144,7 @@ impl Catalog {
     }
 
     /// Names an event and stamps it with wall-clock time.
-    pub fn describe(&mut self, event: &FlowEvent) -> FlowRecord {
+    pub fn describe(&mut self, event: &FlowEvent) -> NamedEvent {
         let names = self.names(event.policy, event.rule, event.cgroup_id);
         let by_name = self
             .slots
@@ -155,9 +156,9 @@ impl Catalog {
         };
         let (policy, rule, cgroup) = (names.policy, names.rule, names.cgroup);
         let at = self.wall_time(event.boot_ns);
-        FlowRecord {
+        NamedEvent {
             domain,
-            time: timestamp(at),
+            time: crate::printable::timestamp(at),
             at,
             verdict: verdict_name(event.verdict).to_string(),
             policy,
@@ -307,8 +308,23 @@ fn address(event: &FlowEvent) -> IpAddr {
     }
 }
 
-/// RFC 3339 UTC with milliseconds, as events, logs and status show times
-/// (`2026-11-23T09:41:02.345Z`).
-pub fn timestamp(time: SystemTime) -> String {
-    humantime::format_rfc3339_millis(time).to_string()
+/// An event for tests: `seq` goes in `pid`, so tests can follow the order of events.
+#[cfg(test)]
+pub(crate) fn test_record(seq: u32, verdict: &str, policy: &str, at: std::time::SystemTime) -> NamedEvent {
+    NamedEvent {
+        time: crate::printable::timestamp(at),
+        at,
+        verdict: verdict.into(),
+        policy: policy.into(),
+        rule: "default".into(),
+        cgroup: "egress-test".into(),
+        pid: seq,
+        comm: "curl".into(),
+        uid: 0,
+        protocol: "tcp".into(),
+        dst: std::net::IpAddr::V4(std::net::Ipv4Addr::new(127, 0, 0, 2)),
+        dport: 8000,
+        workload: None,
+        domain: None,
+    }
 }

@@ -1,11 +1,15 @@
-//! Moves events from the kernel ring buffer to an output sink, and reports drops.
+//! The event path, one way: source (the kernel's event ring, [`crate::kernel::EventSource`])
+//! -> naming ([`crate::naming`]: policy, rule, cgroup, workload, wall-clock time) -> [`budget`]
+//! (what the output may write each second) -> sinks ([`crate::sinks`]: stdout, which the journal
+//! reads under systemd, and the in-memory history). The pump here moves events along it and
+//! reports drops.
 //!
 //! The pump runs on a thread of its own, not on the daemon's single-threaded runtime: writing a
 //! line blocks when the reader of stdout is slow (the journal, a full pipe), naming a cgroup seen
 //! for the first time walks the cgroup tree, and a ring that a workload keeps full would never
 //! let the runtime answer the control socket or bind new cgroups. Events are decoded in bounded
 //! batches, so the locks the pump shares with the control plane are released between batches.
-//! What it writes goes through the output's budget (`output_budget`): a backlog is written at the
+//! What it writes goes through the output's budget ([`budget`]): a backlog is written at the
 //! rate live events are, and what is held back is reported as counts.
 
 use std::{
@@ -21,12 +25,13 @@ use std::{
 use anyhow::{anyhow, Context};
 use egress_common::{FlowEvent, EVENTS_RING_BYTES};
 
+pub mod budget;
+
+use self::budget::{Held, OutputBudget, OutputLimits};
 use crate::{
-    control::history::EventHistory,
-    events::{self, Catalog},
     kernel::{DropCounter, EventSource},
-    output::EventWriter,
-    output_budget::{Held, OutputBudget, OutputLimits},
+    naming::{self, Catalog},
+    sinks::{history::EventHistory, stdout::EventWriter},
 };
 
 /// How often the kernel's dropped-event counter is checked.
@@ -133,7 +138,7 @@ impl<W: Write> Ends<W> {
         let now = Instant::now();
         let mut admitted = Vec::with_capacity(DRAIN_BATCH);
         let taken = self.events.drain(DRAIN_BATCH, |bytes| {
-            admitted.extend(events::decode(bytes).filter(|event| budget.admit(event.cgroup_id, now)));
+            admitted.extend(naming::decode(bytes).filter(|event| budget.admit(event.cgroup_id, now)));
         });
         let records: Vec<_> = {
             let mut catalog = self.catalog.lock().unwrap_or_else(PoisonError::into_inner);

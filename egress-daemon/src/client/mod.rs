@@ -1,4 +1,10 @@
-//! The CLI side of the control socket: `egress status`, `egress logs`, `egress reload`.
+//! The CLI's side of the control socket, for every command that talks to the running daemon:
+//! `egress status`, `egress logs`, `egress reload` here, `egress logs --flows` and `egress top`
+//! in [`flows`]. Lines look as the daemon's own output does ([`crate::format`]).
+
+pub mod flows;
+#[cfg(test)]
+mod round_trip;
 
 use std::{
     fmt::Write as _,
@@ -15,9 +21,9 @@ use tokio::{
     },
 };
 
-use super::protocol::{Request, Response, StatusReport};
 use crate::{
-    output::text_line,
+    control::protocol::{Request, Response, StatusReport},
+    format::event_line,
     printable::{escaped, json_bytes},
 };
 
@@ -105,7 +111,7 @@ pub async fn request_reload(socket: &Path) -> anyhow::Result<(usize, String)> {
 
 /// `--since` as the request carries it, rounded up: `--since 500ms` means the last second, not
 /// nothing.
-pub(super) fn since_secs(since: Option<Duration>) -> Option<u64> {
+fn since_secs(since: Option<Duration>) -> Option<u64> {
     since.map(|d| d.as_secs() + u64::from(d.subsec_nanos() > 0))
 }
 
@@ -122,7 +128,7 @@ pub async fn logs_to<W: Write + Send>(socket: &Path, args: LogsArgs, json: bool,
     while let Some(response) = connection.next().await? {
         let line = match response {
             Response::Event(record) if json => String::from_utf8(json_bytes(&record, false)?)?,
-            Response::Event(record) => text_line(&record),
+            Response::Event(record) => event_line(&record),
             Response::Notice { message } => {
                 eprintln!("egress: {message}");
                 continue;
