@@ -34,6 +34,7 @@ pub(crate) mod dns;
 pub(crate) mod engine;
 pub(crate) mod fault;
 pub(crate) mod features;
+pub mod flowlog;
 pub mod flows;
 pub mod format;
 pub(crate) mod generation;

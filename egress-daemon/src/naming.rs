@@ -143,17 +143,21 @@ impl Catalog {
         self.cgroups.insert(id, CgroupName { relative, workload });
     }
 
+    /// The domain a name rule (`rule` of `slot`, policy `policy`) allowed `addr` for, `None`
+    /// when another rule decided or the proxy forgot it.
+    pub fn domain(&self, slot: u32, rule: u32, policy: &str, addr: IpAddr) -> Option<String> {
+        let by_name =
+            self.slots.get(&slot).is_some_and(|n| (rule as usize) >= n.names_from && (rule as usize) < n.rules.len());
+        match (&self.domains, by_name) {
+            (Some(domains), true) => domains.domain_of(policy, addr),
+            _ => None,
+        }
+    }
+
     /// Names an event and stamps it with wall-clock time.
     pub fn describe(&mut self, event: &FlowEvent) -> NamedEvent {
         let names = self.names(event.policy, event.rule, event.cgroup_id);
-        let by_name = self
-            .slots
-            .get(&event.policy)
-            .is_some_and(|n| (event.rule as usize) >= n.names_from && (event.rule as usize) < n.rules.len());
-        let domain = match (&self.domains, by_name) {
-            (Some(domains), true) => domains.domain_of(&names.policy, address(event)),
-            _ => None,
-        };
+        let domain = self.domain(event.policy, event.rule, &names.policy, address(event));
         let (policy, rule, cgroup) = (names.policy, names.rule, names.cgroup);
         let at = self.wall_time(event.boot_ns);
         NamedEvent {

@@ -177,6 +177,8 @@ impl Sweep {
             .map(|r| {
                 let names = catalog.names(r.state.policy, r.state.rule, r.state.cgroup_id);
                 let end_at = catalog.wall_time(r.end_ns);
+                let dstaddr = address(r.id.family, r.id.addr);
+                let domain = catalog.domain(r.state.policy, r.state.rule, &names.policy, dstaddr);
                 FlowLogRecord {
                     start: record::time(catalog.wall_time(r.start_ns)),
                     end: record::time(end_at),
@@ -191,8 +193,9 @@ impl Sweep {
                     protocol: protocol_name(r.id.protocol, r.id.family),
                     srcaddr: address(r.id.family, r.state.local_addr),
                     srcport: r.state.local_port,
-                    dstaddr: address(r.id.family, r.id.addr),
+                    dstaddr,
                     dstport: r.id.port,
+                    domain,
                     packets_out: r.counts.packets_out,
                     bytes_out: r.counts.bytes_out,
                     packets_in: r.counts.packets_in,

@@ -31,6 +31,10 @@ pub struct FlowLogRecord {
     pub srcport: u16,
     pub dstaddr: IpAddr,
     pub dstport: u16,
+    /// The domain a name rule allowed the flow for (the DNS proxy learned the address from its
+    /// answer).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub domain: Option<String>,
     pub packets_out: u64,
     pub bytes_out: u64,
     pub packets_in: u64,
