@@ -2,7 +2,10 @@
 //! the compiler builds its trie keys with them, and the daemon's property tests check them (not
 //! a copy) against the reference evaluator. Only the trie and hash lookups are the kernel's.
 
-use crate::{proto, Decision, PortRule, PortTable, RuleKeyV4, RuleKeyV6, MAX_PORT_RULES, POLICY_KEY_BITS};
+use crate::{
+    dns::{DOH_RESOLVERS_V4, DOH_RESOLVERS_V6, DOT_PORT, HTTPS_PORT},
+    family, proto, Decision, PortRule, PortTable, RuleKeyV4, RuleKeyV6, MAX_PORT_RULES, POLICY_KEY_BITS,
+};
 
 /// Prefix length of a full IPv4 lookup key (policy slot and address).
 pub const V4_LOOKUP_BITS: u32 = POLICY_KEY_BITS + 32;
@@ -82,4 +85,39 @@ pub fn port_rule(table: &PortTable, protocol: u8, port: u16) -> Option<&PortRule
         i += 1;
     }
     None
+}
+
+/// DNS over TLS, or HTTPS to a well-known DNS-over-HTTPS resolver: refused to a policy with name
+/// rules when no rule allows it explicitly (it would carry queries past the name filter).
+/// `addr` as [`crate::FlowId::addr`]: IPv4 in the first 4 bytes when `fam` is `family::INET`.
+#[inline(always)]
+pub fn is_dns_bypass(fam: u8, addr: &[u8; 16], protocol: u8, port: u16) -> bool {
+    if !has_ports(protocol) {
+        return false;
+    }
+    if port == DOT_PORT {
+        return true;
+    }
+    if port != HTTPS_PORT {
+        return false;
+    }
+    if fam == family::INET {
+        let mut i = 0;
+        while i < DOH_RESOLVERS_V4.len() {
+            let r = &DOH_RESOLVERS_V4[i];
+            if addr[0] == r[0] && addr[1] == r[1] && addr[2] == r[2] && addr[3] == r[3] {
+                return true;
+            }
+            i += 1;
+        }
+        return false;
+    }
+    let mut i = 0;
+    while i < DOH_RESOLVERS_V6.len() {
+        if *addr == DOH_RESOLVERS_V6[i] {
+            return true;
+        }
+        i += 1;
+    }
+    false
 }

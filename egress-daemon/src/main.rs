@@ -126,6 +126,18 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Which rule decides a flow under a policy, and why, read from the file (no daemon needed).
+    Explain {
+        #[arg(long, short)]
+        config: PathBuf,
+        #[arg(long, short)]
+        policy: String,
+        /// Also explain the same-named policy of this candidate file.
+        #[arg(long)]
+        candidate: Option<PathBuf>,
+        /// `HOST[:PORT][/PROTO]`: an address (`10.0.0.1:443`, `[::1]:53/udp`) or a domain name.
+        target: String,
+    },
     /// Ask the running daemon to reload its policy file.
     Reload {
         #[arg(long, default_value = DEFAULT_CONTROL_SOCKET)]
@@ -248,6 +260,9 @@ fn dispatch(command: Command) -> anyhow::Result<i32> {
         Command::Top { socket, window, once, json } => {
             runtime()?.block_on(flows_client::top(&socket, window, once, json))?;
             Ok(0)
+        }
+        Command::Explain { config, policy, candidate, target } => {
+            commands::explain::run(commands::explain::ExplainArgs { config, policy, candidate, target })
         }
         Command::Reload { socket } => {
             runtime()?.block_on(client::reload(&socket))?;

@@ -9,7 +9,7 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use egress_common::{family, hook, proto, rule_id, verdict, FlowEvent};
+use egress_common::{family, hook, proto, verdict, FlowEvent};
 use serde::{Deserialize, Serialize};
 
 use crate::cgroup::Hierarchy;
@@ -187,19 +187,9 @@ impl Catalog {
         let cgroup = self.cgroup_name(cgroup_id);
         let names = self.slots.get(&slot);
         let policy = names.map_or_else(|| format!("slot {slot}"), |n| n.policy.clone());
-        let rule = match rule {
-            rule_id::DEFAULT => "default".to_string(),
-            rule_id::REPLY => "reply".to_string(),
-            rule_id::PORT_ZERO => "port-zero".to_string(),
-            rule_id::SOURCE_ROUTED => "source-routed".to_string(),
-            rule_id::SOCKET_KIND => "socket-kind".to_string(),
-            rule_id::TOO_DEEP => "too-deep".to_string(),
-            rule_id::DNS_BYPASS => "dns-bypass".to_string(),
-            rule_id::MALFORMED => "malformed".to_string(),
-            rule_id::UNBINDABLE => "unbindable".to_string(),
-            index => {
-                names.and_then(|n| n.rules.get(index as usize).cloned()).unwrap_or_else(|| format!("rule {index}"))
-            }
+        let rule = match crate::policy::judge::special_rule_name(rule) {
+            Some(special) => special.to_string(),
+            None => names.and_then(|n| n.rules.get(rule as usize).cloned()).unwrap_or_else(|| format!("rule {rule}")),
         };
         Names { policy, rule, cgroup: cgroup.relative, workload: cgroup.workload }
     }

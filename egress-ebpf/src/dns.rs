@@ -18,7 +18,7 @@ use aya_ebpf::{
 };
 use egress_common::{
     action, family, lookup, policy_flags, Decision, DnsConfig, Learned, LearnedKey, Origin, OriginKey, SteeredSocket,
-    DNS_PORT, DOH_RESOLVERS_V4, DOH_RESOLVERS_V6, DOT_PORT, HTTPS_PORT, MAX_LEARNED, MAX_QUERY_ORIGINS, MAX_STEERED,
+    DNS_PORT, DOT_PORT, MAX_LEARNED, MAX_QUERY_ORIGINS, MAX_STEERED,
 };
 
 use crate::{destination::Flow, maps::POLICY_INFO};
@@ -69,34 +69,7 @@ pub fn learned_rule(bound: u64, flow: &Flow) -> Option<u32> {
 /// DNS over TLS, or HTTPS to a well-known DNS-over-HTTPS resolver.
 #[inline(always)]
 pub fn is_bypass(flow: &Flow) -> bool {
-    if !flow.has_ports() {
-        return false;
-    }
-    if flow.port == DOT_PORT {
-        return true;
-    }
-    if flow.port != HTTPS_PORT {
-        return false;
-    }
-    if flow.family == family::INET {
-        let mut i = 0;
-        while i < DOH_RESOLVERS_V4.len() {
-            let r = &DOH_RESOLVERS_V4[i];
-            if flow.addr[0] == r[0] && flow.addr[1] == r[1] && flow.addr[2] == r[2] && flow.addr[3] == r[3] {
-                return true;
-            }
-            i += 1;
-        }
-        return false;
-    }
-    let mut i = 0;
-    while i < DOH_RESOLVERS_V6.len() {
-        if flow.addr == DOH_RESOLVERS_V6[i] {
-            return true;
-        }
-        i += 1;
-    }
-    false
+    lookup::is_dns_bypass(flow.family, &flow.addr, flow.protocol, flow.port)
 }
 
 /// The flow's address as a `LEARNED` key holds it (IPv4 v4-mapped).

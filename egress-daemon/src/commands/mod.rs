@@ -5,3 +5,4 @@ pub mod check;
 pub mod exec;
 mod exec_guard;
 mod exec_signals;
+pub mod explain;

@@ -169,7 +169,12 @@ pub fn to_ecs(record: &FlowLogRecord, seed: u16) -> EcsFlow {
             iana_number: number.to_string(),
             family: if record.dstaddr.to_canonical().is_ipv4() { "ipv4" } else { "ipv6" }.into(),
             direction: "egress".into(),
-            community_id: community_id(seed, (record.srcaddr, record.srcport), (record.dstaddr, record.dstport), number),
+            community_id: community_id(
+                seed,
+                (record.srcaddr, record.srcport),
+                (record.dstaddr, record.dstport),
+                number,
+            ),
             bytes: record.bytes_out.saturating_add(record.bytes_in),
             packets: record.packets_out.saturating_add(record.packets_in),
         },

@@ -7,6 +7,7 @@ pub mod delegation;
 mod doc;
 pub mod domain;
 pub mod file;
+pub mod judge;
 pub mod model;
 pub mod reference;
 pub mod validate;

@@ -24,7 +24,7 @@ pub fn evaluate(policy: &Policy, dst: IpAddr, protocol: u8, port: u16) -> (Actio
     best.map_or((policy.default, None), |(index, rule)| (rule.action, Some(index)))
 }
 
-fn matches(rule: &Rule, dst: IpAddr, protocol: u8, port: u16) -> bool {
+pub(crate) fn matches(rule: &Rule, dst: IpAddr, protocol: u8, port: u16) -> bool {
     let protocol_matches = rule.protocol == Protocol::Any || rule.protocol.number() == protocol;
     let has_port = protocol == proto::TCP || protocol == proto::UDP;
     let port_matches = rule.ports.is_empty() || (has_port && rule.ports.iter().any(|r| r.contains(port)));

@@ -358,3 +358,31 @@ fn compiles_100k_cidrs() {
     assert_eq!(compiled.policies[0].v4.len(), distinct.len());
     check_shape(&compiled, 1);
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(1000))]
+
+    /// `judge::Judge` (explain, replay, candidates) answers as the kernel's lookup and the
+    /// reference evaluator for policies without name rules, in both modes.
+    #[test]
+    fn userspace_judge_agrees_with_reference(
+        policy in policy_strategy(),
+        flows in prop::collection::vec(flow_strategy(), 48),
+    ) {
+        let judge = crate::policy::judge::Judge::new(&policy).expect("compiles");
+        for &flow in &flows {
+            let (dst, protocol, port) = flow;
+            let got = judge.judge(crate::policy::judge::Flow { dst, protocol, port }, &[]);
+            let has_ports = protocol == proto::TCP || protocol == proto::UDP;
+            if has_ports && port == 0 {
+                prop_assert_eq!(got.rule, rule_id::PORT_ZERO);
+                prop_assert!(!got.allows());
+                continue;
+            }
+            let (decided, rule) = reference_judge(&policy, flow);
+            prop_assert_eq!((got.rule, got.allows()), (rule, decided == action::ALLOW), "flow {:?}", flow);
+            let refused = if policy.mode == Mode::Audit { egress_common::verdict::AUDIT } else { egress_common::verdict::BLOCKED };
+            prop_assert!(got.allows() || got.verdict == refused);
+        }
+    }
+}
