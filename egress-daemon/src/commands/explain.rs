@@ -73,11 +73,11 @@ pub fn parse_target(text: &str) -> Result<Target, String> {
     };
     let port = match port {
         Some(p) => p.parse::<u16>().map_err(|_| format!("`{text}`: `{p}` is not a port"))?,
+        None if lookup::has_ports(protocol) => {
+            return Err(format!("`{text}`: name a port for tcp and udp (`HOST:PORT`)"));
+        }
         None => 0,
     };
-    if lookup::has_ports(protocol) && port == 0 && !text.contains(":0") {
-        return Err(format!("`{text}`: name a port for tcp and udp (`HOST:PORT`)"));
-    }
     let host = match host.parse::<IpAddr>() {
         Ok(addr) => Host::Addr(addr.to_canonical()),
         Err(_) => Host::Name(domain::normalise(host).map_err(|e| format!("`{host}`: {e}"))?),
