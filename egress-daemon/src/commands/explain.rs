@@ -13,7 +13,6 @@ use anyhow::Context;
 use egress_common::{lookup, proto, rule_id, verdict};
 
 use crate::{
-    settings::DnsSettings,
     policy::{
         domain,
         judge::{Flow, Judge, Judgement},
@@ -22,6 +21,7 @@ use crate::{
         validate::validate_policy_file,
     },
     printable::escaped,
+    settings::DnsSettings,
 };
 
 pub struct ExplainArgs {
