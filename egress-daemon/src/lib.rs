@@ -26,6 +26,7 @@
 
 pub mod cgroup;
 pub mod client;
+pub(crate) mod clock;
 pub mod commands;
 pub mod control;
 pub mod daemon;

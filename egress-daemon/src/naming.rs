@@ -249,14 +249,7 @@ fn find_cgroup_dir(dir: &Path, id: u64, depth: u32) -> Option<std::path::PathBuf
 /// Wall-clock time of boot, so `CLOCK_BOOTTIME` stamps convert to real time.
 fn boot_epoch() -> Duration {
     let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
-    now.saturating_sub(clock(libc::CLOCK_BOOTTIME))
-}
-
-fn clock(id: libc::clockid_t) -> Duration {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-    // SAFETY: valid pointer to a timespec; clock_gettime cannot fail for this clock id.
-    unsafe { libc::clock_gettime(id, &mut ts) };
-    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+    now.saturating_sub(Duration::from_nanos(crate::clock::boot_ns()))
 }
 
 pub fn verdict_name(value: u8) -> &'static str {

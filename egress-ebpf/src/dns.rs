@@ -8,20 +8,21 @@
 //! up there to learn which bound cgroup asked. recvmsg and getpeername put the original resolver
 //! back, so resolvers that check the reply's source (musl, glibc) accept it.
 
-use aya_ebpf::bindings::BPF_F_NO_PREALLOC;
 use aya_ebpf::{
     bindings::{__sk_buff, bpf_sock_addr},
     helpers::generated::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_ktime_get_boot_ns},
-    macros::{cgroup_sock_addr, map},
-    maps::{Array, HashMap, LruHashMap},
+    macros::cgroup_sock_addr,
     programs::SockAddrContext,
 };
 use egress_common::{
-    action, family, lookup, policy_flags, Decision, DnsConfig, Learned, LearnedKey, Origin, OriginKey, SteeredSocket,
-    DNS_PORT, DOT_PORT, MAX_LEARNED, MAX_QUERY_ORIGINS, MAX_STEERED,
+    action, family, lookup, policy_flags, Decision, LearnedKey, Origin, OriginKey, SteeredSocket, DNS_PORT, DOT_PORT,
 };
 
-use crate::{destination::Flow, maps::POLICY_INFO};
+use crate::{
+    destination::Flow,
+    maps::{DNS_CONFIG, LEARNED, POLICY_INFO, QUERY_ORIGINS, STEERED},
+    ret::PASS,
+};
 
 /// What a learned entry's table falls back to when none of its rules match: not allowed.
 const NO_MATCH: Decision = Decision {
@@ -31,25 +32,11 @@ const NO_MATCH: Decision = Decision {
     _pad: [0; 3],
 };
 
-#[map]
-pub static DNS_CONFIG: Array<DnsConfig> = Array::with_max_entries(1, 0);
-
-#[map]
-pub static LEARNED: HashMap<LearnedKey, Learned> = HashMap::with_max_entries(MAX_LEARNED, BPF_F_NO_PREALLOC);
-
-#[map]
-pub static STEERED: LruHashMap<u64, SteeredSocket> = LruHashMap::with_max_entries(MAX_STEERED, 0);
-
-#[map]
-pub static QUERY_ORIGINS: LruHashMap<OriginKey, Origin> = LruHashMap::with_max_entries(MAX_QUERY_ORIGINS, 0);
-
 /// 127.0.0.1 in network byte order.
 const LOOPBACK_V4: u32 = u32::from_ne_bytes([127, 0, 0, 1]);
 /// The words of `::1` and of the v4-mapped `::ffff:127.0.0.1`, network byte order.
 const LOOPBACK_V6: [u32; 4] = [0, 0, 0, u32::from_ne_bytes([0, 0, 0, 1])];
 const MAPPED_LOOPBACK: [u32; 4] = [0, 0, u32::from_ne_bytes([0, 0, 0xff, 0xff]), LOOPBACK_V4];
-
-const ALLOW: i32 = 1;
 
 /// The rule id of a live learned entry of `bound` for the flow's address whose name rule
 /// matches its protocol and port.
@@ -169,25 +156,25 @@ pub fn steering_on() -> bool {
 #[cgroup_sock_addr(recvmsg4)]
 pub fn recvmsg4(ctx: SockAddrContext) -> i32 {
     restore_source(ctx.sock_addr, family::INET);
-    ALLOW
+    PASS
 }
 
 #[cgroup_sock_addr(recvmsg6)]
 pub fn recvmsg6(ctx: SockAddrContext) -> i32 {
     restore_source(ctx.sock_addr, family::INET6);
-    ALLOW
+    PASS
 }
 
 #[cgroup_sock_addr(getpeername4)]
 pub fn getpeername4(ctx: SockAddrContext) -> i32 {
     restore_source(ctx.sock_addr, family::INET);
-    ALLOW
+    PASS
 }
 
 #[cgroup_sock_addr(getpeername6)]
 pub fn getpeername6(ctx: SockAddrContext) -> i32 {
     restore_source(ctx.sock_addr, family::INET6);
-    ALLOW
+    PASS
 }
 
 /// On a steered socket, an address that is the proxy becomes the resolver the socket named.

@@ -16,6 +16,7 @@ mod flows;
 mod maps;
 mod policy;
 mod recent;
+mod ret;
 mod skb;
 mod skb_count;
 mod sock_addr;

@@ -6,10 +6,11 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
 };
 use egress_common::{
-    CgroupBinding, Decision, DestinationSeen, FlowId, FlowKey, FlowState, PeerKey, PendingOpen, PolicyInfo,
-    PolicyStats, PortTable, RuleKeyV4, RuleKeyV6, Settings, WorkloadDestination, EVENTS_RING_BYTES,
-    FLOW_ENDS_RING_BYTES, MAX_CGROUPS, MAX_CIDRS_V4, MAX_CIDRS_V6, MAX_CLOSED_SOCKETS, MAX_DEEP_GUARDS, MAX_FLOWS,
-    MAX_FLOWS_SEEN, MAX_POLICY_SLOTS, MAX_PORT_TABLES, MAX_UDP_PEERS, MAX_WORKLOAD_DESTINATIONS, PENDING_OPEN_SLOTS,
+    CgroupBinding, Decision, DestinationSeen, DnsConfig, FlowId, FlowKey, FlowState, Learned, LearnedKey, Origin,
+    OriginKey, PeerKey, PendingOpen, PolicyInfo, PolicyStats, PortTable, RuleKeyV4, RuleKeyV6, Settings, SteeredSocket,
+    WorkloadDestination, EVENTS_RING_BYTES, FLOW_ENDS_RING_BYTES, MAX_CGROUPS, MAX_CIDRS_V4, MAX_CIDRS_V6,
+    MAX_CLOSED_SOCKETS, MAX_DEEP_GUARDS, MAX_FLOWS, MAX_FLOWS_SEEN, MAX_LEARNED, MAX_POLICY_SLOTS, MAX_PORT_TABLES,
+    MAX_QUERY_ORIGINS, MAX_STEERED, MAX_UDP_PEERS, MAX_WORKLOAD_DESTINATIONS, PENDING_OPEN_SLOTS,
 };
 
 /// cgroup id -> policy slot.
@@ -78,3 +79,25 @@ pub static WORKLOAD_DESTINATIONS: LruHashMap<WorkloadDestination, DestinationSee
 /// (see `flows::hand_over`). Scratch, never pinned: it is only read within a system call.
 #[map]
 pub static PENDING_OPENS: PerCpuArray<PendingOpen> = PerCpuArray::with_max_entries(PENDING_OPEN_SLOTS, 0);
+
+// The DNS proxy's maps (see dns.rs).
+
+#[map]
+pub static DNS_CONFIG: Array<DnsConfig> = Array::with_max_entries(1, 0);
+
+#[map]
+pub static LEARNED: HashMap<LearnedKey, Learned> = HashMap::with_max_entries(MAX_LEARNED, BPF_F_NO_PREALLOC);
+
+#[map]
+pub static STEERED: LruHashMap<u64, SteeredSocket> = LruHashMap::with_max_entries(MAX_STEERED, 0);
+
+#[map]
+pub static QUERY_ORIGINS: LruHashMap<OriginKey, Origin> = LruHashMap::with_max_entries(MAX_QUERY_ORIGINS, 0);
+
+/// Entries per CPU of `RECENT_DECISIONS` (see recent.rs); a power of two.
+pub const RECENT_SLOTS: u32 = 256;
+/// Words per `RECENT_DECISIONS` entry.
+pub const RECENT_WORDS: usize = 8;
+
+#[map]
+pub static RECENT_DECISIONS: PerCpuArray<[u64; RECENT_WORDS]> = PerCpuArray::with_max_entries(RECENT_SLOTS, 0);

@@ -19,13 +19,11 @@
 //! So a read never mixes words of two writes, whatever the words hold (an attacker chooses the
 //! addresses, so a check that hashes the words would have to be keyed and collision-free).
 
-use aya_ebpf::{macros::map, maps::PerCpuArray};
-
-use crate::{destination::Flow, flows::Reused, maps::DATAGRAM_EPOCH};
-
-/// Entries per CPU; a power of two.
-const SLOTS: u32 = 256;
-const WORDS: usize = 8;
+use crate::{
+    destination::Flow,
+    flows::Reused,
+    maps::{DATAGRAM_EPOCH, RECENT_DECISIONS, RECENT_SLOTS as SLOTS, RECENT_WORDS as WORDS},
+};
 
 /// What a `connect()` reused ([`Kind::Connect`]) or a datagram ([`Kind::Datagram`]).
 #[derive(Clone, Copy)]
@@ -34,9 +32,6 @@ pub enum Kind {
     Connect = 1,
     Datagram = 2,
 }
-
-#[map]
-static RECENT_DECISIONS: PerCpuArray<[u64; WORDS]> = PerCpuArray::with_max_entries(SLOTS, 0);
 
 /// The entry's key words: owner, cgroup, address, and port/family/protocol with the epoch.
 #[inline(always)]

@@ -26,10 +26,8 @@ use crate::{
     flows::{flow_id, now, open, policy_epoch, Opener},
     maps::UDP_PEERS,
     policy::{bound_of, carries_unsteered_dns, judge, mode_of, policy_of, refused},
+    ret::{PASS, REFUSE},
 };
-
-const PASS: i32 = 1;
-const DROP: i32 = 0;
 
 const SOCK_STREAM: u32 = 1;
 pub(crate) const SOCK_DGRAM: u32 = 2;
@@ -107,7 +105,7 @@ fn on_egress<const TASK: bool>(ctx: &SkBuffContext) -> i32 {
             let flow = Flow { family: partial.family, addr: partial.destination, port: 0, protocol: UNPARSED };
             let judgement = refused(mode_of(binding.slot), rule_id::MALFORMED);
             report::<TASK>(&binding, &flow, &judgement, hook::SKB, &sender, true, epoch);
-            return if judgement.lets_through() { PASS } else { DROP };
+            return if judgement.lets_through() { PASS } else { REFUSE };
         }
     };
     let flow = Flow {
@@ -125,7 +123,7 @@ fn on_egress<const TASK: bool>(ctx: &SkBuffContext) -> i32 {
     };
     report::<TASK>(&binding, &flow, &judgement, hook::SKB, &sender, true, epoch);
     if !judgement.lets_through() {
-        return DROP;
+        return REFUSE;
     }
     if !judged {
         // Raw, ping and other sockets: their flows start here (`skb_count` counts the packets).

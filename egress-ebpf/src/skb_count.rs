@@ -14,10 +14,9 @@ use egress_common::{lookup::normalise_protocol, proto};
 use crate::{
     flows::{count_packet, flow_id, open_at_syn, remote_of_socket, Direction},
     policy::Flow,
+    ret::PASS,
     skb::{parse, socket_kind, ETH_P_IP},
 };
-
-const PASS: i32 = 1;
 
 /// Counts packets out; opens the flow of a TCP connection at its SYN, naming the process from
 /// the current task (the SYN leaves from inside `connect()`).

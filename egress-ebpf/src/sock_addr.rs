@@ -26,10 +26,8 @@ use crate::{
     maps::UDP_PEERS,
     policy::{bound_of, current_ancestor, judge, Judgement},
     recent::{datagram_epoch, recall, remember, Kind},
+    ret::{PASS, REFUSE},
 };
-
-const ALLOW: i32 = 1;
-const REFUSE: i32 = 0;
 
 #[cgroup_sock_addr(connect4)]
 pub fn connect4(ctx: SockAddrContext) -> i32 {
@@ -60,10 +58,10 @@ fn on_send(ctx: &SockAddrContext, socket_family: u8, hook: u8, per_datagram: boo
     let (mut flow, unspecified) = requested(sa, socket_family);
     // DNS may be steered to the proxy, which the full path does.
     if !unspecified && flow.port != DNS_PORT && reuse(sa, &flow, cgroup_id, epoch, per_datagram) {
-        return ALLOW;
+        return PASS;
     }
     let Some((bound, binding)) = bound_of(current_ancestor, || cgroup_id) else {
-        return ALLOW;
+        return PASS;
     };
     if unspecified {
         send_target(sa, socket_family, per_datagram, &mut flow);
@@ -71,7 +69,7 @@ fn on_send(ctx: &SockAddrContext, socket_family: u8, hook: u8, per_datagram: boo
     // SAFETY: helper on the program's own context.
     let cookie = unsafe { bpf_get_socket_cookie(sa.cast()) };
     if dns::steer(sa, socket_family, &flow, binding.slot, bound, cgroup_id) {
-        return ALLOW;
+        return PASS;
     }
     let sender = Sender { cgroup_id, cookie, socket_uid: None };
     let judgement = judge(bound, binding.slot, &flow, || peer_spoke_first(cookie, &flow));
@@ -81,7 +79,7 @@ fn on_send(ctx: &SockAddrContext, socket_family: u8, hook: u8, per_datagram: boo
     }
     let opener = Opener { cgroup_id, slot: binding.slot, epoch, socket_uid: None };
     open::<true>(&flow_id(cookie, &flow), &opener, &judgement, now());
-    ALLOW
+    PASS
 }
 
 /// Lets the flow through on a decision taken before under the current policy epoch, without

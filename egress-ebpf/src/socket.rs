@@ -17,9 +17,8 @@ use crate::{
     events::{report, Sender},
     maps::POLICY_INFO,
     policy::{current_ancestor, policy_of, refused, Judgement},
+    ret::EPERM,
 };
-
-const EPERM: i32 = 1;
 
 #[cgroup_sock(sock_create)]
 pub fn sock_create(ctx: SockContext) -> i32 {

@@ -79,7 +79,7 @@ pub fn check(mount: &Path, relative: &str, from_depth: usize) -> Result<(), Untr
 
 /// Why children of the cgroup `ancestor` might not be root's doing, if they might not.
 fn distrust(mount: &Path, ancestor: &str) -> Option<Reason> {
-    if ancestor != "/" && container_of(ancestor).is_some() {
+    if ancestor != crate::cgroup::ROOT && container_of(ancestor).is_some() {
         return Some(Reason::Container);
     }
     let dir = dir_of(mount, ancestor);

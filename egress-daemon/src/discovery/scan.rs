@@ -77,7 +77,7 @@ pub(super) fn normalize(under: &str) -> String {
 /// written lossily: the id is what maps the cgroup, the path only names it.
 pub(super) fn join(parent: &str, name: &OsString) -> String {
     let name = name.to_string_lossy();
-    if parent == "/" {
+    if parent == crate::cgroup::ROOT {
         name.into_owned()
     } else {
         format!("{parent}/{name}")
@@ -85,7 +85,7 @@ pub(super) fn join(parent: &str, name: &OsString) -> String {
 }
 
 pub(super) fn level_of(relative: &str) -> u32 {
-    if relative == "/" {
+    if relative == crate::cgroup::ROOT {
         0
     } else {
         u32::try_from(relative.split('/').count()).unwrap_or(u32::MAX)
@@ -93,7 +93,7 @@ pub(super) fn level_of(relative: &str) -> u32 {
 }
 
 pub(super) fn dir_of(mount: &Path, relative: &str) -> PathBuf {
-    if relative == "/" {
+    if relative == crate::cgroup::ROOT {
         mount.to_path_buf()
     } else {
         mount.join(relative)

@@ -218,7 +218,7 @@ impl Tree {
             ));
         }
         if let (Some(above), Some(name)) = (root_dir.parent(), root_dir.file_name()) {
-            if self.root != "/" {
+            if self.root != crate::cgroup::ROOT {
                 let wd = self
                     .watches
                     .add(above, WatchMask::DELETE | WatchMask::MOVED_FROM | WatchMask::ONLYDIR)
@@ -389,14 +389,14 @@ impl Tree {
 
     /// Forgets and reports `relative` and everything known below it, children first.
     fn remove_subtree(&mut self, relative: &str, out: &mut Vec<Change>) {
-        let prefix = if relative == "/" { String::new() } else { format!("{relative}/") };
+        let prefix = if relative == crate::cgroup::ROOT { String::new() } else { format!("{relative}/") };
         let mut doomed: Vec<String> = self
             .known
             .range(prefix.clone()..)
             .take_while(|(path, _)| path.starts_with(&prefix))
             .map(|(path, _)| path.clone())
             .collect();
-        if relative != "/" && self.known.contains_key(relative) {
+        if relative != crate::cgroup::ROOT && self.known.contains_key(relative) {
             doomed.push(relative.to_string());
         }
         self.forget(doomed, out);

@@ -216,14 +216,6 @@ impl Book {
     }
 }
 
-/// `CLOCK_BOOTTIME` in nanoseconds, the clock the kernel compares expiries with.
-pub fn boot_ns() -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-    // SAFETY: valid pointer to a timespec; clock_gettime cannot fail for this clock id.
-    unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -157,7 +157,7 @@ async fn sweep(state: Arc<DnsState>, maps: Arc<Mutex<DnsMaps>>) {
     loop {
         tokio::time::sleep(SWEEP_INTERVAL).await;
         round = round.wrapping_add(1);
-        let now = book::boot_ns();
+        let now = crate::clock::boot_ns();
         let mut maps = maps.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let mut book = state.book();
         for (cgroup, addr) in book.take_expired(now) {

@@ -29,7 +29,6 @@ use tokio::{
 };
 
 use super::{
-    book::boot_ns,
     echo,
     message::{format_error, keep_learned, read_answer, Query, CANARY},
     quota::{capped, OverQuota, Quota},
@@ -38,6 +37,7 @@ use super::{
     upstream::{self, read_framed, write_framed, UpstreamError},
 };
 use crate::{
+    clock::boot_ns,
     kernel::DnsMaps,
     naming::{Catalog, NamedEvent},
     settings::{DnsSettings, RefuseWith},

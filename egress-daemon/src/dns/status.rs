@@ -14,7 +14,7 @@ pub fn fill(state: &DnsState, status: &mut StatusReport) {
     status.dns_upstream_mismatches = state.counters.mismatched.load(Ordering::Relaxed);
     status.dns_quota = state.counters.quota.load(Ordering::Relaxed);
     let book = state.book();
-    let mut report = book.report(super::book::boot_ns());
+    let mut report = book.report(crate::clock::boot_ns());
     status.maps.push(MapFill { map: dns_names::LEARNED.to_owned(), used: book.total(), capacity: MAX_LEARNED });
     drop(book);
     for policy in &mut status.policies {

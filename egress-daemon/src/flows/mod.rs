@@ -127,7 +127,7 @@ impl Sweep {
         // snapshot taken after it.
         let closed: HashMap<u64, u64> = self.maps.closed_sockets();
         let snapshot: Vec<(FlowId, FlowState)> = self.maps.snapshot();
-        let (raw, remove) = self.tracker.sweep(snapshot, &closed, boot_ns());
+        let (raw, remove) = self.tracker.sweep(snapshot, &closed, crate::clock::boot_ns());
         for id in &remove {
             self.maps.remove(id);
         }
@@ -211,12 +211,4 @@ impl Sweep {
             })
             .collect()
     }
-}
-
-/// `CLOCK_BOOTTIME` now, in the kernel's unit.
-fn boot_ns() -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-    // SAFETY: valid pointer to a timespec; clock_gettime cannot fail for this clock id.
-    unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) };
-    (ts.tv_sec as u64) * 1_000_000_000 + ts.tv_nsec as u64
 }
