@@ -10,13 +10,13 @@ use std::{
 };
 
 use aya::{
-    maps::{lpm_trie::Key, PerCpuValues},
+    maps::{lpm_trie::Key, LpmTrie, MapData, PerCpuValues},
     programs::links::PinnedLink,
     Ebpf, EbpfLoader,
 };
 use egress_common::{
-    names, settings_flags, CgroupBinding, PolicyInfo, PolicyStats, RuleKeyV4, RuleKeyV6, Settings, GUARD_SLOT,
-    MAX_CGROUPS, MAX_DEEP_GUARDS, MAX_POLICY_SLOTS, MAX_PORT_TABLES, RESERVED_BINDINGS, UNBINDABLE_SLOT,
+    names, settings_flags, CgroupBinding, Decision, PolicyInfo, PolicyStats, RuleKeyV4, RuleKeyV6, Settings,
+    GUARD_SLOT, MAX_CGROUPS, MAX_DEEP_GUARDS, MAX_POLICY_SLOTS, MAX_PORT_TABLES, RESERVED_BINDINGS, UNBINDABLE_SLOT,
     UNBINDABLE_STATS,
 };
 
@@ -39,6 +39,16 @@ use crate::{
 /// Time given to program runs that read the previous bindings, where the kernel cannot wait for
 /// them (see [`ProgramBarrier`]): a guess, not a grace period, used only if the barrier fails.
 const RETIRE_DELAY_WITHOUT_BARRIER: Duration = Duration::from_millis(20);
+
+/// Rule trie entries per `BPF_MAP_UPDATE_BATCH` call: 100,000 CIDRs go in 13 calls instead of
+/// 100,000 (the kernel copies the batch in from user memory one entry at a time).
+const RULE_BATCH: usize = 8192;
+
+/// Whether a batch call failed because this kernel cannot batch this map type.
+fn unsupported(error: &std::io::Error) -> bool {
+    const ENOTSUPP: i32 = 524;
+    matches!(error.raw_os_error(), Some(libc::EINVAL | libc::EOPNOTSUPP | ENOTSUPP))
+}
 
 /// What one generation put into the maps, so that it can be removed again.
 #[derive(Default)]
@@ -95,6 +105,8 @@ pub struct Enforcer {
     /// Cgroups bound to `UNBINDABLE_SLOT` (see [`Enforcer::refuse`]); not generation bindings,
     /// so a reload's switch leaves them in place.
     refused: HashSet<u64>,
+    /// Whether this kernel batches rule trie updates; cleared at the first refusal.
+    trie_batches: bool,
 }
 
 impl Enforcer {
@@ -131,6 +143,7 @@ impl Enforcer {
             leftovers: false,
             loaded,
             refused: HashSet::new(),
+            trie_batches: true,
             barrier: match ProgramBarrier::new() {
                 Ok(barrier) => Some(barrier),
                 Err(error) => {
@@ -683,30 +696,58 @@ impl Enforcer {
                 into.tables.push(*id);
             }
         }
-        {
-            let mut v4 = maps::rules_v4(&mut self.ebpf)?;
-            for policy in &set.policies {
-                for (prefix, data, decision) in &policy.v4 {
-                    let key = Key::new(*prefix, *data);
-                    v4.insert(&key, decision, 0).map_err(KernelError::map(names::RULES_V4))?;
-                    into.v4.push(key);
-                }
-            }
-        }
-        {
-            let mut v6 = maps::rules_v6(&mut self.ebpf)?;
-            for policy in &set.policies {
-                for (prefix, data, decision) in &policy.v6 {
-                    let key = Key::new(*prefix, *data);
-                    v6.insert(&key, decision, 0).map_err(KernelError::map(names::RULES_V6))?;
-                    into.v6.push(key);
-                }
-            }
-        }
+        let v4: Vec<(Key<RuleKeyV4>, Decision)> = set
+            .policies
+            .iter()
+            .flat_map(|p| p.v4.iter().map(|(prefix, data, decision)| (Key::new(*prefix, *data), *decision)))
+            .collect();
+        self.write_rules(names::RULES_V4, &v4, &mut into.v4)?;
+        let v6: Vec<(Key<RuleKeyV6>, Decision)> = set
+            .policies
+            .iter()
+            .flat_map(|p| p.v6.iter().map(|(prefix, data, decision)| (Key::new(*prefix, *data), *decision)))
+            .collect();
+        self.write_rules(names::RULES_V6, &v6, &mut into.v6)?;
         let mut infos = maps::policy_info(&mut self.ebpf)?;
         for (policy, slot) in set.policies.iter().zip(slots) {
             infos.set(*slot, policy.info, 0).map_err(KernelError::map(names::POLICY_INFO))?;
             into.slots.push(*slot);
+        }
+        Ok(())
+    }
+
+    /// Writes rule trie entries, [`RULE_BATCH`] per system call where the kernel batches trie
+    /// updates (Linux 5.13), one per call where it does not; `written` gets every key that is in
+    /// the map, also when a write fails part-way.
+    fn write_rules<K: aya::Pod>(
+        &mut self,
+        name: &'static str,
+        entries: &[(Key<K>, Decision)],
+        written: &mut Vec<Key<K>>,
+    ) -> Result<(), KernelError> {
+        let map = maps::rule_trie_data(&self.ebpf, name).ok_or(KernelError::MissingMap(name))?;
+        let mut rest = entries;
+        while !rest.is_empty() && self.trie_batches {
+            let (chunk, after) = rest.split_at(rest.len().min(RULE_BATCH));
+            let keys: Vec<Key<K>> = chunk.iter().map(|(key, _)| *key).collect();
+            let values: Vec<Decision> = chunk.iter().map(|(_, decision)| *decision).collect();
+            match update_batch(map.fd().as_fd(), &keys, &values) {
+                Ok(()) => written.extend_from_slice(&keys),
+                // Kernels before 5.13 have no batched trie updates: one entry per call from here.
+                Err((0, error)) if written.is_empty() && unsupported(&error) => self.trie_batches = false,
+                Err((done, source)) => {
+                    written.extend_from_slice(&keys[..done]);
+                    return Err(KernelError::Batch { name, source });
+                }
+            }
+            rest = after;
+        }
+        let mut trie: LpmTrie<&mut MapData, K, Decision> =
+            LpmTrie::try_from(self.ebpf.map_mut(name).ok_or(KernelError::MissingMap(name))?)
+                .map_err(KernelError::map(name))?;
+        for (key, decision) in rest {
+            trie.insert(key, decision, 0).map_err(KernelError::map(name))?;
+            written.push(*key);
         }
         Ok(())
     }

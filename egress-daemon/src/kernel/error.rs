@@ -32,6 +32,12 @@ pub enum KernelError {
         #[source]
         source: MapError,
     },
+    #[error("map {name}: batched update: {source}")]
+    Batch {
+        name: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("pinning {path}: {source}")]
     Pin {
         path: PathBuf,

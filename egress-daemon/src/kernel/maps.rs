@@ -53,3 +53,11 @@ pub(super) fn cgroup_policy_data(ebpf: &Ebpf) -> Option<&MapData> {
         _ => None,
     }
 }
+
+/// A rule trie's data (`RULES_V4` or `RULES_V6`), for batched writes.
+pub(super) fn rule_trie_data<'a>(ebpf: &'a Ebpf, name: &'static str) -> Option<&'a MapData> {
+    match ebpf.map(name) {
+        Some(Map::LpmTrie(data)) => Some(data),
+        _ => None,
+    }
+}
