@@ -733,8 +733,12 @@ impl Enforcer {
             let values: Vec<Decision> = chunk.iter().map(|(_, decision)| *decision).collect();
             match update_batch(map.fd().as_fd(), &keys, &values) {
                 Ok(()) => written.extend_from_slice(&keys),
-                // Kernels before 5.13 have no batched trie updates: one entry per call from here.
-                Err((0, error)) if written.is_empty() && unsupported(&error) => self.trie_batches = false,
+                // Kernels before 5.13 have no batched trie updates (and leave the count as it was
+                // asked): this chunk and the rest go one entry per call.
+                Err((_, error)) if written.is_empty() && unsupported(&error) => {
+                    self.trie_batches = false;
+                    continue;
+                }
                 Err((done, source)) => {
                     written.extend_from_slice(&keys[..done]);
                     return Err(KernelError::Batch { name, source });
