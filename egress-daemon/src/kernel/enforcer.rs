@@ -696,18 +696,12 @@ impl Enforcer {
                 into.tables.push(*id);
             }
         }
-        let v4: Vec<(Key<RuleKeyV4>, Decision)> = set
-            .policies
-            .iter()
-            .flat_map(|p| p.v4.iter().map(|(prefix, data, decision)| (Key::new(*prefix, *data), *decision)))
-            .collect();
-        self.write_rules(names::RULES_V4, &v4, &mut into.v4)?;
-        let v6: Vec<(Key<RuleKeyV6>, Decision)> = set
-            .policies
-            .iter()
-            .flat_map(|p| p.v6.iter().map(|(prefix, data, decision)| (Key::new(*prefix, *data), *decision)))
-            .collect();
-        self.write_rules(names::RULES_V6, &v6, &mut into.v6)?;
+        let (keys, values): (Vec<Key<RuleKeyV4>>, Vec<Decision>) =
+            set.policies.iter().flat_map(|p| &p.v4).map(|(prefix, data, d)| (Key::new(*prefix, *data), *d)).unzip();
+        self.write_rules(names::RULES_V4, &keys, &values, &mut into.v4)?;
+        let (keys, values): (Vec<Key<RuleKeyV6>>, Vec<Decision>) =
+            set.policies.iter().flat_map(|p| &p.v6).map(|(prefix, data, d)| (Key::new(*prefix, *data), *d)).unzip();
+        self.write_rules(names::RULES_V6, &keys, &values, &mut into.v6)?;
         let mut infos = maps::policy_info(&mut self.ebpf)?;
         for (policy, slot) in set.policies.iter().zip(slots) {
             infos.set(*slot, policy.info, 0).map_err(KernelError::map(names::POLICY_INFO))?;
@@ -722,17 +716,16 @@ impl Enforcer {
     fn write_rules<K: aya::Pod>(
         &mut self,
         name: &'static str,
-        entries: &[(Key<K>, Decision)],
+        keys: &[Key<K>],
+        values: &[Decision],
         written: &mut Vec<Key<K>>,
     ) -> Result<(), KernelError> {
         let map = maps::rule_trie_data(&self.ebpf, name).ok_or(KernelError::MissingMap(name))?;
-        let mut rest = entries;
-        while !rest.is_empty() && self.trie_batches {
-            let (chunk, after) = rest.split_at(rest.len().min(RULE_BATCH));
-            let keys: Vec<Key<K>> = chunk.iter().map(|(key, _)| *key).collect();
-            let values: Vec<Decision> = chunk.iter().map(|(_, decision)| *decision).collect();
-            match update_batch(map.fd().as_fd(), &keys, &values) {
-                Ok(()) => written.extend_from_slice(&keys),
+        let mut start = 0;
+        while start < keys.len() && self.trie_batches {
+            let end = keys.len().min(start + RULE_BATCH);
+            match update_batch(map.fd().as_fd(), &keys[start..end], &values[start..end]) {
+                Ok(()) => written.extend_from_slice(&keys[start..end]),
                 // Kernels before 5.13 have no batched trie updates (and leave the count as it was
                 // asked): this chunk and the rest go one entry per call.
                 Err((_, error)) if written.is_empty() && unsupported(&error) => {
@@ -740,16 +733,16 @@ impl Enforcer {
                     continue;
                 }
                 Err((done, source)) => {
-                    written.extend_from_slice(&keys[..done]);
+                    written.extend_from_slice(&keys[start..start + done]);
                     return Err(KernelError::Batch { name, source });
                 }
             }
-            rest = after;
+            start = end;
         }
         let mut trie: LpmTrie<&mut MapData, K, Decision> =
             LpmTrie::try_from(self.ebpf.map_mut(name).ok_or(KernelError::MissingMap(name))?)
                 .map_err(KernelError::map(name))?;
-        for (key, decision) in rest {
+        for (key, decision) in keys[start..].iter().zip(&values[start..]) {
             trie.insert(key, decision, 0).map_err(KernelError::map(name))?;
             written.push(*key);
         }
